@@ -1,0 +1,71 @@
+"""The exceptions of the cluster package, one small tree.
+
+    ClusterError                 anything the cluster layer cannot do
+     +-- ConfigError             cluster.toml is missing, malformed or inconsistent
+     +-- ProvisionError          a provider could not create/start/delete/list VMs
+     |    +-- StockoutError      a zone has no capacity (try the next zone)
+     |    +-- QuotaError         a project quota is exhausted (raise it or use fewer VMs)
+     +-- SSHError                a command could not be run over SSH on one host
+     |    +-- HostKeyError       a host presented a key that is not the known one
+     +-- GroupError              a fan-out where some hosts failed; carries every result
+     +-- MountError              the SSHFS mount could not be made or is dead
+
+Every message says what happened and how to fix it. The command line (fabfile.py)
+decides how errors are shown and which exit code they carry.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+
+class ClusterError(Exception):
+    """Base of every error raised by the cluster package."""
+
+
+class ConfigError(ClusterError):
+    """cluster.toml is missing, malformed or inconsistent."""
+
+
+class ProvisionError(ClusterError):
+    """A provider could not create, start, delete or list VMs."""
+
+
+class StockoutError(ProvisionError):
+    """A zone has no capacity for the requested machine type right now."""
+
+
+class QuotaError(ProvisionError):
+    """A project quota is exhausted."""
+
+
+class SSHError(ClusterError):
+    """A command could not be run over SSH on one host."""
+
+
+class HostKeyError(SSHError):
+    """A host presented a host key that does not match the cluster's known_hosts."""
+
+
+class MountError(ClusterError):
+    """The SSHFS mount could not be made, or is dead and could not be recovered."""
+
+
+class GroupError(ClusterError):
+    """A fan-out in which at least one host failed.
+
+    `results` maps every host to its result or to the exception it raised, so one
+    failing host never hides what the others did.
+    """
+
+    def __init__(self, message: str, results: Mapping[str, Any]) -> None:
+        super().__init__(message)
+        self.results = dict(results)
+
+    @property
+    def failed(self) -> dict[str, BaseException]:
+        return {h: r for h, r in self.results.items() if isinstance(r, BaseException)}
+
+    @property
+    def succeeded(self) -> dict[str, Any]:
+        return {h: r for h, r in self.results.items() if not isinstance(r, BaseException)}

@@ -1,0 +1,37 @@
+"""The exceptions of the tasks package, one small tree.
+
+    TaskError                  anything the task engine cannot do
+     +-- SpecError             the task spec is wrong; found before any work starts
+     |    +-- OutputCollision  two keys map to one output path
+     |    +-- UnsafePath       a key or template would read or write outside the root
+     +-- ClaimError            the claim directory cannot be used (permissions, dead mount)
+     +-- PublishError          a finished temporary could not be moved to its final path
+
+Every message says what happened and how to fix it. The command line (tasks/cli.py)
+decides how errors look and which exit code they carry (2 for SpecError).
+"""
+from __future__ import annotations
+
+
+class TaskError(Exception):
+    """Base of every error raised by the tasks package."""
+
+
+class SpecError(TaskError):
+    """The task spec is wrong: raised before any work starts."""
+
+
+class OutputCollision(SpecError):
+    """Two or more keys map to one output path."""
+
+
+class UnsafePath(SpecError):
+    """A key, source or output template would reach outside the run root."""
+
+
+class ClaimError(TaskError):
+    """The claim directory under the root cannot be used."""
+
+
+class PublishError(TaskError):
+    """A finished temporary could not be moved to its final path."""

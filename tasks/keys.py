@@ -1,0 +1,159 @@
+"""Keys and paths: enumerate a task's keys, render output paths, and refuse unsafe ones.
+
+A key is a string; each key has one output path, rendered from a template such as
+`features/{stem}.npy`. Everything here is relative to the run root and checked so that
+no key, source or output can reach outside it.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import string
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from tasks.errors import OutputCollision, SpecError, UnsafePath
+from tasks.layout import BOOKKEEPING_DIR
+
+# Placeholders an output template may use, by where the keys come from.
+SRC_FIELDS = frozenset({"key", "src", "stem", "name", "suffix", "parent"})
+KEY_FIELDS = frozenset({"key"})
+HASH_THREADS = 8  # parallel readers for content-hash keys (I/O bound, hashlib drops the GIL)
+HASH_CHUNK = 1 << 20
+HASH_LEN = 16  # hex digits of sha256 kept for a content-hash key
+SHOWN_EXAMPLES = 3  # how many offending keys an error message lists
+
+
+@dataclass(frozen=True)
+class Item:
+    """One unit of work."""
+
+    key: str  # the task's key for this item
+    src: str | None  # source path relative to the root, or None for keys= tasks
+    out: str  # final output path relative to the root (no trailing slash)
+    fields: tuple[tuple[str, str], ...] = ()  # placeholder values, for --cmd rendering
+
+
+def template_fields(template: str, *, what: str) -> set[str]:
+    """The placeholder names used in a template; SpecError if it cannot be parsed."""
+    names: set[str] = set()
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise SpecError(f"{what} {template!r} is not a valid template ({e}); "
+                        "write literal braces as {{ and }}") from e
+    for _, field, _, _ in parsed:
+        if field is None:
+            continue
+        if field == "" or not field.isidentifier():
+            raise SpecError(f"{what} {template!r} has placeholder {{{field}}}, which is not a "
+                            "plain name; use one of {key}, {src}, {stem}, {name}, {suffix}, {parent}")
+        names.add(field)
+    return names
+
+
+def check_template(template: str, allowed: frozenset[str], *, what: str, hint: str = "") -> None:
+    """Refuse unknown placeholders before any work starts."""
+    unknown = template_fields(template, what=what) - allowed
+    if unknown:
+        names = ", ".join("{" + n + "}" for n in sorted(unknown))
+        ok = ", ".join("{" + n + "}" for n in sorted(allowed))
+        raise SpecError(f"{what} {template!r} uses unknown placeholder {names}; "
+                        f"allowed here: {ok}.{(' ' + hint) if hint else ''}")
+
+
+def safe_relpath(path: str, *, what: str) -> str:
+    """Normalise a root-relative path, refusing anything that could leave the root."""
+    if not path or path in (".", "./"):
+        raise UnsafePath(f"{what} is empty; give every key a non-empty path under the root")
+    if "\0" in path:
+        raise UnsafePath(f"{what} {path!r} contains a NUL byte, which no file name can hold")
+    p = PurePosixPath(path)
+    if p.is_absolute():
+        raise UnsafePath(f"{what} {path!r} is absolute; outputs and sources must be relative "
+                         "to the run root (--root)")
+    parts = [part for part in p.parts if part != "."]
+    if ".." in parts:
+        raise UnsafePath(f"{what} {path!r} contains '..' and would escape the run root; "
+                         "remove '..' from the key or template")
+    if parts and parts[0] == BOOKKEEPING_DIR:
+        raise UnsafePath(f"{what} {path!r} is inside {BOOKKEEPING_DIR}/, which holds spotfan's "
+                         "bookkeeping; choose another output folder")
+    return "/".join(parts)
+
+
+def render(template: str, fields: dict[str, str], *, what: str = "output template") -> str:
+    try:
+        return template.format_map(fields)
+    except (KeyError, IndexError, ValueError) as e:
+        raise SpecError(f"{what} {template!r} cannot be rendered for key "
+                        f"{fields.get('key')!r}: {e}") from e
+
+
+def glob_base(pattern: str) -> str:
+    """The leading folders of a glob that hold no wildcard: keys are relative to them."""
+    parts = PurePosixPath(pattern).parts
+    base: list[str] = []
+    for part in parts[:-1]:
+        if glob.has_magic(part):
+            break
+        base.append(part)
+    return "/".join(base)
+
+
+def glob_sources(root: Path, pattern: str) -> list[str]:
+    """Files matching `pattern` under root, as sorted root-relative paths; one listing per folder."""
+    safe_relpath(pattern, what="source glob")
+    found = glob.glob(pattern, root_dir=root, recursive=True)
+    # glob never returns dot-files for `*`, so the bookkeeping folder is never a source.
+    return sorted(p for p in found if not p.endswith("/"))
+
+
+def src_fields(src: str, base: str) -> dict[str, str]:
+    """Placeholder values for one source file."""
+    rel = src[len(base) + 1:] if base and src.startswith(base + "/") else src
+    p = PurePosixPath(rel)
+    parent = str(p.parent)
+    return {
+        "src": src,
+        "stem": p.stem,
+        "name": p.name,
+        "suffix": p.suffix,
+        "parent": "" if parent == "." else parent,
+        "rel": rel,
+    }
+
+
+def content_hashes(root: Path, srcs: Sequence[str]) -> list[str]:
+    """A short sha256 of each source's bytes, read in parallel."""
+
+    def one(src: str) -> str:
+        h = hashlib.sha256()
+        with open(root / src, "rb") as f:
+            while chunk := f.read(HASH_CHUNK):
+                h.update(chunk)
+        return h.hexdigest()[:HASH_LEN]
+
+    with ThreadPoolExecutor(HASH_THREADS) as pool:
+        return list(pool.map(one, srcs))
+
+
+def check_unique(items: Iterable[Item]) -> list[Item]:
+    """Refuse two keys that map to one output path (one would silently overwrite the other)."""
+    seen: dict[str, str] = {}
+    clashes: list[tuple[str, str, str]] = []
+    out: list[Item] = []
+    for item in items:
+        other = seen.setdefault(item.out, item.key)
+        if other != item.key:
+            clashes.append((other, item.key, item.out))
+        out.append(item)
+    if clashes:
+        shown = "; ".join(f"{a!r} and {b!r} -> {o!r}" for a, b, o in clashes[:SHOWN_EXAMPLES])
+        more = f" (and {len(clashes) - SHOWN_EXAMPLES} more)" if len(clashes) > SHOWN_EXAMPLES else ""
+        raise OutputCollision(f"{len(clashes)} output path(s) are shared by two keys: {shown}{more}. "
+                              "Put a placeholder that differs per key in the output template, "
+                              "e.g. {key} or {parent}/{stem}")
+    return out

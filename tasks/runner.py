@@ -1,0 +1,495 @@
+"""The runner: find what is left, claim it in chunks, run it on a pool, publish, record.
+
+Several `run` processes on one root, on one machine or many, cooperate through the
+root alone: each claims keys before running them and skips keys whose output exists.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import multiprocessing
+import os
+import random
+import shutil
+import signal
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import psutil
+
+from tasks import worker
+from tasks.claims import Claims, network_filesystem, sweep_claims
+from tasks.errors import SpecError, TaskError
+from tasks.keys import Item
+from tasks.layout import Layout, key_id, new_owner_id
+from tasks.records import ExecLog, Failure, FailureStore
+from tasks.scan import scan_done
+from tasks.spec import Task
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LEASE_S = 120.0  # a claim untouched this long belongs to a dead worker
+MIN_LEASE_S = 5.0
+DEFAULT_MAX_ATTEMPTS = 3
+TARGET_CHUNK_S = 0.5  # aim for chunks that take about this long on one worker
+MAX_CHUNK = 1000  # never more keys than this in one chunk
+CHUNKS_PER_WORKER = 2  # chunks in flight per worker: one running, one queued
+BALANCE_CHUNKS_PER_WORKER = 4  # keep at least this many chunks per worker of what is left
+EMA_ALPHA = 0.3  # weight of the newest chunk in the per-task time estimate
+PROGRESS_INTERVAL_S = 1.0  # how often progress is reported
+TAIL_POLL_S = 2.0  # how often to look again at keys other live workers hold
+MAX_STARTUP_FAILURES = 3  # pools that die before finishing any chunk before we give up
+MAX_POOL_REBUILDS = 1000  # bound on rebuilding the pool after worker deaths
+RATE_WINDOW_S = 60.0  # the rate shown is measured over this window
+START_METHODS = ("forkserver", "spawn", "fork")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Progress of a run, as shown to the user."""
+
+    task: str  # the task's name
+    total: int  # keys in the task
+    done: int  # keys whose output exists (before this run or by it)
+    failed: int  # keys that reached --max-attempts
+    running: int  # keys in flight in this process
+    rate: float  # keys finished per second over the last minute
+    elapsed: float  # seconds since this run started
+
+    @property
+    def eta(self) -> float | None:
+        left = self.total - self.done - self.failed
+        return left / self.rate if self.rate > 0 else None
+
+
+@dataclass
+class RunReport:
+    """What one `run` did."""
+
+    task: str  # the task's name
+    root: Path  # the run root
+    total: int = 0  # keys in the task
+    done_before: int = 0  # keys already done when the run started
+    ran: int = 0  # executions started by this run (retries count again)
+    succeeded: int = 0  # keys this run published
+    by_peers: int = 0  # keys found published by another worker after we claimed them
+    failed: list[str] = field(default_factory=list)  # keys that reached --max-attempts
+    left: int = 0  # keys not done at the end (--limit, or held by others)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+ProgressFn = Callable[[Snapshot], None]
+
+
+class ChunkSizer:
+    """Chunk size from the measured time per task: big for tiny tasks, 1 for slow ones."""
+
+    def __init__(self, workers: int, fixed: int | None) -> None:
+        self.workers = workers
+        self.fixed = fixed
+        self.per_task: float | None = None
+
+    def observe(self, seconds: list[float]) -> None:
+        if not seconds:
+            return
+        mean = sum(seconds) / len(seconds)
+        self.per_task = mean if self.per_task is None else (
+            EMA_ALPHA * mean + (1 - EMA_ALPHA) * self.per_task)
+
+    def size(self, remaining: int) -> int:
+        if self.fixed:
+            return self.fixed
+        if self.per_task is None:
+            return 1  # probe: measure before committing many keys to one worker
+        ideal = TARGET_CHUNK_S / max(self.per_task, 1e-6)
+        balance = math.ceil(remaining / (self.workers * BALANCE_CHUNKS_PER_WORKER))
+        return max(1, min(int(ideal), balance, MAX_CHUNK))
+
+
+class _Heartbeat:
+    """Touches this owner's file and its ageing claims until stopped."""
+
+    def __init__(self, owner_file: Path, claims: Claims, interval_s: float) -> None:
+        self.owner_file = owner_file
+        self.claims = claims
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="spotfan-heartbeat", daemon=True)
+
+    def __enter__(self) -> "_Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.interval_s + 5)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                os.utime(self.owner_file)
+                self.claims.refresh()
+            except OSError as e:  # a flaky mount must not kill the run; claims may expire
+                logger.warning("heartbeat failed: %s", e)
+
+
+def run(task: Task, *, root: str | Path = ".", workers: int | None = None,
+        executor: Literal["process", "thread"] = "process",
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS, lease_s: float = DEFAULT_LEASE_S,
+        limit: int | None = None, retry_failed: bool = False, fsync: bool = False,
+        chunk_size: int | None = None, start_method: str = "forkserver",
+        progress: ProgressFn | None = None, seed: int | None = None) -> RunReport:
+    """Run every key of `task` under `root` whose output does not exist yet.
+
+    Returns a report; keys that fail are recorded and retried up to `max_attempts`
+    times, and never stop the others. Raises SpecError before any work if the task or
+    the options are wrong.
+    """
+    started = time.monotonic()
+    root = Path(root).resolve()
+    _check_options(root, workers, executor, max_attempts, lease_s, limit, chunk_size, start_method)
+    workers = workers or os.cpu_count() or 1
+    if executor == "process":
+        task.check_importable()
+    items = task.items(root)
+    layout = Layout(root, task.name)
+    layout.ensure()
+    report = RunReport(task.name, root, total=len(items))
+
+    done = scan_done(root, items)
+    report.done_before = len(done)
+    store = FailureStore(layout.failed, layout.tmp)
+    failures = store.load()
+    attempts = {k: (0 if retry_failed else f.attempts) for k, f in failures.items()}
+    gave_up = {k for k, f in failures.items() if f.gave_up and not retry_failed and k not in done}
+    report.failed = sorted(gave_up)
+    _sweep(layout, items, done, lease_s)
+    pending = [it for it in items if it.key not in done and it.key not in gave_up]
+    random.Random(seed).shuffle(pending)  # many workers on one list spread out
+    logger.info("%s: %d keys, %d done, %d failed earlier, %d to run", task.name, len(items),
+                len(done), len(gave_up), len(pending))
+    if not pending:
+        report.seconds = time.monotonic() - started
+        return report
+
+    owner = new_owner_id()
+    claims = Claims(layout.claims, lease_s=lease_s, pipelined=network_filesystem(root))
+    tmp_dir = layout.owner_tmp(owner)
+    tmp_dir.mkdir(parents=True)
+    owner_file = layout.owner_file(owner)
+    owner_file.write_text(json.dumps({"owner": owner, "host": socket.gethostname(),
+                                      "pid": os.getpid(), "task": task.name,
+                                      "workers": workers, "lease_s": lease_s,
+                                      "started": time.time()}), encoding="utf-8")
+    log = ExecLog(layout.log / f"{owner}.jsonl", owner)
+    state = _Dispatch(task, root, items, done, pending, attempts, report, claims, store, log,
+                      owner, tmp_dir, workers=workers, executor=executor,
+                      max_attempts=max_attempts, limit=limit, fsync=fsync,
+                      sizer=ChunkSizer(workers, chunk_size), start_method=start_method,
+                      progress=progress, started=started)
+    old_term = _raise_on_sigterm()
+    interrupted = True
+    try:
+        with _Heartbeat(owner_file, claims, min(lease_s * 0.25, 30.0)):
+            state.loop()
+        interrupted = False
+    finally:
+        state.shutdown(kill=interrupted)
+        claims.release_all()
+        log.close()
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        owner_file.unlink(missing_ok=True)
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+    report.left = len(items) - len(state.done) - len(report.failed)
+    report.seconds = time.monotonic() - started
+    return report
+
+
+class _Dispatch:
+    """The loop of one run: fill the pool with claimed chunks, collect outcomes."""
+
+    def __init__(self, task: Task, root: Path, items: list[Item], done: set[str],
+                 pending: list[Item], attempts: dict[str, int], report: RunReport,
+                 claims: Claims, store: FailureStore, log: ExecLog, owner: str,
+                 tmp_dir: Path, *, workers: int, executor: str, max_attempts: int,
+                 limit: int | None, fsync: bool, sizer: ChunkSizer, start_method: str,
+                 progress: ProgressFn | None, started: float) -> None:
+        self.task, self.root, self.items, self.done = task, root, items, done
+        self.queue: deque[Item] = deque(pending)
+        self.isolate: deque[Item] = deque()  # run alone: their chunk killed a worker
+        self.busy: list[Item] = []  # held by live peers; looked at again at the end
+        self.attempts, self.report, self.claims = attempts, report, claims
+        self.store, self.log, self.owner, self.tmp_dir = store, log, owner, tmp_dir
+        self.workers, self.executor, self.max_attempts = workers, executor, max_attempts
+        self.limit, self.fsync, self.sizer = limit, fsync, sizer
+        self.start_method, self.progress, self.started = start_method, progress, started
+        self.inflight: dict[Future[list[worker.Outcome]], list[Item]] = {}
+        self.pool: Executor | None = None
+        self.dispatched = 0
+        self.rebuilds = 0
+        self.startup_failures = 0
+        self.finished_since_start = False
+        self.recent: deque[tuple[float, int]] = deque()
+        self.last_progress = 0.0
+
+    # -- pool --------------------------------------------------------------------------
+    def _new_pool(self) -> Executor:
+        ref = self.task.ref()
+        if self.executor == "thread":
+            worker.init_worker(ref, str(self.root), str(self.tmp_dir), self.fsync, chdir=False)
+            return ThreadPoolExecutor(self.workers, thread_name_prefix="spotfan-task")
+        ctx = multiprocessing.get_context(self.start_method)
+        return ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=worker.init_worker,
+                                   initargs=(ref, str(self.root), str(self.tmp_dir),
+                                             self.fsync, True))
+
+    def shutdown(self, *, kill: bool = False) -> None:
+        if self.pool is None:
+            return
+        if kill and isinstance(self.pool, ProcessPoolExecutor):
+            _kill_children()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pool = None
+
+    # -- loop --------------------------------------------------------------------------
+    def loop(self) -> None:
+        self.pool = self._new_pool()
+        while True:
+            self._fill()
+            if not self.inflight:
+                if self._limit_reached() or not (self.queue or self.isolate or self.busy):
+                    break
+                if not (self.queue or self.isolate):
+                    self._wait_for_peers()
+                continue
+            finished, _ = wait(list(self.inflight), timeout=PROGRESS_INTERVAL_S,
+                               return_when=FIRST_COMPLETED)
+            broken = False
+            for fut in finished:
+                chunk = self.inflight.pop(fut)
+                try:
+                    outcomes = fut.result()
+                except BrokenProcessPool:
+                    broken = True
+                    self._worker_died(chunk)
+                    continue
+                self._collect(chunk, outcomes)
+            if broken:
+                self._rebuild()
+            self._report_progress()
+        self._report_progress(force=True)
+
+    def _limit_reached(self) -> bool:
+        return self.limit is not None and self.dispatched >= self.limit
+
+    def _fill(self) -> None:
+        while len(self.inflight) < self.workers * CHUNKS_PER_WORKER and not self._limit_reached():
+            if self.isolate:
+                batch = [self.isolate.popleft()]
+            elif self.queue:
+                n = self.sizer.size(len(self.queue))
+                if self.limit is not None:
+                    n = min(n, self.limit - self.dispatched)
+                batch = [self.queue.popleft() for _ in range(min(n, len(self.queue)))]
+            else:
+                return
+            claimed, busy, published = self.claims.acquire(
+                batch, published=lambda it: os.path.lexists(self.root / it.out))
+            self.busy.extend(busy)
+            for it in published:
+                self.done.add(it.key)
+                self.report.by_peers += 1
+            if claimed:
+                self.dispatched += len(claimed)
+                self.report.ran += len(claimed)
+                assert self.pool is not None
+                self.inflight[self.pool.submit(worker.run_chunk, claimed)] = claimed
+
+    def _collect(self, chunk: list[Item], outcomes: list[worker.Outcome]) -> None:
+        self.finished_since_start = True
+        self.startup_failures = 0
+        by_key = {it.key: it for it in chunk}
+        ok = [o for o in outcomes if o.ok]
+        for o in ok:
+            self.done.add(o.key)
+        self.report.succeeded += sum(1 for o in ok if not o.duplicate)
+        self.report.by_peers += sum(1 for o in ok if o.duplicate)
+        self.store.clear(o.key for o in ok if o.key in self.attempts)
+        for o in outcomes:
+            if not o.ok:
+                self._failed(by_key[o.key], o.error, o.detail)
+        self.claims.release([o.key for o in outcomes])
+        self.sizer.observe([o.seconds for o in outcomes])
+        self.log.write({"key": o.key, "start": round(o.started, 4), "seconds": round(o.seconds, 6),
+                        "ok": o.ok, "dup": o.duplicate} for o in outcomes)
+        self.recent.append((time.monotonic(), len(ok)))
+
+    def _failed(self, item: Item, error: str, detail: str) -> None:
+        n = self.attempts.get(item.key, 0) + 1
+        self.attempts[item.key] = n
+        gave_up = n >= self.max_attempts
+        self.store.record(Failure(item.key, n, gave_up, error, detail, socket.gethostname(),
+                                  self.owner, time.time()))
+        logger.warning("key %r failed (attempt %d of %d): %s", item.key, n, self.max_attempts, error)
+        if gave_up:
+            self.report.failed.append(item.key)
+        else:
+            self.queue.append(item)  # retry later, after the others
+
+    def _worker_died(self, chunk: list[Item]) -> None:
+        """A worker process died (killed, out of memory, crashed in C code)."""
+        if len(chunk) == 1:
+            # Already isolated: this key is the one that kills its worker.
+            self._failed(chunk[0], "worker process died (killed by a signal or out of memory)",
+                         "the process running this key exited abruptly; check memory use "
+                         "and native crashes (dmesg)")
+            self.claims.release([chunk[0].key])
+        else:
+            self.isolate.extend(chunk)  # find the culprit by running them one by one
+
+    def _rebuild(self) -> None:
+        for fut, chunk in list(self.inflight.items()):
+            fut.cancel()
+            self._worker_died(chunk) if len(chunk) > 1 else self.isolate.extend(chunk)
+        self.inflight.clear()
+        if not self.finished_since_start:
+            self.startup_failures += 1
+            if self.startup_failures >= MAX_STARTUP_FAILURES:
+                raise TaskError("worker processes die before finishing any work: the task's "
+                                "module or its init= function fails in a fresh process (see the "
+                                "error printed above); try --executor thread to see it directly")
+        self.rebuilds += 1
+        if self.rebuilds > MAX_POOL_REBUILDS:
+            raise TaskError(f"worker processes died {self.rebuilds} times; giving up. Check "
+                            "memory use (a task may be killed for running out of memory)")
+        logger.warning("a worker process died; rebuilding the pool and re-running its keys")
+        self.shutdown(kill=True)
+        self.finished_since_start = False
+        self.pool = self._new_pool()
+
+    def _wait_for_peers(self) -> None:
+        """Our queue is empty but live peers hold some keys: wait until they finish them,
+        or their claims expire and we take the keys over."""
+        logger.info("waiting for %d key(s) held by other workers", len(self.busy))
+        self._report_progress()
+        time.sleep(TAIL_POLL_S)
+        now_done = scan_done(self.root, self.busy)
+        self.done |= now_done
+        failures = self.store.load()
+        still: list[Item] = []
+        for it in self.busy:
+            if it.key in now_done:
+                continue
+            f = failures.get(it.key)
+            if f is not None and f.gave_up:
+                self.report.failed.append(it.key)
+                continue
+            if f is not None:
+                self.attempts[it.key] = max(self.attempts.get(it.key, 0), f.attempts)
+            still.append(it)
+        self.busy = []
+        self.queue.extend(still)
+
+    def _report_progress(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.progress is None or (not force and now - self.last_progress < PROGRESS_INTERVAL_S):
+            return
+        self.last_progress = now
+        while self.recent and now - self.recent[0][0] > RATE_WINDOW_S:
+            self.recent.popleft()
+        window = min(RATE_WINDOW_S, now - self.started)
+        rate = sum(n for _, n in self.recent) / window if window > 0 else 0.0
+        self.progress(Snapshot(self.task.name, len(self.items), len(self.done),
+                               len(self.report.failed), sum(len(c) for c in self.inflight.values()),
+                               rate, now - self.started))
+
+
+def _sweep(layout: Layout, items: list[Item], done: set[str], lease_s: float) -> None:
+    """Remove what dead owners left: their temporaries, their stale owner files, and
+    stale claims on keys that are done."""
+    now = time.time()
+    try:
+        owners = {p.name for p in os.scandir(layout.tmp) if p.is_dir()}
+    except FileNotFoundError:
+        owners = set()
+    for name in owners:
+        f = layout.owner_file(name)
+        try:
+            alive = now - f.stat().st_mtime < lease_s
+        except FileNotFoundError:
+            alive = False
+        if not alive:
+            try:
+                if now - (layout.tmp / name).stat().st_mtime > lease_s:
+                    shutil.rmtree(layout.tmp / name, ignore_errors=True)
+                    f.unlink(missing_ok=True)
+                    logger.info("swept temporaries of dead worker %s", name)
+            except FileNotFoundError:
+                pass
+    if done:
+        done_ids = {key_id(it.key) for it in items if it.key in done}
+        removed = sweep_claims(layout.claims, done_ids, lease_s=lease_s)
+        if removed:
+            logger.info("swept %d stale claims on finished keys", removed)
+
+
+def _check_options(root: Path, workers: int | None, executor: str, max_attempts: int,
+                   lease_s: float, limit: int | None, chunk_size: int | None,
+                   start_method: str) -> None:
+    if not root.is_dir():
+        raise SpecError(f"run root {root} is not a directory; pass --root DIR (on a cluster, "
+                        "the shared mount point)")
+    if workers is not None and workers < 1:
+        raise SpecError(f"--workers must be at least 1, got {workers}")
+    if executor not in ("process", "thread"):
+        raise SpecError(f"--executor must be process or thread, got {executor!r}")
+    if max_attempts < 1:
+        raise SpecError(f"--max-attempts must be at least 1, got {max_attempts}")
+    if lease_s < MIN_LEASE_S:
+        raise SpecError(f"--lease must be at least {MIN_LEASE_S:.0f} seconds, got {lease_s}")
+    if limit is not None and limit < 1:
+        raise SpecError(f"--limit must be at least 1, got {limit}")
+    if chunk_size is not None and chunk_size < 1:
+        raise SpecError(f"--chunk-size must be at least 1, got {chunk_size}")
+    if start_method not in START_METHODS:
+        raise SpecError(f"--start-method must be one of {', '.join(START_METHODS)}")
+
+
+def _kill_children() -> None:
+    """Kill this process's pool workers and what they started (by pid, our own tree only)."""
+    try:
+        children = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return
+    for child in children:
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(children, timeout=5)
+
+
+def _raise_on_sigterm():  # type: ignore[no-untyped-def]
+    """Turn SIGTERM into KeyboardInterrupt so claims are released and temporaries removed."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    return signal.signal(signal.SIGTERM, handler)

@@ -1,0 +1,31 @@
+"""Finding what is done: one directory listing per output folder, never one stat per key.
+
+Over SSHFS every stat is a network round trip, while one listing returns a whole
+folder; 20,000 outputs in one folder cost one listing.
+"""
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+from tasks.keys import Item
+
+
+def scan_done(root: Path, items: Sequence[Item]) -> set[str]:
+    """Keys whose output exists at its final path."""
+    by_dir: dict[str, list[Item]] = defaultdict(list)
+    for item in items:
+        parent, _, _ = item.out.rpartition("/")
+        by_dir[parent].append(item)
+    done: set[str] = set()
+    for parent, group in by_dir.items():
+        try:
+            names = set(os.listdir(root / parent if parent else root))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for item in group:
+            if item.out.rpartition("/")[2] in names:
+                done.add(item.key)
+    return done

@@ -1,0 +1,333 @@
+"""What a task is: a top-level function (`@filetask`) or an unmodified program (`--cmd`),
+plus where its keys come from and where each key's output goes.
+
+    @filetask(src="data/images/*.jpg", out="features/{stem}.npy")
+    def features(src: Path, out: Path) -> None: ...
+
+A task function is called with the keyword arguments it names among `src`, `out`,
+`key` and `ctx` (what the per-process initializer returned). `out` is a temporary path
+that keeps the output's name and suffix; the engine moves it into place when the call
+returns. An output template ending in "/" makes the output a directory.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+import inspect
+import shlex
+import subprocess
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from tasks.errors import SpecError
+from tasks.keys import (KEY_FIELDS, SRC_FIELDS, Item, check_template, check_unique,
+                        content_hashes, glob_base, glob_sources, render, safe_relpath,
+                        src_fields, template_fields)
+
+KeyMode = Union[Literal["path", "stem", "hash"], Callable[[str], str]]
+KeysArg = Union[Iterable[str], Callable[[], Iterable[str]], None]
+TASK_ARGS = ("src", "out", "key", "ctx")
+STDERR_TAIL = 4000  # characters of a failed command's stderr kept in its failure record
+
+
+class CommandFailed(Exception):
+    """A --cmd task exited non-zero; carries the tail of its stderr."""
+
+    def __init__(self, returncode: int, stderr: str) -> None:
+        super().__init__(f"command exited with status {returncode}")
+        self.returncode = returncode
+        self.stderr = stderr
+
+
+@dataclass(frozen=True)
+class KeySource:
+    """Where a task's keys come from: a source glob or an explicit key list."""
+
+    src: str | None = None  # glob relative to the root, e.g. "data/*.jpg"
+    keys: KeysArg = None  # iterable of keys, or a zero-argument callable returning one
+    key: KeyMode = "path"  # for src tasks: how a source path becomes its key
+    out: str = ""  # output template relative to the root; a trailing "/" means a directory
+
+    def validate(self, *, what: str) -> None:
+        if (self.src is None) == (self.keys is None):
+            raise SpecError(f"{what}: give exactly one of src= (a glob of input files) or "
+                            "keys= (a list of keys or a function returning one)")
+        if not self.out:
+            raise SpecError(f"{what}: out= is required, e.g. out=\"features/{{stem}}.npy\"")
+        if self.src is not None:
+            safe_relpath(self.src, what=f"{what}: source glob")
+            check_template(self.out, SRC_FIELDS, what=f"{what}: output template")
+            if not (callable(self.key) or self.key in ("path", "stem", "hash")):
+                raise SpecError(f"{what}: key={self.key!r} is not known; use \"path\" (default), "
+                                "\"stem\", \"hash\" (content hash) or a function of the source path")
+        else:
+            check_template(self.out, KEY_FIELDS, what=f"{what}: output template",
+                           hint="{stem}, {name} ... need src= (input files); with keys= use {key}")
+
+    @property
+    def is_dir(self) -> bool:
+        return self.out.endswith("/")
+
+    def items(self, root: Path) -> list[Item]:
+        template = self.out.rstrip("/")
+        items: list[Item] = []
+        if self.src is not None:
+            srcs = glob_sources(root, self.src)
+            if not srcs:
+                raise SpecError(f"source glob {self.src!r} matches no file under {root}; check "
+                                "the pattern and --root (use ** for subfolders, e.g. data/**/*.jpg)")
+            base = glob_base(self.src)
+            hashes = content_hashes(root, srcs) if self.key == "hash" else None
+            seen: set[str] = set()
+            for i, src in enumerate(srcs):
+                f = src_fields(src, base)
+                rel = f.pop("rel")
+                if hashes is not None:
+                    key = hashes[i]
+                elif callable(self.key):
+                    key = self.key(src)
+                elif self.key == "stem":
+                    key = rel[: len(rel) - len(f["suffix"])] if f["suffix"] else rel
+                else:
+                    key = rel
+                if not isinstance(key, str) or not key:
+                    raise SpecError(f"the key function returned {key!r} for {src!r}; "
+                                    "it must return a non-empty string")
+                if key in seen:
+                    if hashes is not None:
+                        continue  # identical content: one output serves both
+                    raise SpecError(f"two sources give the same key {key!r} (one is {src!r}); "
+                                    "use key=\"path\" or a key function that tells them apart")
+                seen.add(key)
+                f["key"] = key
+                out = safe_relpath(render(template, f), what=f"output path for key {key!r}")
+                items.append(Item(key, src, out, tuple(sorted(f.items()))))
+        else:
+            raw = self.keys() if callable(self.keys) else self.keys
+            keys = list(dict.fromkeys(raw))  # keep order, drop repeats
+            if not keys:
+                raise SpecError("keys= produced no keys; check the function or list it names")
+            for key in keys:
+                if not isinstance(key, str) or not key:
+                    raise SpecError(f"keys must be non-empty strings, got {key!r}; convert with str()")
+                out = safe_relpath(render(template, {"key": key}),
+                                   what=f"output path for key {key!r}")
+                items.append(Item(key, None, out, (("key", key),)))
+        return check_unique(items)
+
+
+class FileTask:
+    """A task function with its key source and output template; still callable as is."""
+
+    def __init__(self, func: Callable[..., Any], source: KeySource, *, name: str | None,
+                 init: Callable[[], Any] | None, fsync: bool) -> None:
+        self.func = func
+        self.source = source
+        self.name = name or func.__name__
+        self.init = init
+        self.fsync = fsync
+        self.module = func.__module__
+        self.qualname = func.__qualname__
+        params = inspect.signature(func).parameters
+        self._params = tuple(p for p in TASK_ARGS if p in params)
+        if "out" not in params:
+            raise SpecError(f"task function {self.qualname} must take an `out` argument: "
+                            "the path it writes its output to")
+        if source.src is None and "src" in params:
+            raise SpecError(f"task function {self.qualname} takes `src` but the task has keys= "
+                            "and no input files; take `key` instead")
+        source.validate(what=f"@filetask {self.qualname}")
+        functools.update_wrapper(self, func)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.func(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<filetask {self.module}:{self.qualname} out={self.source.out!r}>"
+
+    @property
+    def is_dir(self) -> bool:
+        return self.source.is_dir
+
+    def items(self, root: Path) -> list[Item]:
+        return self.source.items(root)
+
+    def ref(self) -> "FuncRef":
+        return FuncRef(self.module, self.qualname)
+
+    def check_importable(self) -> None:
+        """Fail early unless a fresh process can find this task by module and name."""
+        how = ("move the function to a .py module (next to your notebook or in your project) "
+               "and import it from there")
+        if self.module == "__main__":
+            raise SpecError(f"task {self.qualname} is defined in __main__ (a script run directly "
+                            f"or a notebook), so worker processes cannot import it: {how}")
+        if "<lambda>" in self.qualname or "<locals>" in self.qualname:
+            raise SpecError(f"task {self.qualname} is a lambda or is defined inside another "
+                            f"function, so worker processes cannot import it by name: {how}")
+        found = FuncRef(self.module, self.qualname).load()
+        if found is not self:
+            raise SpecError(f"{self.module}:{self.qualname} names a different object than this "
+                            "task (was it redefined or wrapped again?); decorate it once, at the "
+                            "top level of its module")
+
+    def open(self) -> Any:
+        """Run the per-process initializer; its result is passed as `ctx`."""
+        return self.init() if self.init is not None else None
+
+    def execute(self, item: Item, out: Path, root: Path, ctx: Any) -> None:
+        values = {"src": root / item.src if item.src is not None else None,
+                  "out": out, "key": item.key, "ctx": ctx}
+        self.func(**{p: values[p] for p in self._params})
+
+
+@dataclass(frozen=True)
+class FuncRef:
+    """A picklable name for a FileTask; worker processes import it by this name."""
+
+    module: str
+    qualname: str
+
+    def load(self) -> FileTask:
+        try:
+            mod = importlib.import_module(self.module)
+        except Exception as e:  # any import-time failure of user code
+            raise SpecError(f"cannot import module {self.module!r}: {type(e).__name__}: {e}. "
+                            "Run from the folder that holds it, or add that folder to "
+                            "PYTHONPATH") from e
+        obj: Any = mod
+        for part in self.qualname.split("."):
+            obj = getattr(obj, part, None)
+        if obj is None:
+            found = sorted(n for n, v in vars(mod).items() if isinstance(v, FileTask))
+            raise SpecError(f"module {self.module!r} has no {self.qualname!r}; tasks it "
+                            f"defines: {', '.join(found) or 'none'}")
+        if not isinstance(obj, FileTask):
+            raise SpecError(f"{self.module}:{self.qualname} is not a task; decorate it with "
+                            "@filetask(src=... or keys=..., out=...)")
+        return obj
+
+
+@dataclass(frozen=True)
+class CmdTask:
+    """An unmodified program run once per key; placeholders are substituted shell-quoted."""
+
+    cmd: str  # e.g. "convert {src} -resize 64x64 {out}"
+    source: KeySource = field(default_factory=KeySource)
+    name: str = ""
+    fsync: bool = False
+
+    def __post_init__(self) -> None:
+        what = "--cmd"
+        if not self.cmd.strip():
+            raise SpecError("--cmd is empty; give the command line to run per key")
+        allowed = (SRC_FIELDS if self.source.src is not None else KEY_FIELDS) | {"out"}
+        check_template(self.cmd, allowed, what=what)
+        if "out" not in template_fields(self.cmd, what=what):
+            raise SpecError("--cmd never mentions {out}: the command must write its result to "
+                            "{out} (for example `prog {src} > {out}`)")
+        self.source.validate(what=what)
+        if not self.name:
+            digest = hashlib.sha1("\0".join([self.cmd, self.source.out, str(self.source.src),
+                                             str(self.source.key)]).encode()).hexdigest()
+            object.__setattr__(self, "name", f"cmd-{digest[:10]}")
+
+    @property
+    def is_dir(self) -> bool:
+        return self.source.is_dir
+
+    def items(self, root: Path) -> list[Item]:
+        return self.source.items(root)
+
+    def ref(self) -> "CmdTask":
+        return self
+
+    def load(self) -> "CmdTask":
+        return self
+
+    def check_importable(self) -> None:
+        """A command needs no import."""
+
+    def open(self) -> Any:
+        return None
+
+    def execute(self, item: Item, out: Path, root: Path, ctx: Any) -> None:
+        values = dict(item.fields)
+        if item.src is not None:
+            values["src"] = str(root / item.src)
+        values["out"] = str(out)
+        quoted = {k: shlex.quote(v) for k, v in values.items()}
+        line = render(self.cmd, quoted, what="--cmd")
+        proc = subprocess.run(["/bin/sh", "-c", line], cwd=root, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if proc.returncode != 0:
+            err = proc.stderr.decode("utf-8", "replace")[-STDERR_TAIL:]
+            raise CommandFailed(proc.returncode, err)
+
+
+Task = Union[FileTask, CmdTask]
+TaskRef = Union[FuncRef, CmdTask]
+
+
+def filetask(*, out: str, src: str | None = None, keys: KeysArg = None, key: KeyMode = "path",
+             name: str | None = None, init: Callable[[], Any] | None = None,
+             fsync: bool = False) -> Callable[[Callable[..., Any]], FileTask]:
+    """Declare a file-keyed task: one output per key, skipped when it exists.
+
+    src:   glob of input files relative to the run root (keys are their paths below the
+           glob's fixed folders); or
+    keys:  the keys themselves, or a function returning them.
+    key:   for src tasks, "path" (default), "stem" (path without suffix), "hash" (content
+           hash, for inputs with no natural key) or a function of the source path.
+    out:   output template relative to the root, e.g. "features/{stem}.npy"; end it with
+           "/" for a directory output.
+    init:  a top-level function run once per worker process (load a model, open a
+           connection); the task receives its result as `ctx`.
+    fsync: flush each output to stable storage before publishing it.
+    """
+    source = KeySource(src=src, keys=keys, key=key, out=out)
+
+    def wrap(func: Callable[..., Any]) -> FileTask:
+        return FileTask(func, source, name=name, init=init, fsync=fsync)
+
+    return wrap
+
+
+def load_spec(spec: str | None, *, cmd: str | None = None, src: str | None = None,
+              keys_file: str | None = None, out: str | None = None, name: str | None = None,
+              key: str = "path") -> Task:
+    """Build a task from the command line: `module:function`, or the --cmd form."""
+    if spec and cmd:
+        raise SpecError("give either SPEC (module:function) or --cmd, not both")
+    if cmd:
+        if out is None:
+            raise SpecError("--cmd needs --out, e.g. --out 'thumbs/{stem}.png'")
+        keys: KeysArg = None
+        if keys_file is not None:
+            keys = _read_keys(keys_file)
+        return CmdTask(cmd, KeySource(src=src, keys=keys, key=key, out=out),  # type: ignore[arg-type]
+                       name=name or "")
+    if not spec:
+        raise SpecError("no task given: pass SPEC as module:function (a @filetask function), "
+                        "or --cmd CMD --src GLOB --out TEMPLATE")
+    if src or keys_file or out:
+        raise SpecError("--src/--keys/--out go with --cmd; a @filetask function declares its own")
+    module, sep, qualname = spec.partition(":")
+    if not sep or not module or not qualname:
+        raise SpecError(f"SPEC {spec!r} must be module:function, e.g. examples.images:features")
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    return FuncRef(module, qualname).load()
+
+
+def _read_keys(path: str) -> list[str]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise SpecError(f"cannot read the keys file {path!r}: {e.strerror}; give a text file "
+                        "with one key per line") from e
+    return [line for line in text.splitlines() if line.strip()]
