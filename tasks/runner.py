@@ -44,6 +44,7 @@ DEFAULT_MAX_ATTEMPTS = 3
 TARGET_CHUNK_S = 0.5  # aim for chunks that take about this long on one worker
 MAX_CHUNK = 1000  # never more keys than this in one chunk
 CHUNKS_PER_WORKER = 2  # chunks in flight per worker: one running, one queued
+PREFETCH_BELOW_S = 1.0  # queue a second chunk per worker only for tasks quicker than this
 BALANCE_CHUNKS_PER_WORKER = 4  # keep at least this many chunks per worker of what is left
 EMA_ALPHA = 0.3  # weight of the newest chunk in the per-task time estimate
 PROGRESS_INTERVAL_S = 1.0  # how often progress is reported
@@ -215,6 +216,7 @@ def run(task: Task, *, root: str | Path = ".", workers: int | None = None,
         owner_file.unlink(missing_ok=True)
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
+    _sweep(layout, items, state.done, lease_s)
     report.left = len(items) - len(state.done) - len(report.failed)
     report.seconds = time.monotonic() - started
     return report
@@ -240,6 +242,7 @@ class _Dispatch:
         self.start_method, self.progress, self.started = start_method, progress, started
         self.inflight: dict[Future[list[worker.Outcome]], list[Item]] = {}
         self.pool: Executor | None = None
+        self.suspect: Future[list[worker.Outcome]] | None = None  # a key run alone after a crash
         self.dispatched = 0
         self.rebuilds = 0
         self.startup_failures = 0
@@ -262,7 +265,7 @@ class _Dispatch:
         if self.pool is None:
             return
         if kill and isinstance(self.pool, ProcessPoolExecutor):
-            _kill_children()
+            _kill_workers(self.pool)
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.pool = None
 
@@ -286,7 +289,10 @@ class _Dispatch:
                     outcomes = fut.result()
                 except BrokenProcessPool:
                     broken = True
-                    self._worker_died(chunk)
+                    if fut is self.suspect:
+                        self._worker_died(chunk[0])  # it ran alone: it is the culprit
+                    else:
+                        self.isolate.extend(chunk)  # innocent until run alone
                     continue
                 self._collect(chunk, outcomes)
             if broken:
@@ -294,14 +300,26 @@ class _Dispatch:
             self._report_progress()
         self._report_progress(force=True)
 
+    def _max_inflight(self) -> int:
+        # A queued chunk per worker hides IPC latency for quick tasks; for slow ones it
+        # would only hold claims that an idle peer could be running.
+        slow = self.sizer.per_task is not None and self.sizer.per_task >= PREFETCH_BELOW_S
+        return self.workers * (1 if slow else CHUNKS_PER_WORKER)
+
     def _limit_reached(self) -> bool:
         return self.limit is not None and self.dispatched >= self.limit
 
     def _fill(self) -> None:
-        while len(self.inflight) < self.workers * CHUNKS_PER_WORKER and not self._limit_reached():
+        while len(self.inflight) < self._max_inflight() and not self._limit_reached():
             if self.isolate:
+                # One suspect at a time, alone in the pool: if the pool breaks now, we know
+                # which key did it and no innocent key is charged an attempt.
+                if self.inflight:
+                    return
                 batch = [self.isolate.popleft()]
+                batch_is_suspect = True
             elif self.queue:
+                batch_is_suspect = False
                 n = self.sizer.size(len(self.queue))
                 if self.limit is not None:
                     n = min(n, self.limit - self.dispatched)
@@ -318,7 +336,14 @@ class _Dispatch:
                 self.dispatched += len(claimed)
                 self.report.ran += len(claimed)
                 assert self.pool is not None
-                self.inflight[self.pool.submit(worker.run_chunk, claimed)] = claimed
+                try:
+                    fut = self.pool.submit(worker.run_chunk, claimed)
+                except BrokenProcessPool:  # a worker died since we last looked
+                    self.isolate.extendleft(reversed(claimed))
+                    self._rebuild()
+                    continue
+                self.inflight[fut] = claimed
+                self.suspect = fut if batch_is_suspect else None
 
     def _collect(self, chunk: list[Item], outcomes: list[worker.Outcome]) -> None:
         self.finished_since_start = True
@@ -351,22 +376,22 @@ class _Dispatch:
         else:
             self.queue.append(item)  # retry later, after the others
 
-    def _worker_died(self, chunk: list[Item]) -> None:
-        """A worker process died (killed, out of memory, crashed in C code)."""
-        if len(chunk) == 1:
-            # Already isolated: this key is the one that kills its worker.
-            self._failed(chunk[0], "worker process died (killed by a signal or out of memory)",
-                         "the process running this key exited abruptly; check memory use "
-                         "and native crashes (dmesg)")
-            self.claims.release([chunk[0].key])
-        else:
-            self.isolate.extend(chunk)  # find the culprit by running them one by one
+    def _worker_died(self, item: Item) -> None:
+        """The worker running `item` alone died (killed, out of memory, crashed in C code)."""
+        self._failed(item, "worker process died (killed by a signal or out of memory)",
+                     "the process running this key exited abruptly; check memory use "
+                     "and native crashes (dmesg)")
+        self.claims.release([item.key])
 
     def _rebuild(self) -> None:
         for fut, chunk in list(self.inflight.items()):
             fut.cancel()
-            self._worker_died(chunk) if len(chunk) > 1 else self.isolate.extend(chunk)
+            if fut is self.suspect and fut.done() and isinstance(fut.exception(), BrokenProcessPool):
+                self._worker_died(chunk[0])
+            else:
+                self.isolate.extend(chunk)  # innocent until run alone
         self.inflight.clear()
+        self.suspect = None
         if not self.finished_since_start:
             self.startup_failures += 1
             if self.startup_failures >= MAX_STARTUP_FAILURES:
@@ -470,18 +495,26 @@ def _check_options(root: Path, workers: int | None, executor: str, max_attempts:
         raise SpecError(f"--start-method must be one of {', '.join(START_METHODS)}")
 
 
-def _kill_children() -> None:
-    """Kill this process's pool workers and what they started (by pid, our own tree only)."""
-    try:
-        children = psutil.Process().children(recursive=True)
-    except psutil.Error:
-        return
-    for child in children:
+def _kill_workers(pool: ProcessPoolExecutor) -> None:
+    """Kill a pool's worker processes and what they started, by pid. Never the forkserver
+    or the resource tracker: multiprocessing needs those for the next pool."""
+    # ProcessPoolExecutor has no public way to name its processes; _processes has held
+    # {pid: Process} since Python 3.2.
+    pids = list(getattr(pool, "_processes", None) or {})
+    procs: list[psutil.Process] = []
+    for pid in pids:
         try:
-            child.kill()
+            p = psutil.Process(pid)
+            procs.extend(p.children(recursive=True))
+            procs.append(p)
+        except psutil.Error:
+            continue
+    for p in procs:
+        try:
+            p.kill()
         except psutil.Error:
             pass
-    psutil.wait_procs(children, timeout=5)
+    psutil.wait_procs(procs, timeout=5)
 
 
 def _raise_on_sigterm():  # type: ignore[no-untyped-def]

@@ -1,0 +1,41 @@
+"""Independent `run` processes on one root cooperate through claims alone."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+from tasks.records import read_logs
+
+TASK = """
+import time
+from pathlib import Path
+from tasks import filetask
+
+@filetask(keys=[f"k{i:04d}" for i in range(400)], out="out/{key}.txt")
+def work(key: str, out: Path) -> None:
+    time.sleep(0.004)
+    out.write_text(key)
+"""
+
+
+def test_two_concurrent_runs_split_the_work(tmp_path: Path, write_module) -> None:
+    write_module("t", TASK)
+    cmd = [sys.executable, "-m", "tasks", "run", "t:work", "--workers", "2"]
+    procs = [subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [r[1] for r in results]
+    reports = [json.loads(out.strip().splitlines()[-1]) for out, _ in results]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"k{i:04d}.txt" for i in range(400)]
+    rows = [r for r in read_logs(tmp_path / ".spotfan/tasks/work/log") if r["ok"]]
+    per_owner = Counter(r["owner"] for r in rows)
+    runs_per_key = Counter(r["key"] for r in rows)
+    twice = sum(1 for n in runs_per_key.values() if n > 1)
+    print(f"executions per run process: {dict(per_owner)}; keys run twice: {twice}")
+    assert len(per_owner) == 2 and min(per_owner.values()) > 0, "both runs must have done work"
+    assert len(runs_per_key) == 400
+    assert twice == 0, f"{twice} keys ran twice although both runs were alive"
+    assert sum(r["succeeded"] for r in reports) == 400
