@@ -1,14 +1,17 @@
 """Claims: exclusive-create files under the root that keep live workers off each other's keys.
 
-A claim on a key is the file `claims/<id>` created with O_CREAT|O_EXCL; its mtime is its
-heartbeat. A claim whose mtime is older than the lease belongs to a dead (or stuck) owner
-and is taken over by creating the next generation, `claims/<id>.1`, `<id>.2`, ... again
-with O_EXCL, so that of two takers only one wins. Works over SSHFS, where a lost
-exclusive create fails with EPERM rather than EEXIST.
+A claim covers one *unit*: a group of keys whose ids share a prefix (see `ClaimPlan`), so
+that a chunk of tiny tasks costs one claim file, not one per key. The claim is the file
+`claims/<unit>` created with O_CREAT|O_EXCL; its mtime is its heartbeat. A claim whose
+mtime is older than the lease belongs to a dead (or stuck) owner and is taken over by
+creating the next generation, `claims/<unit>.1`, `<unit>.2`, ... again with O_EXCL, so
+that of two takers only one wins. Works over SSHFS, where a lost exclusive create fails
+with EPERM rather than EEXIST.
 """
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import threading
@@ -19,12 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.errors import ClaimError
-from tasks.keys import Item
 from tasks.layout import key_id
 
 logger = logging.getLogger(__name__)
 
-MAX_GENERATIONS = 32  # takeovers of one key before we give up on it for this run
+MAX_GENERATIONS = 32  # takeovers of one unit before we give up on it for this run
+PER_KEY_CLAIMS_UP_TO = 4096  # tasks with at most this many keys claim key by key
+UNIT_PREFIX = 3  # larger tasks: one claim per 3-hex-digit key-id prefix (4,096 units)
 CLAIM_THREADS = 16  # concurrent claim round trips on a network filesystem
 REFRESH_FRACTION = 0.25  # refresh a claim once it is this fraction of the lease old
 ZOMBIE_FRACTION = 0.9  # past this fraction of the lease without a refresh, assume takeover
@@ -39,18 +43,75 @@ class Held:
     touched: float  # time.monotonic() of the last successful refresh
 
 
-def generation_path(claims: Path, kid: str, gen: int) -> Path:
-    return claims / (kid if gen == 0 else f"{kid}.{gen}")
+def generation_path(claims: Path, unit: str, gen: int) -> Path:
+    return claims / (unit if gen == 0 else f"{unit}.{gen}")
 
 
 def parse_claim_name(name: str) -> tuple[str, int] | None:
-    """`<id>` or `<id>.<gen>` -> (id, gen); None for anything else."""
-    kid, _, gen = name.partition(".")
-    if len(kid) != 40:
+    """`<unit>` or `<unit>.<gen>` -> (unit, gen); None for anything else."""
+    unit, _, gen = name.partition(".")
+    if not unit or not all(c in "0123456789abcdef" for c in unit):
         return None
     if not gen:
-        return kid, 0
-    return (kid, int(gen)) if gen.isdigit() else None
+        return unit, 0
+    return (unit, int(gen)) if gen.isdigit() else None
+
+
+@dataclass(frozen=True)
+class ClaimPlan:
+    """How keys are grouped into claim units, fixed per task so every runner agrees.
+
+    Tasks with few keys claim key by key (prefix 40: the whole key id); tasks with many
+    claim by the first `prefix` hex digits of the key id, at most 16**prefix claim
+    files however many keys there are: 4,096 for prefix 3.
+    """
+
+    prefix: int  # hex digits of the key id that name a unit; 40 = one key per unit
+
+    def unit(self, key: str) -> str:
+        return key_id(key)[: self.prefix]
+
+    @classmethod
+    def for_total(cls, total: int) -> "ClaimPlan":
+        if total <= PER_KEY_CLAIMS_UP_TO:
+            return cls(40)
+        return cls(UNIT_PREFIX)
+
+    @classmethod
+    def load_or_create(cls, task_dir: Path, total: int) -> "ClaimPlan":
+        """The task's plan: read it, or write it once (O_EXCL: of two first runners, one
+        plan wins and both use it)."""
+        path = task_dir / "plan.json"
+        for _ in range(MAX_GENERATIONS):
+            try:
+                text = path.read_text(encoding="utf-8")
+                if not text.strip():  # its writer is between create and write
+                    time.sleep(0.05)
+                    continue
+                return cls(int(json.loads(text)["claim_prefix"]))
+            except FileNotFoundError:
+                pass
+            except (ValueError, KeyError, TypeError) as e:
+                raise ClaimError(f"{path} is damaged ({e}); delete it only when no run of this "
+                                 "task is active, and run again") from e
+            plan = cls.for_total(total)
+            tmp = task_dir / f".plan-{os.getpid()}-{threading.get_ident()}.json"
+            tmp.write_text(json.dumps({"claim_prefix": plan.prefix}), encoding="utf-8")
+            try:
+                os.link(tmp, path)  # atomic, never replaces: local filesystems
+            except OSError:
+                # SSHFS has no hard links: exclusive-create the final name and fill it
+                # through its open descriptor; readers that see it empty retry.
+                try:
+                    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                    with os.fdopen(fd, "w", encoding="utf-8") as f:
+                        f.write(json.dumps({"claim_prefix": plan.prefix}))
+                except (FileExistsError, PermissionError):
+                    pass
+            finally:
+                tmp.unlink(missing_ok=True)
+            time.sleep(0.01)
+        raise ClaimError(f"cannot read or write {path}; check that the run root is writable")
 
 
 def network_filesystem(path: Path) -> bool:
@@ -85,39 +146,26 @@ class Claims:
         return len(self._held)
 
     # -- acquire -----------------------------------------------------------------------
-    def acquire(self, items: Sequence[Item], *, published: Callable[[Item], bool] | None = None
-                ) -> tuple[list[Item], list[Item], list[Item]]:
-        """Claim what can be claimed. Returns (claimed, held by live others, already
-        published). `published` is checked after a claim is won, because a peer may have
-        finished the key since we listed the output folders."""
+    def acquire(self, units: Sequence[str]) -> tuple[list[str], list[str]]:
+        """Claim what can be claimed: returns (won, held by live others). Units this
+        process already holds count as won."""
         with self._lock:
-            mine = [it for it in items if it.key in self._held]
-        todo = [it for it in items if it.key not in self._held]
-
-        def one(item: Item) -> tuple[str, Held | None]:
-            held = self._acquire_one(item)
-            if held is None:
-                return "busy", None
-            if published is not None and published(item):
-                self._release_one(held)
-                return "published", None
-            return "claimed", held
-
-        results = self._map(one, todo)
-        claimed, busy, done = list(mine), [], []
+            mine = [u for u in units if u in self._held]
+        todo = [u for u in units if u not in self._held]
+        results = self.map(self._acquire_one, todo)
+        won, busy = list(mine), []
         with self._lock:
-            for item, (what, held) in zip(todo, results):
-                if held is not None:
-                    self._held[item.key] = held
-                    claimed.append(item)
+            for unit, held in zip(todo, results):
+                if held is None:
+                    busy.append(unit)
                 else:
-                    (busy if what == "busy" else done).append(item)
-        return claimed, busy, done
+                    self._held[unit] = held
+                    won.append(unit)
+        return won, busy
 
-    def _acquire_one(self, item: Item) -> Held | None:
-        kid = key_id(item.key)
+    def _acquire_one(self, unit: str) -> Held | None:
         for gen in range(MAX_GENERATIONS):
-            path = generation_path(self.dir, kid, gen)
+            path = generation_path(self.dir, unit, gen)
             if self._create(path):
                 return Held(path, gen, time.monotonic())
             try:
@@ -127,10 +175,10 @@ class Claims:
                 return Held(path, gen, time.monotonic()) if self._create(path) else None
             if age < self.lease_s:
                 return None  # a live owner holds it
-            logger.info("claim %s on key %r is %.0fs old (lease %.0fs): taking over",
-                        path.name, item.key, age, self.lease_s)
-        logger.warning("key %r was taken over %d times; leaving it for this run",
-                       item.key, MAX_GENERATIONS)
+            logger.info("claim %s is %.0fs old (lease %.0fs): taking over", path.name, age,
+                        self.lease_s)
+        logger.warning("claim unit %s was taken over %d times; leaving it for this run",
+                       unit, MAX_GENERATIONS)
         return None
 
     def _create(self, path: Path) -> bool:
@@ -152,13 +200,19 @@ class Claims:
         os.close(fd)
         return True
 
-    # -- release -----------------------------------------------------------------------
-    def release(self, keys: Iterable[str]) -> None:
-        """Give up claims on keys (done, failed, or handed back)."""
+    def generation(self, unit: str) -> int:
+        """The generation of a held claim: above 0 means we took it over from a dead owner."""
         with self._lock:
-            held = [self._held.pop(k) for k in keys if k in self._held]
+            held = self._held.get(unit)
+        return held.generation if held is not None else 0
+
+    # -- release -----------------------------------------------------------------------
+    def release(self, units: Iterable[str]) -> None:
+        """Give up claims (their keys are done, failed, or handed back)."""
+        with self._lock:
+            held = [self._held.pop(u) for u in units if u in self._held]
         if held:
-            self._map(self._release_one, held)
+            self.map(self._release_one, held)
 
     def release_all(self) -> None:
         self.release(list(self._held))
@@ -170,10 +224,10 @@ class Claims:
             logger.warning("claim %s expired while running (no refresh for %.0fs); leaving it",
                            held.path.name, time.monotonic() - held.touched)
             return
-        kid = held.path.name.partition(".")[0]
+        unit = held.path.name.partition(".")[0]
         for gen in range(held.generation + 1):
             try:
-                generation_path(self.dir, kid, gen).unlink()
+                generation_path(self.dir, unit, gen).unlink()
             except FileNotFoundError:
                 pass
 
@@ -192,7 +246,9 @@ class Claims:
                 logger.warning("claim %s vanished while held (swept as stale?)", h.path.name)
         return len(due)
 
-    def _map(self, fn, items):  # type: ignore[no-untyped-def]
+    def map(self, fn, items):  # type: ignore[no-untyped-def]
+        """fn over items; concurrently on a network filesystem, where each call is a round
+        trip and SSHFS pipelines concurrent requests over one connection."""
         if self.pipelined and len(items) > 1:
             with ThreadPoolExecutor(min(CLAIM_THREADS, len(items))) as pool:
                 return list(pool.map(fn, items))
@@ -200,7 +256,7 @@ class Claims:
 
 
 def live_claims(claims_dir: Path, *, lease_s: float) -> dict[str, float]:
-    """Key id -> age in seconds of its freshest claim, for claims younger than the lease."""
+    """Unit -> age in seconds of its freshest claim, for claims younger than the lease."""
     live: dict[str, float] = {}
     now = time.time()
     try:
@@ -216,14 +272,14 @@ def live_claims(claims_dir: Path, *, lease_s: float) -> dict[str, float]:
         except FileNotFoundError:
             continue
         if age < lease_s:
-            kid = parsed[0]
-            live[kid] = min(age, live.get(kid, age))
+            unit = parsed[0]
+            live[unit] = min(age, live.get(unit, age))
     return live
 
 
-def sweep_claims(claims_dir: Path, done_ids: set[str], *, lease_s: float) -> int:
-    """Remove stale claims on keys that are already done (left by owners that died after
-    publishing). Returns how many were removed."""
+def sweep_claims(claims_dir: Path, done_units: set[str], *, lease_s: float) -> int:
+    """Remove stale claims on units whose keys are all done (left by owners that died
+    after publishing). Returns how many were removed."""
     removed = 0
     now = time.time()
     try:
@@ -232,7 +288,7 @@ def sweep_claims(claims_dir: Path, done_ids: set[str], *, lease_s: float) -> int
         return 0
     for entry in entries:
         parsed = parse_claim_name(entry.name)
-        if parsed is None or parsed[0] not in done_ids:
+        if parsed is None or parsed[0] not in done_units:
             continue
         try:
             if now - entry.stat().st_mtime > lease_s:

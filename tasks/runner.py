@@ -28,10 +28,10 @@ from typing import Literal
 import psutil
 
 from tasks import worker
-from tasks.claims import Claims, network_filesystem, sweep_claims
+from tasks.claims import ClaimPlan, Claims, network_filesystem, sweep_claims
 from tasks.errors import SpecError, TaskError
 from tasks.keys import Item
-from tasks.layout import Layout, key_id, new_owner_id
+from tasks.layout import Layout, new_owner_id
 from tasks.records import ExecLog, Failure, FailureStore
 from tasks.scan import scan_done
 from tasks.spec import Task
@@ -171,6 +171,7 @@ def run(task: Task, *, root: str | Path = ".", workers: int | None = None,
     layout.ensure()
     report = RunReport(task.name, root, total=len(items))
 
+    peers = _Peers(layout)  # who else is here, taken before we list the outputs
     done = scan_done(root, items)
     report.done_before = len(done)
     store = FailureStore(layout.failed, layout.tmp)
@@ -188,6 +189,8 @@ def run(task: Task, *, root: str | Path = ".", workers: int | None = None,
         return report
 
     owner = new_owner_id()
+    peers.me = owner
+    plan = ClaimPlan.load_or_create(layout.task_dir, len(items))
     claims = Claims(layout.claims, lease_s=lease_s, pipelined=network_filesystem(root))
     tmp_dir = layout.owner_tmp(owner)
     tmp_dir.mkdir(parents=True)
@@ -197,8 +200,8 @@ def run(task: Task, *, root: str | Path = ".", workers: int | None = None,
                                       "workers": workers, "lease_s": lease_s,
                                       "started": time.time()}), encoding="utf-8")
     log = ExecLog(layout.log / f"{owner}.jsonl", owner)
-    state = _Dispatch(task, root, items, done, pending, attempts, report, claims, store, log,
-                      owner, tmp_dir, workers=workers, executor=executor,
+    state = _Dispatch(task, root, items, done, pending, attempts, report, plan, claims, store,
+                      log, owner, tmp_dir, peers, workers=workers, executor=executor,
                       max_attempts=max_attempts, limit=limit, fsync=fsync,
                       sizer=ChunkSizer(workers, chunk_size), start_method=start_method,
                       progress=progress, started=started)
@@ -223,18 +226,30 @@ def run(task: Task, *, root: str | Path = ".", workers: int | None = None,
 
 
 class _Dispatch:
-    """The loop of one run: fill the pool with claimed chunks, collect outcomes."""
+    """The loop of one run: claim units, send their keys to the pool in chunks, collect
+    outcomes, release a unit once every key of it is done or given up."""
 
     def __init__(self, task: Task, root: Path, items: list[Item], done: set[str],
                  pending: list[Item], attempts: dict[str, int], report: RunReport,
-                 claims: Claims, store: FailureStore, log: ExecLog, owner: str,
-                 tmp_dir: Path, *, workers: int, executor: str, max_attempts: int,
+                 plan: ClaimPlan, claims: Claims, store: FailureStore, log: ExecLog,
+                 owner: str, tmp_dir: Path, peers: "_Peers", *, workers: int, executor: str, max_attempts: int,
                  limit: int | None, fsync: bool, sizer: ChunkSizer, start_method: str,
                  progress: ProgressFn | None, started: float) -> None:
         self.task, self.root, self.items, self.done = task, root, items, done
-        self.queue: deque[Item] = deque(pending)
+        self.root_s = str(root)
+        self.plan = plan
+        self.unit_of = {it.key: plan.unit(it.key) for it in items}
+        self.units: dict[str, list[Item]] = {}  # unclaimed units and their pending keys
+        for it in pending:
+            self.units.setdefault(self.unit_of[it.key], []).append(it)
+        self.peers = peers
+        self.unit_queue: deque[str] = deque(self.units)  # in the shuffled order of pending
+        self.unclaimed = len(pending)  # keys in self.units
+        self._by_unit: dict[str, list[Item]] | None = None  # every item by unit, built lazily
+        self.ready: deque[Item] = deque()  # keys of units we hold, not yet dispatched
+        self.outstanding: dict[str, int] = {}  # held unit -> its keys not yet settled
         self.isolate: deque[Item] = deque()  # run alone: their chunk killed a worker
-        self.busy: list[Item] = []  # held by live peers; looked at again at the end
+        self.busy: list[str] = []  # units held by live peers; looked at again at the end
         self.attempts, self.report, self.claims = attempts, report, claims
         self.store, self.log, self.owner, self.tmp_dir = store, log, owner, tmp_dir
         self.workers, self.executor, self.max_attempts = workers, executor, max_attempts
@@ -254,12 +269,11 @@ class _Dispatch:
     def _new_pool(self) -> Executor:
         ref = self.task.ref()
         if self.executor == "thread":
-            worker.init_worker(ref, str(self.root), str(self.tmp_dir), self.fsync, chdir=False)
+            worker.init_worker(ref, self.root_s, str(self.tmp_dir), self.fsync, chdir=False)
             return ThreadPoolExecutor(self.workers, thread_name_prefix="spotfan-task")
         ctx = multiprocessing.get_context(self.start_method)
         return ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=worker.init_worker,
-                                   initargs=(ref, str(self.root), str(self.tmp_dir),
-                                             self.fsync, True))
+                                   initargs=(ref, self.root_s, str(self.tmp_dir), self.fsync, True))
 
     def shutdown(self, *, kill: bool = False) -> None:
         if self.pool is None:
@@ -275,9 +289,10 @@ class _Dispatch:
         while True:
             self._fill()
             if not self.inflight:
-                if self._limit_reached() or not (self.queue or self.isolate or self.busy):
+                if self._limit_reached() or not (self.unit_queue or self.ready or self.isolate
+                                                 or self.busy):
                     break
-                if not (self.queue or self.isolate):
+                if not (self.unit_queue or self.ready or self.isolate):
                     self._wait_for_peers()
                 continue
             finished, _ = wait(list(self.inflight), timeout=PROGRESS_INTERVAL_S,
@@ -316,34 +331,75 @@ class _Dispatch:
                 # which key did it and no innocent key is charged an attempt.
                 if self.inflight:
                     return
-                batch = [self.isolate.popleft()]
-                batch_is_suspect = True
-            elif self.queue:
-                batch_is_suspect = False
-                n = self.sizer.size(len(self.queue))
+                batch, suspect = [self.isolate.popleft()], True
+            else:
+                n = self.sizer.size(len(self.ready) + self.unclaimed)
                 if self.limit is not None:
                     n = min(n, self.limit - self.dispatched)
-                batch = [self.queue.popleft() for _ in range(min(n, len(self.queue)))]
-            else:
-                return
-            claimed, busy, published = self.claims.acquire(
-                batch, published=lambda it: os.path.lexists(self.root / it.out))
+                self._claim_until(n)
+                if not self.ready:
+                    return
+                batch = [self.ready.popleft() for _ in range(min(n, len(self.ready)))]
+                suspect = False
+            self.dispatched += len(batch)
+            self.report.ran += len(batch)
+            assert self.pool is not None
+            try:
+                fut = self.pool.submit(worker.run_chunk, batch)
+            except BrokenProcessPool:  # a worker died since we last looked
+                self.isolate.extendleft(reversed(batch))
+                self._rebuild()
+                continue
+            self.inflight[fut] = batch
+            self.suspect = fut if suspect else None
+
+    def _claim_until(self, n: int) -> None:
+        """Claim units until `n` keys are ready to run (or no unit is left)."""
+        while len(self.ready) < n and self.unit_queue:
+            per_unit = max(1.0, self.unclaimed / max(1, len(self.units)))
+            want = max(1, math.ceil((n - len(self.ready)) / per_unit))
+            units = [self.unit_queue.popleft() for _ in range(min(want, len(self.unit_queue)))]
+            won, busy = self.claims.acquire(units)
             self.busy.extend(busy)
-            for it in published:
-                self.done.add(it.key)
-                self.report.by_peers += 1
-            if claimed:
-                self.dispatched += len(claimed)
-                self.report.ran += len(claimed)
-                assert self.pool is not None
-                try:
-                    fut = self.pool.submit(worker.run_chunk, claimed)
-                except BrokenProcessPool:  # a worker died since we last looked
-                    self.isolate.extendleft(reversed(claimed))
-                    self._rebuild()
-                    continue
-                self.inflight[fut] = claimed
-                self.suspect = fut if batch_is_suspect else None
+            for u in busy:
+                self.unclaimed -= len(self.units.pop(u, ()))
+            keys = [it for u in won for it in self.units.pop(u)]
+            self.unclaimed -= len(keys)
+            # A peer may have finished some of these since we listed the output folders;
+            # look again, key by key, unless no peer can have worked since then.
+            taken_over = any(self.claims.generation(u) > 0 for u in won)
+            if keys and (taken_over or not self.peers.solo()):
+                exists = self.claims.map(
+                    lambda it: os.path.lexists(os.path.join(self.root_s, it.out)), keys)
+            else:
+                exists = [False] * len(keys)
+            by_unit: dict[str, int] = {u: 0 for u in won}
+            for it, there in zip(keys, exists):
+                if there:
+                    self.done.add(it.key)
+                    self.report.by_peers += 1
+                else:
+                    self.ready.append(it)
+                    by_unit[self.unit_of[it.key]] += 1
+            for u, count in by_unit.items():
+                self.outstanding[u] = self.outstanding.get(u, 0) + count
+            self._release_settled(list(by_unit))
+
+    def _settle(self, keys: list[str]) -> None:
+        """These keys are done or given up: release units with nothing left."""
+        units = []
+        for k in keys:
+            u = self.unit_of[k]
+            self.outstanding[u] -= 1
+            units.append(u)
+        self._release_settled(units)
+
+    def _release_settled(self, units: list[str]) -> None:
+        free = [u for u in dict.fromkeys(units) if self.outstanding.get(u, 1) <= 0]
+        for u in free:
+            del self.outstanding[u]
+        if free:
+            self.claims.release(free)
 
     def _collect(self, chunk: list[Item], outcomes: list[worker.Outcome]) -> None:
         self.finished_since_start = True
@@ -354,17 +410,22 @@ class _Dispatch:
             self.done.add(o.key)
         self.report.succeeded += sum(1 for o in ok if not o.duplicate)
         self.report.by_peers += sum(1 for o in ok if o.duplicate)
-        self.store.clear(o.key for o in ok if o.key in self.attempts)
-        for o in outcomes:
-            if not o.ok:
-                self._failed(by_key[o.key], o.error, o.detail)
-        self.claims.release([o.key for o in outcomes])
-        self.sizer.observe([o.seconds for o in outcomes])
+        if self.attempts:
+            self.store.clear(o.key for o in ok if o.key in self.attempts)
+        # Log before releasing: a peer that later claims these units sees our log file
+        # and so knows that someone worked here since it listed the outputs (_Peers).
         self.log.write({"key": o.key, "start": round(o.started, 4), "seconds": round(o.seconds, 6),
                         "ok": o.ok, "dup": o.duplicate} for o in outcomes)
+        settled = [o.key for o in ok]
+        for o in outcomes:
+            if not o.ok and self._failed(by_key[o.key], o.error, o.detail):
+                settled.append(o.key)
+        self._settle(settled)
+        self.sizer.observe([o.seconds for o in outcomes])
         self.recent.append((time.monotonic(), len(ok)))
 
-    def _failed(self, item: Item, error: str, detail: str) -> None:
+    def _failed(self, item: Item, error: str, detail: str) -> bool:
+        """Record a failure; True if the key is given up (settled), False if retried."""
         n = self.attempts.get(item.key, 0) + 1
         self.attempts[item.key] = n
         gave_up = n >= self.max_attempts
@@ -374,14 +435,15 @@ class _Dispatch:
         if gave_up:
             self.report.failed.append(item.key)
         else:
-            self.queue.append(item)  # retry later, after the others
+            self.ready.append(item)  # retry later, after the others; its unit stays held
+        return gave_up
 
     def _worker_died(self, item: Item) -> None:
         """The worker running `item` alone died (killed, out of memory, crashed in C code)."""
-        self._failed(item, "worker process died (killed by a signal or out of memory)",
-                     "the process running this key exited abruptly; check memory use "
-                     "and native crashes (dmesg)")
-        self.claims.release([item.key])
+        if self._failed(item, "worker process died (killed by a signal or out of memory)",
+                        "the process running this key exited abruptly; check memory use "
+                        "and native crashes (dmesg)"):
+            self._settle([item.key])
 
     def _rebuild(self) -> None:
         for fut, chunk in list(self.inflight.items()):
@@ -408,27 +470,40 @@ class _Dispatch:
         self.pool = self._new_pool()
 
     def _wait_for_peers(self) -> None:
-        """Our queue is empty but live peers hold some keys: wait until they finish them,
-        or their claims expire and we take the keys over."""
-        logger.info("waiting for %d key(s) held by other workers", len(self.busy))
+        """Nothing left for us but units live peers hold: wait until they finish them, or
+        their claims expire and we take the units over."""
+        keys = [it for u in self.busy for it in self._unit_items(u)]
+        logger.info("waiting for %d key(s) held by other workers", len(keys))
         self._report_progress()
         time.sleep(TAIL_POLL_S)
-        now_done = scan_done(self.root, self.busy)
+        now_done = scan_done(self.root, keys)
         self.done |= now_done
         failures = self.store.load()
-        still: list[Item] = []
-        for it in self.busy:
-            if it.key in now_done:
-                continue
-            f = failures.get(it.key)
-            if f is not None and f.gave_up:
-                self.report.failed.append(it.key)
-                continue
-            if f is not None:
-                self.attempts[it.key] = max(self.attempts.get(it.key, 0), f.attempts)
-            still.append(it)
+        for u in self.busy:
+            left = []
+            for it in self._unit_items(u):
+                f = failures.get(it.key)
+                if it.key in now_done:
+                    continue
+                if f is not None and f.gave_up:
+                    if it.key not in self.report.failed:
+                        self.report.failed.append(it.key)
+                    continue
+                if f is not None:
+                    self.attempts[it.key] = max(self.attempts.get(it.key, 0), f.attempts)
+                left.append(it)
+            if left:
+                self.units[u] = left
+                self.unclaimed += len(left)
+                self.unit_queue.append(u)
         self.busy = []
-        self.queue.extend(still)
+
+    def _unit_items(self, unit: str) -> list[Item]:
+        if self._by_unit is None:
+            self._by_unit = {}
+            for it in self.items:
+                self._by_unit.setdefault(self.unit_of[it.key], []).append(it)
+        return [it for it in self._by_unit.get(unit, []) if it.key not in self.done]
 
     def _report_progress(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -442,6 +517,58 @@ class _Dispatch:
         self.progress(Snapshot(self.task.name, len(self.items), len(self.done),
                                len(self.report.failed), sum(len(c) for c in self.inflight.values()),
                                rate, now - self.started))
+
+
+class _Peers:
+    """Has any other `run` worked on this task since we listed its outputs?
+
+    While the answer is no, a freshly won claim needs no per-key existence check (over
+    SSHFS each is a round trip). Any peer that published a key either is alive (its
+    owner file is fresh) or wrote its execution log before releasing the claim; a peer
+    that died holding the claim is caught because we then win a later generation.
+    """
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self.me = ""  # our owner id, once we have one
+        self.logs_at_start = self._logs()
+        self.alone = True
+        self.solo()  # a peer alive now may publish after our listing
+
+    def _logs(self) -> set[str]:
+        try:
+            return set(os.listdir(self.layout.log))
+        except FileNotFoundError:
+            return set()
+
+    def solo(self) -> bool:
+        if not self.alone:
+            return False  # once a peer was seen, always check
+        now = time.time()
+        try:
+            for entry in os.scandir(self.layout.owners):
+                if entry.name == f"{self.me}.json":
+                    continue
+                try:
+                    if now - entry.stat().st_mtime < _owner_lease(entry.path):
+                        self.alone = False
+                        return False
+                except FileNotFoundError:
+                    continue
+        except FileNotFoundError:
+            pass
+        if self._logs() - self.logs_at_start - {f"{self.me}.jsonl"}:
+            self.alone = False
+        return self.alone
+
+
+def _owner_lease(path: str) -> float:
+    """The lease an owner file declares (its heartbeat runs at a quarter of it)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return float(json.load(f).get("lease_s", DEFAULT_LEASE_S))
+    except (OSError, ValueError, AttributeError):
+        return DEFAULT_LEASE_S
 
 
 def _sweep(layout: Layout, items: list[Item], done: set[str], lease_s: float) -> None:
@@ -467,8 +594,10 @@ def _sweep(layout: Layout, items: list[Item], done: set[str], lease_s: float) ->
             except FileNotFoundError:
                 pass
     if done:
-        done_ids = {key_id(it.key) for it in items if it.key in done}
-        removed = sweep_claims(layout.claims, done_ids, lease_s=lease_s)
+        plan = ClaimPlan.load_or_create(layout.task_dir, len(items))
+        open_units = {plan.unit(it.key) for it in items if it.key not in done}
+        done_units = {plan.unit(it.key) for it in items} - open_units
+        removed = sweep_claims(layout.claims, done_units, lease_s=lease_s)
         if removed:
             logger.info("swept %d stale claims on finished keys", removed)
 

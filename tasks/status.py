@@ -7,8 +7,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tasks.claims import live_claims
-from tasks.layout import Layout, key_id
+from tasks.claims import ClaimPlan, live_claims
+from tasks.layout import Layout
 from tasks.records import FailureStore
 from tasks.runner import DEFAULT_LEASE_S
 from tasks.scan import scan_done
@@ -50,9 +50,12 @@ def status(task: Task, *, root: str | Path = ".", lease_s: float = DEFAULT_LEASE
     items = task.items(root)
     done = scan_done(root, items)
     failures = FailureStore(layout.failed, layout.tmp).load()
-    ids = {key_id(it.key): it.key for it in items}
-    live = {ids[k] for k in live_claims(layout.claims, lease_s=lease_s) if k in ids}
-    keys = set(ids.values())
+    keys = {it.key for it in items}
+    live_units = set(live_claims(layout.claims, lease_s=lease_s))
+    live: set[str] = set()
+    if live_units:
+        plan = ClaimPlan.load_or_create(layout.task_dir, len(items))
+        live = {it.key for it in items if plan.unit(it.key) in live_units}
     failed = {k for k, f in failures.items() if f.gave_up and k not in done and k in keys}
     running = live - done - failed
     retrying = {k for k, f in failures.items() if not f.gave_up and k not in done and k in keys}

@@ -39,3 +39,30 @@ def test_two_concurrent_runs_split_the_work(tmp_path: Path, write_module) -> Non
     assert len(runs_per_key) == 400
     assert twice == 0, f"{twice} keys ran twice although both runs were alive"
     assert sum(r["succeeded"] for r in reports) == 400
+
+
+MANY = """
+from pathlib import Path
+from tasks import filetask
+
+@filetask(keys=[f"k{i:05d}" for i in range(6000)], out="out/{key}.txt")
+def many(key: str, out: Path) -> None:
+    out.write_text(key)
+"""
+
+
+def test_three_concurrent_runs_over_claim_units(tmp_path: Path, write_module) -> None:
+    """More keys than per-key claims allow: claims cover key-id prefixes (units)."""
+    write_module("m", MANY)
+    cmd = [sys.executable, "-m", "tasks", "run", "m:many", "--workers", "1"]
+    procs = [subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(3)]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [r[1] for r in results]
+    assert len(list((tmp_path / "out").iterdir())) == 6000
+    assert json.loads((tmp_path / ".spotfan/tasks/many/plan.json").read_text()) == {"claim_prefix": 3}
+    rows = [r for r in read_logs(tmp_path / ".spotfan/tasks/many/log") if r["ok"]]
+    runs_per_key = Counter(r["key"] for r in rows)
+    assert len(runs_per_key) == 6000
+    assert max(runs_per_key.values()) == 1, "a key ran twice although every run was alive"
+    assert list((tmp_path / ".spotfan/tasks/many/claims").iterdir()) == []
