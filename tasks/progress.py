@@ -30,7 +30,7 @@ class PlainProgress:
 
     def __init__(self, stream: TextIO = sys.stderr) -> None:
         self.stream = stream
-        self.last = 0.0
+        self.last = time.monotonic()  # first line after PLAIN_EVERY_S: early rates mislead
         self.latest: Snapshot | None = None
 
     def __call__(self, s: Snapshot) -> None:
