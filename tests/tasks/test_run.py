@@ -260,3 +260,48 @@ def test_limit_and_status_show_live_claims(tmp_path: Path, write_module) -> None
     finally:
         os.killpg(runner.pid, 9)
         runner.wait()
+
+
+def test_thread_executor_and_parent_placeholder(tmp_path: Path) -> None:
+    for sub in ("a", "a/b", ""):
+        (tmp_path / "in" / sub).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "in" / sub / "x.txt").write_text(f"in {sub}")
+    proc = run_cli(["run", "--cmd", "cp {src} {out}", "--src", "in/**/*.txt",
+                    "--out", "mirror/{parent}/{stem}.copy", "--executor", "thread"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    got = sorted(str(p.relative_to(tmp_path / "mirror")) for p in (tmp_path / "mirror").rglob("*.copy"))
+    assert got == ["a/b/x.copy", "a/x.copy", "x.copy"]
+    assert (tmp_path / "mirror/a/b/x.copy").read_text() == "in a/b"
+
+
+def test_sigterm_releases_claims_and_removes_temporaries(tmp_path: Path, write_module) -> None:
+    write_module("t", """
+        import time
+        from pathlib import Path
+        from tasks import filetask
+
+        @filetask(keys=[f"k{i}" for i in range(8)], out="out/{key}")
+        def slow(key: str, out: Path) -> None:
+            out.write_text("partial")
+            time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-m", "tasks", "run", "t:slow", "--workers", "2"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    claims = tmp_path / ".spotfan/tasks/slow/claims"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (claims.exists() and any(claims.iterdir())):
+        time.sleep(0.1)
+    time.sleep(0.5)  # let the workers start writing their temporaries
+    proc.terminate()
+    try:
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+    assert proc.returncode == 130, err
+    assert "run the same command again to resume" in err
+    assert list(claims.iterdir()) == [], "claims must be released on SIGTERM"
+    assert list((tmp_path / ".spotfan/tmp").iterdir()) == []
+    assert list((tmp_path / ".spotfan/owners").iterdir()) == []
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
