@@ -1,0 +1,308 @@
+"""The worker agent on one VM: runs the requested `tasks run` processes, reports, stops an idle VM.
+
+Started by boot.sh after the share is mounted. It reads run requests that `fab run`
+writes under ROOT/.spotfan/cluster/runs/, keeps one `python -m tasks run` per unfinished
+run going (restarting it, a bounded number of times, if it dies while work remains),
+writes this VM's heartbeat to ROOT/.spotfan/cluster/vms/NAME.json, and, as the cost
+guard, stops its own VM once it has had nothing to do for `--idle-timeout` seconds.
+
+Files it uses under ROOT/.spotfan/cluster/:
+    runs/<id>.json        a run request (written by `fab run`)
+    runs/<id>.done.json   the run is finished (written by the first agent that saw it end)
+    vms/<name>.json       this VM's heartbeat: state, runs, rate
+    logs/<name>/<id>.log  output of this VM's `tasks run` for that run; agent.log
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import logging
+import os
+import secrets
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger("cluster.agent")
+
+POLL_INTERVAL_S = 1.0
+HEARTBEAT_INTERVAL_S = 2.0
+MOUNT_CHECK_INTERVAL_S = 5.0
+MOUNT_CHECK_TIMEOUT_S = 15.0
+STATUS_TIMEOUT_S = 120.0
+MAX_RESTARTS = 5  # per run and boot: a run that keeps dying needs a human
+RESTART_BACKOFF_S = 2.0
+RATE_WINDOW_S = 30.0
+MAX_LIFETIME_S = 7 * 24 * 3600.0  # the loop's outer bound; the idle guard ends it far sooner
+FINAL_EXITS = {0: "done", 1: "failed", 2: "spec-error"}  # `tasks run` exit codes that end a run
+CLUSTER_DIR = Path(".spotfan") / "cluster"
+
+
+@dataclass
+class RunState:
+    """This VM's part in one run."""
+
+    id: str
+    state: str = "starting"  # running | waiting | done | failed | spec-error | gave-up
+    pid: int | None = None
+    restarts: int = 0
+    exit_code: int | None = None
+    started: float | None = None
+    next_start: float = 0.0  # not before this time (backoff after a crash)
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def public(self) -> dict[str, object]:
+        return {"state": self.state, "pid": self.pid, "restarts": self.restarts,
+                "exit_code": self.exit_code, "started": self.started}
+
+
+@dataclass(frozen=True)
+class Settings:
+    name: str  # the VM's name
+    root: Path  # the mount point of the share: the run root
+    home: Path  # SPOTFAN_HOME on the VM's own disk
+    python: str
+    python_path: str
+    idle_timeout: float
+    workers_per_vm: int
+    stop_command: str
+
+
+class Agent:
+    def __init__(self, s: Settings) -> None:
+        self.s = s
+        self.base = s.root / CLUSTER_DIR
+        self.runs: dict[str, RunState] = {}
+        self.mount_ok = True
+        self.last_mount_check = time.monotonic()  # boot.sh checked the mount just before
+        self.last_heartbeat = 0.0
+        self.idle_since = time.monotonic()
+        self.log_offsets: dict[Path, int] = {}
+        self.executions: list[tuple[float, int]] = []  # (time, cumulative executions) samples
+        self.total_executions = 0
+        self.hostname = socket.gethostname()
+
+    def loop(self) -> str:
+        """Work until idle for `idle_timeout`; return why the loop ended."""
+        deadline = time.monotonic() + MAX_LIFETIME_S
+        while time.monotonic() < deadline:
+            now = time.monotonic()
+            if now - self.last_mount_check >= MOUNT_CHECK_INTERVAL_S:
+                self.mount_ok = self._mount_alive()
+                self.last_mount_check = now
+            if self.mount_ok:
+                try:
+                    self._step()
+                except OSError as e:  # the share hiccuped: check it again before going on
+                    logger.warning("share error: %s", e)
+                    self.last_mount_check = 0.0
+            busy = any(r.proc is not None for r in self.runs.values())
+            if busy:
+                self.idle_since = now
+            if now - self.last_heartbeat >= HEARTBEAT_INTERVAL_S:
+                self._heartbeat("working" if busy else ("idle" if self.mount_ok else "mount-dead"))
+            if not busy and now - self.idle_since >= self.s.idle_timeout:
+                return "idle"
+            time.sleep(POLL_INTERVAL_S)
+        return "max-lifetime"
+
+    # -- runs ---------------------------------------------------------------------------
+
+    def _step(self) -> None:
+        runs_dir = self.base / "runs"
+        try:
+            names = sorted(os.listdir(runs_dir))
+        except FileNotFoundError:
+            names = []
+        except OSError as e:
+            logger.warning("cannot list %s: %s", runs_dir, e)
+            self.mount_ok = False
+            return
+        done = {n[: -len(".done.json")] for n in names if n.endswith(".done.json")}
+        for n in names:
+            if n.endswith(".json") and not n.endswith(".done.json") and not n.startswith("."):
+                rid = n[: -len(".json")]
+                r = self.runs.setdefault(rid, RunState(id=rid))
+                self._drive(r, finished_elsewhere=rid in done)
+
+    def _drive(self, r: RunState, *, finished_elsewhere: bool) -> None:
+        if r.proc is not None:
+            code = r.proc.poll()
+            if code is None:
+                return
+            r.proc, r.pid, r.exit_code = None, None, code
+            if code in FINAL_EXITS:
+                r.state = FINAL_EXITS[code]
+                logger.info("run %s: tasks run exited %d (%s)", r.id, code, r.state)
+                self._mark_done(r)
+                return
+            r.restarts += 1
+            r.next_start = time.monotonic() + RESTART_BACKOFF_S * r.restarts
+            logger.warning("run %s: tasks run died (exit %s) with work left; restart %d/%d",
+                           r.id, code, r.restarts, MAX_RESTARTS)
+        if r.state in FINAL_EXITS.values() or r.state == "gave-up":
+            return
+        if finished_elsewhere:
+            r.state = "done"
+            return
+        if r.restarts > MAX_RESTARTS:
+            r.state = "gave-up"
+            logger.error("run %s: gave up after %d restarts; see its log", r.id, MAX_RESTARTS)
+            return
+        if time.monotonic() < r.next_start:
+            r.state = "waiting"
+            return
+        self._start(r)
+
+    def _start(self, r: RunState) -> None:
+        try:
+            req = json.loads((self.base / "runs" / f"{r.id}.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            logger.warning("run %s: unreadable request: %s", r.id, e)
+            return
+        workers = int(req.get("workers_per_vm") or self.s.workers_per_vm)
+        argv = [self.s.python, "-m", "tasks", "run", *req["spec_args"], *req.get("run_args", []),
+                "--root", str(self.s.root), "--workers", str(workers)]
+        log_dir = self.base / "logs" / self.s.name
+        log_dir.mkdir(parents=True, exist_ok=True)
+        out = open(log_dir / f"{r.id}.log", "ab")
+        out.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} {self.s.name}: {shlex.join(argv)}\n".encode())
+        out.flush()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            p for p in [str(self.s.root), self.s.python_path] if p)}
+        r.proc = subprocess.Popen(argv, cwd=self.s.root, env=env, stdin=subprocess.DEVNULL,
+                                  stdout=out, stderr=subprocess.STDOUT)
+        out.close()
+        r.pid, r.state, r.started = r.proc.pid, "running", time.time()
+        logger.info("run %s: started tasks run (pid %d, %d workers)", r.id, r.pid, workers)
+
+    def _mark_done(self, r: RunState) -> None:
+        """Record that the run is over, with the engine's final counts (first agent wins)."""
+        path = self.base / "runs" / f"{r.id}.done.json"
+        if path.exists():
+            return
+        status = self._engine_status(r.id)
+        record = {"id": r.id, "result": r.state, "exit_code": r.exit_code, "vm": self.s.name,
+                  "time": time.time(), "status": status}
+        _write_json(path, record)
+
+    def _engine_status(self, rid: str) -> dict[str, object] | None:
+        try:
+            req = json.loads((self.base / "runs" / f"{rid}.json").read_text())
+            out = subprocess.run(
+                [self.s.python, "-m", "tasks", "status", *req["spec_args"], "--root", str(self.s.root),
+                 "--json"], cwd=self.s.root, capture_output=True, text=True, timeout=STATUS_TIMEOUT_S,
+                env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                    p for p in [str(self.s.root), self.s.python_path] if p)},
+            )
+            return json.loads(out.stdout) if out.returncode == 0 else None
+        except (OSError, ValueError, subprocess.TimeoutExpired) as e:
+            logger.warning("run %s: tasks status failed: %s", rid, e)
+            return None
+
+    # -- health and reporting -----------------------------------------------------------
+
+    def _mount_alive(self) -> bool:
+        try:
+            r = subprocess.run(["sh", str(self.s.home / "mount.sh"), "check"], capture_output=True,
+                               text=True, timeout=MOUNT_CHECK_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            return False
+        if r.returncode != 0:
+            logger.warning("share not usable: %s", r.stdout.strip() or r.stderr.strip())
+        return r.returncode == 0
+
+    def _rate(self) -> float | None:
+        """Executions per second on this VM over the last RATE_WINDOW_S, from the engine's logs."""
+        for path in (self.s.root / ".spotfan" / "tasks").glob(f"*/log/{self.hostname}-*.jsonl"):
+            try:
+                with open(path, "rb") as f:
+                    f.seek(self.log_offsets.get(path, 0))
+                    chunk = f.read()
+            except OSError:
+                continue
+            self.log_offsets[path] = self.log_offsets.get(path, 0) + len(chunk)
+            self.total_executions += chunk.count(b"\n")
+        now = time.monotonic()
+        self.executions.append((now, self.total_executions))
+        self.executions = [(t, n) for t, n in self.executions if now - t <= RATE_WINDOW_S]
+        (t0, n0), (t1, n1) = self.executions[0], self.executions[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else None
+
+    def _heartbeat(self, state: str) -> None:
+        self.last_heartbeat = time.monotonic()
+        if not self.mount_ok:
+            logger.info("heartbeat (local only, share is down): %s", state)
+            return
+        try:
+            rate = self._rate()
+            _write_json(self.base / "vms" / f"{self.s.name}.json", {
+                "name": self.s.name, "state": state, "time": time.time(), "agent_pid": os.getpid(),
+                "rate": rate, "executions": self.total_executions,
+                "idle_for": round(time.monotonic() - self.idle_since, 1),
+                "idle_timeout": self.s.idle_timeout,
+                "runs": {rid: r.public() for rid, r in self.runs.items()},
+            })
+        except OSError as e:
+            logger.warning("could not write heartbeat: %s", e)
+
+    def stop_vm(self, why: str) -> None:
+        logger.info("nothing to do for %.0fs (%s): stopping this VM with `%s`",
+                    self.s.idle_timeout, why, self.s.stop_command)
+        self._heartbeat("stopped-idle")
+        for h in logging.getLogger().handlers:
+            h.flush()
+        subprocess.run(shlex.split(self.s.stop_command), timeout=60, check=False)
+
+
+def _write_json(path: Path, data: dict[str, object]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Unique across VMs: every VM's agent may have the same pid (one PID namespace each).
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(3)}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--name", required=True)
+    p.add_argument("--root", required=True, type=Path)
+    p.add_argument("--home", required=True, type=Path)
+    p.add_argument("--python", required=True)
+    p.add_argument("--python-path", default="")
+    p.add_argument("--idle-timeout", required=True, type=float)
+    p.add_argument("--workers-per-vm", required=True, type=int)
+    p.add_argument("--stop-command", required=True)
+    a = p.parse_args(argv)
+    s = Settings(name=a.name, root=a.root, home=a.home, python=a.python, python_path=a.python_path,
+                 idle_timeout=a.idle_timeout, workers_per_vm=a.workers_per_vm, stop_command=a.stop_command)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {s.name} agent: %(message)s")
+    # One agent per VM, even if two boots race.
+    lock = open(s.home / "agent.lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        logger.info("another agent holds %s; exiting", s.home / "agent.lock")
+        return 0
+    try:
+        log_dir = s.root / CLUSTER_DIR / "logs" / s.name
+        log_dir.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_dir / "agent.log")
+        handler.setFormatter(logging.Formatter(f"%(asctime)s {s.name} agent: %(message)s"))
+        logging.getLogger().addHandler(handler)
+    except OSError as e:
+        logger.warning("no agent log on the share (%s); logging locally only", e)
+    agent = Agent(s)
+    logger.info("started (pid %d, root %s, idle timeout %.0fs)", os.getpid(), s.root, s.idle_timeout)
+    why = agent.loop()
+    agent.stop_vm(why)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""Bringing a cluster to its working state and taking it down: up, heal, down, preempt, exec.
+
+`up` and `heal` share one idempotent path: make sure the right VMs exist and run, rebuild
+known_hosts from what the provider reports, then on every VM at once wait for SSH, put
+the boot files on the VM's disk and run boot.sh (mount the share, start the agent).
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import random
+import shlex
+import tarfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cluster.config import ClusterConfig
+from cluster.errors import ClusterError, GroupError, ProvisionError
+from cluster.keys import ensure_key_pair, public_key, read_known_hosts, write_known_hosts
+from cluster.provider import PROVIDERS, Instance, Provider, Status
+from cluster.share import CLUSTER_DIR, Share
+from cluster.ssh import Host, Output, Remote
+
+logger = logging.getLogger(__name__)
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+BOOT_FILES = ("boot.sh", "mount.sh")
+BOOT_COMMAND_TIMEOUT_S = 120.0
+# Runs on the VM with the boot files on stdin. SPOTFAN_HOME is the VM's own disk area
+# (the lab sets it per VM; a cloud VM uses the default).
+UNPACK_AND_BOOT = (
+    'H="${SPOTFAN_HOME:-/var/lib/spotfan}" && umask 077 && mkdir -p "$H" && '
+    'base64 -d | tar -x -o -f - -C "$H" && SPOTFAN_HOME="$H" sh "$H/boot.sh"'
+)
+DESIRED_FILE = f"{CLUSTER_DIR}/cluster.json"  # the worker count `fab up` last asked for
+
+
+@dataclass(frozen=True)
+class VMReport:
+    """What bringing one VM up did."""
+
+    name: str
+    action: str  # created | started | running (already was) | deleted
+    boot: str  # what boot.sh printed (mount and agent lines)
+
+
+def provider_for(config: ClusterConfig) -> Provider:
+    try:
+        factory = PROVIDERS[config.provider]
+    except KeyError:
+        raise ClusterError(
+            f"{config.path}: cluster.provider = {config.provider!r} is unknown; "
+            f"choose one of {', '.join(sorted(PROVIDERS))}"
+        ) from None
+    return factory(config)
+
+
+def hosts(instances: Sequence[Instance]) -> list[Host]:
+    return [Host(name=i.name, address=i.address, port=i.port) for i in instances]
+
+
+def head_authorized_keys(config: ClusterConfig) -> list[str]:
+    """The head's authorized_keys lines: both keys reach the share by SFTP only, never a shell."""
+    opts = f'restrict,command="internal-sftp -d {config.head.share}"'
+    return [f"{opts} {public_key(config.ssh.key)}", f"{opts} {public_key(config.ssh.worker_key)}"]
+
+
+def prepare(config: ClusterConfig, provider: Provider) -> None:
+    """Keys, and on the lab the head's sshd: everything the VMs will need before they exist."""
+    ensure_key_pair(config.ssh.key, comment=f"spotfan-{config.name}-laptop")
+    ensure_key_pair(config.ssh.worker_key, comment=f"spotfan-{config.name}-worker")
+    start_head = getattr(provider, "start_head", None)
+    if start_head is not None:
+        start_head(share=config.head.share, address=config.head.address, port=config.head.port,
+                   authorized=head_authorized_keys(config))
+    refresh_known_hosts(config, provider, [i.name for i in provider.list()], require=False)
+
+
+def head_known_hosts(config: ClusterConfig, provider: Provider) -> list[str]:
+    lab_keys = getattr(provider, "head_host_keys", None)
+    if lab_keys is not None:
+        return lab_keys(config.head.address, config.head.port)
+    if config.head.host_keys is None:
+        raise ClusterError(
+            f"{config.path}: head.host_keys is not set: point it at a file with the head's "
+            "known_hosts lines (ssh-keyscan output you have checked), so workers can verify the head"
+        )
+    return [ln for lines in read_known_hosts(config.head.host_keys).values() for ln in lines]
+
+
+def up(config: ClusterConfig, *, count: int | None = None) -> list[VMReport]:
+    """Make the cluster have `count` (default: last asked, else config) working VMs."""
+    provider = provider_for(config)
+    prepare(config, provider)
+    with Share.from_config(config) as share:
+        if count is None:
+            saved = share.read_text(DESIRED_FILE)
+            count = json.loads(saved)["workers"] if saved else config.workers
+        share.write_text(DESIRED_FILE, json.dumps({"workers": count}))
+    wanted = config.vm_names(count)
+    existing = {i.name: i for i in provider.list()}
+    reports = []
+    extra = sorted(set(existing) - set(wanted))
+    if extra:
+        logger.info("shrinking: deleting %s", ", ".join(extra))
+        provider.delete(extra)
+        reports += [VMReport(name=n, action="deleted", boot="") for n in extra]
+    missing = [n for n in wanted if n not in existing]
+    stopped = [n for n in wanted if n in existing and existing[n].status is Status.TERMINATED]
+    if missing:
+        logger.info("creating %s", ", ".join(missing))
+        provider.create(missing)
+    if stopped:
+        logger.info("starting %s", ", ".join(stopped))
+        provider.start(stopped)
+    actions = {n: "created" for n in missing} | {n: "started" for n in stopped}
+    instances = [i for i in provider.list() if i.name in set(wanted)]
+    refresh_known_hosts(config, provider, [i.name for i in instances])
+    try:
+        boots = boot(config, provider, instances)
+    except GroupError as e:
+        e.results = {n: VMReport(name=n, action=actions.get(n, "running"), boot=r)
+                     if isinstance(r, str) else r for n, r in e.results.items()}
+        raise
+    return reports + [VMReport(name=n, action=actions.get(n, "running"), boot=boots[n]) for n in wanted]
+
+
+def refresh_known_hosts(config: ClusterConfig, provider: Provider, names: Sequence[str], *,
+                        require: bool = True) -> None:
+    """known_hosts = exactly what the provider reports for the VMs, plus the head."""
+    lines = provider.host_keys(names)
+    missing = [n for n in names if not lines.get(n)]
+    if missing and require:
+        raise ProvisionError(
+            f"the provider reports no host key for {', '.join(missing)} yet; run `fab heal` in a "
+            "minute (spotfan never trusts a host key on first use)"
+        )
+    write_known_hosts(config.ssh.known_hosts, {**lines, "head": head_known_hosts(config, provider)})
+
+
+def boot(config: ClusterConfig, provider: Provider, instances: Sequence[Instance]) -> dict[str, str]:
+    """On every VM at once: wait for SSH, put the boot files on its disk, run boot.sh."""
+    remote = Remote.from_config(config)
+    head_lines = "".join(f"{ln}\n" for ln in head_known_hosts(config, provider)).encode()
+    stop = shlex.quote(getattr(provider, "self_stop_command", "poweroff"))
+    scripts = {n: (SCRIPTS / n).read_bytes() for n in BOOT_FILES}
+    worker_key = config.ssh.worker_key.read_bytes()
+
+    status = {i.name: i.status for i in instances}
+
+    def one(host: Host) -> str:
+        if status[host.name] is not Status.RUNNING:
+            raise ProvisionError(f"{host.name} is {status[host.name].value}, not RUNNING: run `fab heal`")
+        files = boot_files({
+            "boot.env": (boot_env(config, host.name, stop).encode(), 0o644),
+            "worker_key": (worker_key, 0o600),
+            "known_hosts": (head_lines, 0o644),
+            **{n: (data, 0o755) for n, data in scripts.items()},
+        })
+        with remote.wait_ready(host, timeout=config.ssh.boot_timeout) as conn:
+            # One round trip: unpack the boot files onto the VM's disk, then boot.
+            out = remote.run_on(conn, host, UNPACK_AND_BOOT, stdin=files, timeout=BOOT_COMMAND_TIMEOUT_S)
+            return out.stdout.strip()
+
+    return remote.each(hosts(instances), one, what="boot")
+
+
+def boot_files(files: dict[str, tuple[bytes, int]]) -> bytes:
+    """The boot files as a base64 tar (modes kept: the worker key stays 0600)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, (data, mode) in files.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(data), mode, int(time.time())
+            tar.addfile(info, io.BytesIO(data))
+    return base64.encodebytes(buf.getvalue())
+
+
+def boot_env(config: ClusterConfig, name: str, stop_command_quoted: str) -> str:
+    """The VM's settings as shell assignments (sourced by boot.sh and mount.sh)."""
+    values = {
+        "SPOTFAN_NAME": name,
+        "SPOTFAN_HEAD_USER": config.head.user,
+        "SPOTFAN_HEAD_ADDRESS": config.head.address,
+        "SPOTFAN_HEAD_PORT": str(config.head.port),
+        "SPOTFAN_SHARE": str(config.head.share),
+        "SPOTFAN_MOUNT": config.mount_point,
+        "SPOTFAN_PYTHON": config.python,
+        "SPOTFAN_PYTHONPATH": ":".join(config.python_path),
+        "SPOTFAN_IDLE_TIMEOUT": f"{config.idle_timeout:g}",
+        "SPOTFAN_WORKERS_PER_VM": str(config.workers_per_vm),
+        "SPOTFAN_KEX": config.ssh.kex_algorithms,
+    }
+    lines = [f"{k}={shlex.quote(v)}" for k, v in values.items()]
+    lines.append(f"SPOTFAN_STOP_COMMAND={stop_command_quoted}")
+    return "# written by `fab up`; edit cluster.toml instead\n" + "\n".join(lines) + "\n"
+
+
+def down(config: ClusterConfig) -> list[str]:
+    """Delete every VM of the cluster (and stop a lab head); verify none is left."""
+    provider = provider_for(config)
+    names = [i.name for i in provider.list()]
+    provider.delete(names)
+    left = [i.name for i in provider.list()]
+    if left:
+        raise ProvisionError(f"still present after delete: {', '.join(left)}; run `fab down` again")
+    stop_head = getattr(provider, "stop_head", None)
+    if stop_head is not None:
+        stop_head()
+    return names
+
+
+def preempt(config: ClusterConfig, *, count: int, names: Sequence[str] = ()) -> list[str]:
+    """Lab only: kill `count` running VMs (or the named ones) the way a cloud preempts."""
+    provider = provider_for(config)
+    kill = getattr(provider, "preempt", None)
+    if kill is None:
+        raise ClusterError(f"fab preempt works only with the lab provider, not {config.provider!r}")
+    running = [i.name for i in provider.list() if i.status is Status.RUNNING]
+    chosen = list(names) if names else random.sample(running, min(count, len(running)))
+    kill(chosen)
+    return chosen
+
+
+def running_hosts(config: ClusterConfig) -> list[Host]:
+    return hosts([i for i in provider_for(config).list() if i.status is Status.RUNNING])
+
+
+def exec_all(config: ClusterConfig, command: str) -> dict[str, Output]:
+    """Run `command` on every running VM; GroupError carries each VM's output or error."""
+    return Remote.from_config(config).run(running_hosts(config), command)

@@ -1,0 +1,246 @@
+"""Runs on a cluster: requests written to the share, their progress, per-VM state, logs.
+
+`submit` writes a run request under ROOT/.spotfan/cluster/runs/; every VM's agent picks
+it up and starts `python -m tasks run` against the mounted share. Progress comes from
+the engine itself (`python -m tasks status --json`, run on a live VM over SSH), per-VM
+state from the agents' heartbeats, and the end of a run from the `.done.json` record
+the first agent to see it finish writes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import shlex
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from cluster.bootstrap import provider_for
+from cluster.config import ClusterConfig
+from cluster.errors import ClusterError, ConfigError, SSHError
+from cluster.provider import Status
+from cluster.share import CLUSTER_DIR, Share
+from cluster.ssh import Host, Remote
+
+logger = logging.getLogger(__name__)
+
+RUNS_DIR = f"{CLUSTER_DIR}/runs"
+VMS_DIR = f"{CLUSTER_DIR}/vms"
+LOGS_DIR = f"{CLUSTER_DIR}/logs"
+WAIT_POLL_S = 2.0
+STATUS_TIMEOUT_S = 120.0
+HEARTBEAT_STALE_S = 30.0  # a heartbeat older than this is shown as stale
+LOG_TAIL_BYTES = 8000
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """One run, as `fab run` asked for it (ROOT/.spotfan/cluster/runs/<id>.json)."""
+
+    id: str  # e.g. "r20250101-120000-ab12"
+    spec_args: list[str]  # what picks the task: SPEC or --cmd/--src/--out/--keys (+ --lease)
+    run_args: list[str]  # options only `tasks run` takes (--max-attempts, --limit, ...)
+    workers_per_vm: int | None  # `tasks run --workers` on each VM; None: the VM's default
+    created: float  # epoch seconds
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    """A run's progress; counts are None when no VM could be asked."""
+
+    id: str
+    spec: str  # the spec args, shell-quoted, for display
+    result: str | None  # None while running; done | failed | spec-error when over
+    total: int | None = None
+    done: int | None = None
+    failed: int | None = None
+    running: int | None = None
+    pending: int | None = None
+
+
+@dataclass(frozen=True)
+class VMState:
+    """One VM: the provider's view plus its agent's last heartbeat."""
+
+    name: str
+    address: str
+    status: str  # provider status: RUNNING, TERMINATED, ...
+    preempted: bool
+    agent: str | None  # agent state: working | idle | mount-dead | stopped-idle; None: never heard
+    heartbeat_age: float | None  # seconds since its last heartbeat
+    rate: float | None  # task executions per second on this VM (last 30 s)
+    runs: dict[str, str] = field(default_factory=dict)  # run id -> this VM's part: running, done, ...
+
+
+@dataclass(frozen=True)
+class ClusterStatus:
+    name: str
+    provider: str
+    vms: list[VMState]
+    runs: list[RunStatus]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+
+def spec_arguments(spec: str, *, src: str = "", keys: str = "", out: str = "", name: str = "",
+                   lease: float = 0.0) -> list[str]:
+    """`tasks` arguments that pick the task: SPEC is module:function, or a command line.
+
+    A module:function never holds a space or a brace, so a SPEC that does is a command
+    (`tasks run --cmd SPEC`) and needs --src or --keys, and --out.
+    """
+    spec = spec.strip()
+    is_cmd = any(ch in spec for ch in " {")
+    if is_cmd:
+        if not out or bool(src) == bool(keys):
+            raise ConfigError(
+                f"command task {spec!r} needs --out TEMPLATE and exactly one of --src GLOB or --keys FILE"
+            )
+        args = ["--cmd", spec, *(["--src", src] if src else ["--keys", keys]), "--out", out]
+    else:
+        if ":" not in spec or src or keys or out:
+            raise ConfigError(
+                f"SPEC {spec!r}: give module:function (a @filetask), or a command line with "
+                "{src}/{out} placeholders plus --src/--keys and --out"
+            )
+        args = [spec]
+    if name:
+        args += ["--name", name]
+    if lease:
+        args += ["--lease", f"{lease:g}"]
+    return args
+
+
+def run_arguments(*, max_attempts: int = 0, limit: int = 0, retry_failed: bool = False,
+                  fsync: bool = False) -> list[str]:
+    """Options only `tasks run` takes (not `tasks status`)."""
+    args = []
+    if max_attempts:
+        args += ["--max-attempts", str(max_attempts)]
+    if limit:
+        args += ["--limit", str(limit)]
+    if retry_failed:
+        args.append("--retry-failed")
+    if fsync:
+        args.append("--fsync")
+    return args
+
+
+def new_run_id() -> str:
+    return time.strftime("r%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+
+
+def submit(config: ClusterConfig, *, spec_args: Sequence[str], run_args: Sequence[str] = (),
+           workers_per_vm: int | None = None, ship: Sequence[Path] = ()) -> RunRequest:
+    """Ship code to the share (optional) and write a run request the agents will pick up."""
+    if not spec_args:
+        raise ClusterError("nothing to run: give SPEC (module:function) or --cmd with --src/--keys and --out")
+    req = RunRequest(id=new_run_id(), spec_args=list(spec_args), run_args=list(run_args),
+                     workers_per_vm=workers_per_vm, created=time.time())
+    with Share.from_config(config) as share:
+        for path in ship:
+            n = share.ship(path)
+            logger.info("shipped %s (%d files) to the share", path, n)
+        share.write_text(f"{RUNS_DIR}/{req.id}.json", json.dumps(asdict(req), indent=1))
+    return req
+
+
+def requests(share: Share) -> list[RunRequest]:
+    out = []
+    for n in share.listdir(RUNS_DIR):
+        if n.endswith(".json") and not n.endswith(".done.json") and not n.startswith("."):
+            text = share.read_text(f"{RUNS_DIR}/{n}")
+            if text:
+                out.append(RunRequest(**json.loads(text)))
+    return sorted(out, key=lambda r: r.created)
+
+
+def finished(share: Share, run_id: str) -> dict[str, object] | None:
+    text = share.read_text(f"{RUNS_DIR}/{run_id}.done.json")
+    return json.loads(text) if text else None
+
+
+def engine_status(config: ClusterConfig, req: RunRequest, hosts: Sequence[Host]) -> dict[str, int] | None:
+    """`python -m tasks status --json` for the run, asked of the first live VM that answers."""
+    remote = Remote.from_config(config)
+    argv = [config.python, "-m", "tasks", "status", *req.spec_args, "--root", config.mount_point, "--json"]
+    pythonpath = ":".join([config.mount_point, *config.python_path])
+    command = f"cd {shlex.quote(config.mount_point)} && PYTHONPATH={shlex.quote(pythonpath)} {shlex.join(argv)}"
+    for host in hosts:
+        try:
+            with remote.open(host, attempts=1) as conn:
+                out = remote.run_on(conn, host, command, timeout=STATUS_TIMEOUT_S)
+            return json.loads(out.stdout)
+        except (SSHError, ValueError) as e:
+            logger.info("status via %s failed: %s", host.name, e)
+    return None
+
+
+def cluster_status(config: ClusterConfig, *, live: bool = True) -> ClusterStatus:
+    """Every VM (provider + heartbeat) and every run (request + engine counts)."""
+    instances = provider_for(config).list()
+    running = [Host(i.name, i.address, i.port) for i in instances if i.status is Status.RUNNING]
+    now = time.time()
+    with Share.from_config(config) as share:
+        beats = {}
+        for n in share.listdir(VMS_DIR):
+            if n.endswith(".json") and not n.startswith("."):
+                text = share.read_text(f"{VMS_DIR}/{n}")
+                if text:
+                    beats[n[:-5]] = json.loads(text)
+        vms = [VMState(
+            name=i.name, address=i.address, status=i.status.value, preempted=i.preempted,
+            agent=beats.get(i.name, {}).get("state"),
+            heartbeat_age=round(now - beats[i.name]["time"], 1) if i.name in beats else None,
+            rate=beats.get(i.name, {}).get("rate"),
+            runs={rid: r["state"] for rid, r in beats.get(i.name, {}).get("runs", {}).items()},
+        ) for i in instances]
+        runs = []
+        for req in requests(share):
+            done = finished(share, req.id)
+            counts = (done or {}).get("status") if done else (
+                engine_status(config, req, running) if live else None)
+            runs.append(RunStatus(
+                id=req.id, spec=shlex.join(req.spec_args), result=done["result"] if done else None,
+                **{k: counts.get(k) for k in ("total", "done", "failed", "running", "pending")} if counts else {},
+            ))
+    return ClusterStatus(name=config.name, provider=config.provider, vms=vms, runs=runs)
+
+
+def wait(config: ClusterConfig, run_id: str, *, timeout: float,
+         on_progress: Callable[[RunStatus], None] | None = None, progress_every: float = 10.0) -> dict[str, object]:
+    """Block until the run is over (its `.done.json` exists); return that record."""
+    deadline = time.monotonic() + timeout
+    last_progress = 0.0
+    with Share.from_config(config) as share:
+        for _ in range(int(timeout / WAIT_POLL_S) + 2):
+            done = finished(share, run_id)
+            if done is not None:
+                return done
+            if on_progress and time.monotonic() - last_progress >= progress_every:
+                last_progress = time.monotonic()
+                st = next((r for r in cluster_status(config).runs if r.id == run_id), None)
+                if st is not None:
+                    on_progress(st)
+            if time.monotonic() > deadline:
+                break
+            time.sleep(WAIT_POLL_S)
+    raise ClusterError(
+        f"run {run_id} not finished after {timeout:g}s; `fab status` shows where it is, "
+        "`fab heal` restarts stopped VMs"
+    )
+
+
+def logs(config: ClusterConfig, vm: str, *, max_bytes: int = LOG_TAIL_BYTES) -> dict[str, str]:
+    """The tail of each log this VM wrote to the share: its agent's and one per run."""
+    with Share.from_config(config) as share:
+        names = share.listdir(f"{LOGS_DIR}/{vm}")
+        if not names:
+            known = share.listdir(LOGS_DIR)
+            raise ClusterError(
+                f"no logs for {vm!r} on the share; VMs with logs: {', '.join(known) or 'none'}"
+            )
+        return {n: share.tail(f"{LOGS_DIR}/{vm}/{n}", max_bytes=max_bytes) or "" for n in names}

@@ -1,0 +1,140 @@
+"""The laptop's view of the shared directory on the head, over SFTP with a verified host key.
+
+The laptop never mounts the share: it reads and writes the few files the cluster layer
+keeps there (run requests, VM heartbeats, logs) and ships project code, all through one
+SFTP session. Every path given to a `Share` is relative to the share's root.
+"""
+from __future__ import annotations
+
+import errno
+import io
+import logging
+import os
+import stat
+import uuid
+from pathlib import Path, PurePosixPath
+
+import paramiko
+
+from cluster.config import ClusterConfig
+from cluster.errors import ClusterError, SSHError
+from cluster.ssh import Host, Remote
+
+logger = logging.getLogger(__name__)
+
+CLUSTER_DIR = ".spotfan/cluster"  # the cluster layer's files under the run root
+MAX_SHIP_FILES = 10_000  # `fab run --ship DIR` is for code, not data
+
+
+class Share:
+    """Files under the head's shared directory. Connects on first use; use it with `with`."""
+
+    def __init__(self, *, remote: Remote, head: Host, user: str, root: str) -> None:
+        self._remote = remote
+        self._head = head
+        self._user = user
+        self.root = PurePosixPath(root)
+        self._conn = None
+        self._sftp: paramiko.SFTPClient | None = None
+
+    @classmethod
+    def from_config(cls, config: ClusterConfig) -> Share:
+        return cls(
+            remote=Remote.from_config(config),
+            head=Host(name="head", address=config.head.address, port=config.head.port),
+            user=config.head.user,
+            root=str(config.head.share),
+        )
+
+    def __enter__(self) -> Share:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+        self._conn = self._sftp = None
+
+    @property
+    def sftp(self) -> paramiko.SFTPClient:
+        if self._sftp is None:
+            self._conn = self._remote.open(self._head, user=self._user)
+            try:
+                self._sftp = self._conn.sftp()
+            except paramiko.SSHException as e:
+                raise SSHError(f"head {self._head.address}:{self._head.port}: no SFTP: {e}") from e
+        return self._sftp
+
+    def path(self, rel: str) -> str:
+        return str(self.root / rel)
+
+    def makedirs(self, rel: str) -> None:
+        parts = PurePosixPath(rel).parts
+        for i in range(1, len(parts) + 1):
+            try:
+                self.sftp.mkdir(self.path("/".join(parts[:i])))
+            except OSError:
+                pass  # exists (SFTP reports it only as a generic failure)
+
+    def read_text(self, rel: str) -> str | None:
+        """The file's text, or None if it does not exist."""
+        try:
+            with self.sftp.open(self.path(rel), "r") as f:
+                return f.read().decode("utf-8", errors="replace")
+        except FileNotFoundError:
+            return None
+
+    def write_text(self, rel: str, text: str) -> None:
+        """Write a file whole: a temporary next to it, then an atomic rename."""
+        self.makedirs(str(PurePosixPath(rel).parent))
+        tmp = f"{self.path(rel)}.tmp-{uuid.uuid4().hex[:8]}"
+        self.sftp.putfo(io.BytesIO(text.encode()), tmp)
+        self.sftp.posix_rename(tmp, self.path(rel))
+
+    def listdir(self, rel: str) -> list[str]:
+        """Names in a directory; empty if it does not exist."""
+        try:
+            return sorted(self.sftp.listdir(self.path(rel)))
+        except FileNotFoundError:
+            return []
+
+    def exists(self, rel: str) -> bool:
+        try:
+            self.sftp.stat(self.path(rel))
+            return True
+        except FileNotFoundError:
+            return False
+
+    def ship(self, local: Path, rel: str = "") -> int:
+        """Copy a local file or directory tree (code, not data) into the share; return files copied."""
+        if not local.exists():
+            raise ClusterError(f"--ship {local}: no such file or directory")
+        files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file()
+                                                       and "__pycache__" not in p.parts)
+        if len(files) > MAX_SHIP_FILES:
+            raise ClusterError(
+                f"--ship {local}: {len(files)} files; ship code only and put data on the head directly"
+            )
+        base = local.parent  # `--ship proj` lands as ROOT/proj, `--ship prep.py` as ROOT/prep.py
+        for f in files:
+            target = PurePosixPath(rel) / f.relative_to(base).as_posix()
+            self.makedirs(str(target.parent))
+            self.sftp.put(str(f), self.path(str(target)))
+            self.sftp.chmod(self.path(str(target)), stat.S_IMODE(os.stat(f).st_mode))
+        return len(files)
+
+    def tail(self, rel: str, *, max_bytes: int) -> str | None:
+        """The last `max_bytes` of a file, or None if it does not exist."""
+        try:
+            with self.sftp.open(self.path(rel), "r") as f:
+                size = f.stat().st_size
+                f.seek(max(0, size - max_bytes))
+                return f.read().decode("utf-8", errors="replace")
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                return None
+            raise

@@ -1,0 +1,230 @@
+"""spotfan's cluster commands (Fabric 3): up, run, status, logs, exec, heal, down, preempt.
+
+Each command is thin: it calls the `cluster` package, prints what happens, and turns
+errors into exit codes (0 ok; 1 some VMs or keys failed; 2 bad config or usage;
+3 a host key did not match). The config file is `--config FILE`, else $SPOTFAN_CONFIG,
+else ./cluster.toml. Nothing here ever prompts, so every command works from scripts.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from invoke import task
+from invoke.exceptions import Exit
+
+from cluster import bootstrap, runs
+from cluster.config import ClusterConfig, config_path, load
+from cluster.errors import ClusterError, ConfigError, GroupError, HostKeyError
+
+EXIT_FAILED, EXIT_USAGE, EXIT_HOST_KEY = 1, 2, 3
+RESULT_EXIT = {"done": 0, "failed": EXIT_FAILED, "spec-error": EXIT_USAGE}
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _command(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Load the config, run the command, map cluster errors to messages and exit codes."""
+
+    @functools.wraps(fn)
+    def wrapper(c: Any, *args: Any, config: str = "", **kwargs: Any) -> Any:
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        # paramiko logs each failed handshake with a traceback; our messages say it better.
+        logging.getLogger("paramiko").setLevel(logging.CRITICAL)
+        try:
+            cfg = load(config_path(config or None))
+            return fn(c, cfg, *args, **kwargs)
+        except GroupError as e:
+            for name, r in sorted(e.results.items()):
+                if isinstance(r, bootstrap.VMReport):
+                    _print_reports([r], False)
+                else:
+                    _say(f"{name}: {'FAILED: ' + str(r) if isinstance(r, BaseException) else 'ok'}")
+            raise Exit(f"error: {str(e).splitlines()[0]}", code=_group_exit_code(e)) from e
+        except HostKeyError as e:
+            raise Exit(f"error: {e}", code=EXIT_HOST_KEY) from e
+        except ConfigError as e:
+            raise Exit(f"error: {e}", code=EXIT_USAGE) from e
+        except ClusterError as e:
+            raise Exit(f"error: {e}", code=EXIT_FAILED) from e
+
+    # Invoke builds flags from the signature: show it without `cfg` and with `--config`.
+    sig = inspect.signature(fn)
+    params = [p for n, p in sig.parameters.items() if n != "cfg"]
+    params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=""))
+    wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _group_exit_code(e: GroupError) -> int:
+    return EXIT_HOST_KEY if any(isinstance(r, HostKeyError) for r in e.failed.values()) else EXIT_FAILED
+
+
+def _print_reports(reports: list[bootstrap.VMReport], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps([asdict(r) for r in reports], indent=1))
+        return
+    for r in reports:
+        _say(f"{r.name}: {r.action}" + (f"; {'; '.join(r.boot.splitlines())}" if r.boot else ""))
+
+
+@task(help={"count": "number of worker VMs (default: as last asked, else cluster.toml)",
+            "config": "cluster.toml to use", "json": "print the result as JSON"})
+@_command
+def up(c, cfg: ClusterConfig, count=None, json=False):
+    """Create the cluster's VMs, mount the share on each and start their agents (idempotent)."""
+    n = int(count) if count is not None else None
+    _say(f"==> up: cluster {cfg.name} ({cfg.provider}), "
+         f"{'as many VMs as last time' if n is None else f'{n} VMs'}")
+    t = time.monotonic()
+    reports = bootstrap.up(cfg, count=n)
+    _print_reports(reports, json)
+    _say(f"==> up: {sum(r.action != 'deleted' for r in reports)} VMs working ({time.monotonic() - t:.1f}s)")
+
+
+@task(positional=["spec"], help={
+    "spec": "module:function, or a command line with {src}/{out} placeholders (then --src or --keys, and --out)",
+    "src": "for a command: glob of inputs under the root", "keys": "for a command: file of keys",
+    "out": "for a command: output template", "name": "task name", "workers_per_vm": "tasks run --workers on each VM",
+    "max_attempts": "tries per key", "lease": "claim lease in seconds", "limit": "run at most N keys per VM",
+    "retry_failed": "retry keys that failed permanently before", "fsync": "fsync outputs before publishing",
+    "ship": "local file or folder of code to copy to the share root first",
+    "wait": "follow progress until the run is over", "timeout": "give up waiting after this many seconds",
+    "config": "cluster.toml to use",
+})
+@_command
+def run(c, cfg: ClusterConfig, spec, src="", keys="", out="", name="", workers_per_vm=0, max_attempts=0,
+        lease="", limit=0, retry_failed=False, fsync=False, ship="", wait=False, timeout=3600):
+    """Start a task on every VM (detached); with --wait, follow it to the end."""
+    spec_args = runs.spec_arguments(spec, src=src, keys=keys, out=out, name=name, lease=float(lease or 0))
+    run_args = runs.run_arguments(max_attempts=int(max_attempts), limit=int(limit),
+                                  retry_failed=retry_failed, fsync=fsync)
+    _say(f"==> run: {' '.join(spec_args)}")
+    req = runs.submit(cfg, spec_args=spec_args, run_args=run_args,
+                      workers_per_vm=int(workers_per_vm) or None, ship=[Path(ship)] if ship else [])
+    _say(f"==> run {req.id} requested; making sure every VM is working")
+    _print_reports(bootstrap.up(cfg), False)
+    if not wait:
+        _say(f"==> run {req.id} started; `fab status` follows it")
+        return
+    done = runs.wait(cfg, req.id, timeout=float(timeout), on_progress=lambda s: _say(
+        f"    {s.id}: {s.done}/{s.total} done, {s.failed} failed, {s.running} running, {s.pending} pending"))
+    st = done.get("status") or {}
+    _say(f"==> run {req.id}: {done['result']} "
+         f"({st.get('done')}/{st.get('total')} done, {st.get('failed')} failed)")
+    if done["result"] != "done":
+        raise Exit(code=RESULT_EXIT.get(str(done["result"]), EXIT_FAILED))
+
+
+@task(help={"json": "print one JSON object", "config": "cluster.toml to use"})
+@_command
+def status(c, cfg: ClusterConfig, json=False):
+    """Per run: done/total/failed/running; per VM: state, agent, rate."""
+    st = runs.cluster_status(cfg)
+    if json:
+        print(st.to_json())
+        return
+    _say(f"cluster {st.name} ({st.provider}): {sum(v.status == 'RUNNING' for v in st.vms)}/{len(st.vms)} VMs running")
+    for v in st.vms:
+        age = "never" if v.heartbeat_age is None else f"{v.heartbeat_age:.0f}s ago"
+        rate = "-" if v.rate is None or v.status != "RUNNING" else f"{v.rate:.1f}/s"
+        agent = v.agent if v.status == "RUNNING" else f"(last: {v.agent})" if v.agent else "-"
+        _say(f"  {v.name:<14} {v.address:<15} {v.status:<10}{' (preempted)' if v.preempted else '':<12} "
+             f"agent {agent or '-':<20} heartbeat {age:<9} rate {rate}")
+    for r in st.runs:
+        unknown = ("counts unavailable (see `fab logs VM`)" if r.result
+                   else "counts unknown (no VM running; `fab heal`)")
+        counts = (unknown if r.total is None else
+                  f"{r.done}/{r.total} done, {r.failed} failed, {r.running} running, {r.pending} pending")
+        _say(f"  run {r.id}: {r.result or 'running'}: {counts}  [{r.spec}]")
+
+
+@task(positional=["vm"], help={"vm": "VM name", "bytes": "how much of each log's end to show",
+                               "config": "cluster.toml to use"})
+@_command
+def logs(c, cfg: ClusterConfig, vm, bytes=8000):
+    """Show the end of a VM's agent log and run logs (read from the share)."""
+    for name, text in runs.logs(cfg, vm, max_bytes=int(bytes)).items():
+        _say(f"==> {vm}/{name}")
+        sys.stdout.write(text if text.endswith("\n") or not text else text + "\n")
+
+
+@task(name="exec", positional=["command"], help={"command": "shell command to run on every VM",
+                                                 "json": "print results as JSON", "config": "cluster.toml to use"})
+@_command
+def exec_(c, cfg: ClusterConfig, command, json=False):
+    """Run a command on every running VM and print each VM's result."""
+    try:
+        results = bootstrap.exec_all(cfg, command)
+    except GroupError as e:
+        results = e.results
+        if not json:
+            _show_outputs(results)
+        else:
+            print(_outputs_json(results))
+        raise Exit(f"error: {str(e).splitlines()[0]}", code=_group_exit_code(e)) from e
+    if json:
+        print(_outputs_json(results))
+    else:
+        _show_outputs(results)
+
+
+def _show_outputs(results: dict[str, Any]) -> None:
+    for name, r in sorted(results.items()):
+        if isinstance(r, BaseException):
+            out = getattr(r, "output", None)
+            _say(f"==> {name}: FAILED: {r}")
+            if out is not None and out.stdout:
+                sys.stdout.write(out.stdout)
+        else:
+            _say(f"==> {name}: exit {r.exit_code}")
+            sys.stdout.write(r.stdout)
+
+
+def _outputs_json(results: dict[str, Any]) -> str:
+    def one(r: Any) -> dict[str, Any]:
+        if isinstance(r, BaseException):
+            out = getattr(r, "output", None)
+            return {"error": str(r), **({"exit_code": out.exit_code, "stdout": out.stdout} if out else {})}
+        return {"exit_code": r.exit_code, "stdout": r.stdout, "stderr": r.stderr}
+
+    return json.dumps({n: one(r) for n, r in sorted(results.items())}, indent=1)
+
+
+@task(help={"json": "print the result as JSON", "config": "cluster.toml to use"})
+@_command
+def heal(c, cfg: ClusterConfig, json=False):
+    """Start preempted/stopped VMs, remount dead mounts, restart dead agents."""
+    _say(f"==> heal: cluster {cfg.name}")
+    reports = bootstrap.up(cfg)
+    _print_reports(reports, json)
+    fixed = [r.name for r in reports if r.action != "running" or "remounted" in r.boot or "started" in r.boot]
+    _say(f"==> heal: {len(fixed)} VMs needed help ({', '.join(fixed) or 'none'})")
+
+
+@task(help={"config": "cluster.toml to use"})
+@_command
+def down(c, cfg: ClusterConfig):
+    """Delete every VM of the cluster and verify none is left."""
+    _say(f"==> down: cluster {cfg.name}")
+    names = bootstrap.down(cfg)
+    _say(f"==> down: deleted {len(names)} VMs ({', '.join(names) or 'none'}); none left")
+
+
+@task(help={"count": "how many running VMs to kill", "vm": "kill this VM instead of random ones",
+            "config": "cluster.toml to use"})
+@_command
+def preempt(c, cfg: ClusterConfig, count=1, vm=""):
+    """Lab only: kill VMs the way a cloud preempts them."""
+    killed = bootstrap.preempt(cfg, count=int(count), names=[vm] if vm else [])
+    _say(f"==> preempt: killed {', '.join(killed) or 'nothing (no VM running)'}")

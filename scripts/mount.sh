@@ -1,0 +1,91 @@
+#!/bin/sh
+# A worker VM's SSHFS mount of the head's share: `mount.sh mount|check|remount|unmount`.
+# Settings come from $SPOTFAN_HOME/boot.env, written by `fab up`. Every step is idempotent.
+set -eu
+SPOTFAN_HOME=${SPOTFAN_HOME:-/var/lib/spotfan}
+. "$SPOTFAN_HOME/boot.env"
+
+MOUNT_WAIT_TRIES=100  # x 0.1 s: how long a fresh sshfs may take to answer
+STAT_TIMEOUT_S=5      # a stat slower than this means the mount is dead
+PIDFILE="$SPOTFAN_HOME/sshfs.pid"
+LOG="$SPOTFAN_HOME/sshfs.log"
+
+# Chosen for many writers (NOTES.md): reconnect plus keep-alives so a dropped link heals;
+# no name, attribute or negative caching so a claim or output made by one worker is seen
+# by every other at once. Never workaround=rename: publishing relies on the server's
+# atomic posix-rename.
+FUSE_OPTS="reconnect,ServerAliveInterval=15,ServerAliveCountMax=3,dir_cache=no,attr_timeout=0,entry_timeout=0,negative_timeout=0"
+# The head's host key must match the one fab up wrote; never trust on first use.
+SSH_OPTS="port=$SPOTFAN_HEAD_PORT,IdentityFile=$SPOTFAN_HOME/worker_key,IdentitiesOnly=yes,BatchMode=yes,StrictHostKeyChecking=yes,UserKnownHostsFile=$SPOTFAN_HOME/known_hosts,GlobalKnownHostsFile=$SPOTFAN_HOME/known_hosts,ConnectTimeout=10"
+# Opt-in only (cluster.toml ssh.kex_algorithms): OpenSSH's default post-quantum kex costs
+# ~60 ms of CPU per mount on each end, which matters only when many VMs share few cores.
+if [ -n "${SPOTFAN_KEX:-}" ]; then SSH_OPTS="$SSH_OPTS,KexAlgorithms=$SPOTFAN_KEX"; fi
+
+is_mounted() {  # an sshfs mount sits on the mount point (alive or dead)
+    awk -v m="$SPOTFAN_MOUNT" '$5 == m { for (i = 7; i < NF; i++) if ($i == "-") { if ($(i + 1) == "fuse.sshfs") found = 1; break } }
+        END { exit !found }' /proc/self/mountinfo
+}
+
+is_alive() {  # stat in a child with a timeout: a dead mount fails or hangs
+    timeout "$STAT_TIMEOUT_S" stat -t "$SPOTFAN_MOUNT/." >/dev/null 2>&1
+}
+
+sshfs_pid() {  # the pid we recorded, if that process is still our sshfs
+    [ -f "$PIDFILE" ] || return 1
+    pid=$(cat "$PIDFILE")
+    [ -r "/proc/$pid/cmdline" ] || return 1
+    case "$(tr '\0' ' ' < "/proc/$pid/cmdline")" in
+        sshfs*" $SPOTFAN_MOUNT ") echo "$pid" ;;
+        *) return 1 ;;
+    esac
+}
+
+do_unmount() {
+    if pid=$(sshfs_pid); then kill -KILL "$pid" 2>/dev/null || true; fi
+    rm -f "$PIDFILE"
+    if is_mounted; then fusermount3 -u -z "$SPOTFAN_MOUNT"; fi
+}
+
+do_mount() {
+    mkdir -p "$SPOTFAN_MOUNT"
+    # -f keeps sshfs in the foreground of its own session so that $! is its pid.
+    setsid sshfs -f -o "$FUSE_OPTS" -o "$SSH_OPTS" -o "ssh_command=ssh -F none" \
+        "$SPOTFAN_HEAD_USER@$SPOTFAN_HEAD_ADDRESS:$SPOTFAN_SHARE" "$SPOTFAN_MOUNT" \
+        </dev/null >>"$LOG" 2>&1 &
+    pid=$!
+    echo "$pid" > "$PIDFILE"
+    i=0
+    while [ "$i" -lt "$MOUNT_WAIT_TRIES" ]; do
+        if is_mounted && is_alive; then return 0; fi
+        # (not sshfs_pid: until the child has exec'd, its cmdline is still this shell's)
+        if ! kill -0 "$pid" 2>/dev/null; then break; fi
+        sleep 0.1
+        i=$((i + 1))
+    done
+    do_unmount
+    echo "mount: failed to mount $SPOTFAN_HEAD_ADDRESS:$SPOTFAN_SHARE on $SPOTFAN_MOUNT: $(tail -n 3 "$LOG" | tr '\n' ' ')" >&2
+    return 1
+}
+
+case "${1:-}" in
+    check)
+        if is_mounted && is_alive; then echo "mount: ok"
+        elif is_mounted; then echo "mount: dead"; exit 1
+        else echo "mount: absent"; exit 1
+        fi ;;
+    mount)
+        if is_mounted && is_alive; then echo "mount: ok (already mounted)"; exit 0; fi
+        if is_mounted; then state="remounted a dead mount"; else state="mounted"; fi
+        do_unmount
+        do_mount
+        echo "mount: ok ($state)" ;;
+    remount)
+        do_unmount
+        do_mount
+        echo "mount: ok (remounted)" ;;
+    unmount)
+        do_unmount
+        echo "mount: unmounted" ;;
+    *)
+        echo "usage: mount.sh mount|check|remount|unmount" >&2; exit 2 ;;
+esac
