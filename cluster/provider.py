@@ -72,6 +72,13 @@ def _lab(config: "ClusterConfig") -> Provider:
     return LabProvider.from_config(config)
 
 
+def _gce(config: "ClusterConfig") -> Provider:
+    from cluster.gce import GceProvider
+
+    return GceProvider.from_config(config)
+
+
 PROVIDERS: dict[str, ProviderFactory] = {
     "lab": _lab,
+    "gce": _gce,
 }

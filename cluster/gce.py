@@ -1,0 +1,555 @@
+"""The Google Compute Engine provider: spot workers created, healed and deleted by cluster label.
+
+Every VM carries the label `spotfan-cluster=<cluster name>`; that label, not local state,
+is what `create`, `list`, `start` and `delete` work from, so each is safe to run twice
+and from any laptop. Operations are checked here (`operation.error`), never trusted to
+raise, and polled with our own operations client (the SDK's poller ignores the endpoint).
+"""
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+import tomllib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from cluster import gce_client
+from cluster.errors import ConfigError, GroupError, ProvisionError, QuotaError, StockoutError
+from cluster.gce_client import GceClients, compute
+from cluster.gce_instance import (
+    CLUSTER_LABEL,
+    KEY_BASE64,
+    KEY_TYPE,
+    address_of,
+    check_public_key,
+    instance_body,
+    status_of,
+    zone_of,
+)
+from cluster.gce_settings import CostEstimate, GceSettings, MachinePrice, estimate_hourly_cost
+from cluster.keys import host_pattern
+from cluster.provider import Instance, Status
+
+if TYPE_CHECKING:
+    from cluster.config import ClusterConfig
+
+__all__ = [
+    "CLUSTER_LABEL", "CostEstimate", "GceProvider", "GceSettings", "MachinePrice", "Timing",
+    "estimate_hourly_cost",
+]  # fmt: skip
+
+logger = logging.getLogger(__name__)
+
+MAX_PARALLEL_CALLS = 8  # concurrent API calls in one fan-out (below requests' pool of 10)
+BOOT_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "boot.sh"
+_VM_NAME = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Every wait and retry bound of the provider; tests shorten them, nothing else should."""
+
+    api_timeout_s: float = 60.0  # one HTTP call
+    operation_timeout_s: float = 600.0  # one insert/start/delete operation to reach DONE
+    boot_timeout_s: float = 600.0  # a VM to go from PROVISIONING/STAGING to RUNNING
+    stopping_timeout_s: float = 300.0  # a STOPPING VM to become TERMINATED before `start`
+    host_key_timeout_s: float = 600.0  # the guest agent to publish `hostkeys/` after boot
+    poll_interval_s: float = 3.0  # between two looks at a VM or its guest attributes
+    max_polls: int = 1000  # hard bound on any polling loop, whatever the clock says
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class GceProvider:
+    """Worker VMs on Compute Engine, found by label. Constructing it does no I/O.
+
+    `boot_script` (the startup-script) and `ssh_public_key` (the laptop's key, put in the
+    `ssh-keys` metadata) are given as text, or as a Path read when the first VM is created.
+    """
+
+    # What a worker runs to stop its own VM when idle: a guest shutdown makes it TERMINATED.
+    self_stop_command = "sudo -n /sbin/shutdown -h now"
+
+    def __init__(
+        self,
+        settings: GceSettings,
+        *,
+        cluster_name: str,
+        boot_script: str | Path,
+        ssh_public_key: str | Path,
+        client_factory: Callable[[GceSettings], GceClients] | None = None,
+        timing: Timing = Timing(),
+    ) -> None:
+        if not re.match(r"^[a-z][a-z0-9-]{0,40}$", cluster_name):
+            raise ConfigError(
+                f"cluster name {cluster_name!r} cannot be used on GCE: use lowercase letters, "
+                f"digits and '-', starting with a letter, at most 41 characters"
+            )
+        if isinstance(ssh_public_key, str):
+            check_public_key(ssh_public_key, source="ssh_public_key")
+        self.settings = settings
+        self.cluster_name = cluster_name
+        self.timing = timing
+        self._boot_script = boot_script
+        self._ssh_public_key = ssh_public_key
+        self._client_factory = client_factory or _default_clients
+        self._clients: GceClients | None = None
+        self._clients_lock = threading.Lock()
+
+    @classmethod
+    def from_mapping(
+        cls, table: Mapping[str, Any], *, cluster_name: str, boot_script: str, ssh_public_key: str
+    ) -> "GceProvider":
+        """Build from the `[gce]` table of cluster.toml (validated, with clear errors)."""
+        return cls(
+            GceSettings.from_mapping(table),
+            cluster_name=cluster_name,
+            boot_script=boot_script,
+            ssh_public_key=ssh_public_key,
+        )
+
+    @classmethod
+    def from_config(cls, config: "ClusterConfig") -> "GceProvider":
+        """Build from a ClusterConfig: its `[gce]` table, with [cluster] values as defaults.
+
+        [cluster] zones, image, machine_type and spot fill in what [gce] leaves out, and
+        [ssh] user is the user of the `ssh-keys` entry. Reads only cluster.toml itself.
+        """
+        try:
+            raw = tomllib.loads(config.path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"{config.path}: cannot read the [gce] table: {e}") from e
+        table = dict(raw.get("gce", {}))
+        if not table:
+            raise ConfigError(
+                f"{config.path}: provider = \"gce\" needs a [gce] table with at least "
+                f"project = \"...\" (docs_gce.md describes every field)"
+            )
+        defaults: dict[str, Any] = {
+            "zones": list(config.zones),
+            "image": config.image,
+            "machine_type": config.machine_type,
+            "provisioning": "spot" if config.spot else "standard",
+            "ssh_user": config.ssh.user,
+        }
+        for key, value in defaults.items():
+            if value:
+                table.setdefault(key, value)
+        return cls(
+            GceSettings.from_mapping(table),
+            cluster_name=config.name,
+            boot_script=BOOT_SCRIPT,
+            ssh_public_key=config.ssh.key.with_name(config.ssh.key.name + ".pub"),
+        )
+
+    def cost_estimate(self, workers: int) -> CostEstimate:
+        """What `workers` workers cost per hour, from `[gce.prices]`; no API call."""
+        return self.settings.cost_estimate(workers)
+
+    def __enter__(self) -> "GceProvider":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._clients_lock:
+            if self._clients is not None:
+                self._clients.instances.transport.close()
+                self._clients.zone_operations.transport.close()
+                self._clients = None
+
+    # --- the Provider protocol ---------------------------------------------------------
+
+    def create(self, names: Sequence[str]) -> list[Instance]:
+        """Create the missing VMs (zone failover on stockout), start stopped ones, wait for boot.
+
+        Each returned Instance's `zone` says where that VM landed.
+        """
+        _check_names(names)
+        existing = self._list_raw()
+        reused = [n for n in names if n in existing]
+        if reused:
+            logger.info("reusing %d existing VM(s): %s", len(reused), ", ".join(reused))
+        self._insert_with_failover([n for n in names if n not in existing], self.settings.zones)
+        stopped = [n for n in reused if status_of(existing[n]) is Status.TERMINATED]
+        if stopped:
+            self.start(stopped)
+        return self._wait_booted(names)
+
+    def list(self) -> list[Instance]:
+        raw = self._list_raw()
+        preempted = self._preempted(raw)
+        return [self._to_instance(raw[n], preempted=n in preempted) for n in sorted(raw)]
+
+    def start(self, names: Sequence[str]) -> list[Instance]:
+        """Start TERMINATED VMs; recreate gone ones, and in another zone ones whose zone is full."""
+        _check_names(names)
+        existing = self._wait_not_stopping(names)
+        gone = [n for n in names if n not in existing]
+        stopped = [n for n in names if n in existing and status_of(existing[n]) is Status.TERMINATED]
+        if gone:
+            logger.info("recreating %d VM(s) that are gone: %s", len(gone), ", ".join(gone))
+            self._insert_with_failover(gone, self.settings.zones)
+        results = self._fan_out(stopped, lambda n: self._start_one(n, zone_of(existing[n])))
+        full = [n for n, r in results.items() if isinstance(r, StockoutError)]
+        failed = {n: r for n, r in results.items() if isinstance(r, Exception) and n not in full}
+        if failed:
+            raise GroupError(f"could not start {', '.join(sorted(failed))}: {_first(failed)}", results)
+        for name in full:
+            # Its zone has no capacity now: a worker holds no state, so move it.
+            zone = zone_of(existing[name])
+            logger.info("%s cannot start in %s (no capacity); recreating it elsewhere", name, zone)
+            self._delete_one(name, zone)
+            others = [z for z in self.settings.zones if z != zone] or [zone]
+            self._insert_with_failover([name], others)
+        return self._wait_booted(names)
+
+    def delete(self, names: Sequence[str]) -> None:
+        """Delete the named VMs of this cluster in whatever zone they are, then prove they are gone."""
+        existing = self._list_raw()
+        targets = [n for n in names if n in existing]
+        results = self._fan_out(targets, lambda n: self._delete_one(n, zone_of(existing[n])))
+        failed = {n: r for n, r in results.items() if isinstance(r, Exception)}
+        if failed:
+            raise GroupError(f"could not delete {', '.join(sorted(failed))}: {_first(failed)}", results)
+        left = sorted(set(names) & set(self._list_raw()))
+        if left:
+            raise ProvisionError(
+                f"still listed after delete: {', '.join(left)}; run `fab down` again, or "
+                f"`gcloud compute instances list --filter=labels.{CLUSTER_LABEL}={self.cluster_name}`"
+            )
+        logger.info("deleted %d VM(s); none of %d named is left", len(targets), len(names))
+
+    def host_keys(self, names: Sequence[str]) -> dict[str, list[str]]:
+        """`known_hosts` lines per VM from its guest attributes.
+
+        A running or booting VM is waited for until its guest agent has published them;
+        a stopped or missing one gets no lines (nothing to trust until it runs again).
+        """
+        existing = self._list_raw()
+        stopped = (Status.TERMINATED, Status.STOPPING)
+        live = [n for n in names if n in existing and status_of(existing[n]) not in stopped]
+        results = self._fan_out(live, lambda n: self._host_keys_one(n, existing[n]))
+        failed = {n: r for n, r in results.items() if isinstance(r, Exception)}
+        if failed:
+            raise GroupError(f"no host keys for {', '.join(sorted(failed))}: {_first(failed)}", results)
+        return {n: results.get(n, []) for n in names}
+
+    # --- one VM at a time --------------------------------------------------------------
+
+    def _insert_with_failover(self, names: Sequence[str], zones: Sequence[str]) -> dict[str, str]:
+        """Insert `names`, trying `zones` in order on stockout; return name -> zone landed in."""
+        placed: dict[str, str] = {}
+        failed: dict[str, Exception] = {}
+        pending = list(names)
+        full_zones: list[str] = []
+        for zone in zones:
+            if not pending:
+                break
+            results = self._fan_out(pending, lambda n, zone=zone: self._insert_one(n, zone))
+            pending = [n for n, r in results.items() if isinstance(r, StockoutError)]
+            failed.update({n: r for n, r in results.items() if isinstance(r, Exception) and n not in pending})
+            placed.update({n: zone for n, r in results.items() if not isinstance(r, Exception)})
+            if pending:
+                full_zones.append(zone)
+                logger.warning("zone %s has no capacity for %d VM(s); trying the next zone", zone, len(pending))
+            if any(isinstance(r, QuotaError) for r in failed.values()):
+                break  # a quota is per project or region: other zones will not help
+        for zone in sorted(set(placed.values())):
+            landed = sorted(n for n, z in placed.items() if z == zone)
+            logger.info("%d VM(s) landed in %s: %s", len(landed), zone, ", ".join(landed))
+        quota = [r for r in failed.values() if isinstance(r, QuotaError)]
+        not_created = sorted(set(pending) | set(failed))
+        done = f"; created: {', '.join(sorted(placed)) or 'none'}"
+        if quota:
+            raise QuotaError(f"{quota[0]} (not created: {', '.join(not_created)}{done})") from quota[0]
+        if failed and not placed and all(isinstance(r, ProvisionError) for r in failed.values()):
+            # Nothing was created: almost always one cause (image, zone, API) worth one clear message.
+            first = failed[sorted(failed)[0]]
+            raise ProvisionError(f"{first} (not created: {', '.join(not_created)})") from first
+        if failed:
+            results: dict[str, Any] = {**placed, **failed}
+            raise GroupError(f"could not create {', '.join(sorted(failed))}: {_first(failed)}{done}", results)
+        if pending:
+            raise StockoutError(
+                f"no capacity for {self.settings.machine_type} in any configured zone "
+                f"({', '.join(full_zones)}) for {', '.join(sorted(pending))}{done}; add zones to "
+                f"[gce].zones, pick another machine_type, or retry later"
+            )
+        return placed
+
+    def _insert_one(self, name: str, zone: str) -> None:
+        doing = f"creating {name} in {zone}"
+        try:
+            op = self._api().instances.insert(
+                project=self.settings.project,
+                zone=zone,
+                instance_resource=instance_body(
+                    self.settings,
+                    name=name,
+                    zone=zone,
+                    cluster_name=self.cluster_name,
+                    boot_script=self._text("boot_script"),
+                    ssh_public_key=self._text("ssh_public_key"),
+                ),
+                timeout=self.timing.api_timeout_s,
+            )
+        except Exception as e:
+            if gce_client.is_conflict(e) and self._is_ours(name, zone):
+                return  # created by a concurrent or interrupted earlier run
+            raise self._translate(e, doing) from e
+        self._finish(op, zone, doing)
+
+    def _start_one(self, name: str, zone: str) -> None:
+        doing = f"starting {name} in {zone}"
+        try:
+            op = self._api().instances.start(
+                project=self.settings.project, zone=zone, instance=name, timeout=self.timing.api_timeout_s
+            )
+        except Exception as e:
+            raise self._translate(e, doing) from e
+        self._finish(op, zone, doing)
+
+    def _delete_one(self, name: str, zone: str) -> None:
+        doing = f"deleting {name} in {zone}"
+        try:
+            op = self._api().instances.delete(
+                project=self.settings.project, zone=zone, instance=name, timeout=self.timing.api_timeout_s
+            )
+        except Exception as e:
+            if gce_client.is_not_found(e):
+                return  # already gone: that is what we wanted
+            raise self._translate(e, doing) from e
+        self._finish(op, zone, doing, gone_is_fine=True)
+
+    def _host_keys_one(self, name: str, raw: Any) -> list[str]:
+        zone = zone_of(raw)
+        deadline = time.monotonic() + self.timing.host_key_timeout_s
+        for _ in range(self.timing.max_polls):
+            try:
+                request = compute().GetGuestAttributesInstanceRequest(
+                    project=self.settings.project, zone=zone, instance=name, query_path="hostkeys/"
+                )
+                attrs = self._api().instances.get_guest_attributes(
+                    request=request, timeout=self.timing.api_timeout_s
+                )
+                keys = [(e.key, e.value) for e in attrs.query_value.items]
+            except Exception as e:
+                if not gce_client.is_not_found(e):
+                    raise self._translate(e, f"reading the host keys of {name}") from e
+                keys = []  # 404 until the guest agent has published them
+            if keys:
+                return self._known_hosts_lines(name, zone, raw, keys)
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(self.timing.poll_interval_s)
+        raise ProvisionError(
+            f"{name} published no host keys under guest attributes `hostkeys/` within "
+            f"{self.timing.host_key_timeout_s:.0f} s: the image needs the Google guest agent "
+            f"(google-guest-agent) and the VM needs metadata enable-guest-attributes=TRUE"
+        )
+
+    def _known_hosts_lines(self, name: str, zone: str, raw: Any, keys: list[tuple[str, str]]) -> list[str]:
+        address = address_of(raw, external=self.settings.external_ip)
+        if not address:  # listed before its IP was assigned
+            address = address_of(self._get(name, zone), external=self.settings.external_ip)
+        host = host_pattern(address, self.settings.ssh_port)
+        lines = []
+        for key_type, value in keys:
+            # Whatever a VM publishes ends up in known_hosts: accept nothing but a key.
+            if not KEY_TYPE.match(key_type) or not KEY_BASE64.match(value):
+                raise ProvisionError(f"{name} published a malformed host key {key_type!r}: refusing it")
+            lines.append(f"{host} {key_type} {value}")
+        return lines
+
+    # --- API plumbing ------------------------------------------------------------------
+
+    def _api(self) -> GceClients:
+        with self._clients_lock:
+            if self._clients is None:
+                self._clients = self._client_factory(self.settings)
+            return self._clients
+
+    def _translate(self, e: Exception, doing: str) -> ProvisionError:
+        if isinstance(e, ProvisionError):
+            return e
+        if gce_client.is_unavailable(e):
+            return StockoutError(f"{doing}: 503 service unavailable ({e})")
+        return gce_client.translate(e, project=self.settings.project, doing=doing)
+
+    def _finish(self, op: Any, zone: str, doing: str, *, gone_is_fine: bool = False) -> None:
+        """Wait (with our own operations client) until `op` is DONE, then check its error.
+
+        `gone_is_fine`: an operation that failed because the VM no longer exists succeeded.
+        """
+        done = compute().Operation.Status.DONE
+        deadline = time.monotonic() + self.timing.operation_timeout_s
+        for _ in range(self.timing.max_polls):
+            if op.status == done:
+                break
+            if time.monotonic() >= deadline:
+                raise ProvisionError(f"{doing}: operation {op.name} not done after {self.timing.operation_timeout_s:.0f} s")
+            try:
+                op = self._api().zone_operations.wait(
+                    project=self.settings.project, zone=zone, operation=op.name, timeout=self.timing.api_timeout_s
+                )
+            except Exception as e:
+                raise self._translate(e, f"{doing} (waiting for {op.name})") from e
+        failure = gce_client.operation_failure(op)
+        if failure is None:
+            return
+        if failure.is_stockout:
+            raise StockoutError(f"{doing}: {failure.message}")
+        if failure.is_quota:
+            raise gce_client.quota_error(failure, project=self.settings.project)
+        if gone_is_fine and "RESOURCE_NOT_FOUND" in failure.codes:
+            return
+        raise ProvisionError(f"{doing}: {', '.join(failure.codes)}: {failure.message}")
+
+    def _list_raw(self) -> dict[str, Any]:
+        """Every VM with this cluster's label, in any zone, by name."""
+        request = compute().AggregatedListInstancesRequest(
+            project=self.settings.project, filter=f'labels.{CLUSTER_LABEL} = "{self.cluster_name}"'
+        )
+        try:
+            pages = self._api().instances.aggregated_list(request=request, timeout=self.timing.api_timeout_s)
+            return {inst.name: inst for _, scoped in pages for inst in scoped.instances}
+        except Exception as e:
+            raise self._translate(e, f"listing the VMs of cluster {self.cluster_name}") from e
+
+    def _get(self, name: str, zone: str) -> Any:
+        try:
+            return self._api().instances.get(
+                project=self.settings.project, zone=zone, instance=name, timeout=self.timing.api_timeout_s
+            )
+        except Exception as e:
+            raise self._translate(e, f"reading {name} in {zone}") from e
+
+    def _is_ours(self, name: str, zone: str) -> bool:
+        labels = dict(self._get(name, zone).labels)
+        if labels.get(CLUSTER_LABEL) == self.cluster_name:
+            return True
+        raise ProvisionError(
+            f"a VM named {name} already exists in {zone} but is not part of cluster "
+            f"{self.cluster_name} (labels {labels}): choose another cluster name"
+        )
+
+    def _preempted(self, raw: Mapping[str, Any]) -> set[str]:
+        """Names of stopped VMs whose last stop was a preemption (an operation says so)."""
+        stopped = {n: i for n, i in raw.items() if status_of(i) in (Status.STOPPING, Status.TERMINATED)}
+        found: set[str] = set()
+        for zone in sorted({zone_of(i) for i in stopped.values()}):
+            request = compute().ListZoneOperationsRequest(
+                project=self.settings.project, zone=zone, filter='operationType = "compute.instances.preempted"'
+            )
+            try:
+                ops = list(self._api().zone_operations.list(request=request, timeout=self.timing.api_timeout_s))
+            except Exception as e:
+                raise self._translate(e, f"listing preemptions in {zone}") from e
+            for op in ops:
+                name = op.target_link.rsplit("/", 1)[-1]
+                inst = stopped.get(name)
+                if inst is not None and zone_of(inst) == zone and _after(op.insert_time, inst.last_start_timestamp):
+                    found.add(name)
+        return found
+
+    def _wait_not_stopping(self, names: Sequence[str]) -> dict[str, Any]:
+        """The cluster's VMs once none of `names` is still STOPPING (it cannot be started yet)."""
+        deadline = time.monotonic() + self.timing.stopping_timeout_s
+        for _ in range(self.timing.max_polls):
+            raw = self._list_raw()
+            stopping = [n for n in names if n in raw and status_of(raw[n]) is Status.STOPPING]
+            if not stopping or time.monotonic() >= deadline:
+                return raw
+            time.sleep(self.timing.poll_interval_s)
+        return raw
+
+    def _wait_booted(self, names: Sequence[str]) -> list[Instance]:
+        """Poll (one aggregated list per round) until every VM is RUNNING, or stopped again."""
+        deadline = time.monotonic() + self.timing.boot_timeout_s
+        settled = (Status.RUNNING, Status.TERMINATED)
+        for _ in range(self.timing.max_polls):
+            raw = self._list_raw()
+            waiting = [n for n in names if n not in raw or status_of(raw[n]) not in settled]
+            if not waiting:
+                return [self._to_instance(raw[n]) for n in names]
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(self.timing.poll_interval_s)
+        states = ", ".join(f"{n}: {status_of(raw[n]).value if n in raw else 'gone'}" for n in waiting)
+        raise ProvisionError(
+            f"not RUNNING after {self.timing.boot_timeout_s:.0f} s ({states}); `fab heal` starts "
+            f"or recreates them"
+        )
+
+    def _to_instance(self, raw: Any, *, preempted: bool = False) -> Instance:
+        return Instance(
+            name=raw.name,
+            address=address_of(raw, external=self.settings.external_ip),
+            port=self.settings.ssh_port,
+            status=status_of(raw),
+            zone=zone_of(raw),
+            preempted=preempted,
+        )
+
+    def _text(self, what: str) -> str:
+        value = getattr(self, f"_{what}")
+        if isinstance(value, str):
+            return value.strip() if what == "ssh_public_key" else value
+        try:
+            text = value.read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read the {what.replace('_', ' ')} from {value}: {e}") from e
+        if what == "ssh_public_key":
+            text = check_public_key(text, source=str(value))
+        return text
+
+    def _fan_out(self, items: Iterable[T], fn: Callable[[T], R]) -> dict[T, R | Exception]:
+        """Run `fn` on every item concurrently; collect each result or exception, never stop early."""
+        items = list(items)
+        if not items:
+            return {}
+        with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL_CALLS, len(items))) as pool:
+            futures = {item: pool.submit(fn, item) for item in items}
+        results: dict[T, R | Exception] = {}
+        for item, future in futures.items():
+            error = future.exception()
+            results[item] = error if isinstance(error, Exception) else future.result()
+        return results
+
+
+def _default_clients(settings: GceSettings) -> GceClients:
+    return gce_client.make_clients(project=settings.project, api_endpoint=settings.api_endpoint)
+
+
+def _check_names(names: Sequence[str]) -> None:
+    bad = [n for n in names if not _VM_NAME.match(n)]
+    if bad:
+        raise ConfigError(
+            f"invalid GCE VM name(s) {', '.join(map(repr, bad))}: lowercase letters, digits and '-', "
+            f"starting with a letter, at most 63 characters"
+        )
+
+
+def _after(op_time: str, last_start: str) -> bool:
+    """Whether an operation happened after the VM's last start (RFC 3339 timestamps)."""
+    if not last_start:
+        return True
+    try:
+        return datetime.fromisoformat(op_time) >= datetime.fromisoformat(last_start)
+    except ValueError:
+        return True
+
+
+def _first(failed: Mapping[str, Exception]) -> str:
+    name = sorted(failed)[0]
+    return f"{name}: {failed[name]}"
