@@ -14,12 +14,15 @@ import errno
 import json
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 from tasks.errors import ClaimError
 from tasks.layout import key_id
@@ -32,6 +35,7 @@ UNIT_PREFIX = 3  # larger tasks: one claim per 3-hex-digit key-id prefix (4,096 
 CLAIM_THREADS = 16  # concurrent claim round trips on a network filesystem
 REFRESH_FRACTION = 0.25  # refresh a claim once it is this fraction of the lease old
 ZOMBIE_FRACTION = 0.9  # past this fraction of the lease without a refresh, assume takeover
+PID_START_SLACK_S = 1.0  # process start times read twice may differ by rounding
 
 
 @dataclass
@@ -114,6 +118,54 @@ class ClaimPlan:
         raise ClaimError(f"cannot read or write {path}; check that the run root is writable")
 
 
+@dataclass(frozen=True)
+class Stamp:
+    """Who holds a claim: enough to tell, on the same host, that the holder is gone."""
+
+    host: str  # socket.gethostname() of the holder (a lab VM has its own)
+    pid: int  # the holder's process id, in its own PID namespace
+    started: float  # the holder's process start time, so a reused pid is not mistaken
+
+    @classmethod
+    def mine(cls) -> "Stamp":
+        return cls(socket.gethostname(), os.getpid(), psutil.Process().create_time())
+
+    def to_json(self) -> str:
+        return json.dumps({"host": self.host, "pid": self.pid, "started": self.started})
+
+    @classmethod
+    def from_json(cls, text: str) -> "Stamp | None":
+        try:
+            d = json.loads(text)
+            return cls(str(d["host"]), int(d["pid"]), float(d["started"]))
+        except (ValueError, KeyError, TypeError):
+            return None  # empty (holder died between create and write) or foreign
+
+
+    def gone(self) -> bool:
+        """True if this holder ran on this host and its process is gone (or its pid now
+        belongs to another process). Holders on other hosts are never judged gone here."""
+        if self.host != socket.gethostname():
+            return False
+        try:
+            return abs(psutil.Process(self.pid).create_time() - self.started) > PID_START_SLACK_S
+        except psutil.NoSuchProcess:
+            return True
+        except psutil.Error:
+            return False
+
+
+def _holder_died_here(path: Path) -> bool:
+    """True if the claim's holder ran on this host and that process is gone. A VM that
+    restarts after a preemption so takes back its own claims at once, without waiting
+    out the lease; holders on other hosts are judged by the lease alone."""
+    try:
+        stamp = Stamp.from_json(path.read_text(encoding="utf-8"))
+    except OSError:
+        return False
+    return stamp is not None and stamp.gone()
+
+
 def network_filesystem(path: Path) -> bool:
     """True if `path` lives on a network or FUSE filesystem (each operation a round trip)."""
     try:
@@ -139,6 +191,7 @@ class Claims:
         self.dir = claims_dir
         self.lease_s = lease_s
         self.pipelined = pipelined
+        self.stamp = Stamp.mine().to_json().encode()  # written into each claim: who holds it
         self._held: dict[str, Held] = {}
         self._lock = threading.Lock()
 
@@ -173,10 +226,10 @@ class Claims:
             except FileNotFoundError:
                 # released between our create and our stat: one more try at this generation
                 return Held(path, gen, time.monotonic()) if self._create(path) else None
-            if age < self.lease_s:
+            if age < self.lease_s and not _holder_died_here(path):
                 return None  # a live owner holds it
-            logger.info("claim %s is %.0fs old (lease %.0fs): taking over", path.name, age,
-                        self.lease_s)
+            logger.info("claim %s is %.0fs old (lease %.0fs) or its holder on this host is "
+                        "gone: taking over", path.name, age, self.lease_s)
         logger.warning("claim unit %s was taken over %d times; leaving it for this run",
                        unit, MAX_GENERATIONS)
         return None
@@ -197,7 +250,10 @@ class Claims:
                 raise ClaimError(f"the run root is unreachable ({e.strerror}): the shared mount "
                                  "is dead; remount it (fab heal) and run again") from e
             raise
-        os.close(fd)
+        try:
+            os.write(fd, self.stamp)
+        finally:
+            os.close(fd)
         return True
 
     def generation(self, unit: str) -> int:

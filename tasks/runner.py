@@ -28,7 +28,7 @@ from typing import Literal
 import psutil
 
 from tasks import worker
-from tasks.claims import ClaimPlan, Claims, network_filesystem, sweep_claims
+from tasks.claims import ClaimPlan, Claims, Stamp, network_filesystem, sweep_claims
 from tasks.errors import SpecError, TaskError
 from tasks.keys import Item
 from tasks.layout import Layout, new_owner_id
@@ -195,8 +195,9 @@ def run(task: Task, *, root: str | Path = ".", workers: int | None = None,
     tmp_dir = layout.owner_tmp(owner)
     tmp_dir.mkdir(parents=True)
     owner_file = layout.owner_file(owner)
-    owner_file.write_text(json.dumps({"owner": owner, "host": socket.gethostname(),
-                                      "pid": os.getpid(), "task": task.name,
+    stamp = Stamp.mine()
+    owner_file.write_text(json.dumps({"owner": owner, "host": stamp.host, "pid": stamp.pid,
+                                      "pid_started": stamp.started, "task": task.name,
                                       "workers": workers, "lease_s": lease_s,
                                       "started": time.time()}), encoding="utf-8")
     log = ExecLog(layout.log / f"{owner}.jsonl", owner)
@@ -581,13 +582,18 @@ def _sweep(layout: Layout, items: list[Item], done: set[str], lease_s: float) ->
         owners = set()
     for name in owners:
         f = layout.owner_file(name)
+        gone_here = False
         try:
             alive = now - f.stat().st_mtime < lease_s
+            data = json.loads(f.read_text(encoding="utf-8"))
+            gone_here = Stamp(data["host"], int(data["pid"]), float(data["pid_started"])).gone()
         except FileNotFoundError:
             alive = False
-        if not alive:
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # an owner file being written, or of another version: judge by age
+        if gone_here or not alive:
             try:
-                if now - (layout.tmp / name).stat().st_mtime > lease_s:
+                if gone_here or now - (layout.tmp / name).stat().st_mtime > lease_s:
                     shutil.rmtree(layout.tmp / name, ignore_errors=True)
                     f.unlink(missing_ok=True)
                     logger.info("swept temporaries of dead worker %s", name)

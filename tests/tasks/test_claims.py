@@ -96,3 +96,25 @@ def test_plan_groups_many_keys_and_is_the_same_for_every_runner(tmp_path: Path) 
     assert ClaimPlan.load_or_create(tmp_path, 10) == first
     units = {first.unit(f"k{i}") for i in range(100_000)}
     assert len(units) == 4096
+
+
+def test_claim_of_a_dead_process_on_this_host_is_taken_back_at_once(tmp_path: Path) -> None:
+    """A VM restarted after a preemption need not wait out the lease for its own claims."""
+    import signal
+    import subprocess
+    import sys
+    code = ("import sys, time; from pathlib import Path; from tasks.claims import Claims; "
+            f"c = Claims(Path({str(tmp_path)!r}), lease_s=600, pipelined=False); "
+            f"print(c.acquire({UNITS[:3]!r})[0], flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == repr(UNITS[:3])
+        live = Claims(tmp_path, lease_s=600, pipelined=False)
+        assert live.acquire(UNITS[:3]) == ([], UNITS[:3]), "a live holder keeps its claims"
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    taker = Claims(tmp_path, lease_s=600, pipelined=False)
+    won, busy = taker.acquire(UNITS[:3])
+    assert won == UNITS[:3] and not busy
+    assert all(generation_path(tmp_path, u, 1).exists() for u in UNITS[:3])
