@@ -258,6 +258,7 @@ class _Dispatch:
         self.start_method, self.progress, self.started = start_method, progress, started
         self.inflight: dict[Future[list[worker.Outcome]], list[Item]] = {}
         self.pool: Executor | None = None
+        self.dead_pools: list[Executor | None] = []  # see _rebuild
         self.suspect: Future[list[worker.Outcome]] | None = None  # a key run alone after a crash
         self.dispatched = 0
         self.rebuilds = 0
@@ -349,6 +350,16 @@ class _Dispatch:
                 fut = self.pool.submit(worker.run_chunk, batch)
             except BrokenProcessPool:  # a worker died since we last looked
                 self.isolate.extendleft(reversed(batch))
+                self._rebuild()
+                continue
+            except OSError as e:
+                # Starting a replacement worker failed (seen on CPython 3.11 right after a
+                # rebuild: EBADF handing fds to the forkserver). Nothing ran: start over
+                # with a fresh pool; the rebuild bound still applies.
+                logger.warning("could not start a worker process (%s); rebuilding the pool", e)
+                (self.isolate if suspect else self.ready).extendleft(reversed(batch))
+                self.dispatched -= len(batch)
+                self.report.ran -= len(batch)
                 self._rebuild()
                 continue
             self.inflight[fut] = batch
@@ -466,6 +477,10 @@ class _Dispatch:
             raise TaskError(f"worker processes died {self.rebuilds} times; giving up. Check "
                             "memory use (a task may be killed for running out of memory)")
         logger.warning("a worker process died; rebuilding the pool and re-running its keys")
+        # Keep the dead pool referenced: on CPython 3.11 a broken ProcessPoolExecutor's
+        # pipes can be closed twice, the second time by the garbage collector, by which
+        # time the fd number may belong to the new pool (seen here as EBADF on spawn).
+        self.dead_pools.append(self.pool)
         self.shutdown(kill=True)
         self.finished_since_start = False
         self.pool = self._new_pool()

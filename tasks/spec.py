@@ -5,7 +5,8 @@ plus where its keys come from and where each key's output goes.
     def features(src: Path, out: Path) -> None: ...
 
 A task function is called with the keyword arguments it names among `src`, `out`,
-`key` and `ctx` (what the per-process initializer returned). `out` is a temporary path
+`key`, `ctx` (what the per-process initializer returned) and `root` (the run root, for
+reading other files under it whatever the current directory). `out` is a temporary path
 that keeps the output's name and suffix; the engine moves it into place when the call
 returns. An output template ending in "/" makes the output a directory.
 """
@@ -30,7 +31,7 @@ from tasks.keys import (KEY_FIELDS, SRC_FIELDS, Item, check_template, check_uniq
 
 KeyMode = Union[Literal["path", "stem", "hash"], Callable[[str], str]]
 KeysArg = Union[Iterable[str], Callable[[], Iterable[str]], None]
-TASK_ARGS = ("src", "out", "key", "ctx")
+TASK_ARGS = ("src", "out", "key", "ctx", "root")
 STDERR_TAIL = 4000  # characters of a failed command's stderr kept in its failure record
 
 
@@ -181,7 +182,7 @@ class FileTask:
 
     def execute(self, item: Item, out: Path, root: Path, ctx: Any) -> None:
         values = {"src": root / item.src if item.src is not None else None,
-                  "out": out, "key": item.key, "ctx": ctx}
+                  "out": out, "key": item.key, "ctx": ctx, "root": root}
         self.func(**{p: values[p] for p in self._params})
 
 
