@@ -1,14 +1,19 @@
-"""The command line: `python -m tasks run|status`. Exit 0 all done, 1 some keys failed,
-2 a usage or spec error, 130 interrupted."""
+"""The command line: `python -m tasks run|status|collect|failures|report`. Exit 0 all done,
+1 some keys failed (or outputs could not be collected), 2 a usage or spec error,
+130 interrupted."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 from tasks.errors import SpecError, TaskError
+from tasks.failures import EXAMPLE_KEYS, FailureReport, failures, retry
 from tasks.progress import make_progress
 from tasks.runner import DEFAULT_LEASE_S, DEFAULT_MAX_ATTEMPTS, START_METHODS, run
 from tasks.spec import Task, load_spec
@@ -62,6 +67,28 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="count done, failed, running and pending keys")
     _spec_args(s)
     s.add_argument("--json", action="store_true", help="print one JSON object")
+    c = sub.add_parser("collect", help="read every output into one table (Parquet or pickle)")
+    _spec_args(c)
+    c.add_argument("--to", required=True, metavar="FILE",
+                   help="table to write, e.g. results.parquet (relative to the current folder)")
+    c.add_argument("--format", choices=["parquet", "pickle"],
+                   help="default: from the suffix of --to (.parquet/.pq or .pkl/.pickle)")
+    c.add_argument("--workers", type=int, metavar="N",
+                   help="concurrent reads (default: many on a network mount, few on a local disk)")
+    c.add_argument("--reader", metavar="MODULE:FUNCTION",
+                   help="a function(path) -> DataFrame or dict, for outputs with no built-in reader")
+    c.add_argument("--skip-unreadable", action="store_true",
+                   help="leave out outputs that cannot be read (listed on stderr) instead of failing")
+    c.add_argument("--key-column", default="key", metavar="NAME",
+                   help="name of the column holding each row's key (default 'key')")
+    f = sub.add_parser("failures", help="failed keys grouped by error; --retry sends them back")
+    _spec_args(f)
+    f.add_argument("--json", action="store_true", help="print one JSON object")
+    f.add_argument("--retry", action="store_true",
+                   help="reset the failed keys' records so the next run retries them")
+    p = sub.add_parser("report", help="draw tasks completed and CPU use over time per host "
+                                      "(PNG + HTML in .spotfan/tasks/<task>/)")
+    _spec_args(p)
     return parser
 
 
@@ -86,6 +113,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                       + (f" ({st.retrying} to retry)" if st.retrying else ""))
                 for o in st.owners:
                     print(f"  worker {o.owner} on {o.host}: heartbeat {o.age:.0f}s ago")
+            return EXIT_OK
+        if args.command == "collect":
+            return _collect(task, args)
+        if args.command == "failures":
+            return _failures(task, args)
+        if args.command == "report":
+            from tasks.report import write_report  # numpy, matplotlib: only when asked
+
+            rep = write_report(task.name, root=args.root)
+            print(json.dumps({"task": rep.task, "png": str(rep.png), "html": str(rep.html),
+                              "tasks": rep.tasks, "failures": rep.failures,
+                              "hosts": len(rep.hosts)}))
             return EXIT_OK
         progress = make_progress()
         try:
@@ -118,3 +157,82 @@ def main(argv: Sequence[str] | None = None) -> int:
               "after fixing the cause", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _load_reader(spec: str) -> Callable[[Path], Any]:
+    module, sep, name = spec.partition(":")
+    if not sep or not module or not name:
+        raise SpecError(f"--reader {spec!r} must be module:function, e.g. examples.commands:read_sha256")
+    try:
+        obj: Any = importlib.import_module(module)
+    except Exception as e:  # any import-time failure of user code
+        raise SpecError(f"cannot import the reader's module {module!r}: {type(e).__name__}: {e}. "
+                        "Run from the folder that holds it, or add it to PYTHONPATH") from e
+    for part in name.split("."):
+        obj = getattr(obj, part, None)
+    if not callable(obj):
+        raise SpecError(f"--reader {spec!r} names no function in {module!r}")
+    return obj  # type: ignore[no-any-return]
+
+
+def _collect(task: Task, args: argparse.Namespace) -> int:
+    # pandas is imported here, not at the top: `run` and `status` start without it.
+    from tasks.collect import collect, table_format, write_table
+
+    fmt = table_format(args.to, args.format)  # refuse a bad --to before reading anything
+    reader = _load_reader(args.reader) if args.reader else None
+    progress = make_progress()
+    try:
+        got = collect(task, root=args.root, workers=args.workers, reader=reader,
+                      skip_unreadable=args.skip_unreadable, key_column=args.key_column,
+                      progress=progress)
+    finally:
+        progress.close()
+    path = write_table(got.frame, args.to, format=fmt)
+    print(json.dumps({"task": got.task, "to": str(path), "format": fmt, "rows": len(got.frame),
+                      "columns": len(got.frame.columns), "outputs": got.read,
+                      "missing": got.missing, "unreadable": len(got.unreadable),
+                      "seconds": round(got.seconds, 3)}))
+    if got.missing:
+        print(f"{got.missing} of {got.total} keys are not done (no output yet) and are absent "
+              "from the table", file=sys.stderr)
+    if got.unreadable:
+        print(f"skipped {len(got.unreadable)} unreadable output(s):", file=sys.stderr)
+        for u in got.unreadable:
+            print(f"  {u.key!r} ({u.path}): {u.reason}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _failures(task: Task, args: argparse.Namespace) -> int:
+    rep = failures(task, root=args.root)
+    reset = retry(task, root=args.root) if args.retry else []
+    if args.json:
+        data = json.loads(rep.to_json())
+        if args.retry:
+            data["retried"] = reset
+        print(json.dumps(data))
+        return EXIT_OK
+    _print_failures(rep)
+    if args.retry:
+        print(f"\nreset {len(reset)} key(s): the next `python -m tasks run` of this task retries "
+              "them (a run already in progress does not pick them up)")
+    return EXIT_OK
+
+
+def _print_failures(rep: FailureReport) -> None:
+    if not rep.failed:
+        print(f"{rep.task}: no failed keys ({rep.total} keys)")
+        return
+    retrying = rep.failed - rep.gave_up
+    print(f"{rep.task}: {rep.failed} of {rep.total} keys failed ({rep.gave_up} gave up"
+          + (f", {retrying} will be retried" if retrying else "") + f"), "
+          f"{len(rep.groups)} distinct error(s)")
+    for i, g in enumerate(rep.groups, 1):
+        shown = ", ".join(repr(k) for k in g.keys[:EXAMPLE_KEYS])
+        more = f" and {g.count - EXAMPLE_KEYS} more" if g.count > EXAMPLE_KEYS else ""
+        print(f"\n[{i}] {g.count} key(s): {g.signature}")
+        print(f"    keys: {shown}{more}")
+        if g.error != g.signature:
+            print(f"    e.g.: {g.error}")
+        for line in g.detail.splitlines():
+            print(f"    | {line}")

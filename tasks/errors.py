@@ -6,11 +6,16 @@
      |    +-- UnsafePath       a key or template would read or write outside the root
      +-- ClaimError            the claim directory cannot be used (permissions, dead mount)
      +-- PublishError          a finished temporary could not be moved to its final path
+     +-- CollectError          outputs could not be read into one table, or it could not be written
+     +-- ReportError           a run report cannot be drawn (nothing logged yet)
 
 Every message says what happened and how to fix it. The command line (tasks/cli.py)
 decides how errors look and which exit code they carry (2 for SpecError).
 """
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 
 class TaskError(Exception):
@@ -35,3 +40,27 @@ class ClaimError(TaskError):
 
 class PublishError(TaskError):
     """A finished temporary could not be moved to its final path."""
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """One output that could not be read by `collect`."""
+
+    key: str  # the task's key
+    path: str  # the output's path, relative to the run root
+    reason: str  # one line: exception type and message
+
+
+class CollectError(TaskError):
+    """Outputs could not be read into one table, or the table could not be written.
+
+    `unreadable` lists every output that failed, so one bad file never hides the others.
+    """
+
+    def __init__(self, message: str, unreadable: Sequence[Unreadable] = ()) -> None:
+        super().__init__(message)
+        self.unreadable = list(unreadable)
+
+
+class ReportError(TaskError):
+    """A run report cannot be drawn, e.g. because nothing was logged yet."""

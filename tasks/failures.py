@@ -1,0 +1,165 @@
+"""Failed keys grouped by their error, and sending them back to be run again.
+
+Errors are grouped by a signature: the error line with quoted literals, numbers and
+hex ids masked, so "KeyError: 'k13'" and "KeyError: 'k17'" are one group
+("KeyError: '…'") while a ValueError stays another. A failed command's signature is its
+exit status plus the masked last line of its stderr.
+
+`retry` resets the failure records of keys that are not done (attempts 0, not given
+up), keeping their last error for reference. It runs nothing itself: the next `run`
+of the task, on any machine, retries them. A `run` already in progress read the records
+when it started and does not pick them up; every record is replaced by an atomic
+rename, so resetting while runs are active loses nothing and corrupts nothing.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from tasks.keys import Item
+from tasks.layout import Layout, new_owner_id
+from tasks.records import Failure, FailureStore
+from tasks.scan import scan_done
+from tasks.spec import Task
+
+DETAIL_LINES = 6  # lines of a traceback or stderr shown per group: its innermost end
+EXAMPLE_KEYS = 5  # keys shown per group in the human-readable listing
+_ENGINE_DIR = str(Path(__file__).resolve().parent) + "/"  # frames here are not the task's
+
+# What differs between keys with one cause, in the order tried, each masked as one token.
+_VARYING = re.compile(r"""
+    (?P<quoted>'(?:[^'\\\n]|\\.)*'|"(?:[^"\\\n]|\\.)*")            # 'k13', "a.jpg"
+  | (?P<path>(?<![\w/])/?(?:[\w.@%+~-]+/)+[\w.@%+~-]*)                # /data/a.txt, shard/7
+  | (?P<hex>\b0x[0-9a-fA-F]+\b|\b(?=[0-9a-f]*\d)[0-9a-f]{8,}\b)       # 0x7f3a2b1c, hashes
+  | (?P<number>\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)                         # 13, 3.2, 1e-05
+""", re.VERBOSE)
+_MASKS = {"quoted": "'…'", "path": "…/…", "hex": "0x…", "number": "#"}
+
+
+@dataclass(frozen=True)
+class FailureGroup:
+    """Failed keys that share one error signature."""
+
+    signature: str  # the error with literals and numbers masked: what the keys share
+    keys: tuple[str, ...]  # every key of the group, sorted
+    gave_up: int  # keys that reached --max-attempts; the others are retried by the next run
+    error: str  # the error line of the group's first key, as recorded
+    detail: str  # the last DETAIL_LINES lines of that key's traceback or stderr
+
+    @property
+    def count(self) -> int:
+        return len(self.keys)
+
+
+@dataclass(frozen=True)
+class FailureReport:
+    """The failures of one task's keys that are not done."""
+
+    task: str  # the task's name
+    total: int  # keys in the task
+    failed: int  # keys with a failure record and no output
+    gave_up: int  # of those, keys that reached --max-attempts (skipped until retried)
+    groups: tuple[FailureGroup, ...]  # by error signature, largest first
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        for g, group in zip(data["groups"], self.groups):
+            g["count"] = group.count
+        return json.dumps(data)
+
+
+def signature(error: str, detail: str = "") -> str:
+    """The part of an error that keys with the same cause share."""
+    if error.startswith("exit status ") and detail.strip():
+        # A command's error line is only its status; its stderr says what went wrong.
+        last = [ln for ln in detail.splitlines() if ln.strip()][-1]
+        return f"{error}: {_mask(last.strip())}"
+    return _mask(error)
+
+
+def _mask(text: str) -> str:
+    return _VARYING.sub(lambda m: _MASKS[m.lastgroup or "number"], text)
+
+
+def tail(detail: str, lines: int = DETAIL_LINES) -> str:
+    """The last non-empty lines of a traceback or stderr, without the engine's own frames:
+    where the task raised, and why. (A traceback's first lines are the engine's.)"""
+    kept = []
+    skipping = False
+    for ln in detail.splitlines():
+        if ln.startswith('  File "'):
+            skipping = ln.startswith(f'  File "{_ENGINE_DIR}')
+        elif not ln.startswith(" "):
+            skipping = False  # the exception line, "Traceback ...", "During handling ..."
+        if not skipping and ln.strip():
+            kept.append(ln)
+    return "\n".join(kept[-lines:])
+
+
+def open_failures(task: Task, *, root: str | Path = ".") -> list[Failure]:
+    """Failure records of the task's keys that are not done, sorted by key."""
+    root = Path(root).resolve()
+    return _open_failures(Layout(root, task.name), task.items(root))
+
+
+def _open_failures(layout: Layout, items: list[Item]) -> list[Failure]:
+    root = layout.root
+    records = FailureStore(layout.failed, layout.tmp).load()
+    if not records:
+        return []
+    keys = {it.key for it in items}
+    candidates = [it for it in items if it.key in records]
+    done = scan_done(root, candidates)
+    return sorted((f for k, f in records.items() if k in keys and k not in done),
+                  key=lambda f: f.key)
+
+
+def group_failures(found: Iterable[Failure]) -> list[FailureGroup]:
+    """Failures grouped by error signature, largest group first."""
+    by_sig: dict[str, list[Failure]] = {}
+    for f in found:
+        by_sig.setdefault(signature(f.error, f.detail), []).append(f)
+    groups = []
+    for sig, members in by_sig.items():
+        members.sort(key=lambda f: f.key)
+        first = members[0]
+        groups.append(FailureGroup(sig, tuple(f.key for f in members),
+                                   sum(1 for f in members if f.gave_up), first.error,
+                                   tail(first.detail)))
+    return sorted(groups, key=lambda g: (-g.count, g.signature))
+
+
+def failures(task: Task, *, root: str | Path = ".") -> FailureReport:
+    """What failed in a task, grouped by error."""
+    root = Path(root).resolve()
+    items = task.items(root)
+    found = _open_failures(Layout(root, task.name), items)
+    return FailureReport(task.name, len(items), len(found),
+                         sum(1 for f in found if f.gave_up), tuple(group_failures(found)))
+
+
+def retry(task: Task, *, root: str | Path = ".", keys: Iterable[str] | None = None) -> list[str]:
+    """Send failed keys back: reset their failure records so the next `run` tries each
+    again for up to --max-attempts. `keys` limits it to some keys (default: every failed
+    key that is not done). Returns the keys reset, sorted."""
+    root = Path(root).resolve()
+    layout = Layout(root, task.name)
+    wanted = set(keys) if keys is not None else None
+    found = [f for f in open_failures(task, root=root) if wanted is None or f.key in wanted]
+    if not found:
+        return []
+    # A temporary folder of our own: runs write their records' temporaries in .spotfan/tmp/
+    # under fixed names, and two writers must never share one temporary.
+    tmp = layout.owner_tmp(new_owner_id())
+    tmp.mkdir(parents=True)
+    try:
+        store = FailureStore(layout.failed, tmp)
+        for f in found:
+            store.record(replace(f, attempts=0, gave_up=False))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [f.key for f in found]
