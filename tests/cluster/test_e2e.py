@@ -64,8 +64,11 @@ def test_preempt_two_vms_mid_run_then_heal(make_lab):
     rows = [json.loads(line) for log in lab.share.glob(".spotfan/tasks/*/log/*.jsonl")
             for line in log.read_text().splitlines() if line.strip()]
     per_key = collections.Counter(r["key"] for r in rows if r["ok"])
-    assert set(per_key) == {f"{i:04d}.txt" for i in range(KEYS)}
-    logged_dups = sum(per_key.values()) - KEYS
+    # A VM preempted between a worker's rename and its parent's log line leaves a key
+    # published but not logged: at most what was in flight on the preempted VMs.
+    unlogged = {f"{i:04d}.txt" for i in range(KEYS)} - set(per_key)
+    assert len(unlogged) <= in_flight_bound, unlogged
+    logged_dups = sum(per_key.values()) - len(per_key)
     starts = collections.Counter(p.name.split(".txt.")[0] for p in (lab.share / "starts").iterdir())
     started_dups = sum(starts.values()) - KEYS
     print(f"duplicates: {logged_dups} finished twice, {started_dups} started twice "
