@@ -14,13 +14,14 @@ import random
 import shlex
 import tarfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from cluster import jail
 from cluster.config import ClusterConfig
 from cluster.errors import ClusterError, GroupError, ProvisionError
-from cluster.keys import ensure_key_pair, public_key, read_known_hosts, write_known_hosts
+from cluster.keys import ensure_key_pair, read_known_hosts, write_known_hosts
 from cluster.provider import PROVIDERS, Instance, Provider, Status
 from cluster.share import CLUSTER_DIR, Share
 from cluster.ssh import Host, Output, Remote
@@ -46,6 +47,22 @@ class VMReport:
     name: str
     action: str  # created | started | running (already was) | deleted
     boot: str  # what boot.sh printed (mount and agent lines)
+    zone: str | None = None  # where the VM runs, for providers with zones
+
+
+@dataclass(frozen=True)
+class UpPlan:
+    """What `up` is about to do, known before it creates, starts or deletes anything."""
+
+    create: tuple[str, ...]  # missing VMs
+    start: tuple[str, ...]  # stopped (TERMINATED) VMs
+    keep: tuple[str, ...]  # wanted VMs that exist and are not stopped
+    delete: tuple[str, ...]  # VMs beyond the wanted count
+
+    @property
+    def workers(self) -> int:
+        """How many VMs the cluster has once `up` is done."""
+        return len(self.create) + len(self.start) + len(self.keep)
 
 
 def provider_for(config: ClusterConfig) -> Provider:
@@ -64,19 +81,29 @@ def hosts(instances: Sequence[Instance]) -> list[Host]:
 
 
 def head_authorized_keys(config: ClusterConfig) -> list[str]:
-    """The head's authorized_keys lines: both keys reach the share by SFTP only, never a shell."""
-    opts = f'restrict,command="internal-sftp -d {config.head.share}"'
-    return [f"{opts} {public_key(config.ssh.key)}", f"{opts} {public_key(config.ssh.worker_key)}"]
+    """The head user's authorized_keys lines: both keys reach the share by SFTP only (cluster.jail)."""
+    return jail.authorized_keys(config)
+
+
+def ensure_keys(config: ClusterConfig) -> None:
+    """The cluster's two key pairs (laptop -> VMs and head, VMs -> head), made if missing (0600)."""
+    ensure_key_pair(config.ssh.key, comment=f"spotfan-{config.name}-laptop")
+    ensure_key_pair(config.ssh.worker_key, comment=f"spotfan-{config.name}-worker")
+
+
+def head_setup(config: ClusterConfig) -> str:
+    """What a real head's administrator runs to jail this cluster's SFTP user (the lab does it itself)."""
+    ensure_keys(config)
+    return jail.setup_steps(config)
 
 
 def prepare(config: ClusterConfig, provider: Provider) -> None:
     """Keys, and on the lab the head's sshd: everything the VMs will need before they exist."""
-    ensure_key_pair(config.ssh.key, comment=f"spotfan-{config.name}-laptop")
-    ensure_key_pair(config.ssh.worker_key, comment=f"spotfan-{config.name}-worker")
+    ensure_keys(config)
     start_head = getattr(provider, "start_head", None)
     if start_head is not None:
         start_head(share=config.head.share, address=config.head.address, port=config.head.port,
-                   authorized=head_authorized_keys(config))
+                   authorized=head_authorized_keys(config), user=config.head.user, jail=config.head.jail)
     refresh_known_hosts(config, provider, [i.name for i in provider.list()], require=False)
 
 
@@ -92,8 +119,12 @@ def head_known_hosts(config: ClusterConfig, provider: Provider) -> list[str]:
     return [ln for lines in read_known_hosts(config.head.host_keys).values() for ln in lines]
 
 
-def up(config: ClusterConfig, *, count: int | None = None) -> list[VMReport]:
-    """Make the cluster have `count` (default: last asked, else config) working VMs."""
+def up(config: ClusterConfig, *, count: int | None = None,
+       on_plan: Callable[[UpPlan], None] | None = None) -> list[VMReport]:
+    """Make the cluster have `count` (default: last asked, else config) working VMs.
+
+    `on_plan` sees what will be created, started and deleted before anything is.
+    """
     provider = provider_for(config)
     prepare(config, provider)
     with Share.from_config(config) as share:
@@ -105,12 +136,15 @@ def up(config: ClusterConfig, *, count: int | None = None) -> list[VMReport]:
     existing = {i.name: i for i in provider.list()}
     reports = []
     extra = sorted(set(existing) - set(wanted))
+    missing = [n for n in wanted if n not in existing]
+    stopped = [n for n in wanted if n in existing and existing[n].status is Status.TERMINATED]
+    if on_plan is not None:
+        keep = [n for n in wanted if n in existing and n not in stopped]
+        on_plan(UpPlan(create=tuple(missing), start=tuple(stopped), keep=tuple(keep), delete=tuple(extra)))
     if extra:
         logger.info("shrinking: deleting %s", ", ".join(extra))
         provider.delete(extra)
         reports += [VMReport(name=n, action="deleted", boot="") for n in extra]
-    missing = [n for n in wanted if n not in existing]
-    stopped = [n for n in wanted if n in existing and existing[n].status is Status.TERMINATED]
     if missing:
         logger.info("creating %s", ", ".join(missing))
         provider.create(missing)
@@ -119,14 +153,16 @@ def up(config: ClusterConfig, *, count: int | None = None) -> list[VMReport]:
         provider.start(stopped)
     actions = {n: "created" for n in missing} | {n: "started" for n in stopped}
     instances = [i for i in provider.list() if i.name in set(wanted)]
+    zones = {i.name: i.zone for i in instances}
     refresh_known_hosts(config, provider, [i.name for i in instances])
     try:
         boots = boot(config, provider, instances)
     except GroupError as e:
-        e.results = {n: VMReport(name=n, action=actions.get(n, "running"), boot=r)
+        e.results = {n: VMReport(name=n, action=actions.get(n, "running"), boot=r, zone=zones.get(n))
                      if isinstance(r, str) else r for n, r in e.results.items()}
         raise
-    return reports + [VMReport(name=n, action=actions.get(n, "running"), boot=boots[n]) for n in wanted]
+    return reports + [VMReport(name=n, action=actions.get(n, "running"), boot=boots[n], zone=zones.get(n))
+                      for n in wanted]
 
 
 def refresh_known_hosts(config: ClusterConfig, provider: Provider, names: Sequence[str], *,
@@ -187,7 +223,7 @@ def boot_env(config: ClusterConfig, name: str, stop_command_quoted: str) -> str:
         "SPOTFAN_HEAD_USER": config.head.user,
         "SPOTFAN_HEAD_ADDRESS": config.head.address,
         "SPOTFAN_HEAD_PORT": str(config.head.port),
-        "SPOTFAN_SHARE": str(config.head.share),
+        "SPOTFAN_SHARE": config.head.sftp_share,  # as the jailed head user sees it
         "SPOTFAN_MOUNT": config.mount_point,
         "SPOTFAN_PYTHON": config.python,
         "SPOTFAN_PYTHONPATH": ":".join(config.python_path),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,8 @@ from cluster.errors import ConfigError
 
 DEFAULT_CONFIG = "cluster.toml"
 CONFIG_ENV = "SPOTFAN_CONFIG"
+JAIL_SHARE = "/share"  # where the share sits inside the head's chroot jail
+MAX_USER_NAME = 32  # useradd's limit on Linux
 
 
 @dataclass(frozen=True)
@@ -19,9 +22,15 @@ class HeadConfig:
 
     address: str  # where workers (and the laptop) reach the head's sshd
     port: int  # the head's SSH port
-    user: str  # SSH user on the head that owns the share
+    user: str  # the jailed, SFTP-only user on the head that both the laptop and the VMs log in as
     share: Path  # the shared directory on the head (the run root)
     host_keys: Path | None  # known_hosts lines for the head; the lab fills this in itself
+    jail: str  # the user's sshd ChrootDirectory on the head; the share appears at JAIL/share; "" = none
+
+    @property
+    def sftp_share(self) -> str:
+        """The share's path as SFTP clients (the laptop, the VMs' SSHFS) see it on the head."""
+        return JAIL_SHARE if self.jail else str(self.share)
 
 
 @dataclass(frozen=True)
@@ -130,6 +139,27 @@ def parse(raw: dict[str, Any], *, path: Path) -> ClusterConfig:
             f"{path}: lab.address_prefix = {prefix!r}: lab VMs live on loopback only; "
             "use three octets of 127.0.0.0/8 and a trailing dot, e.g. \"127.0.1.\""
         )
+    head = HeadConfig(
+        address=r.str("head.address", None),
+        port=r.int("head.port", 22, minimum=1, maximum=65535),
+        user=r.str("head.user", f"spotfan-{name}"),
+        share=local("head.share", None),
+        host_keys=_resolve(base, head_keys) if head_keys else None,
+        jail=r.str("head.jail", f"/srv/spotfan/{name}"),
+    )
+    _check_head(head, path=path, lab_provider=lab_provider)
+    key = local("ssh.key", f".spotfan-keys/{name}/laptop")
+    worker_key = local("ssh.worker_key", f".spotfan-keys/{name}/worker")
+    state_dir = local("lab.state_dir", f".lab/{name}")
+    secrets = {"ssh.key": key, "ssh.worker_key": worker_key}
+    if lab_provider:  # the lab's state dir holds the VMs' disks, so their copies of the worker key
+        secrets["lab.state_dir"] = state_dir
+    for field, secret in secrets.items():
+        if _inside(secret, head.share):
+            raise ConfigError(
+                f"{path}: {field} = {str(secret)!r} is inside head.share ({head.share}): private "
+                "keys must never be in the shared directory, which every VM can read; move it out"
+            )
     return ClusterConfig(
         path=path,
         name=name,
@@ -146,17 +176,11 @@ def parse(raw: dict[str, Any], *, path: Path) -> ClusterConfig:
             str(_resolve(base, p)) if lab_provider else p for p in r.list("cluster.python_path", [])
         ),
         mount_point=remote("cluster.mount_point", "/mnt/spotfan"),
-        head=HeadConfig(
-            address=r.str("head.address", None),
-            port=r.int("head.port", 22, minimum=1, maximum=65535),
-            user=r.str("head.user", "root"),
-            share=local("head.share", None),
-            host_keys=_resolve(base, head_keys) if head_keys else None,
-        ),
+        head=head,
         ssh=SSHConfig(
             user=r.str("ssh.user", "root"),
-            key=local("ssh.key", f".spotfan-keys/{name}/laptop"),
-            worker_key=local("ssh.worker_key", f".spotfan-keys/{name}/worker"),
+            key=key,
+            worker_key=worker_key,
             known_hosts=local("ssh.known_hosts", f".spotfan-keys/{name}/known_hosts"),
             connect_timeout=r.float("ssh.connect_timeout", 10.0, minimum=0.1),
             boot_timeout=r.float("ssh.boot_timeout", 120.0, minimum=0.1),
@@ -164,11 +188,35 @@ def parse(raw: dict[str, Any], *, path: Path) -> ClusterConfig:
             kex_algorithms=r.str("ssh.kex_algorithms", ""),
         ),
         lab=LabConfig(
-            state_dir=local("lab.state_dir", f".lab/{name}"),
+            state_dir=state_dir,
             address_prefix=prefix,
             max_run_hours=r.float("lab.max_run_hours", 24.0, minimum=0.01),
         ),
     )
+
+
+def _check_head(head: HeadConfig, *, path: Path, lab_provider: bool) -> None:
+    """The jailed head user and its chroot: names sshd and useradd accept, paths sshd accepts."""
+    u = head.user
+    if not re.fullmatch(rf"[a-z_][a-z0-9_-]{{0,{MAX_USER_NAME - 1}}}", u):
+        raise ConfigError(
+            f"{path}: head.user = {u!r}: use at most {MAX_USER_NAME} lowercase letters, digits, "
+            "'-' and '_', starting with a letter (for a long cluster name, set head.user = \"spotfan-x\")"
+        )
+    if head.jail and (not re.fullmatch(r"(/[A-Za-z0-9._-]+)+", head.jail) or ".." in head.jail.split("/")):
+        raise ConfigError(
+            f"{path}: head.jail = {head.jail!r} must be an absolute folder on the head of letters, "
+            "digits and ._- (sshd's ChrootDirectory), e.g. \"/srv/spotfan/NAME\"; or \"\" for no jail"
+        )
+    if lab_provider and (not head.jail or u == "root"):
+        raise ConfigError(
+            f"{path}: the lab always jails the head's SFTP user: set head.jail to a folder such as "
+            "\"/srv/spotfan/NAME\" and head.user to a user that is not root (default: spotfan-NAME)"
+        )
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
 
 
 def _resolve(base: Path, value: str) -> Path:

@@ -9,6 +9,7 @@ so separate `fab` runs see the same lab and a crashed run's leftovers can be cle
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +28,7 @@ from pathlib import Path
 import psutil
 
 import cluster
+from cluster import jail as jail_setup
 from cluster.config import ClusterConfig
 from cluster.errors import ProvisionError
 from cluster.keys import ensure_key_pair, host_pattern, known_hosts_lines, public_key
@@ -42,7 +45,10 @@ POLL_INTERVAL_S = 0.05
 MAX_VMS = 254  # one loopback address per VM
 REPO_ROOT = Path(cluster.__file__).resolve().parent.parent
 _SPAWNED: list[subprocess.Popen[bytes]] = []  # our own children, reaped so none stays a zombie
+_SPAWNED_LOCK = threading.Lock()  # VMs may be killed from several threads at once (an emulator's)
+STARTUP_SCRIPT = "startup-script"  # in a VM's dir: run at every boot instead of home/boot.sh
 UNSHARE = ["unshare", "--mount", "--uts", "--pid", "--fork", "--mount-proc", "--propagation", "private"]
+HEAD_UNSHARE = ["unshare", "--mount", "--pid", "--fork", "--propagation", "private"]
 
 
 @dataclass(frozen=True)
@@ -104,11 +110,19 @@ class LabProvider:
 
     # -- the provider interface ---------------------------------------------------------
 
-    def create(self, names: Sequence[str]) -> list[Instance]:
+    def create(self, names: Sequence[str], *, startup_script: str | None = None,
+               authorized_keys: Sequence[str] | None = None) -> list[Instance]:
+        """Create and boot the named VMs that do not exist yet.
+
+        `startup_script` and `authorized_keys` stand for what a cloud's metadata gives a new
+        VM (a Compute API emulator passes them): a script PID 1 runs at every boot instead of
+        the disk's boot.sh, and the login keys instead of the laptop's key.
+        """
         _check_host()
         new = [n for n in names if self._record(n) is None]
         with ThreadPoolExecutor(max_workers=max(1, min(16, len(new)))) as pool:
-            list(pool.map(self._create_one, new))
+            list(pool.map(lambda n: self._create_one(
+                n, startup_script=startup_script, authorized_keys=authorized_keys), new))
         return [i for i in self.list() if i.name in set(names)]
 
     def list(self) -> list[Instance]:
@@ -153,6 +167,11 @@ class LabProvider:
 
     # -- lab only -----------------------------------------------------------------------
 
+    def stop(self, names: Sequence[str]) -> None:
+        """Power the named VMs off (an ordinary stop, not a preemption); `start` boots them again."""
+        for n in names:
+            self._power_off(n)
+
     def preempt(self, names: Sequence[str]) -> None:
         """Kill the named VMs the way a cloud preempts them: every process at once."""
         for n in names:
@@ -171,21 +190,43 @@ class LabProvider:
         """The VM's SPOTFAN_HOME: the part of its disk the worker software uses."""
         return self._vm_dir(name) / "home"
 
-    def start_head(self, *, share: Path, address: str, port: int, authorized: Sequence[str]) -> None:
-        """Start (or keep) the head's sshd; `authorized` are its authorized_keys lines."""
+    def start_head(self, *, share: Path, address: str, port: int, authorized: Sequence[str],
+                   user: str, jail: str) -> None:
+        """Start (or keep) the head's sshd, serving `share` only to the jailed `user` (see cluster.jail).
+
+        `authorized` are that user's authorized_keys lines. The sshd runs in its own mount
+        and PID namespaces: the share is bind-mounted at JAIL/share there only, and killing
+        the sshd ends every session with it (`stop_head`).
+        """
         _check_host()
         d = self.state_dir / "head"
-        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        d.mkdir(parents=True, exist_ok=True)
+        os.chmod(d, 0o711)  # sshd reads authorized_keys as the jailed user; nothing here is listable
         share.mkdir(parents=True, exist_ok=True)
+        made = {"user": user, "jail": jail}
+        if _read_json(d / "jail.json") not in (None, made):
+            self.stop_head()  # head.user or head.jail changed: remove the old ones first
+        _write(d / "jail.json", json.dumps(made))  # what stop_head removes
+        uid, gid = jail_setup.ensure_user(user, marker=self._head_user_marker())
+        jail_setup.hand_over(share, uid, gid)
+        jail_setup.ensure_dirs(Path(jail))
         key = ensure_key_pair(d / "ssh_host_ed25519_key", comment=f"{self.name}-head")
-        _write(d / "authorized_keys", "".join(f"{line}\n" for line in authorized), mode=0o600)
-        _write(d / "sshd_config", _sshd_config(
-            listen=f"{address}:{port}", host_key=key, authorized_keys=d / "authorized_keys",
-        ))
+        _write(d / "authorized_keys", "".join(f"{line}\n" for line in authorized), mode=0o644)
+        jail_setup.check_reachable(d / "authorized_keys")
+        config = (f"# lab head of {self.name}: {share} is bind-mounted at {jail}/share\n"
+                  + _sshd_config(listen=f"{address}:{port}", host_key=key,
+                                 authorized_keys=d / "authorized_keys", only_user=user)
+                  + jail_setup.match_block(user=user, jail=jail))
         rec = _read_proc(d / "sshd.json")
-        if rec is not None and rec.process() is not None:
+        running = rec is not None and rec.process() is not None
+        old = (d / "sshd_config").read_text() if (d / "sshd_config").exists() else None
+        if running and old == config:
             # sshd reads authorized_keys on every login, so new lines apply without a restart.
             return
+        if running:
+            logger.info("lab head: its settings changed; restarting it")
+            _kill(rec)
+        _write(d / "sshd_config", config)
         if _listening(address, port):
             raise ProvisionError(
                 f"lab head: {address}:{port} is taken by another process: stop it, or set "
@@ -193,22 +234,47 @@ class LabProvider:
             )
         log = open(d / "sshd.log", "ab")
         p = subprocess.Popen(
-            [SSHD, "-D", "-f", str(d / "sshd_config"), "-E", str(d / "sshd.log")],
+            [*HEAD_UNSHARE, "--", "/bin/sh", "-c", 'mount --bind "$1" "$2" && exec "$3" -D -f "$4" -E "$5"',
+             "lab-head", str(share), f"{jail}/share", SSHD, str(d / "sshd_config"), str(d / "sshd.log")],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
         )
         _SPAWNED.append(p)
-        _write(d / "sshd.json", json.dumps(asdict(ProcRecord.of(p.pid))))
         deadline = time.monotonic() + HEAD_LISTEN_TIMEOUT_S
+        init = None
         while not _listening(address, port):
+            if init is None:
+                init = _first_child(p.pid)
+                if init is not None:
+                    # PID 1 of the head's namespaces: killing it ends every session too.
+                    _write(d / "sshd.json", json.dumps(asdict(ProcRecord.of(init))))
             if p.poll() is not None or time.monotonic() > deadline:
                 raise ProvisionError(
                     f"lab head: sshd did not start on {address}:{port}: "
                     f"{_tail(d / 'sshd.log')} (see {d / 'sshd.log'})"
                 )
             time.sleep(POLL_INTERVAL_S)
+        if init is None:
+            init = _first_child(p.pid)
+            _write(d / "sshd.json", json.dumps(asdict(ProcRecord.of(init or p.pid))))
 
     def stop_head(self) -> None:
-        _kill(_read_proc(self.state_dir / "head" / "sshd.json"))
+        """Stop the head's sshd and every session with it; remove its jailed user and jail folders.
+
+        The share and the head's host key stay, so a later `fab up` serves the same data
+        under the same key.
+        """
+        d = self.state_dir / "head"
+        _kill(_read_proc(d / "sshd.json"))
+        made = _read_json(d / "jail.json")
+        if made is None:
+            return
+        jail_setup.remove_user(made["user"], marker=self._head_user_marker())
+        jail_setup.remove_dirs(Path(made["jail"]))
+        (d / "jail.json").unlink()
+
+    def _head_user_marker(self) -> str:
+        """The GECOS comment of the head user this lab makes: only such a user is ever deleted."""
+        return f"spotfan lab head {hashlib.sha256(str(self.state_dir).encode()).hexdigest()[:12]}"
 
     def head_host_keys(self, address: str, port: int) -> list[str]:
         key = self.state_dir / "head" / "ssh_host_ed25519_key"
@@ -232,7 +298,8 @@ class LabProvider:
     def _save(self, rec: VMRecord) -> None:
         _write(self._vm_dir(rec.name) / "vm.json", json.dumps(asdict(rec)))
 
-    def _create_one(self, name: str) -> None:
+    def _create_one(self, name: str, *, startup_script: str | None = None,
+                    authorized_keys: Sequence[str] | None = None) -> None:
         index = int(name.rsplit("-w", 1)[-1]) if "-w" in name else 0
         if not 1 <= index <= MAX_VMS:
             raise ProvisionError(f"lab VM {name!r}: names must end in -w001 .. -w{MAX_VMS:03d}")
@@ -241,7 +308,10 @@ class LabProvider:
         (d / "home").mkdir(parents=True, exist_ok=True, mode=0o700)
         (d / "ssh").mkdir(parents=True, exist_ok=True, mode=0o700)
         host_key = ensure_key_pair(d / "ssh" / "ssh_host_ed25519_key", comment=name)
-        _write(d / "ssh" / "authorized_keys", public_key(self.laptop_key) + "\n", mode=0o600)
+        keys = [public_key(self.laptop_key)] if authorized_keys is None else list(authorized_keys)
+        _write(d / "ssh" / "authorized_keys", "".join(f"{k}\n" for k in keys), mode=0o600)
+        if startup_script is not None:
+            _write(d / STARTUP_SCRIPT, startup_script, mode=0o755)
         _write(d / "ssh" / "sshd_config", _sshd_config(
             listen=f"{address}:{SSH_PORT}", host_key=host_key,
             authorized_keys=d / "ssh" / "authorized_keys", env={"SPOTFAN_HOME": str(d / "home")},
@@ -312,7 +382,7 @@ def _check_host() -> None:
 
 
 def _sshd_config(*, listen: str, host_key: Path, authorized_keys: Path,
-                 env: dict[str, str] | None = None) -> str:
+                 env: dict[str, str] | None = None, only_user: str | None = None) -> str:
     lines = [
         f"ListenAddress {listen}",
         f"HostKey {host_key}",
@@ -321,7 +391,9 @@ def _sshd_config(*, listen: str, host_key: Path, authorized_keys: Path,
         "UsePAM no",
         "PasswordAuthentication no",
         "KbdInteractiveAuthentication no",
-        "PermitRootLogin prohibit-password",
+        # A VM is logged into as root; the head only ever as its one jailed user.
+        "PermitRootLogin no" if only_user else "PermitRootLogin prohibit-password",
+        *([f"AllowUsers {only_user}"] if only_user else []),
         "StrictModes no",  # the state dir may sit under a group-writable tmp
         "X11Forwarding no",
         "AllowAgentForwarding no",
@@ -350,9 +422,17 @@ def _kill(rec: ProcRecord | None) -> None:
 
 
 def _reap_spawned() -> None:
-    for p in list(_SPAWNED):
-        if p.poll() is not None:
-            _SPAWNED.remove(p)
+    with _SPAWNED_LOCK:
+        for p in list(_SPAWNED):
+            if p.poll() is not None:
+                _SPAWNED.remove(p)
+
+
+def _read_json(path: Path) -> dict[str, str] | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
 
 
 def _read_proc(path: Path) -> ProcRecord | None:
@@ -360,6 +440,15 @@ def _read_proc(path: Path) -> ProcRecord | None:
         return ProcRecord(**json.loads(path.read_text()))
     except (FileNotFoundError, json.JSONDecodeError, TypeError):
         return None
+
+
+def _first_child(pid: int) -> int | None:
+    """The pid of `unshare --fork`'s child (PID 1 of the new namespace), once it exists."""
+    try:
+        children = psutil.Process(pid).children()
+    except psutil.NoSuchProcess:
+        return None
+    return children[0].pid if children else None
 
 
 def _listening(address: str, port: int) -> bool:

@@ -48,9 +48,11 @@ def main(argv: list[str] | None = None) -> int:
         [SSHD, "-D", "-f", str(a.vm_dir / "ssh" / "sshd_config"), "-E", str(a.vm_dir / "sshd.log")],
         stdin=subprocess.DEVNULL, stdout=log, stderr=log,
     )
-    boot = home / "boot.sh"
+    # Like a cloud's startup-script: a VM that was provisioned once resumes by itself. A VM
+    # made for a cloud emulator has its instance's own startup-script (lab.STARTUP_SCRIPT).
+    startup = a.vm_dir / "startup-script"
+    boot = startup if startup.exists() else home / "boot.sh"
     if boot.exists():
-        # Like a cloud's startup-script: a VM that was provisioned once resumes by itself.
         subprocess.Popen(["/bin/sh", str(boot)], stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd="/")
     deadline = time.monotonic() + a.max_run_s
     try:

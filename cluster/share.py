@@ -2,7 +2,8 @@
 
 The laptop never mounts the share: it reads and writes the few files the cluster layer
 keeps there (run requests, VM heartbeats, logs) and ships project code, all through one
-SFTP session. Every path given to a `Share` is relative to the share's root.
+SFTP session as the head's jailed user (cluster.jail), to whom the share is `/share`.
+Every path given to a `Share` is relative to the share's root.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ class Share:
             remote=Remote.from_config(config),
             head=Host(name="head", address=config.head.address, port=config.head.port),
             user=config.head.user,
-            root=str(config.head.share),
+            root=config.head.sftp_share,
         )
 
     def __enter__(self) -> Share:
@@ -60,7 +61,16 @@ class Share:
     @property
     def sftp(self) -> paramiko.SFTPClient:
         if self._sftp is None:
-            self._conn = self._remote.open(self._head, user=self._user)
+            try:
+                self._conn = self._remote.open(self._head, user=self._user)
+            except SSHError as e:
+                if isinstance(e.__cause__, paramiko.AuthenticationException):
+                    raise SSHError(
+                        f"head {self._head.address}:{self._head.port} refused {self._user!r} with the "
+                        "laptop key: the head's jailed SFTP user is not set up for this cluster; run "
+                        "`fab head-setup` and do what it prints on the head (the lab does it itself)"
+                    ) from e
+                raise
             try:
                 self._sftp = self._conn.sftp()
             except paramiko.SSHException as e:
@@ -138,3 +148,23 @@ class Share:
             if e.errno == errno.ENOENT:
                 return None
             raise
+
+    def download(self, rel: str, local: Path) -> int:
+        """Copy a file of the share to `local` (a temporary beside it, then a rename, so a
+        broken transfer never leaves half a file under the final name); return its size."""
+        tmp = local.with_name(f".{local.name}.{uuid.uuid4().hex[:8]}.part")
+        try:
+            self.sftp.get(self.path(rel), str(tmp))
+            os.replace(tmp, local)
+        except FileNotFoundError as e:
+            raise ClusterError(f"{rel} is not on the share (it should have just been written there)") from e
+        finally:
+            tmp.unlink(missing_ok=True)
+        return local.stat().st_size
+
+    def remove(self, rel: str) -> None:
+        """Delete a file of the share; one that is already gone counts as deleted."""
+        try:
+            self.sftp.remove(self.path(rel))
+        except FileNotFoundError:
+            pass

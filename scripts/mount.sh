@@ -1,6 +1,8 @@
 #!/bin/sh
 # A worker VM's SSHFS mount of the head's share: `mount.sh mount|check|remount|unmount`.
 # Settings come from $SPOTFAN_HOME/boot.env, written by `fab up`. Every step is idempotent.
+# The worker key logs in as the head's jailed, SFTP-only user, to whom the share is
+# $SPOTFAN_SHARE (normally /share inside its chroot; see cluster/jail.py).
 set -eu
 SPOTFAN_HOME=${SPOTFAN_HOME:-/var/lib/spotfan}
 . "$SPOTFAN_HOME/boot.env"
@@ -46,8 +48,22 @@ do_unmount() {
     if is_mounted; then fusermount3 -u -z "$SPOTFAN_MOUNT"; fi
 }
 
+why_failed() {  # what ssh said in this attempt's part of the log ($1: the log's size before it)
+    said=$(tail -c "+$(($1 + 1))" "$LOG")
+    if printf '%s' "$said" | grep -q -e 'REMOTE HOST IDENTIFICATION HAS CHANGED' -e 'Host key verification failed'; then
+        presented=$(printf '%s\n' "$said" | grep -o 'SHA256:[A-Za-z0-9+/=]*' | head -n 1)
+        echo "the head's host key changed: $SPOTFAN_HEAD_ADDRESS:$SPOTFAN_HEAD_PORT presented ${presented:-another key}, not the one in $SPOTFAN_HOME/known_hosts (written by fab up). If the head's key was really changed, update head.host_keys (the lab does it itself) and run \`fab heal\`; otherwise someone may be intercepting the connection: do not proceed"
+    elif printf '%s' "$said" | grep -q 'Permission denied'; then
+        echo "the head refused the worker key for $SPOTFAN_HEAD_USER: set up its jailed SFTP user (\`fab head-setup\` prints how)"
+    else
+        printf '%s' "$said" | tail -n 3 | tr '\n' ' '
+    fi
+}
+
 do_mount() {
     mkdir -p "$SPOTFAN_MOUNT"
+    log_size=0
+    if [ -f "$LOG" ]; then log_size=$(wc -c < "$LOG"); fi
     # -f keeps sshfs in the foreground of its own session so that $! is its pid.
     setsid sshfs -f -o "$FUSE_OPTS" -o "$SSH_OPTS" -o "ssh_command=ssh -F none" \
         "$SPOTFAN_HEAD_USER@$SPOTFAN_HEAD_ADDRESS:$SPOTFAN_SHARE" "$SPOTFAN_MOUNT" \
@@ -63,7 +79,7 @@ do_mount() {
         i=$((i + 1))
     done
     do_unmount
-    echo "mount: failed to mount $SPOTFAN_HEAD_ADDRESS:$SPOTFAN_SHARE on $SPOTFAN_MOUNT: $(tail -n 3 "$LOG" | tr '\n' ' ')" >&2
+    echo "mount: failed to mount $SPOTFAN_HEAD_USER@$SPOTFAN_HEAD_ADDRESS:$SPOTFAN_SHARE on $SPOTFAN_MOUNT: $(why_failed "$log_size")" >&2
     return 1
 }
 

@@ -5,6 +5,7 @@ session's VMs and heads are found there by their recorded pids and killed first.
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import shutil
@@ -25,6 +26,9 @@ REPO = Path(__file__).resolve().parents[2]
 LAB_ROOT = Path(os.environ.get("SPOTFAN_TEST_LAB_ROOT", "/tmp/spotfan-lab-tests"))
 FAB = Path(sys.executable).parent / "fab"
 FAB_TIMEOUT_S = 180
+# The lab's head user and jail are machine-wide: name them after LAB_ROOT, so that test
+# sessions with different roots never share one.
+ROOT_TAG = hashlib.sha256(str(LAB_ROOT).encode()).hexdigest()[:6]
 WAIT_POLL_S = 0.25
 
 
@@ -106,6 +110,9 @@ class Lab:
 
 
 _index = itertools.count(1)
+# Concurrent test sessions (developers running the suite side by side) must not bind
+# the same VM addresses: each session takes its own 127.X.0.0/16 from its pid.
+SESSION_OCTET = 20 + os.getpid() % 200
 
 
 @pytest.fixture(scope="session")
@@ -148,6 +155,8 @@ mount_point = "mnt"
 address = "127.0.0.1"
 port = {22300 + (os.getpid() % 50) * 20 + i}
 share = "share"
+user = "sf{ROOT_TAG}-{name}"
+jail = "/srv/spotfan-tests/{ROOT_TAG}/{name}"
 
 [ssh]
 key = "keys/laptop"
@@ -158,7 +167,7 @@ boot_timeout = {boot_timeout}
 
 [lab]
 state_dir = "state"
-address_prefix = "127.0.{200 + i}."
+address_prefix = "127.{SESSION_OCTET}.{i}."
 """)
         lab = Lab(folder, load(folder / "cluster.toml"))
         made.append(lab)

@@ -80,7 +80,7 @@ def test_changed_host_key_is_refused(make_lab):
     for args in (("exec", "hostname"), ("up",)):
         r = lab.fab(*args)
         assert r.returncode == 3, (args, r.stdout, r.stderr)
-        assert f"host key of {victim} (127.0." in r.stdout and "changed" in r.stdout
+        assert f"host key of {victim} ({lab.config.lab.address_prefix}" in r.stdout and "changed" in r.stdout
         assert "do not proceed" in r.stdout
     other = lab.config.vm_names()[1]
     assert f"==> {other}: exit 0" in lab.fab("exec", "hostname").stdout
