@@ -1,4 +1,5 @@
-"""spotfan's cluster commands (Fabric 3): up, run, status, logs, exec, heal, down, preempt.
+"""spotfan's cluster commands (Fabric 3): up, run, status, logs, exec, heal, down, preempt, head-setup,
+and for operators: failures, top, report, collect.
 
 Each command is thin: it calls the `cluster` package, prints what happens, and turns
 errors into exit codes (0 ok; 1 some VMs or keys failed; 2 bad config or usage;
@@ -21,7 +22,9 @@ from typing import Any
 from invoke import task
 from invoke.exceptions import Exit
 
-from cluster import bootstrap, runs
+from cluster import bootstrap, diagnose, engine, runs
+from cluster import top as cluster_top
+from cluster import watch as watching
 from cluster.config import ClusterConfig, config_path, load
 from cluster.errors import ClusterError, ConfigError, GroupError, HostKeyError
 
@@ -75,7 +78,24 @@ def _print_reports(reports: list[bootstrap.VMReport], as_json: bool) -> None:
         print(json.dumps([asdict(r) for r in reports], indent=1))
         return
     for r in reports:
-        _say(f"{r.name}: {r.action}" + (f"; {'; '.join(r.boot.splitlines())}" if r.boot else ""))
+        _say(f"{r.name}: {r.action}" + (f" in {r.zone}" if r.zone else "")
+             + (f"; {'; '.join(r.boot.splitlines())}" if r.boot else ""))
+
+
+def _say_plan(cfg: ClusterConfig, plan: bootstrap.UpPlan) -> None:
+    """What `up` will do and what the cluster will cost per hour, before anything is created."""
+    def names(ns: tuple[str, ...]) -> str:
+        return f" ({', '.join(ns)})" if ns else ""
+
+    _say(f"==> up: will create {len(plan.create)}{names(plan.create)}, start {len(plan.start)}"
+         f"{names(plan.start)}, delete {len(plan.delete)}{names(plan.delete)}; "
+         f"{len(plan.keep)} already there")
+    estimate = getattr(bootstrap.provider_for(cfg), "cost_estimate", None)
+    if estimate is not None:
+        _say(f"==> up: cost: {estimate(plan.workers).describe()}")
+    else:
+        _say(f"==> up: cost: {plan.workers} {cfg.provider} VMs; no cost"
+             + (" (they run on this machine)" if cfg.provider == "lab" else " estimate for this provider"))
 
 
 @task(help={"count": "number of worker VMs (default: as last asked, else cluster.toml)",
@@ -87,7 +107,7 @@ def up(c, cfg: ClusterConfig, count=None, json=False):
     _say(f"==> up: cluster {cfg.name} ({cfg.provider}), "
          f"{'as many VMs as last time' if n is None else f'{n} VMs'}")
     t = time.monotonic()
-    reports = bootstrap.up(cfg, count=n)
+    reports = bootstrap.up(cfg, count=n, on_plan=lambda plan: _say_plan(cfg, plan))
     _print_reports(reports, json)
     _say(f"==> up: {sum(r.action != 'deleted' for r in reports)} VMs working ({time.monotonic() - t:.1f}s)")
 
@@ -126,10 +146,20 @@ def run(c, cfg: ClusterConfig, spec, src="", keys="", out="", name="", workers_p
         raise Exit(code=RESULT_EXIT.get(str(done["result"]), EXIT_FAILED))
 
 
-@task(help={"json": "print one JSON object", "config": "cluster.toml to use"})
+@task(help={"json": "print one JSON object", "config": "cluster.toml to use",
+            "watch": "a live view, refreshed until every run is over (Ctrl-C stops watching)",
+            "interval": f"with --watch: seconds between refreshes (default {watching.WATCH_INTERVAL_S:g})",
+            "timeout": "with --watch: stop after this many seconds; exit 1 if a run still goes"})
 @_command
-def status(c, cfg: ClusterConfig, json=False):
-    """Per run: done/total/failed/running; per VM: state, agent, rate."""
+def status(c, cfg: ClusterConfig, json=False, watch=False, interval=watching.WATCH_INTERVAL_S,
+           timeout=watching.WATCH_TIMEOUT_S):
+    """Per run: done/total/failed/running; per VM: state, agent, rate. --watch: live, with rates and ETAs."""
+    if watch:
+        if json:
+            raise Exit("error: --watch draws a view for people; scripts poll `fab status --json`",
+                       code=EXIT_USAGE)
+        _watch(cfg, interval=float(interval), timeout=float(timeout))
+        return
     st = runs.cluster_status(cfg)
     if json:
         print(st.to_json())
@@ -212,10 +242,17 @@ def heal(c, cfg: ClusterConfig, json=False):
     _say(f"==> heal: {len(fixed)} VMs needed help ({', '.join(fixed) or 'none'})")
 
 
+@task(name="head-setup", help={"config": "cluster.toml to use"})
+@_command
+def head_setup(c, cfg: ClusterConfig):
+    """Print the steps that jail this cluster's SFTP-only user on a real head (the lab does them itself)."""
+    sys.stdout.write(bootstrap.head_setup(cfg))
+
+
 @task(help={"config": "cluster.toml to use"})
 @_command
 def down(c, cfg: ClusterConfig):
-    """Delete every VM of the cluster and verify none is left."""
+    """Delete every VM of the cluster and verify none is left (lab: also its head, head user and jail)."""
     _say(f"==> down: cluster {cfg.name}")
     names = bootstrap.down(cfg)
     _say(f"==> down: deleted {len(names)} VMs ({', '.join(names) or 'none'}); none left")
@@ -228,3 +265,154 @@ def preempt(c, cfg: ClusterConfig, count=1, vm=""):
     """Lab only: kill VMs the way a cloud preempts them."""
     killed = bootstrap.preempt(cfg, count=int(count), names=[vm] if vm else [])
     _say(f"==> preempt: killed {', '.join(killed) or 'nothing (no VM running)'}")
+
+
+def _watch(cfg: ClusterConfig, *, interval: float, timeout: float) -> None:
+    """Rich tables redrawn in place on a terminal; stamped plain lines anywhere else."""
+    from rich.console import Console
+    from rich.live import Live
+
+    console = Console()
+    try:
+        if console.is_terminal:
+            with Live(console=console, auto_refresh=False) as live:
+                last = watching.watch(
+                    cfg, interval=interval, timeout=timeout,
+                    on_view=lambda v: live.update(watching.rich_view(v), refresh=True),
+                    on_error=lambda e: console.print(f"[yellow]status failed, retrying: {e}"))
+        else:
+            last = watching.watch(
+                cfg, interval=interval, timeout=timeout,
+                on_view=lambda v: [_say(line) for line in watching.plain_lines(v)],
+                on_error=lambda e: _say(f"status failed, retrying: {e}"))
+    except KeyboardInterrupt:
+        _say("==> status: stopped watching; the runs go on")
+        return
+    if last is None or not last.over:
+        raise Exit(f"error: runs still going after {timeout:g}s; `fab status --watch` follows them again",
+                   code=EXIT_FAILED)
+    _say("==> status: no run is going")
+
+
+# SPEC is a flag, not a positional argument, because invoke's positional arguments are
+# always required, and "the latest run" is what one wants most of the time.
+SPEC_HELP = {
+    "spec": "a run id, module:function, or a command line as given to `fab run` (default: the latest run)",
+    "src": "for a command: glob of inputs under the root", "keys": "for a command: file of keys",
+    "out": "for a command: output template", "name": "task name", "config": "cluster.toml to use",
+}
+
+
+@task(help={**SPEC_HELP, "json": "print one JSON object",
+                                 "retry": "send the failed keys back and make sure a run retries them"})
+@_command
+def failures(c, cfg: ClusterConfig, spec="", src="", keys="", out="", name="", retry=False, json=False):
+    """A run's failed keys grouped by error, with the end of each traceback; --retry runs them again."""
+    t = engine.target(cfg, spec, src=src, keys=keys, out=out, name=name)
+    if not retry:
+        _print_failures(engine.failures(cfg, t), as_json=json)
+        return
+    if not bootstrap.running_hosts(cfg):
+        print("==> failures: no VM is running; bringing the cluster up to retry", file=sys.stderr, flush=True)
+        bootstrap.up(cfg)
+    rep, retried = engine.retry(cfg, t)
+    if retried.run is not None:  # VMs may have stopped themselves since the run ended
+        reports = bootstrap.up(cfg)
+    _print_failures({**rep, "run": retried.run.id if retried.run else None, "follows": retried.follows},
+                    as_json=json)
+    if json:
+        return
+    if retried.run is None:
+        _say("==> failures: nothing to retry")
+        return
+    follows = (f", after {retried.follows} (still going; its processes never pick reset keys up) "
+               "ends on each VM" if retried.follows else "")
+    _say(f"==> failures: reset {len(retried.keys)} key(s); run {retried.run.id} retries them{follows}")
+    _print_reports(reports, False)
+    _say(f"==> run {retried.run.id} requested; `fab status --watch` follows it")
+
+
+def _print_failures(rep: dict[str, Any], *, as_json: bool) -> None:
+    """What `python -m tasks failures` shows, from its JSON."""
+    if as_json:
+        print(json.dumps(rep, indent=1))
+        return
+    if not rep["failed"]:
+        _say(f"{rep['task']}: no failed keys ({rep['total']} keys)")
+        return
+    retrying = rep["failed"] - rep["gave_up"]
+    _say(f"{rep['task']}: {rep['failed']} of {rep['total']} keys failed ({rep['gave_up']} gave up"
+         + (f", {retrying} will be retried" if retrying else "") + f"), {len(rep['groups'])} distinct error(s)")
+    for i, g in enumerate(rep["groups"], 1):
+        shown = ", ".join(repr(k) for k in g["keys"][:5])
+        more = f" and {g['count'] - 5} more" if g["count"] > 5 else ""
+        _say(f"\n[{i}] {g['count']} key(s): {g['signature']}\n    keys: {shown}{more}")
+        if g["error"] != g["signature"]:
+            _say(f"    e.g.: {g['error']}")
+        for line in g["detail"].splitlines():
+            _say(f"    | {line}")
+
+
+@task(help={"seconds": f"how long to sample each VM (default {cluster_top.DEFAULT_SECONDS:g})",
+            "json": "print one JSON object: per VM its sample and verdict, or its error",
+            "config": "cluster.toml to use"})
+@_command
+def top(c, cfg: ClusterConfig, seconds=cluster_top.DEFAULT_SECONDS, json=False):
+    """Per running VM, sampled at once: CPU, load, memory, disk, network, workers; a verdict and advice."""
+    try:
+        results = diagnose.top(cfg, seconds=float(seconds))
+        failed = None
+    except GroupError as e:
+        results, failed = e.results, e
+    if json:
+        print(_top_json(results))
+    else:
+        for name, r in sorted(results.items()):
+            if isinstance(r, BaseException):
+                _say(f"==> {name}: FAILED: {r}")
+            else:
+                _say(f"==> {name} (judged against {r.workers} worker process(es))")
+                _say(cluster_top.describe(r.sample, r.verdict))
+        _say("==> top: " + ", ".join(f"{n} {'FAILED' if isinstance(r, BaseException) else r.verdict.kind}"
+                                     for n, r in sorted(results.items())))
+    if failed is not None:
+        raise Exit(f"error: {str(failed).splitlines()[0]}", code=_group_exit_code(failed))
+
+
+def _top_json(results: dict[str, Any]) -> str:
+    return json.dumps({n: {"error": str(r)} if isinstance(r, BaseException) else
+                       {"workers": r.workers, "sample": r.sample.to_dict(), "verdict": r.verdict.to_dict()}
+                       for n, r in sorted(results.items())}, indent=1)
+
+
+@task(help={**SPEC_HELP, "to": "folder on this machine for report.png and "
+                                                    "report.html (default ./reports; they land in TO/<task>/)"})
+@_command
+def report(c, cfg: ClusterConfig, spec="", src="", keys="", out="", name="", to="reports"):
+    """Draw a run's report on a VM (tasks done over time per VM, CPU per VM) and download it."""
+    t = engine.target(cfg, spec, src=src, keys=keys, out=out, name=name)
+    got = engine.report(cfg, t, Path(to))
+    i = got.info
+    _say(f"==> report of {i['task']}: {i['tasks']} tasks, {i['failures']} failed executions, "
+         f"{i['hosts']} host(s)")
+    for p in got.paths:
+        _say(f"    {p}")
+
+
+@task(help={**SPEC_HELP, "to": "table to write on this machine: .parquet or .pkl",
+                                 "skip_unreadable": "leave out outputs that cannot be read instead of failing",
+                                 "reader": "module:function reading one output, for outputs with no built-in reader"})
+@_command
+def collect(c, cfg: ClusterConfig, spec="", to="", src="", keys="", out="", name="", skip_unreadable=False,
+            reader=""):
+    """Read every output of a run into one table on a VM, and download it here (Parquet or pickle)."""
+    if not to:
+        raise Exit("error: give --to FILE, e.g. --to results.parquet (or .pkl)", code=EXIT_USAGE)
+    t = engine.target(cfg, spec, src=src, keys=keys, out=out, name=name)
+    got = engine.collect(cfg, t, Path(to), skip_unreadable=skip_unreadable, reader=reader)
+    i = got.info
+    _say(f"==> collect {i['task']}: {i['rows']} rows x {i['columns']} columns from {i['outputs']} outputs; "
+         f"{i['missing']} key(s) missing (not done)"
+         + (f", {i['unreadable']} unreadable skipped" if i.get("unreadable") else "")
+         + f" ({i['seconds']:.1f}s on the VM)")
+    _say(f"    {got.paths[0]}")

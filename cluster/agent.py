@@ -5,28 +5,36 @@ writes under ROOT/.spotfan/cluster/runs/, keeps one `python -m tasks run` per un
 run going (restarting it, a bounded number of times, if it dies while work remains),
 writes this VM's heartbeat to ROOT/.spotfan/cluster/vms/NAME.json, and, as the cost
 guard, stops its own VM once it has had nothing to do for `--idle-timeout` seconds.
+While it runs tasks it also records this VM's CPU, memory, disk and network every few
+seconds (`python -m cluster.top record`, one child process, killed by pid when the tasks
+end or the agent does), which `fab report` draws.
 
 Files it uses under ROOT/.spotfan/cluster/:
     runs/<id>.json        a run request (written by `fab run`)
     runs/<id>.done.json   the run is finished (written by the first agent that saw it end)
     vms/<name>.json       this VM's heartbeat: state, runs, rate
     logs/<name>/<id>.log  output of this VM's `tasks run` for that run; agent.log
+    metrics/<host>.jsonl  this VM's metric samples while it ran tasks (cluster.top)
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import fcntl
 import json
 import logging
 import os
 import secrets
 import shlex
+import signal
 import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from cluster.top import metrics_path
 
 logger = logging.getLogger("cluster.agent")
 
@@ -40,6 +48,12 @@ RESTART_BACKOFF_S = 2.0
 RATE_WINDOW_S = 30.0
 MAX_LIFETIME_S = 7 * 24 * 3600.0  # the loop's outer bound; the idle guard ends it far sooner
 FINAL_EXITS = {0: "done", 1: "failed", 2: "spec-error"}  # `tasks run` exit codes that end a run
+METRICS_INTERVAL_S = 5.0  # one metric sample per this many seconds while tasks run (~0.4% of a core)
+RECORDER_MAX_S = 6 * 3600.0  # one recorder's lifetime; the agent starts another if tasks still run
+RECORDER_RETRY_S = 30.0  # after a recorder failed, wait this long before starting another
+MAX_RECORDER_STARTS = 200  # per boot: a recorder that keeps failing is given up on
+RECORDER_STOP_TIMEOUT_S = 10.0  # SIGTERM ends its sample at once; then SIGKILL
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 CLUSTER_DIR = Path(".spotfan") / "cluster"
 
 
@@ -48,7 +62,7 @@ class RunState:
     """This VM's part in one run."""
 
     id: str
-    state: str = "starting"  # running | waiting | done | failed | spec-error | gave-up
+    state: str = "starting"  # running | waiting | queued | done | failed | spec-error | gave-up
     pid: int | None = None
     restarts: int = 0
     exit_code: int | None = None
@@ -71,6 +85,7 @@ class Settings:
     idle_timeout: float
     workers_per_vm: int
     stop_command: str
+    metrics_interval: float = METRICS_INTERVAL_S  # seconds per metric sample; 0: record none
 
 
 class Agent:
@@ -86,6 +101,9 @@ class Agent:
         self.executions: list[tuple[float, int]] = []  # (time, cumulative executions) samples
         self.total_executions = 0
         self.hostname = socket.gethostname()
+        self.recorder: subprocess.Popen[bytes] | None = None  # `cluster.top record`, while busy
+        self.recorder_starts = 0
+        self.recorder_next = 0.0  # not before this time (after a failed recorder)
 
     def loop(self) -> str:
         """Work until idle for `idle_timeout`; return why the loop ended."""
@@ -104,6 +122,7 @@ class Agent:
             busy = any(r.proc is not None for r in self.runs.values())
             if busy:
                 self.idle_since = now
+            self._keep_recording(busy)
             if now - self.last_heartbeat >= HEARTBEAT_INTERVAL_S:
                 self._heartbeat("working" if busy else ("idle" if self.mount_ok else "mount-dead"))
             if not busy and now - self.idle_since >= self.s.idle_timeout:
@@ -165,6 +184,10 @@ class Agent:
         except (OSError, json.JSONDecodeError) as e:
             logger.warning("run %s: unreadable request: %s", r.id, e)
             return
+        after = self.runs.get(req["after"]) if req.get("after") else None
+        if after is not None and after.proc is not None:
+            r.state = "queued"  # it follows a run whose `tasks run` still goes on this VM
+            return
         workers = int(req.get("workers_per_vm") or self.s.workers_per_vm)
         argv = [self.s.python, "-m", "tasks", "run", *req["spec_args"], *req.get("run_args", []),
                 "--root", str(self.s.root), "--workers", str(workers)]
@@ -204,6 +227,57 @@ class Agent:
         except (OSError, ValueError, subprocess.TimeoutExpired) as e:
             logger.warning("run %s: tasks status failed: %s", rid, e)
             return None
+
+    # -- metrics ------------------------------------------------------------------------
+
+    def _keep_recording(self, busy: bool) -> None:
+        """One recorder while tasks run, none otherwise."""
+        rec = self.recorder
+        if rec is not None and rec.poll() is not None:
+            self.recorder = None
+            if rec.returncode != 0:
+                logger.warning("metrics recorder (pid %d) exited %d; see %s", rec.pid,
+                               rec.returncode, self.s.home / "metrics.log")
+                self.recorder_next = time.monotonic() + RECORDER_RETRY_S
+        if not busy:
+            self.stop_recording()
+        elif (self.recorder is None and self.mount_ok and self.s.metrics_interval > 0
+              and self.recorder_starts < MAX_RECORDER_STARTS
+              and time.monotonic() >= self.recorder_next):
+            self._start_recorder()
+
+    def _start_recorder(self) -> None:
+        path = metrics_path(self.s.root, self.hostname)
+        argv = [self.s.python, "-m", "cluster.top", "record", "--to", str(path),
+                "--interval", f"{self.s.metrics_interval:g}", "--for", f"{RECORDER_MAX_S:g}"]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            p for p in [self.s.python_path, str(self.s.root)] if p)}
+        self.recorder_starts += 1
+        try:
+            with open(self.s.home / "metrics.log", "ab") as err:
+                # cwd on the VM's own disk: a dead mount must not hang the recorder's start
+                self.recorder = subprocess.Popen(
+                    argv, cwd=self.s.home, env=env, stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL, stderr=err, preexec_fn=_die_with_parent)
+        except OSError as e:
+            logger.warning("cannot start the metrics recorder: %s", e)
+            self.recorder_next = time.monotonic() + RECORDER_RETRY_S
+            return
+        logger.info("recording metrics to %s (pid %d, every %gs)", path, self.recorder.pid,
+                    self.s.metrics_interval)
+
+    def stop_recording(self) -> None:
+        """End the recorder by its pid: SIGTERM (it writes its last sample), then SIGKILL."""
+        rec, self.recorder = self.recorder, None
+        if rec is None or rec.poll() is not None:
+            return
+        rec.terminate()
+        try:
+            rec.wait(timeout=RECORDER_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            rec.kill()
+            rec.wait(timeout=RECORDER_STOP_TIMEOUT_S)
+        logger.info("stopped recording metrics (pid %d)", rec.pid)
 
     # -- health and reporting -----------------------------------------------------------
 
@@ -254,10 +328,20 @@ class Agent:
     def stop_vm(self, why: str) -> None:
         logger.info("nothing to do for %.0fs (%s): stopping this VM with `%s`",
                     self.s.idle_timeout, why, self.s.stop_command)
+        self.stop_recording()
         self._heartbeat("stopped-idle")
         for h in logging.getLogger().handlers:
             h.flush()
         subprocess.run(shlex.split(self.s.stop_command), timeout=60, check=False)
+
+
+def _die_with_parent() -> None:
+    """In a child before exec: SIGTERM it when the agent dies, even by SIGKILL (Linux only;
+    elsewhere the agent's own stop_recording is the only way it ends)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
 
 
 def _write_json(path: Path, data: dict[str, object]) -> None:
@@ -278,9 +362,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle-timeout", required=True, type=float)
     p.add_argument("--workers-per-vm", required=True, type=int)
     p.add_argument("--stop-command", required=True)
+    p.add_argument("--metrics-interval", type=float, default=METRICS_INTERVAL_S,
+                   help=f"seconds per metric sample while tasks run (default {METRICS_INTERVAL_S:g}; 0: none)")
     a = p.parse_args(argv)
     s = Settings(name=a.name, root=a.root, home=a.home, python=a.python, python_path=a.python_path,
-                 idle_timeout=a.idle_timeout, workers_per_vm=a.workers_per_vm, stop_command=a.stop_command)
+                 idle_timeout=a.idle_timeout, workers_per_vm=a.workers_per_vm, stop_command=a.stop_command,
+                 metrics_interval=a.metrics_interval)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {s.name} agent: %(message)s")
     # One agent per VM, even if two boots race.
     lock = open(s.home / "agent.lock", "w")
@@ -299,7 +386,10 @@ def main(argv: list[str] | None = None) -> int:
         logger.warning("no agent log on the share (%s); logging locally only", e)
     agent = Agent(s)
     logger.info("started (pid %d, root %s, idle timeout %.0fs)", os.getpid(), s.root, s.idle_timeout)
-    why = agent.loop()
+    try:
+        why = agent.loop()
+    finally:
+        agent.stop_recording()
     agent.stop_vm(why)
     return 0
 

@@ -44,6 +44,8 @@ class RunRequest:
     run_args: list[str]  # options only `tasks run` takes (--max-attempts, --limit, ...)
     workers_per_vm: int | None  # `tasks run --workers` on each VM; None: the VM's default
     created: float  # epoch seconds
+    after: str | None = None  # a run this one follows: on each VM it starts once that run's
+    # process there has ended (`fab failures --retry` while the run it retries still goes)
 
 
 @dataclass(frozen=True)
@@ -134,12 +136,13 @@ def new_run_id() -> str:
 
 
 def submit(config: ClusterConfig, *, spec_args: Sequence[str], run_args: Sequence[str] = (),
-           workers_per_vm: int | None = None, ship: Sequence[Path] = ()) -> RunRequest:
+           workers_per_vm: int | None = None, ship: Sequence[Path] = (),
+           after: str | None = None) -> RunRequest:
     """Ship code to the share (optional) and write a run request the agents will pick up."""
     if not spec_args:
         raise ClusterError("nothing to run: give SPEC (module:function) or --cmd with --src/--keys and --out")
     req = RunRequest(id=new_run_id(), spec_args=list(spec_args), run_args=list(run_args),
-                     workers_per_vm=workers_per_vm, created=time.time())
+                     workers_per_vm=workers_per_vm, created=time.time(), after=after)
     with Share.from_config(config) as share:
         for path in ship:
             n = share.ship(path)
@@ -163,12 +166,17 @@ def finished(share: Share, run_id: str) -> dict[str, object] | None:
     return json.loads(text) if text else None
 
 
+def tasks_command(config: ClusterConfig, args: Sequence[str]) -> str:
+    """The shell command that runs `python -m tasks ARGS` on a VM, in the mounted run root."""
+    argv = [config.python, "-m", "tasks", *args]
+    pythonpath = ":".join([config.mount_point, *config.python_path])
+    return f"cd {shlex.quote(config.mount_point)} && PYTHONPATH={shlex.quote(pythonpath)} {shlex.join(argv)}"
+
+
 def engine_status(config: ClusterConfig, req: RunRequest, hosts: Sequence[Host]) -> dict[str, int] | None:
     """`python -m tasks status --json` for the run, asked of the first live VM that answers."""
     remote = Remote.from_config(config)
-    argv = [config.python, "-m", "tasks", "status", *req.spec_args, "--root", config.mount_point, "--json"]
-    pythonpath = ":".join([config.mount_point, *config.python_path])
-    command = f"cd {shlex.quote(config.mount_point)} && PYTHONPATH={shlex.quote(pythonpath)} {shlex.join(argv)}"
+    command = tasks_command(config, ["status", *req.spec_args, "--root", config.mount_point, "--json"])
     for host in hosts:
         try:
             with remote.open(host, attempts=1) as conn:

@@ -54,6 +54,7 @@ SWAP_BPS = 1 << 20  # swapping faster than this (bytes/s) is memory pressure
 MEM_PRESSURE_PCT = 10.0  # Linux PSI: share of time some task stalled on memory
 OTHERS_SHOWN = 3  # busiest other processes kept in a sample
 OTHERS_MIN_PCT = 5.0  # ... if they use at least this percent of one core
+VERDICT_KINDS = ("idle", "memory", "cpu-bound", "too-few", "io-wait", "waiting", "ok")
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,13 @@ class Sample:
     def to_dict(self) -> dict[str, Any]:
         return _rounded(asdict(self))
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Sample:
+        """The inverse of `to_dict`: a sample another machine sent as JSON (`fab top`)."""
+        return cls(**{**d, "cpu_per_core": tuple(d["cpu_per_core"]), "load": tuple(d["load"]),
+                      "workers": WorkerUse(**d["workers"]),
+                      "others": tuple(ProcessUse(**o) for o in d["others"])})
+
     def metric_row(self) -> dict[str, Any]:
         """One line of a metrics file (the format tasks/report.py reads)."""
         return {"t": round(self.time, 3), "host": self.host, "seconds": round(self.seconds, 3),
@@ -127,12 +135,16 @@ class Sample:
 class Verdict:
     """What limits the run on one machine, and what to do about it."""
 
-    kind: str  # idle | memory | cpu-bound | too-few | io-wait | waiting | ok
+    kind: str  # one of VERDICT_KINDS: idle | memory | cpu-bound | too-few | io-wait | waiting | ok
     summary: str  # one line a person reads first
     advice: tuple[str, ...]  # concrete next steps, most useful first
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Verdict:
+        return cls(kind=d["kind"], summary=d["summary"], advice=tuple(d["advice"]))
 
 
 def _rounded(value: Any) -> Any:
@@ -475,7 +487,8 @@ def record(path: str | Path, interval_s: float, stop_event: threading.Event, *,
 
 # -- command line ------------------------------------------------------------------------
 
-def _human(s: Sample, v: Verdict) -> str:
+def describe(s: Sample, v: Verdict) -> str:
+    """A sample and its verdict as a person reads them (also what `fab top` prints per VM)."""
     w = s.workers
     cores = " ".join(f"{c:.0f}" for c in s.cpu_per_core)
     lines = [
@@ -531,7 +544,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps({"sample": s.to_dict(), "verdict": v.to_dict()}))
     else:
-        print(_human(s, v))
+        print(describe(s, v))
     return 0
 
 

@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 METRICS_DIR = Path(BOOKKEEPING_DIR) / "cluster" / "metrics"  # relative to the run root
 METRICS_MARGIN_S = 60.0  # metric samples this close to the run are read (the plot shows the run)
 MAX_POINTS = 2000  # points per drawn line; longer series are thinned evenly
+METRICS_GAP_FACTOR = 3.0  # samples further apart than this many typical intervals: a gap
 MAX_LEGEND_HOSTS = 16  # above this many hosts the legend is left out (the table names them)
 FIG_SIZE = (11.0, 8.5)  # inches
 DPI = 110
@@ -220,6 +221,10 @@ def _draw(task: str, rows: list[dict[str, Any]], metrics: dict[str, list[dict[st
             t = (np.array([s["t"] - s.get("seconds", 0.0) / 2 for s in samples]) - start) / scale
             cpu = np.array([s["cpu"] for s in samples], dtype=float)
             t, cpu = _thin(t, cpu)
+            if len(t) > 2:  # a VM that records nothing (preempted, stopped) is drawn as a gap
+                steps = np.diff(t)
+                gaps = np.flatnonzero(steps > METRICS_GAP_FACTOR * np.median(steps))
+                t, cpu = np.insert(t, gaps + 1, t[gaps]), np.insert(cpu, gaps + 1, np.nan)
             ax_cpu.plot(t, cpu, color=colors.get(h, "gray"), lw=1.3, marker="." if len(t) < 60
                         else None, ms=4, label=h)
     else:
