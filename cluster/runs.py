@@ -202,7 +202,7 @@ def cluster_status(config: ClusterConfig, *, live: bool = True) -> ClusterStatus
         vms = [VMState(
             name=i.name, address=i.address, status=i.status.value, preempted=i.preempted,
             agent=beats.get(i.name, {}).get("state"),
-            heartbeat_age=round(now - beats[i.name]["time"], 1) if i.name in beats else None,
+            heartbeat_age=round(max(0.0, now - beats[i.name]["time"]), 1) if i.name in beats else None,
             rate=beats.get(i.name, {}).get("rate"),
             runs={rid: r["state"] for rid, r in beats.get(i.name, {}).get("runs", {}).items()},
         ) for i in instances]
