@@ -17,12 +17,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import tiny_task  # noqa: E402
 
 
 def spotfan(root: Path, workers: int, keys: int) -> float:

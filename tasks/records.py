@@ -94,24 +94,32 @@ class ExecLog:
             self._f = None
 
 
-def read_logs(log_dir: Path) -> Iterator[dict[str, Any]]:
-    """Every execution row of every owner; a torn last line (killed writer) is skipped."""
+def read_jsonl(folder: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(file name, row) for every line of every `*.jsonl` file in a folder, in name order.
+    A torn line (its writer was killed mid-line) or one that is not an object is skipped."""
     try:
-        names = sorted(os.listdir(log_dir))
+        names = sorted(os.listdir(folder))
     except FileNotFoundError:
         return
     for name in names:
         if not name.endswith(".jsonl"):
             continue
         try:
-            text = (log_dir / name).read_text(encoding="utf-8", errors="replace")
+            text = (folder / name).read_text(encoding="utf-8", errors="replace")
         except OSError:
             continue
         for line in text.splitlines():
             try:
-                yield json.loads(line)
+                row = json.loads(line)
             except ValueError:
                 continue
+            if isinstance(row, dict):
+                yield name, row
+
+
+def read_logs(log_dir: Path) -> Iterator[dict[str, Any]]:
+    """Every execution row of every owner."""
+    return (row for _, row in read_jsonl(log_dir))
 
 
 def now() -> float:

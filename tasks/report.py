@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import logging
 import os
 import time
@@ -27,7 +26,7 @@ import numpy as np
 
 from tasks.errors import ReportError
 from tasks.layout import BOOKKEEPING_DIR, Layout
-from tasks.records import read_logs
+from tasks.records import read_jsonl, read_logs
 
 logger = logging.getLogger(__name__)
 
@@ -107,31 +106,12 @@ def read_metrics(root: str | Path, *, since: float = 0.0,
                  until: float = float("inf")) -> dict[str, list[dict[str, Any]]]:
     """Metric samples per host between `since` and `until`, sorted by time. Torn or
     foreign lines are skipped: a recorder may be killed mid-line."""
-    folder = Path(root) / METRICS_DIR
     found: dict[str, list[dict[str, Any]]] = {}
-    try:
-        names = sorted(os.listdir(folder))
-    except FileNotFoundError:
-        return found
-    for name in names:
-        if not name.endswith(".jsonl"):
-            continue
-        try:
-            text = (folder / name).read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            continue
-        samples = []
-        for line in text.splitlines():
-            try:
-                s = json.loads(line)
-            except ValueError:
-                continue
-            if (isinstance(s, dict) and isinstance(s.get("t"), (int, float))
-                    and isinstance(s.get("cpu"), (int, float)) and since <= s["t"] <= until):
-                samples.append(s)
-        if samples:
-            host = str(samples[0].get("host") or name[: -len(".jsonl")])
-            found.setdefault(host, []).extend(samples)
+    for name, s in read_jsonl(Path(root) / METRICS_DIR):
+        if (isinstance(s.get("t"), (int, float)) and isinstance(s.get("cpu"), (int, float))
+                and since <= s["t"] <= until):
+            host = str(s.get("host") or name[: -len(".jsonl")])
+            found.setdefault(host, []).append(s)
     for samples in found.values():
         samples.sort(key=lambda s: s["t"])
     return found

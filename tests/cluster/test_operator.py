@@ -179,7 +179,7 @@ def test_top_names_a_cpu_bound_run_and_one_failing_vm_hides_no_other(make_lab):
     r = lab.fab("top", "--seconds", "1", timeout=60)
     assert r.returncode == 1, r.stdout + r.stderr
     assert f"==> {vms[0]} (judged against {CORES} worker process(es))" in r.stdout
-    assert f"\nverdict: " in r.stdout
+    assert "\nverdict: " in r.stdout
     assert f"==> {mute}: FAILED: {mute} (" in r.stdout
     assert re.search(rf"==> top: {vms[0]} [a-z-]+, {mute} FAILED", r.stdout), r.stdout
     assert "error: cluster.top failed on 1 of 2 VMs" in r.stderr
