@@ -107,9 +107,24 @@ def up(c, cfg: ClusterConfig, count=None, json=False):
     _say(f"==> up: cluster {cfg.name} ({cfg.provider}), "
          f"{'as many VMs as last time' if n is None else f'{n} VMs'}")
     t = time.monotonic()
+    cfg = _up_head(cfg)
     reports = bootstrap.up(cfg, count=n, on_plan=lambda plan: _say_plan(cfg, plan))
     _print_reports(reports, json)
     _say(f"==> up: {sum(r.action != 'deleted' for r in reports)} VMs working ({time.monotonic() - t:.1f}s)")
+
+
+def _up_head(cfg: ClusterConfig) -> ClusterConfig:
+    """With `[gce.head] create = true`: create (or find) the head VM first, and point cfg at it."""
+    provider = bootstrap.provider_for(cfg)
+    head_cost = getattr(provider, "head_cost_estimate", lambda: None)()
+    if head_cost is None:
+        return cfg  # the head is an existing host
+    from cluster import gce_head
+
+    _say(f"==> up: head VM cost: {head_cost.describe()}")
+    cfg, vm = gce_head.up_head(cfg, provider, jail_steps=bootstrap.head_setup(cfg))
+    _say(f"==> up: head VM {vm.name} running in {vm.zone} at {vm.address} (host keys from guest attributes)")
+    return cfg
 
 
 @task(positional=["spec"], help={
@@ -249,13 +264,27 @@ def head_setup(c, cfg: ClusterConfig):
     sys.stdout.write(bootstrap.head_setup(cfg))
 
 
-@task(help={"config": "cluster.toml to use"})
+@task(help={"config": "cluster.toml to use",
+            "head": "GCE [gce.head]: also delete the head VM (its data disk is kept)"})
 @_command
-def down(c, cfg: ClusterConfig):
-    """Delete every VM of the cluster and verify none is left (lab: also its head, head user and jail)."""
+def down(c, cfg: ClusterConfig, head=False):
+    """Delete every worker VM and verify none is left (lab: also its head, head user and jail)."""
     _say(f"==> down: cluster {cfg.name}")
     names = bootstrap.down(cfg)
     _say(f"==> down: deleted {len(names)} VMs ({', '.join(names) or 'none'}); none left")
+    provider = bootstrap.provider_for(cfg)
+    if getattr(provider, "head_cost_estimate", lambda: None)() is None:
+        return  # no head VM: the head is an existing host (or the lab's, stopped above)
+    vm = provider.head()
+    if not head:
+        _say(f"==> down: kept the head VM{' ' + vm.name if vm else ''} and its data disk; "
+             "`fab down --head` deletes the VM too")
+        return
+    disk = provider.delete_head()
+    zone = vm.zone if vm else provider.settings.head.zone
+    _say(f"==> down: deleted the head VM{' ' + vm.name if vm else ' (none was there)'}; its data disk {disk} "
+         f"is kept: `gcloud compute disks delete {disk} --zone {zone} --project {provider.settings.project}` "
+         "deletes it (and the share) for good")
 
 
 @task(help={"count": "how many running VMs to kill", "vm": "kill this VM instead of random ones",

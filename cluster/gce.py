@@ -22,10 +22,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from cluster import gce_client
 from cluster.errors import ConfigError, GroupError, ProvisionError, QuotaError, StockoutError
 from cluster.gce_client import GceClients, compute
+from cluster.gce_head import HEAD_ROLE, check_head_vm_config, data_disk_name, head_body, head_name
 from cluster.gce_instance import (
     CLUSTER_LABEL,
     KEY_BASE64,
     KEY_TYPE,
+    ROLE_LABEL,
     address_of,
     check_public_key,
     instance_body,
@@ -143,12 +145,19 @@ class GceProvider:
         for key, value in defaults.items():
             if value:
                 table.setdefault(key, value)
+        settings = GceSettings.from_mapping(table)
+        if settings.head is not None:
+            check_head_vm_config(config)
         return cls(
-            GceSettings.from_mapping(table),
+            settings,
             cluster_name=config.name,
             boot_script=BOOT_SCRIPT,
             ssh_public_key=config.ssh.key.with_name(config.ssh.key.name + ".pub"),
         )
+
+    def head_cost_estimate(self) -> CostEstimate | None:
+        """What the head VM of `[gce.head]` costs per hour; None when the head is an existing host."""
+        return self.settings.head_cost_estimate()
 
     def cost_estimate(self, workers: int) -> CostEstimate:
         """What `workers` workers cost per hour, from `[gce.prices]`; no API call."""
@@ -165,6 +174,7 @@ class GceProvider:
             if self._clients is not None:
                 self._clients.instances.transport.close()
                 self._clients.zone_operations.transport.close()
+                self._clients.disks.transport.close()
                 self._clients = None
 
     # --- the Provider protocol ---------------------------------------------------------
@@ -244,6 +254,65 @@ class GceProvider:
             raise GroupError(f"no host keys for {', '.join(sorted(failed))}: {_first(failed)}", results)
         return {n: results.get(n, []) for n in names}
 
+    # --- the optional head VM ([gce.head]) ----------------------------------------------
+
+    def head(self) -> Instance | None:
+        """The cluster's head VM (found by label `spotfan-role=head`), its internal address; or None."""
+        raw = self._list_raw(role=HEAD_ROLE)
+        if not raw:
+            return None
+        return self._to_instance(next(iter(raw.values())), external=False)
+
+    def create_head(self, *, jail_steps: str) -> Instance:
+        """Create the head VM of `[gce.head]` unless it exists (start it if stopped); wait until it runs.
+
+        `jail_steps` is `cluster.jail.setup_steps(config)`, run by the head's startup-script
+        at every boot after its data disk is mounted.
+        """
+        h = self.settings.head
+        if h is None:
+            raise ConfigError("no [gce.head] table with create = true: the head is an existing host")
+        name = head_name(self.cluster_name)
+        existing = self._list_raw(role=HEAD_ROLE)
+        if name in existing:
+            logger.info("reusing head VM %s in %s", name, zone_of(existing[name]))
+            if status_of(existing[name]) in (Status.TERMINATED, Status.STOPPING):
+                self._start_one(name, zone_of(existing[name]))
+        else:
+            # A data disk kept by `fab down --head` is attached again, never created anew.
+            reuse = self._disk_exists(data_disk_name(self.cluster_name), h.zone)
+            body = head_body(self.settings, h, cluster_name=self.cluster_name, jail_steps=jail_steps,
+                             ssh_public_key=self._text("ssh_public_key"), reuse_data_disk=reuse)
+            self._insert_one(name, h.zone, body=body)
+            logger.info("created head VM %s in %s with %s data disk %s", name, h.zone,
+                        "its kept" if reuse else "a new", data_disk_name(self.cluster_name))
+        deadline = time.monotonic() + self.timing.boot_timeout_s
+        for _ in range(self.timing.max_polls):
+            raw = self._list_raw(role=HEAD_ROLE).get(name)
+            if raw is not None and status_of(raw) is Status.RUNNING and address_of(raw, external=False):
+                return self._to_instance(raw, external=False)
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(self.timing.poll_interval_s)
+        raise ProvisionError(f"head VM {name} not RUNNING after {self.timing.boot_timeout_s:.0f} s; run `fab up` again")
+
+    def head_host_key_lines(self, *, port: int) -> list[str]:
+        """The head VM's `known_hosts` lines (for its internal address) from its guest attributes."""
+        raw = self._list_raw(role=HEAD_ROLE).get(head_name(self.cluster_name))
+        if raw is None:
+            raise ProvisionError(f"cluster {self.cluster_name} has no head VM: `fab up` creates it")
+        return self._host_keys_one(raw.name, raw, external=False, port=port)
+
+    def delete_head(self) -> str:
+        """Delete the head VM (a missing one is fine); return the name of its data disk, which is kept."""
+        raw = self._list_raw(role=HEAD_ROLE)
+        for name, inst in raw.items():
+            self._delete_one(name, zone_of(inst))
+        left = sorted(self._list_raw(role=HEAD_ROLE))
+        if left:
+            raise ProvisionError(f"head VM still listed after delete: {', '.join(left)}; run `fab down --head` again")
+        return data_disk_name(self.cluster_name)
+
     # --- one VM at a time --------------------------------------------------------------
 
     def _insert_with_failover(self, names: Sequence[str], zones: Sequence[str]) -> dict[str, str]:
@@ -287,13 +356,14 @@ class GceProvider:
             )
         return placed
 
-    def _insert_one(self, name: str, zone: str) -> None:
+    def _insert_one(self, name: str, zone: str, *, body: Any = None) -> None:
+        """Insert worker `name` in `zone` (or `body`, an Instance such as the head's)."""
         doing = f"creating {name} in {zone}"
         try:
             op = self._api().instances.insert(
                 project=self.settings.project,
                 zone=zone,
-                instance_resource=instance_body(
+                instance_resource=body if body is not None else instance_body(
                     self.settings,
                     name=name,
                     zone=zone,
@@ -331,7 +401,7 @@ class GceProvider:
             raise self._translate(e, doing) from e
         self._finish(op, zone, doing, gone_is_fine=True)
 
-    def _host_keys_one(self, name: str, raw: Any) -> list[str]:
+    def _host_keys_one(self, name: str, raw: Any, *, external: bool | None = None, port: int | None = None) -> list[str]:
         zone = zone_of(raw)
         deadline = time.monotonic() + self.timing.host_key_timeout_s
         for _ in range(self.timing.max_polls):
@@ -348,7 +418,7 @@ class GceProvider:
                     raise self._translate(e, f"reading the host keys of {name}") from e
                 keys = []  # 404 until the guest agent has published them
             if keys:
-                return self._known_hosts_lines(name, zone, raw, keys)
+                return self._known_hosts_lines(name, zone, raw, keys, external=external, port=port)
             if time.monotonic() >= deadline:
                 break
             time.sleep(self.timing.poll_interval_s)
@@ -358,11 +428,14 @@ class GceProvider:
             f"(google-guest-agent) and the VM needs metadata enable-guest-attributes=TRUE"
         )
 
-    def _known_hosts_lines(self, name: str, zone: str, raw: Any, keys: list[tuple[str, str]]) -> list[str]:
-        address = address_of(raw, external=self.settings.external_ip)
+    def _known_hosts_lines(
+        self, name: str, zone: str, raw: Any, keys: list[tuple[str, str]], *, external: bool | None, port: int | None
+    ) -> list[str]:
+        external = self.settings.external_ip if external is None else external
+        address = address_of(raw, external=external)
         if not address:  # listed before its IP was assigned
-            address = address_of(self._get(name, zone), external=self.settings.external_ip)
-        host = host_pattern(address, self.settings.ssh_port)
+            address = address_of(self._get(name, zone), external=external)
+        host = host_pattern(address, self.settings.ssh_port if port is None else port)
         lines = []
         for key_type, value in keys:
             # Whatever a VM publishes ends up in known_hosts: accept nothing but a key.
@@ -415,16 +488,21 @@ class GceProvider:
             return
         raise ProvisionError(f"{doing}: {', '.join(failure.codes)}: {failure.message}")
 
-    def _list_raw(self) -> dict[str, Any]:
-        """Every VM with this cluster's label, in any zone, by name."""
+    def _list_raw(self, *, role: str = "worker") -> dict[str, Any]:
+        """The cluster's workers (or with role "head", its head VM), in any zone, by name.
+
+        One label filter finds the cluster; the head is told apart here, so that no
+        worker path (create, list, heal, delete, down) ever counts or touches it.
+        """
         request = compute().AggregatedListInstancesRequest(
             project=self.settings.project, filter=f'labels.{CLUSTER_LABEL} = "{self.cluster_name}"'
         )
         try:
             pages = self._api().instances.aggregated_list(request=request, timeout=self.timing.api_timeout_s)
-            return {inst.name: inst for _, scoped in pages for inst in scoped.instances}
+            found = {inst.name: inst for _, scoped in pages for inst in scoped.instances}
         except Exception as e:
             raise self._translate(e, f"listing the VMs of cluster {self.cluster_name}") from e
+        return {n: i for n, i in found.items() if (dict(i.labels).get(ROLE_LABEL) == HEAD_ROLE) == (role == HEAD_ROLE)}
 
     def _get(self, name: str, zone: str) -> Any:
         try:
@@ -433,6 +511,15 @@ class GceProvider:
             )
         except Exception as e:
             raise self._translate(e, f"reading {name} in {zone}") from e
+
+    def _disk_exists(self, disk: str, zone: str) -> bool:
+        try:
+            self._api().disks.get(project=self.settings.project, zone=zone, disk=disk, timeout=self.timing.api_timeout_s)
+        except Exception as e:
+            if gce_client.is_not_found(e):
+                return False
+            raise self._translate(e, f"looking for disk {disk} in {zone}") from e
+        return True
 
     def _is_ours(self, name: str, zone: str) -> bool:
         labels = dict(self._get(name, zone).labels)
@@ -491,10 +578,10 @@ class GceProvider:
             f"or recreates them"
         )
 
-    def _to_instance(self, raw: Any, *, preempted: bool = False) -> Instance:
+    def _to_instance(self, raw: Any, *, preempted: bool = False, external: bool | None = None) -> Instance:
         return Instance(
             name=raw.name,
-            address=address_of(raw, external=self.settings.external_ip),
+            address=address_of(raw, external=self.settings.external_ip if external is None else external),
             port=self.settings.ssh_port,
             status=status_of(raw),
             zone=zone_of(raw),

@@ -42,10 +42,11 @@ def compute() -> Any:
 
 @dataclass(frozen=True)
 class GceClients:
-    """The two Compute API clients the provider uses, sharing credentials and endpoint."""
+    """The Compute API clients the provider uses, sharing credentials and endpoint."""
 
     instances: "compute_v1.InstancesClient"  # instances.* and getGuestAttributes
     zone_operations: "compute_v1.ZoneOperationsClient"  # waits on zonal operations
+    disks: "compute_v1.DisksClient"  # whether a head's kept data disk exists, to attach it again
 
 
 def make_clients(*, project: str, api_endpoint: str | None) -> GceClients:
@@ -71,6 +72,7 @@ def make_clients(*, project: str, api_endpoint: str | None) -> GceClients:
     return GceClients(
         instances=compute_v1.InstancesClient(**kwargs),
         zone_operations=compute_v1.ZoneOperationsClient(**kwargs),
+        disks=compute_v1.DisksClient(**kwargs),
     )
 
 

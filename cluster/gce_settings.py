@@ -12,6 +12,7 @@ PROVISIONING_MODELS = ("spot", "preemptible", "standard")
 TERMINATION_ACTIONS = ("STOP", "DELETE")
 DEFAULT_MAX_RUN_DURATION_S = 24 * 3600  # a forgotten worker stops after a day
 PRICING_URL = "https://cloud.google.com/spot-vms/pricing"
+DEFAULT_HEAD_IMAGE = "projects/debian-cloud/global/images/family/debian-12"  # the head runs only sshd
 
 # GCE label keys and values: lowercase letters, digits, '_' and '-', at most 63 characters.
 _LABEL_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
@@ -25,6 +26,18 @@ class MachinePrice:
 
     standard: float  # on-demand price per hour
     spot: float | None = None  # spot (and legacy preemptible) price per hour; None if unknown
+
+
+@dataclass(frozen=True)
+class HeadVmSettings:
+    """The optional `[gce.head]` table: a standard (never spot) head VM with a data disk."""
+
+    zone: str  # where the head VM and its data disk live; default the first of [gce].zones
+    machine_type: str = "e2-standard-2"  # the head serves SFTP only
+    data_disk_gb: int = 100  # the persistent data disk that holds the share
+    data_disk_type: str = "pd-balanced"
+    image: str = DEFAULT_HEAD_IMAGE  # boot image: any Debian-like image (no spotfan install needed)
+    boot_disk_gb: int = 10  # the head's boot disk; the data lives on the data disk
 
 
 @dataclass(frozen=True)
@@ -50,6 +63,7 @@ class GceSettings:
     ssh_port: int = 22  # where sshd listens on the image
     api_endpoint: str | None = None  # Compute API root; None = Google's. "http://..." = emulator
     prices: Mapping[str, MachinePrice] = field(default_factory=dict)  # machine type -> price
+    head: HeadVmSettings | None = None  # `[gce.head] create = true`; None = the head is an existing host
 
     @property
     def image_path(self) -> str:
@@ -67,6 +81,12 @@ class GceSettings:
         return estimate_hourly_cost(
             self.prices, machine_type=self.machine_type, workers=workers, provisioning=self.provisioning
         )
+
+    def head_cost_estimate(self) -> "CostEstimate | None":
+        """What the head VM costs per hour (standard pricing), or None without `[gce.head]`."""
+        if self.head is None:
+            return None
+        return estimate_hourly_cost(self.prices, machine_type=self.head.machine_type, workers=1, provisioning="standard")
 
 
 @dataclass(frozen=True)
@@ -112,7 +132,10 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "termination_action": str, "max_run_duration_s": int, "disk_size_gb": int,
     "disk_type": str, "labels": dict, "tags": list, "network": str, "subnetwork": str,
     "external_ip": bool, "service_account": str, "ssh_user": str, "ssh_port": int,
-    "api_endpoint": str, "prices": dict,
+    "api_endpoint": str, "prices": dict, "head": dict,
+}  # fmt: skip
+_HEAD_TYPES: dict[str, type] = {
+    "create": bool, "zone": str, "machine_type": str, "data_disk_gb": int, "data_disk_type": str, "image": str,
 }  # fmt: skip
 _REQUIRED = ("project", "zones", "image")
 
@@ -187,6 +210,37 @@ def _parse(d: Mapping[str, Any]) -> GceSettings:
         ssh_port=d.get("ssh_port", 22),
         api_endpoint=endpoint,
         prices=_parse_prices(d.get("prices", {})),
+        head=_parse_head(d.get("head"), zones=zones),
+    )
+
+
+def _parse_head(table: Mapping[str, Any] | None, *, zones: tuple[str, ...]) -> HeadVmSettings | None:
+    """`[gce.head]`: absent (or `create = false`) means the head is an existing host."""
+    if table is None:
+        return None
+    unknown = sorted(set(table) - set(_HEAD_TYPES))
+    if unknown:
+        raise _fail("head", f"unknown key(s) {', '.join(unknown)}; known keys: {', '.join(_HEAD_TYPES)}")
+    for key, value in table.items():
+        expected = _HEAD_TYPES[key]
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise _fail(f"head.{key}", f"expected {_type_name(expected)}, got {value!r}")
+    if "create" not in table:
+        raise _fail("head.create", "missing: write `create = true` to have spotfan create the head VM, or remove [gce.head] to use an existing head")
+    if not table["create"]:
+        return None
+    zone = table.get("zone", zones[0])
+    if not _ZONE.match(zone):
+        raise _fail("head.zone", f"expected a zone name like \"us-central1-a\", got {zone!r}")
+    size = table.get("data_disk_gb", 100)
+    if not 10 <= size <= 65536:
+        raise _fail("head.data_disk_gb", f"must be from 10 to 65536 (GB), got {size}")
+    return HeadVmSettings(
+        zone=zone,
+        machine_type=table.get("machine_type", "e2-standard-2"),
+        data_disk_gb=size,
+        data_disk_type=table.get("data_disk_type", "pd-balanced"),
+        image=table.get("image", DEFAULT_HEAD_IMAGE),
     )
 
 

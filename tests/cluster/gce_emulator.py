@@ -1,8 +1,9 @@
 """A local HTTP emulator of the Compute Engine API subset spotfan uses, for tests.
 
 It serves `compute/v1` on 127.0.0.1 (an ephemeral port) to the real google-cloud-compute
-client: instances insert/get/list/aggregatedList/delete/start/stop/getGuestAttributes
-and zoneOperations get/wait/list, in the API's JSON shapes. Every request is recorded
+client: instances insert/get/list/aggregatedList/delete/start/stop/getGuestAttributes,
+disks get, and zoneOperations get/wait/list, in the API's JSON shapes. A non-boot disk
+inserted with `autoDelete` false outlives its VM, and can be attached again by `source`. Every request is recorded
 (`requests`) and faults can be injected: stockout in a zone, quota errors, preemption,
 slow boots, a disabled API.
 
@@ -176,6 +177,7 @@ class GceEmulator:
         self.requests: list[Recorded] = []
         self._lock = threading.RLock()
         self._vms: dict[tuple[str, str], EmulatedVm] = {}  # (zone, name) -> vm
+        self._disks: dict[tuple[str, str], dict[str, Any]] = {}  # (zone, name) -> Disk, kept (autoDelete false) ones
         self._operations: dict[tuple[str, str], dict[str, Any]] = {}  # (zone, op name) -> Operation
         self._stockout: dict[str, str] = {}  # zone -> "operation" or "http503"
         self._quota: tuple[int, str] | None = None  # (VMs allowed, quota name)
@@ -260,6 +262,11 @@ class GceEmulator:
     def vms(self) -> list[EmulatedVm]:
         with self._lock:
             return sorted(self._vms.values(), key=lambda v: v.name)
+
+    def disks(self) -> list[str]:
+        """Names of the kept disks (non-boot, autoDelete false) that exist, whatever their VM."""
+        with self._lock:
+            return sorted(name for _, name in self._disks)
 
     def status(self, name: str) -> str:
         with self._lock:
@@ -362,7 +369,7 @@ class GceEmulator:
             return _error(404, f"The resource 'projects/{project}' was not found", "notFound")
         if rest == "aggregated/instances" and method == "GET":
             return self._aggregated_list(query)
-        m = re.fullmatch(r"zones/([^/]+)/(instances|operations)(?:/([^/]+))?(?:/([^/]+))?", rest)
+        m = re.fullmatch(r"zones/([^/]+)/(instances|operations|disks)(?:/([^/]+))?(?:/([^/]+))?", rest)
         if not m:
             return _error(404, f"no such API path {path}", "notFound")
         zone, collection, name, verb = m.groups()
@@ -379,6 +386,12 @@ class GceEmulator:
             return self._get_operation(zone, name)
         if collection == "instances" and name:
             return self._instance_call(method, zone, name, verb, query)
+        if route == ("GET", "disks", True, None):
+            with self._lock:
+                disk = self._disks.get((zone, name))
+            if disk is None:
+                return _error(404, f"The resource 'projects/{self.project}/zones/{zone}/disks/{name}' was not found", "notFound")
+            return 200, dict(disk)
         return _error(404, f"no such API path {path}", "notFound")
 
     def _list(self, zone: str, query: dict[str, str]) -> tuple[int, dict[str, Any]]:
@@ -421,6 +434,9 @@ class GceEmulator:
         with self._lock:
             if (zone, name) in self._vms:
                 return _error(409, f"The resource 'projects/{self.project}/zones/{zone}/instances/{name}' already exists", "alreadyExists")
+            kept, refusal = self._kept_disks(zone, body)
+            if refusal is not None:
+                return refusal
             vm = EmulatedVm(name=name, zone=zone, resource=body, id=next(self._ids), lock=self._lock)
             if self._stockout.get(zone) == "operation":
                 return 200, self._record_operation(zone, vm, "insert", error=_stockout_error(self.project, zone))
@@ -429,9 +445,29 @@ class GceEmulator:
             vm.created = vm.last_start = _now()
             vm.booted_at = time.monotonic()
             self._vms[(zone, name)] = vm
+            self._disks.update(kept)
             op = self._record_operation(zone, vm, "insert")
         self.backend.on_insert(vm)
         return 200, op
+
+    def _kept_disks(self, zone: str, body: dict[str, Any]) -> tuple[dict[tuple[str, str], dict[str, Any]], Any]:
+        """The autoDelete-false disks an insert creates, or the error it gets (missing source, name taken)."""
+        kept: dict[tuple[str, str], dict[str, Any]] = {}
+        for disk in body.get("disks", []):
+            if disk.get("boot"):
+                continue
+            if "source" in disk:
+                name = disk["source"].rsplit("/", 1)[-1]
+                if (zone, name) not in self._disks:
+                    return {}, _error(404, f"The resource 'projects/{self.project}/zones/{zone}/disks/{name}' was not found", "notFound")
+                continue
+            name = disk.get("initializeParams", {}).get("diskName", "")
+            if (zone, name) in self._disks:
+                return {}, _error(409, f"The resource 'projects/{self.project}/zones/{zone}/disks/{name}' already exists", "alreadyExists")
+            if name and not disk.get("autoDelete", False):
+                size = disk.get("initializeParams", {}).get("diskSizeGb", "10")
+                kept[(zone, name)] = {"kind": "compute#disk", "name": name, "sizeGb": str(size), "zone": f"{API_ROOT}/projects/{self.project}/zones/{zone}"}
+        return kept, None
 
     def _instance_call(self, method: str, zone: str, name: str, verb: str | None, query: dict[str, str]) -> tuple[int, dict[str, Any]]:
         if method == "DELETE" and name in self._vanish_before_delete:

@@ -427,3 +427,191 @@ def test_emulator_threads_stop_on_shutdown():
     with GceEmulator(project=PROJECT, zones=ZONES) as emu:
         provider_for(emu).create(["demo-w001"])
     assert set(threading.enumerate()) - before == set()
+
+
+# --- the optional head VM ([gce.head]) -----------------------------------------------------
+
+HEAD_IMAGE = "projects/debian-cloud/global/images/family/debian-12"
+
+
+@pytest.fixture
+def head_emulator():
+    with GceEmulator(project=PROJECT, zones=ZONES, images=("spotfan-worker", HEAD_IMAGE)) as emu:
+        yield emu
+
+
+def head_config(tmp_path: Path, emu: GceEmulator, *, head: str = "create = true", share: str = "/mnt/disks/spotfan-data/share"):
+    """A GCE cluster.toml with a [gce.head] table, its keys made, parsed."""
+    from cluster import bootstrap
+    from cluster import config as cluster_config
+
+    (tmp_path / "cluster.toml").write_text(
+        f"""
+[cluster]
+name = "demo"
+provider = "gce"
+zones = {ZONES!r}
+image = "spotfan-worker"
+[head]
+address = "set-by-fab-up"
+share = "{share}"
+[ssh]
+user = "spotfan"
+key = "{tmp_path / 'keys' / 'laptop'}"
+[gce]
+project = "{PROJECT}"
+api_endpoint = "{emu.endpoint}"
+[gce.head]
+{head}
+"""
+    )
+    config = cluster_config.load(tmp_path / "cluster.toml")
+    bootstrap.ensure_keys(config)
+    return config
+
+
+def head_provider(config) -> GceProvider:
+    gce = GceProvider.from_config(config)
+    gce.timing = FAST
+    return gce
+
+
+def test_head_vm_is_standard_with_a_data_disk_that_outlives_it_and_builds_the_jail(tmp_path, head_emulator):
+    from cluster import jail
+    from cluster.gce_head import up_head
+    from cluster.keys import public_key, read_known_hosts
+
+    config = head_config(tmp_path, head_emulator)
+    gce = head_provider(config)
+    cfg, vm = up_head(config, gce, jail_steps=jail.setup_steps(config))
+
+    ((sent,),) = [[r.body for r in inserts(head_emulator)]]
+    assert sent["name"] == "demo-head" and vm.name == "demo-head"
+    assert sent["scheduling"] == {"provisioningModel": "STANDARD", "onHostMaintenance": "MIGRATE", "automaticRestart": True}
+    assert sent["machineType"] == "zones/us-central1-a/machineTypes/e2-standard-2"
+    assert sent["labels"] == {CLUSTER_LABEL: "demo", "spotfan-role": "head"}
+    boot, data = sent["disks"]
+    assert boot["boot"] and boot["autoDelete"] and boot["initializeParams"]["sourceImage"] == HEAD_IMAGE
+    assert (data.get("boot", False), data["autoDelete"], data["deviceName"]) == (False, False, "spotfan-data")
+    assert data["initializeParams"] == {
+        "diskName": "demo-head-data", "diskSizeGb": "100", "diskType": "zones/us-central1-a/diskTypes/pd-balanced",
+    }  # fmt: skip
+    metadata = {i["key"]: i["value"] for i in sent["metadata"]["items"]}
+    assert metadata["enable-guest-attributes"] == "TRUE"
+    assert metadata["ssh-keys"] == f"spotfan:{public_key(config.ssh.key)}"
+    assert "shutdown-script" not in metadata  # the head is never preempted
+    script = metadata["startup-script"]
+    block = jail.match_block(user="spotfan-demo", jail="/srv/spotfan/demo", authorized_keys_file=f"{jail.KEYS_DIR}/%u.keys")
+    assert block in script and script.count("Match User spotfan-demo") == 2  # the grep guard, and the block once
+    assert 'blkid -p "$dev"' in script and '[ "$rc" = 2 ]' in script  # formats only a blank disk
+    assert script.index("mkfs.ext4") < script.index("mount /mnt/disks/spotfan-data") < script.index("useradd")
+    assert "nofail" in script and "UUID=$uuid" in script
+    for line in jail.authorized_keys(config):
+        assert line in script
+    assert "PRIVATE KEY" not in script and config.ssh.worker_key.read_text() not in script
+    assert "sshd -t && systemctl reload ssh" in script
+
+    # fab up points the workers at the head's internal address, verified by its published key.
+    emu_vm = head_emulator.vm("demo-head")
+    assert vm.address == cfg.head.address == emu_vm.internal_address
+    ((key_type, key),) = emu_vm.host_keys.items()
+    assert read_known_hosts(cfg.head.host_keys) == {cfg.head.address: [f"{cfg.head.address} {key_type} {key}"]}
+
+
+def test_head_vm_is_created_once_and_never_counted_as_a_worker(tmp_path, head_emulator):
+    from cluster.gce_head import up_head
+
+    config = head_config(tmp_path, head_emulator)
+    gce = head_provider(config)
+    assert gce.head() is None
+    first = gce.create_head(jail_steps="true\n")
+    gce.create(["demo-w001", "demo-w002"])
+    again, _ = up_head(config, gce, jail_steps="true\n")
+    assert [r.body["name"] for r in inserts(head_emulator)].count("demo-head") == 1
+    assert again.head.address == first.address
+
+    assert [i.name for i in gce.list()] == ["demo-w001", "demo-w002"]
+    assert gce.head().name == "demo-head"
+    gce.delete(["demo-w001", "demo-w002", "demo-head"])  # a worker path never touches the head
+    assert [vm.name for vm in head_emulator.vms()] == ["demo-head"]
+    assert gce.list() == [] and gce.host_keys(["demo-head"]) == {"demo-head": []}
+
+    head_emulator.preempt("demo-head")  # stopped (e.g. by hand): create_head starts it again
+    assert gce.create_head(jail_steps="true\n").status is Status.RUNNING
+    assert len(head_emulator.recorded("POST", r"/instances/demo-head/start$")) == 1
+
+
+def test_fab_down_keeps_the_head_and_down_head_keeps_its_data_disk(tmp_path, head_emulator):
+    import os
+    import subprocess
+
+    from conftest import FAB, REPO
+
+    config = head_config(tmp_path, head_emulator)
+    gce = head_provider(config)
+    gce.create_head(jail_steps="true\n")
+    gce.create(["demo-w001"])
+    env = {**os.environ, "SPOTFAN_CONFIG": str(config.path)}
+
+    def fab(*args: str) -> str:
+        r = subprocess.run([str(FAB), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return r.stdout
+
+    out = fab("down")
+    assert "deleted 1 VMs (demo-w001)" in out and "kept the head VM demo-head and its data disk" in out
+    assert [vm.name for vm in head_emulator.vms()] == ["demo-head"]
+
+    out = fab("down", "--head")
+    assert "deleted the head VM demo-head; its data disk demo-head-data is kept" in out
+    assert f"gcloud compute disks delete demo-head-data --zone us-central1-a --project {PROJECT}" in out
+    assert head_emulator.vms() == [] and head_emulator.disks() == ["demo-head-data"]
+    assert not [r for r in head_emulator.requests if r.method == "DELETE" and "/disks" in r.path]
+    assert gce.delete_head() == "demo-head-data"  # and again: nothing to do
+
+    # The next head VM gets the kept data disk back, attached, not created anew.
+    gce.create_head(jail_steps="true\n")
+    *_, data = [r.body for r in inserts(head_emulator) if r.body["name"] == "demo-head"][-1]["disks"]
+    assert data == {"source": "zones/us-central1-a/disks/demo-head-data", "autoDelete": False, "boot": False,
+                    "deviceName": "spotfan-data", "type": "PERSISTENT"}
+    assert head_emulator.disks() == ["demo-head-data"]
+
+
+def test_without_a_head_table_the_head_is_an_existing_host():
+    settings = GceSettings.from_mapping({"project": "p", "zones": ZONES, "image": "i"})
+    assert settings.head is None and settings.head_cost_estimate() is None
+    off = GceSettings.from_mapping({"project": "p", "zones": ZONES, "image": "i", "head": {"create": False}})
+    assert off.head is None
+
+
+def test_head_settings_defaults_and_cost():
+    settings = GceSettings.from_mapping({
+        "project": "p", "zones": ZONES, "image": "i", "head": {"create": True},
+        "prices": {"e2-standard-2": {"standard": 0.067, "spot": 0.02}},
+    })  # fmt: skip
+    h = settings.head
+    assert (h.zone, h.machine_type, h.data_disk_gb, h.data_disk_type, h.image) == (
+        "us-central1-a", "e2-standard-2", 100, "pd-balanced", HEAD_IMAGE
+    )  # fmt: skip
+    assert "1 x e2-standard-2 (standard) at 0.0670/h" in settings.head_cost_estimate().describe()
+
+
+@pytest.mark.parametrize(
+    ("head", "message"),
+    [
+        ({"machine_type": "e2-small"}, r"\[gce\]\.head\.create: missing"),
+        ({"create": "yes"}, r"head\.create: expected true or false"),
+        ({"create": True, "size": 10}, r"\[gce\]\.head: unknown key\(s\) size"),
+        ({"create": True, "zone": "us-central1"}, r"head\.zone: expected a zone"),
+        ({"create": True, "data_disk_gb": 5}, r"head\.data_disk_gb: must be from 10"),
+        ({"create": True, "data_disk_gb": "100"}, r"head\.data_disk_gb: expected an integer"),
+    ],
+)  # fmt: skip
+def test_head_settings_errors_name_the_key(head, message):
+    with pytest.raises(ConfigError, match=message):
+        GceSettings.from_mapping({"project": "p", "zones": ZONES, "image": "i", "head": head})
+
+
+def test_head_vm_share_must_be_on_its_data_disk(tmp_path, head_emulator):
+    with pytest.raises(ConfigError, match=r'head\.share = .*set head\.share = "/mnt/disks/spotfan-data/share"'):
+        head_provider(head_config(tmp_path, head_emulator, share="/srv/data/demo"))
