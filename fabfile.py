@@ -46,6 +46,10 @@ def _command(fn: Callable[..., Any]) -> Callable[..., Any]:
         logging.getLogger("paramiko").setLevel(logging.CRITICAL)
         try:
             cfg = load(config_path(config or None))
+            if cfg.provider == "gce":  # a head VM made by `fab up` is found where it left it
+                from cluster.gce_head import with_saved_head
+
+                cfg = with_saved_head(cfg)
             return fn(c, cfg, *args, **kwargs)
         except GroupError as e:
             for name, r in sorted(e.results.items()):

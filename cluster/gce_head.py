@@ -8,6 +8,8 @@ disk only when it carries no filesystem, mounts it, and runs the jail steps of
 """
 from __future__ import annotations
 
+import json
+import os
 import shlex
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
 HEAD_ROLE = "head"  # the ROLE_LABEL value of the head VM ("worker" on workers)
 DATA_DEVICE = "spotfan-data"  # device name: the disk shows up as /dev/disk/by-id/google-spotfan-data
 DATA_MOUNT = "/mnt/disks/spotfan-data"  # where the head mounts its data disk; head.share lives below it
+HEAD_ADDRESS = "head_vm.json"  # next to ssh.known_hosts: the head VM's address, from the last `fab up`
 HEAD_KNOWN_HOSTS = "head_known_hosts"  # next to ssh.known_hosts: the head VM's lines, from guest attributes
 DEVICE_WAIT_S = 60  # how long the startup-script waits for the data disk's device to appear
 
@@ -132,7 +135,30 @@ def up_head(config: ClusterConfig, provider: GceProvider, *, jail_steps: str) ->
     vm = provider.create_head(jail_steps=jail_steps)
     path = config.ssh.known_hosts.with_name(HEAD_KNOWN_HOSTS)
     write_known_hosts(path, {"head": provider.head_host_key_lines(port=config.head.port)})
+    # Remembered for every later command (run, status, heal, ...), so no one has to copy
+    # the head's address into cluster.toml; `fab up` refreshes it.
+    saved = config.ssh.known_hosts.with_name(HEAD_ADDRESS)
+    tmp = saved.with_name(saved.name + ".tmp")
+    tmp.write_text(json.dumps({"name": vm.name, "address": vm.address}), encoding="utf-8")
+    os.replace(tmp, saved)
     return replace(config, head=replace(config.head, address=vm.address, host_keys=path)), vm
+
+
+def with_saved_head(config: ClusterConfig) -> ClusterConfig:
+    """The config pointed at the head VM that the last `fab up` made, if there is one.
+
+    Only for `[gce.head] create = true`; an existing host's address stays what
+    cluster.toml says.
+    """
+    saved = config.ssh.known_hosts.with_name(HEAD_ADDRESS)
+    keys = config.ssh.known_hosts.with_name(HEAD_KNOWN_HOSTS)
+    if config.provider != "gce" or not saved.exists() or not keys.exists():
+        return config
+    try:
+        address = str(json.loads(saved.read_text(encoding="utf-8"))["address"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{saved} is damaged ({e}); run `fab up` to write it again") from e
+    return replace(config, head=replace(config.head, address=address, host_keys=keys))
 
 
 def check_head_vm_config(config: ClusterConfig) -> None:

@@ -484,6 +484,11 @@ def test_head_vm_is_standard_with_a_data_disk_that_outlives_it_and_builds_the_ja
     config = head_config(tmp_path, head_emulator)
     gce = head_provider(config)
     cfg, vm = up_head(config, gce, jail_steps=jail.setup_steps(config))
+    # every later command finds the head VM without cluster.toml being edited
+    from cluster.gce_head import with_saved_head
+    later = with_saved_head(config)
+    assert (later.head.address, later.head.host_keys) == (vm.address, cfg.head.host_keys)
+    assert later.head.address != config.head.address
 
     ((sent,),) = [[r.body for r in inserts(head_emulator)]]
     assert sent["name"] == "demo-head" and vm.name == "demo-head"
