@@ -35,7 +35,8 @@ UNIT_PREFIX = 3  # larger tasks: one claim per 3-hex-digit key-id prefix (4,096 
 CLAIM_THREADS = 16  # concurrent claim round trips on a network filesystem
 REFRESH_FRACTION = 0.25  # refresh a claim once it is this fraction of the lease old
 ZOMBIE_FRACTION = 0.9  # past this fraction of the lease without a refresh, assume takeover
-PID_START_SLACK_S = 1.0  # process start times read twice may differ by rounding
+PID_START_SLACK_S = 1.0
+EPERM_RETRIES = 5  # EPERM with no file there, this many times in a row, is a real refusal  # process start times read twice may differ by rounding
 
 
 @dataclass
@@ -235,21 +236,29 @@ class Claims:
         return None
 
     def _create(self, path: Path) -> bool:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        except PermissionError as e:
-            # SSHFS reports a lost exclusive create as EPERM; tell it from a real refusal.
-            if os.path.lexists(path):
+        """Exclusive create: True if we made the file, False if someone else has it."""
+        for _ in range(EPERM_RETRIES):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                break
+            except FileExistsError:
                 return False
-            raise ClaimError(f"cannot create claim files in {self.dir}: {e.strerror}. Check that "
-                             "this user may write the run root (and that the mount is writable)") from e
-        except OSError as e:
-            if e.errno == errno.ENOTCONN:
-                raise ClaimError(f"the run root is unreachable ({e.strerror}): the shared mount "
-                                 "is dead; remount it (fab heal) and run again") from e
-            raise
+            except PermissionError as e:
+                # SSHFS reports a lost exclusive create as EPERM. The winner may even have
+                # released the claim again before we look, so a missing file is not yet a
+                # real refusal: only an EPERM that repeats with no file there is.
+                if os.path.lexists(path):
+                    return False
+                refusal = e
+            except OSError as e:
+                if e.errno == errno.ENOTCONN:
+                    raise ClaimError(f"the run root is unreachable ({e.strerror}): the shared mount "
+                                     "is dead; remount it (fab heal) and run again") from e
+                raise
+        else:
+            raise ClaimError(f"cannot create claim files in {self.dir}: {refusal.strerror}. Check "
+                             "that this user may write the run root (and that the mount is "
+                             "writable)") from refusal
         try:
             os.write(fd, self.stamp)
         finally:
