@@ -1,6 +1,6 @@
 """The command line: `python -m tasks run|status|collect|failures|report`. Exit 0 all done,
 1 some keys failed (or outputs could not be collected), 2 a usage or spec error,
-130 interrupted."""
+3 the run root could not be used (a dead mount, a full disk: try again), 130 interrupted."""
 from __future__ import annotations
 
 import argparse
@@ -12,14 +12,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import SpecError, TaskError
+from tasks.errors import ClaimError, SpecError, TaskError
 from tasks.failures import EXAMPLE_KEYS, FailureReport, failures, retry
 from tasks.progress import make_progress
 from tasks.runner import DEFAULT_LEASE_S, DEFAULT_MAX_ATTEMPTS, START_METHODS, run
 from tasks.spec import Task, load_spec
 from tasks.status import status
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 class _Parser(argparse.ArgumentParser):
@@ -138,6 +138,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except (ClaimError, OSError) as e:
+        # The root itself could not be used (a dead mount, a full disk, no permission):
+        # nothing is wrong with the keys, so this is not "failed" (1); try again later.
+        print(f"error: the run root could not be used: {e}. Nothing is lost: fix it (on a "
+              "cluster, `fab heal` remounts dead mounts) and run the same command again",
+              file=sys.stderr)
+        return EXIT_UNAVAILABLE
     except TaskError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED

@@ -305,3 +305,22 @@ def test_sigterm_releases_claims_and_removes_temporaries(tmp_path: Path, write_m
     assert list((tmp_path / ".spotfan/tmp").iterdir()) == []
     assert list((tmp_path / ".spotfan/owners").iterdir()) == []
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_an_unusable_root_exits_3_not_failed(tmp_path: Path, write_module) -> None:
+    """A root that cannot be written (here: the claims folder is a file) is not a task
+    failure: exit 3 says "try again", so a cluster agent restarts rather than gives up."""
+    write_module("t", """
+        from pathlib import Path
+        from tasks import filetask
+
+        @filetask(keys=["a", "b"], out="out/{key}")
+        def f(key: str, out: Path) -> None:
+            out.write_text(key)
+    """)
+    (tmp_path / ".spotfan/tasks/f").mkdir(parents=True)
+    (tmp_path / ".spotfan/tasks/f/claims").write_text("not a folder")
+    proc = run_cli(["run", "t:f"], tmp_path)
+    assert proc.returncode == 3, proc.stderr
+    assert "the run root could not be used" in proc.stderr and "run the same command again" in proc.stderr
+    assert not (tmp_path / "out").exists()
