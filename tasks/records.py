@@ -40,14 +40,19 @@ class FailureStore:
         self.dir = failed_dir
         self.tmp_dir = tmp_dir
 
-    def load(self) -> dict[str, Failure]:
+    def load(self, keys: Iterable[str] | None = None) -> dict[str, Failure]:
+        """Failure records by key: all of them, or only those of `keys` (one listing, then
+        one read per record that exists)."""
         found: dict[str, Failure] = {}
         try:
             names = os.listdir(self.dir)
         except FileNotFoundError:
             return found
+        wanted = None if keys is None else {f"{key_id(k)}.json" for k in keys}
         for name in names:
             if not name.endswith(".json") or name.startswith("."):
+                continue
+            if wanted is not None and name not in wanted:
                 continue
             try:
                 data = json.loads((self.dir / name).read_text(encoding="utf-8"))

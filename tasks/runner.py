@@ -48,6 +48,7 @@ PREFETCH_BELOW_S = 1.0  # queue a second chunk per worker only for tasks quicker
 BALANCE_CHUNKS_PER_WORKER = 4  # keep at least this many chunks per worker of what is left
 EMA_ALPHA = 0.3  # weight of the newest chunk in the per-task time estimate
 PROGRESS_INTERVAL_S = 1.0  # how often progress is reported
+HEARTBEAT_MAX_S = 30.0  # owners and their claims are touched at least this often
 TAIL_POLL_S = 2.0  # how often to look again at keys other live workers hold
 MAX_STARTUP_FAILURES = 3  # pools that die before finishing any chunk before we give up
 MAX_POOL_REBUILDS = 1000  # bound on rebuilding the pool after worker deaths
@@ -171,7 +172,7 @@ def run(task: Task, *, root: str | Path = ".", workers: int | None = None,
     layout.ensure()
     report = RunReport(task.name, root, total=len(items))
 
-    peers = _Peers(layout)  # who else is here, taken before we list the outputs
+    peers = _Peers(layout, lease_s)  # who else is here, taken before we list the outputs
     done = scan_done(root, items)
     report.done_before = len(done)
     store = FailureStore(layout.failed, layout.tmp)
@@ -209,7 +210,7 @@ def run(task: Task, *, root: str | Path = ".", workers: int | None = None,
     old_term = _raise_on_sigterm()
     interrupted = True
     try:
-        with _Heartbeat(owner_file, claims, min(lease_s * 0.25, 30.0)):
+        with _Heartbeat(owner_file, claims, min(lease_s * 0.25, HEARTBEAT_MAX_S)):
             state.loop()
         interrupted = False
     finally:
@@ -494,7 +495,7 @@ class _Dispatch:
         time.sleep(TAIL_POLL_S)
         now_done = scan_done(self.root, keys)
         self.done |= now_done
-        failures = self.store.load()
+        failures = self.store.load(it.key for it in keys if it.key not in now_done)
         for u in self.busy:
             left = []
             for it in self._unit_items(u):
@@ -544,8 +545,11 @@ class _Peers:
     that died holding the claim is caught because we then win a later generation.
     """
 
-    def __init__(self, layout: Layout) -> None:
+    def __init__(self, layout: Layout, lease_s: float) -> None:
         self.layout = layout
+        # Every owner touches its file at least every HEARTBEAT_MAX_S, whatever its lease:
+        # one untouched for twice that (or our lease, if longer) has stopped.
+        self.fresh_s = max(lease_s, 2 * HEARTBEAT_MAX_S)
         self.me = ""  # our owner id, once we have one
         self.logs_at_start = self._logs()
         self.alone = True
@@ -566,7 +570,7 @@ class _Peers:
                 if entry.name == f"{self.me}.json":
                     continue
                 try:
-                    if now - entry.stat().st_mtime < _owner_lease(entry.path):
+                    if now - entry.stat().st_mtime < self.fresh_s:
                         self.alone = False
                         return False
                 except FileNotFoundError:
@@ -576,15 +580,6 @@ class _Peers:
         if self._logs() - self.logs_at_start - {f"{self.me}.jsonl"}:
             self.alone = False
         return self.alone
-
-
-def _owner_lease(path: str) -> float:
-    """The lease an owner file declares (its heartbeat runs at a quarter of it)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return float(json.load(f).get("lease_s", DEFAULT_LEASE_S))
-    except (OSError, ValueError, AttributeError):
-        return DEFAULT_LEASE_S
 
 
 def _sweep(layout: Layout, items: list[Item], done: set[str], lease_s: float) -> None:
