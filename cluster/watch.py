@@ -21,6 +21,7 @@ from rich.text import Text
 from cluster import runs
 from cluster.config import ClusterConfig
 from cluster.errors import ClusterError, HostKeyError, SSHError
+from tasks.progress import fmt_eta
 
 logger = logging.getLogger(__name__)
 
@@ -170,15 +171,6 @@ def fmt_rate(rate: float | None) -> str:
     if rate is None:
         return "-"
     return f"{rate:.1f}/s" if rate >= 1 or rate == 0 else f"{60 * rate:.1f}/min"
-
-
-def fmt_eta(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}"
 
 
 def fmt_age(v: VMView) -> str:
