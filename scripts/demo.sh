@@ -11,7 +11,6 @@ N_IMAGES="${DEMO_IMAGES:-6000}"
 SPEC=examples.images:features
 SHARE="$(python -c 'from cluster.config import load, config_path; print(load(config_path(None)).head.share)')"
 fab() { "$VENV/bin/fab" "$@"; }
-status_json() { fab status --json; }
 
 cleanup() { echo; echo "==> tearing the cluster down"; fab down || true; }
 trap cleanup EXIT
@@ -51,21 +50,13 @@ fab status
 echo "==> fab heal: start the preempted VM again; its boot script remounts and resumes"
 fab heal
 
-echo "==> waiting for the run to finish"
-python - <<'PY'
-import json, subprocess, sys, time
-deadline = time.monotonic() + 600
-while time.monotonic() < deadline:
-    st = json.loads(subprocess.run(["fab", "status", "--json"], capture_output=True, text=True,
-                                   check=True).stdout)
-    run = st["runs"][-1]
-    if run["result"]:
-        print(f"==> run {run['id']}: {run['result']}", flush=True)
-        sys.exit(0 if run["result"] == "done" else 1)
-    print(f"    {run['done']}/{run['total']} done, {run['running']} running", flush=True)
-    time.sleep(3)
-sys.exit("the run did not finish in 600 s; see `fab status` and `fab logs VM`")
-PY
+echo "==> following the run to the end: fab status --watch"
+fab status --watch --interval 5 --timeout 600
+result=$(fab status --json | python -c 'import json, sys; print(json.load(sys.stdin)["runs"][-1]["result"])')
+if [[ "$result" != done ]]; then
+    echo "error: the run ended '$result'; \`fab failures\` shows why, \`fab logs VM\` what each VM printed" >&2
+    exit 1
+fi
 fab status
 
 echo "==> results: every feature vector in one table, fetched to the laptop"
