@@ -111,8 +111,11 @@ class Lab:
 
 _index = itertools.count(1)
 # Concurrent test sessions (developers running the suite side by side) must not bind
-# the same VM addresses: each session takes its own 127.X.0.0/16 from its pid.
-SESSION_OCTET = 20 + os.getpid() % 200
+# the same VM addresses or head ports: each session takes its own 127.X.0.0/16 and its
+# own block of 100 ports, from its pid unless SPOTFAN_TEST_OCTET / SPOTFAN_TEST_PORT_BASE
+# pin them (give side-by-side sessions different SPOTFAN_TEST_LAB_ROOT values too).
+SESSION_OCTET = int(os.environ.get("SPOTFAN_TEST_OCTET") or 20 + os.getpid() % 200)
+PORT_BASE = int(os.environ.get("SPOTFAN_TEST_PORT_BASE") or 22300 + (os.getpid() % 300) * 100)
 
 
 @pytest.fixture(scope="session")
@@ -153,7 +156,7 @@ mount_point = "mnt"
 
 [head]
 address = "127.0.0.1"
-port = {22300 + (os.getpid() % 50) * 20 + i}
+port = {PORT_BASE + i}
 share = "share"
 user = "sf{ROOT_TAG}-{name}"
 jail = "/srv/spotfan-tests/{ROOT_TAG}/{name}"
