@@ -176,6 +176,23 @@ def ensure_dirs(jail: Path) -> None:
     mount_point.mkdir(mode=0o755, exist_ok=True)
 
 
+def lab_keys_file(jail: Path, user: str) -> Path:
+    """Where the lab head keeps `user`'s authorized_keys: beside the jail, readable by that user."""
+    return jail.parent / ".spotfan-keys" / user
+
+
+def ensure_keys_dir(folder: Path) -> None:
+    """A root-owned folder everyone may search and only root may write (like the jail's parents)."""
+    folder.mkdir(mode=0o755, parents=True, exist_ok=True)
+    st = folder.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
+        raise ProvisionError(
+            f"lab head: {folder} must be a root-owned folder that only root can write (it holds the "
+            "jailed users' authorized_keys); fix it, or set head.jail to another folder"
+        )
+    os.chmod(folder, 0o755)
+
+
 def remove_dirs(jail: Path) -> None:
     """Remove the (empty) jail folders; rmdir never deletes content, so a share is never lost."""
     for d in (jail / JAIL_SHARE.lstrip("/"), jail):
@@ -204,7 +221,7 @@ def check_reachable(path: Path) -> None:
         if not d.stat().st_mode & stat.S_IXOTH:
             raise ProvisionError(
                 f"lab head: the jailed user cannot reach {path}: {d} is not searchable by others "
-                f"(`chmod o+x {d}`), or set lab.state_dir to a folder below one that is"
+                f"(`chmod o+x {d}`), or set head.jail to a folder below one that is"
             )
 
 

@@ -211,11 +211,15 @@ class LabProvider:
         jail_setup.hand_over(share, uid, gid)
         jail_setup.ensure_dirs(Path(jail))
         key = ensure_key_pair(d / "ssh_host_ed25519_key", comment=f"{self.name}-head")
-        _write(d / "authorized_keys", "".join(f"{line}\n" for line in authorized), mode=0o644)
-        jail_setup.check_reachable(d / "authorized_keys")
+        # sshd reads authorized_keys as the jailed user, so it lives beside the jail (root-owned,
+        # searchable by all) rather than in the state dir, which may sit in a 0700 home.
+        keys_file = jail_setup.lab_keys_file(Path(jail), user)
+        jail_setup.ensure_keys_dir(keys_file.parent)
+        _write(keys_file, "".join(f"{line}\n" for line in authorized), mode=0o644)
+        jail_setup.check_reachable(keys_file)
         config = (f"# lab head of {self.name}: {share} is bind-mounted at {jail}/share\n"
                   + _sshd_config(listen=f"{address}:{port}", host_key=key,
-                                 authorized_keys=d / "authorized_keys", only_user=user)
+                                 authorized_keys=keys_file, only_user=user)
                   + jail_setup.match_block(user=user, jail=jail))
         rec = _read_proc(d / "sshd.json")
         running = rec is not None and rec.process() is not None
@@ -269,6 +273,7 @@ class LabProvider:
         if made is None:
             return
         jail_setup.remove_user(made["user"], marker=self._head_user_marker())
+        jail_setup.lab_keys_file(Path(made["jail"]), made["user"]).unlink(missing_ok=True)
         jail_setup.remove_dirs(Path(made["jail"]))
         (d / "jail.json").unlink()
 

@@ -143,7 +143,9 @@ def test_head_jail_is_root_owned_and_the_user_has_no_shell(head_lab):
                  "AllowTcpForwarding no", "X11Forwarding no", "PermitTTY no", "PermitTunnel no"):
         assert line in block
     assert "PermitRootLogin no" in sshd_config and f"AllowUsers {cfg.head.user}" in sshd_config
-    keys = (cfg.lab.state_dir / "head" / "authorized_keys").read_text().splitlines()
+    keys_file = Path(cfg.head.jail).parent / ".spotfan-keys" / cfg.head.user
+    assert f"AuthorizedKeysFile {keys_file}" in sshd_config
+    keys = keys_file.read_text().splitlines()
     assert len(keys) == 2 and all(k.startswith("restrict,") for k in keys)
     # The bind mount of the share lives in the head's own mount namespace only.
     assert not os.path.ismount(jail / "share") and list((jail / "share").iterdir()) == []
@@ -250,12 +252,13 @@ def test_fab_down_removes_the_lab_head_user_and_jail(make_lab):
     lab = make_lab(workers=0)
     lab.fab_ok("up")
     user, jail = lab.config.head.user, Path(lab.config.head.jail)
-    assert pwd.getpwnam(user) and jail.is_dir()
+    keys_file = jail.parent / ".spotfan-keys" / user
+    assert pwd.getpwnam(user) and jail.is_dir() and keys_file.is_file()
     (lab.share / "data.txt").write_text("keep me\n")
     lab.fab_ok("down")
     with pytest.raises(KeyError):
         pwd.getpwnam(user)
-    assert not jail.exists()
+    assert not jail.exists() and not keys_file.exists()
     assert (lab.share / "data.txt").read_text() == "keep me\n", "the share and its data stay"
     assert not any(p.info["username"] == user for p in psutil.process_iter(["username"]))
     lab.fab_ok("down")  # idempotent
