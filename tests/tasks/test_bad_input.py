@@ -161,6 +161,16 @@ def test_output_names_over_the_filesystem_limit_are_all_named_at_once(box: Sandb
     assert "'vvvvvvvv" in proc.stderr and "'zzzz" not in proc.stderr, "the first few are named"
 
 
+def test_names_right_at_the_limit_work(box: Sandbox) -> None:
+    # 255 bytes is allowed; the temporary, which prefixes the output's name, keeps only its
+    # tail, so it stays within the limit too.
+    keys = ["k" * 255, "é" * 127 + "x", "d/" * 100 + "e" * 255]
+    proc = box.run("run", "--cmd", KEYS_CMD, "--keys", keys_file(box, keys), "--out", "{key}")
+    assert proc.returncode == 0, proc.stderr
+    for key in keys:
+        assert (box.root / key).read_text() == key
+
+
 def test_a_key_too_long_for_a_whole_path_is_a_spec_error_not_an_unusable_root(box: Sandbox) -> None:
     # 3,000 folders of one letter: every name is short, the whole path is not.
     proc = box.run("run", "--cmd", KEYS_CMD, "--keys", keys_file(box, ["x/" * 2999 + "x"]),
