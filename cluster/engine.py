@@ -23,6 +23,7 @@ from cluster.config import ClusterConfig
 from cluster.errors import ClusterError, ConfigError, HostKeyError, SSHError
 from cluster.share import CLUSTER_DIR, Share
 from cluster.ssh import Output, Remote
+from tasks.keys import name_problem
 from tasks.layout import Layout
 
 logger = logging.getLogger(__name__)
@@ -195,13 +196,24 @@ def collect(config: ClusterConfig, t: Target, to: Path, *, skip_unreadable: bool
 
 def report(config: ClusterConfig, t: Target, to: Path) -> Fetched:
     """Draw the task's report on a VM (into the task's bookkeeping folder on the share),
-    then download report.png and report.html to `to`/<task>/."""
-    info = _json_line(run_engine(config, ["report", *t.spec_args, "--root", config.mount_point]))
-    folder = to / info["task"]
+    then download report.png and report.html to `to`/<task>/.
+
+    The task's name comes from the VM's output (and before that from a run request on the
+    share): it picks a folder under `to` only if it is one plain folder name, so neither a
+    share writer nor a VM can make the laptop write outside `to`."""
+    out = run_engine(config, ["report", *t.spec_args, "--root", config.mount_point])
+    info = _json_line(out)
+    task = info.get("task")
+    why = name_problem(task) if isinstance(task, str) else "is not a string"
+    if why is not None:
+        raise ClusterError(f"{out.host} reported the task name {str(task)[:80]!r}, which {why}: "
+                           f"refusing to use it as a folder under {to}. The run request on the "
+                           f"share may be forged: check {runs.RUNS_DIR}/ on the share")
+    folder = to / task
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     with Share.from_config(config) as share:
         for name in ("report.png", "report.html"):
-            share.download(f"{Layout(Path(), info['task']).task_dir.as_posix()}/{name}", folder / name)
+            share.download(f"{Layout(Path(), task).task_dir.as_posix()}/{name}", folder / name)
             paths.append((folder / name).resolve())
     return Fetched(info, paths)

@@ -23,6 +23,8 @@ from cluster.errors import ClusterError, ConfigError, SSHError
 from cluster.provider import Status
 from cluster.share import CLUSTER_DIR, Share
 from cluster.ssh import Host, Remote
+from tasks import bounds
+from tasks.keys import name_problem
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +35,8 @@ WAIT_POLL_S = 2.0
 STATUS_TIMEOUT_S = 120.0
 HEARTBEAT_STALE_S = 30.0  # a heartbeat older than this is shown as stale
 LOG_TAIL_BYTES = 8000
+MAX_WORKERS_PER_VM = 1024  # `tasks run` on the VM caps it further, per core
+MAX_WAIT_S = 30 * 86400.0  # `fab run --wait --timeout`
 
 
 @dataclass(frozen=True)
@@ -110,19 +114,35 @@ def spec_arguments(spec: str, *, src: str = "", keys: str = "", out: str = "", n
             )
         args = [spec]
     if name:
+        _check(f"--name {name[:80]!r}", name_problem(name))
         args += ["--name", name]
     if lease:
+        _check("--lease", bounds.seconds_problem(lease, bounds.MIN_LEASE_S, bounds.MAX_LEASE_S))
         args += ["--lease", f"{lease:g}"]
     return args
 
 
+def check_wait_timeout(timeout: float) -> None:
+    """`fab run --wait --timeout`: a finite number of seconds, at most MAX_WAIT_S."""
+    _check("--timeout", bounds.seconds_problem(timeout, 1, MAX_WAIT_S))
+
+
+def _check(option: str, why: str | None) -> None:
+    """Refuse a `fab run` number here, before a request reaches the VMs (the same bounds
+    as `tasks run`, tasks.bounds)."""
+    if why is not None:
+        raise ConfigError(f"{option} {why}")
+
+
 def run_arguments(*, max_attempts: int = 0, limit: int = 0, retry_failed: bool = False,
                   fsync: bool = False) -> list[str]:
-    """Options only `tasks run` takes (not `tasks status`)."""
+    """Options only `tasks run` takes (not `tasks status`); 0 leaves one at its default."""
     args = []
     if max_attempts:
+        _check("--max-attempts", bounds.count_problem(max_attempts, 1, bounds.MAX_ATTEMPTS_LIMIT))
         args += ["--max-attempts", str(max_attempts)]
     if limit:
+        _check("--limit", bounds.count_problem(limit, 1, bounds.MAX_LIMIT))
         args += ["--limit", str(limit)]
     if retry_failed:
         args.append("--retry-failed")
@@ -141,6 +161,8 @@ def submit(config: ClusterConfig, *, spec_args: Sequence[str], run_args: Sequenc
     """Ship code to the share (optional) and write a run request the agents will pick up."""
     if not spec_args:
         raise ClusterError("nothing to run: give SPEC (module:function) or --cmd with --src/--keys and --out")
+    if workers_per_vm is not None:
+        _check("--workers-per-vm", bounds.count_problem(workers_per_vm, 1, MAX_WORKERS_PER_VM))
     req = RunRequest(id=new_run_id(), spec_args=list(spec_args), run_args=list(run_args),
                      workers_per_vm=workers_per_vm, created=time.time(), after=after)
     with Share.from_config(config) as share:
@@ -221,6 +243,7 @@ def cluster_status(config: ClusterConfig, *, live: bool = True) -> ClusterStatus
 def wait(config: ClusterConfig, run_id: str, *, timeout: float,
          on_progress: Callable[[RunStatus], None] | None = None, progress_every: float = 10.0) -> dict[str, object]:
     """Block until the run is over (its `.done.json` exists); return that record."""
+    check_wait_timeout(timeout)
     deadline = time.monotonic() + timeout
     last_progress = 0.0
     with Share.from_config(config) as share:

@@ -3,7 +3,11 @@
 Every fan-out runs to the end on every host and returns `{host: result}`; if any host
 failed it raises one `GroupError` whose `results` hold each host's result or exception.
 Host keys come only from the cluster's own known_hosts file: a host that is missing from
-it, or that presents another key, is refused (never trusted on first use).
+it, or that presents another key, is refused (never trusted on first use). Nothing else
+comes from the laptop either: no ~/.ssh/config or /etc/ssh/ssh_config (Fabric reads both
+by default, and a `Host *` block there could add a ProxyCommand, a jump host, agent
+forwarding or another key), no Fabric config files, no SSH agent; only cluster.toml's
+user, port and key.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import paramiko
-from fabric import Connection
+from fabric import Config, Connection
 from invoke.exceptions import CommandTimedOut
 
 from cluster.config import ClusterConfig
@@ -103,7 +107,8 @@ class Remote:
     def connection(self, host: Host, *, user: str | None = None) -> Connection:
         """An unopened Fabric connection that accepts only the host key in our known_hosts."""
         conn = Connection(
-            host.address, user=user or self.user, port=host.port,
+            host.address, user=user or self.user, port=host.port, config=_cluster_only_config(),
+            gateway=False, forward_agent=False,
             connect_timeout=max(1, round(self.connect_timeout)),
             connect_kwargs={
                 "key_filename": [str(self.key)], "look_for_keys": False, "allow_agent": False,
@@ -226,6 +231,14 @@ class Remote:
                 return self.run_on(conn, host, command, timeout=timeout, check=check)
 
         return self.each(hosts, one, what=f"`{command}`")
+
+
+def _cluster_only_config() -> Config:
+    """A Fabric config that reads no file: not the user's or the system's ssh_config (an
+    explicit, empty SSHConfig stops Fabric from loading them) and not ~/.fabric.yaml or
+    /etc/fabric.yaml (lazy), so every setting of a connection is the one spotfan passes."""
+    return Config(ssh_config=paramiko.SSHConfig(), lazy=True,
+                  overrides={"load_ssh_configs": False, "forward_agent": False, "gateway": None})
 
 
 def _run_with_input(conn: Connection, host: Host, command: str, data: bytes, *, timeout: float) -> Output:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import sys
@@ -12,14 +11,21 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from tasks.bounds import (MAX_ATTEMPTS_LIMIT, MAX_CHUNK_SIZE, MAX_LEASE_S, MAX_LIMIT,
+                          MAX_READ_WORKERS, MIN_LEASE_S, WORKERS_PER_CPU_MAX, count_problem,
+                          seconds_problem)
 from tasks.errors import ClaimError, SpecError, TaskError
 from tasks.failures import EXAMPLE_KEYS, FailureReport, failures, retry
+from tasks.layout import Layout
 from tasks.progress import make_progress
-from tasks.runner import DEFAULT_LEASE_S, DEFAULT_MAX_ATTEMPTS, START_METHODS, run
-from tasks.spec import Task, load_spec
+from tasks.records import FailureStore
+from tasks.runner import DEFAULT_LEASE_S, DEFAULT_MAX_ATTEMPTS, START_METHODS, RunReport, run
+from tasks.spec import Task, import_module, load_spec
 from tasks.status import status
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+SHOWN_FAILED = 5  # failed keys named in the message after a run
+MAX_WORKERS_ARG = 10**6  # `run --workers` parses up to this; the engine caps it per core
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,6 +33,39 @@ class _Parser(argparse.ArgumentParser):
         self.print_usage(sys.stderr)
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
+
+
+def _count(lo: int, hi: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from lo to hi."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number from {lo} to {hi}, "
+                                             f"got {text!r}") from None
+        why = count_problem(value, lo, hi)
+        if why is not None:
+            raise argparse.ArgumentTypeError(why)
+        return value
+
+    return parse
+
+
+def _seconds(lo: float, hi: float) -> Callable[[str], float]:
+    """An argparse type: a finite number of seconds from lo to hi (not nan, not inf)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = text  # type: ignore[assignment]  # seconds_problem says what it must be
+        why = seconds_problem(value, lo, hi)
+        if why is not None:
+            raise argparse.ArgumentTypeError(why)
+        return value
+
+    return parse
 
 
 def _spec_args(p: argparse.ArgumentParser) -> None:
@@ -41,7 +80,8 @@ def _spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--key", default="path", choices=["path", "stem", "hash"],
                    help="for --cmd --src: key of a source (default: path; hash = content hash)")
     p.add_argument("--name", help="for --cmd: the task's name (default: derived from the command)")
-    p.add_argument("--lease", type=float, default=DEFAULT_LEASE_S, metavar="SECONDS",
+    p.add_argument("--lease", type=_seconds(MIN_LEASE_S, MAX_LEASE_S), default=DEFAULT_LEASE_S,
+                   metavar="SECONDS",
                    help=f"a claim not refreshed this long is taken over (default {DEFAULT_LEASE_S:.0f})")
 
 
@@ -51,16 +91,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     r = sub.add_parser("run", help="run every key whose output does not exist yet")
     _spec_args(r)
-    r.add_argument("--workers", type=int, help="worker processes (default: one per core)")
+    r.add_argument("--workers", type=_count(1, MAX_WORKERS_ARG),
+                   help=f"worker processes (default: one per core; more than {WORKERS_PER_CPU_MAX} "
+                        "per core are capped)")
     r.add_argument("--executor", choices=["process", "thread"], default="process")
-    r.add_argument("--max-attempts", type=int, default=DEFAULT_MAX_ATTEMPTS, metavar="K",
+    r.add_argument("--max-attempts", type=_count(1, MAX_ATTEMPTS_LIMIT), default=DEFAULT_MAX_ATTEMPTS,
+                   metavar="K",
                    help=f"tries per key before it is reported failed (default {DEFAULT_MAX_ATTEMPTS})")
-    r.add_argument("--limit", type=int, metavar="N", help="run at most N keys, then stop")
+    r.add_argument("--limit", type=_count(1, MAX_LIMIT), metavar="N",
+                   help="run at most N keys, then stop")
     r.add_argument("--retry-failed", action="store_true",
                    help="also run keys that reached --max-attempts in earlier runs")
     r.add_argument("--fsync", action="store_true",
                    help="flush each output to disk before publishing it (durable against power loss)")
-    r.add_argument("--chunk-size", type=int, metavar="N",
+    r.add_argument("--chunk-size", type=_count(1, MAX_CHUNK_SIZE), metavar="N",
                    help="keys per chunk (default: adaptive, from measured task time)")
     r.add_argument("--start-method", choices=START_METHODS, default="forkserver",
                    help="how worker processes start (default forkserver)")
@@ -73,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="table to write, e.g. results.parquet (relative to the current folder)")
     c.add_argument("--format", choices=["parquet", "pickle"],
                    help="default: from the suffix of --to (.parquet/.pq or .pkl/.pickle)")
-    c.add_argument("--workers", type=int, metavar="N",
+    c.add_argument("--workers", type=_count(1, MAX_READ_WORKERS), metavar="N",
                    help="concurrent reads (default: many on a network mount, few on a local disk)")
     c.add_argument("--reader", metavar="MODULE:FUNCTION",
                    help="a function(path) -> DataFrame or dict, for outputs with no built-in reader")
@@ -157,24 +201,36 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "failed": len(report.failed), "left": report.left,
                       "seconds": round(report.seconds, 3)}))
     if report.failed:
-        shown = ", ".join(repr(k) for k in report.failed[:5])
-        print(f"{len(report.failed)} key(s) failed after {args.max_attempts} attempt(s): {shown}"
-              f"{' ...' if len(report.failed) > 5 else ''}. Errors are in "
-              f"{args.root}/.spotfan/tasks/{report.task}/failed/; rerun with --retry-failed "
-              "after fixing the cause", file=sys.stderr)
+        print(f"{_failed_after(report)}. Errors are in {args.root}/.spotfan/tasks/{report.task}/"
+              "failed/; rerun with --retry-failed after fixing the cause", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _failed_after(report: RunReport) -> str:
+    """The failed keys, each with the attempts its failure record counts (earlier runs and
+    other machines included, not this run's --max-attempts)."""
+    keys = report.failed[:SHOWN_FAILED]
+    layout = Layout(report.root, report.task)
+    try:
+        records = FailureStore(layout.failed, layout.tmp).load(keys)
+    except OSError:
+        records = {}
+    counts = {records[k].attempts for k in keys if k in records}
+    more = " ..." if len(report.failed) > SHOWN_FAILED else ""
+    if len(counts) == 1 and len(records) == len(keys):
+        shown = ", ".join(repr(k) for k in keys)
+        return f"{len(report.failed)} key(s) failed after {counts.pop()} attempt(s): {shown}{more}"
+    shown = ", ".join(f"{k!r} ({records[k].attempts} attempt(s))" if k in records else repr(k)
+                      for k in keys)
+    return f"{len(report.failed)} key(s) failed: {shown}{more}"
 
 
 def _load_reader(spec: str) -> Callable[[Path], Any]:
     module, sep, name = spec.partition(":")
     if not sep or not module or not name:
         raise SpecError(f"--reader {spec!r} must be module:function, e.g. examples.commands:read_sha256")
-    try:
-        obj: Any = importlib.import_module(module)
-    except Exception as e:  # any import-time failure of user code
-        raise SpecError(f"cannot import the reader's module {module!r}: {type(e).__name__}: {e}. "
-                        "Run from the folder that holds it, or add it to PYTHONPATH") from e
+    obj: Any = import_module(module, what="the reader's module")
     for part in name.split("."):
         obj = getattr(obj, part, None)
     if not callable(obj):

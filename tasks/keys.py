@@ -2,14 +2,19 @@
 
 A key is a string; each key has one output path, rendered from a template such as
 `features/{stem}.npy`. Everything here is relative to the run root and checked so that
-no key, source or output can reach outside it.
+no key, source or output can reach outside it. One function, `name_problem`, says
+whether a string can be one entry of a folder; every name that becomes a path (task
+names, each component of an output or source path) goes through it.
 """
 from __future__ import annotations
 
+import fnmatch
 import glob
 import hashlib
+import os
+import re
 import string
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -24,6 +29,13 @@ HASH_THREADS = 8  # parallel readers for content-hash keys (I/O bound, hashlib d
 HASH_CHUNK = 1 << 20
 HASH_LEN = 16  # hex digits of sha256 kept for a content-hash key
 SHOWN_EXAMPLES = 3  # how many offending keys an error message lists
+SHOWN_NAME = 60  # characters of an over-long name or key shown in a message
+NAME_MAX = 255  # bytes in one file name (Linux filesystems; used where pathconf cannot say)
+PATH_MAX = 4096  # bytes in a whole path, its terminating NUL included (Linux)
+# Room a run needs under the root for its temporaries, .spotfan/tmp/<owner>/<pid>-<n>.<name>:
+# the owner id is at most ~56 bytes and tasks.publish.temp_path keeps at most the last 200
+# bytes of an output's name, so a temporary's name is never longer than an output's limit.
+TEMP_PATH_RESERVE = 320
 
 
 @dataclass(frozen=True)
@@ -34,6 +46,94 @@ class Item:
     src: str | None  # source path relative to the root, or None for keys= tasks
     out: str  # final output path relative to the root (no trailing slash)
     fields: tuple[tuple[str, str], ...] = ()  # placeholder values, for --cmd rendering
+    is_dir: bool = False  # the output is a directory (the template ends in "/")
+
+
+def name_problem(name: str, *, name_max: int = NAME_MAX) -> str | None:
+    """Why `name` cannot be one entry of a folder (a file or folder name), or None if it can.
+
+    Refused: empty, `.` and `..` (they name a folder itself or its parent), a NUL byte or
+    a "/" (no single name holds them), and more than `name_max` bytes.
+    """
+    if not name:
+        return "is empty"
+    if name == "..":
+        return "is '..', which would escape its folder"
+    if name == ".":
+        return "is '.', which names its folder itself, not an entry in it"
+    if "\0" in name:
+        return "contains a NUL byte, which no file name can hold"
+    if "/" in name:
+        return "contains '/', which no single file name can hold"
+    try:
+        size = len(os.fsencode(name))
+    except UnicodeEncodeError:
+        return "holds a character that cannot be written in a file name (a lone surrogate)"
+    if size > name_max:
+        return f"is {size} bytes long; a file name holds at most {name_max} bytes here"
+    return None
+
+
+def path_problem(path: str, *, name_max: int = NAME_MAX) -> str | None:
+    """Why a root-relative path cannot be used, or None if it can: absolute, `..`, inside
+    `.spotfan/`, or a part that `name_problem` refuses (`.`, over-long). Empty parts ("a//b",
+    a trailing "/") are not refused: they name what "a/b" names (see `normal`)."""
+    if "\0" in path:
+        return "contains a NUL byte, which no file name can hold"
+    if path.startswith("/"):
+        return "is absolute; outputs and sources must be relative to the run root (--root)"
+    parts = [part for part in path.split("/") if part]
+    if not parts:
+        return "is empty; give every key a non-empty path under the root"
+    if ".." in parts:
+        return "contains '..' and would escape the run root; remove '..' from the key or template"
+    if parts[0] == BOOKKEEPING_DIR:
+        return (f"is inside {BOOKKEEPING_DIR}/, which holds spotfan's bookkeeping; choose "
+                "another output folder")
+    for part in parts:
+        if part == ".":
+            return ("has the part '.', which names its folder itself: a key '.' would collapse "
+                    "onto the output folder")
+        why = name_problem(part, name_max=name_max)
+        if why is not None:
+            return f"has the part {shown(part)}, which {why}"
+    return None
+
+
+def normal(path: str) -> str:
+    """A path that `path_problem` accepts, without empty parts: "a//b/" -> "a/b"."""
+    return "/".join(part for part in path.split("/") if part)
+
+
+def check_name(name: str, *, what: str) -> str:
+    """`name` if it can be one folder entry (e.g. a task's folder under .spotfan/tasks/);
+    UnsafePath otherwise."""
+    why = name_problem(name)
+    if why is not None:
+        raise UnsafePath(f"{what} {shown(name)} {why}; a name must be usable as one folder name")
+    return name
+
+
+def safe_relpath(path: str, *, what: str) -> str:
+    """`path`, normalised, if it stays under the root; UnsafePath otherwise."""
+    why = path_problem(path)
+    if why is not None:
+        raise UnsafePath(f"{what} {shown(path)} {why}")
+    return normal(path)
+
+
+def shown(text: str) -> str:
+    """`text` quoted for a message, cut short if it is long."""
+    if len(text) <= SHOWN_NAME:
+        return repr(text)
+    return f"{text[:SHOWN_NAME]!r}... ({len(text)} characters)"
+
+
+def relative(template: str) -> str:
+    """A root-relative template or glob without its leading "./" (which names the root)."""
+    while template.startswith("./"):
+        template = template[2:]
+    return template
 
 
 def template_fields(template: str, *, what: str) -> set[str]:
@@ -44,44 +144,37 @@ def template_fields(template: str, *, what: str) -> set[str]:
     except ValueError as e:
         raise SpecError(f"{what} {template!r} is not a valid template ({e}); "
                         "write literal braces as {{ and }}") from e
-    for _, field, _, _ in parsed:
+    for _, field, spec, conversion in parsed:
         if field is None:
             continue
         if field == "" or not field.isidentifier():
             raise SpecError(f"{what} {template!r} has placeholder {{{field}}}, which is not a "
                             "plain name; use one of {key}, {src}, {stem}, {name}, {suffix}, {parent}")
+        if conversion is not None or spec:
+            # A --cmd value is shell-quoted before it is formatted in: `!r` would quote the
+            # quoted value again and `:.3` cut its closing quote, so a file name could run
+            # as a command. An output path is checked as rendered; keep both plain.
+            written = ("{" + field + (f"!{conversion}" if conversion else "")
+                       + (f":{spec}" if spec else "") + "}")
+            raise SpecError(f"{what} {template!r} has {written}: conversions (!r, !s, !a) and format "
+                            "specs (:...) are not allowed in placeholders, because they would "
+                            "change a value after it was shell-quoted or checked as a path; "
+                            f"write {{{field}}} (to shorten or reformat a value, do it in the "
+                            "command or in a key function)")
         names.add(field)
     return names
 
 
-def check_template(template: str, allowed: frozenset[str], *, what: str, hint: str = "") -> None:
-    """Refuse unknown placeholders before any work starts."""
-    unknown = template_fields(template, what=what) - allowed
+def check_template(template: str, allowed: frozenset[str], *, what: str, hint: str = "") -> set[str]:
+    """The template's placeholders; unknown ones are refused before any work starts."""
+    used = template_fields(template, what=what)
+    unknown = used - allowed
     if unknown:
         names = ", ".join("{" + n + "}" for n in sorted(unknown))
         ok = ", ".join("{" + n + "}" for n in sorted(allowed))
         raise SpecError(f"{what} {template!r} uses unknown placeholder {names}; "
                         f"allowed here: {ok}.{(' ' + hint) if hint else ''}")
-
-
-def safe_relpath(path: str, *, what: str) -> str:
-    """Normalise a root-relative path, refusing anything that could leave the root."""
-    if not path or path in (".", "./"):
-        raise UnsafePath(f"{what} is empty; give every key a non-empty path under the root")
-    if "\0" in path:
-        raise UnsafePath(f"{what} {path!r} contains a NUL byte, which no file name can hold")
-    p = PurePosixPath(path)
-    if p.is_absolute():
-        raise UnsafePath(f"{what} {path!r} is absolute; outputs and sources must be relative "
-                         "to the run root (--root)")
-    parts = [part for part in p.parts if part != "."]
-    if ".." in parts:
-        raise UnsafePath(f"{what} {path!r} contains '..' and would escape the run root; "
-                         "remove '..' from the key or template")
-    if parts and parts[0] == BOOKKEEPING_DIR:
-        raise UnsafePath(f"{what} {path!r} is inside {BOOKKEEPING_DIR}/, which holds spotfan's "
-                         "bookkeeping; choose another output folder")
-    return "/".join(parts)
+    return used
 
 
 def render(template: str, fields: dict[str, str], *, what: str = "output template") -> str:
@@ -94,7 +187,7 @@ def render(template: str, fields: dict[str, str], *, what: str = "output templat
 
 def glob_base(pattern: str) -> str:
     """The leading folders of a glob that hold no wildcard: keys are relative to them."""
-    parts = PurePosixPath(pattern).parts
+    parts = normal(relative(pattern)).split("/")
     base: list[str] = []
     for part in parts[:-1]:
         if glob.has_magic(part):
@@ -103,12 +196,102 @@ def glob_base(pattern: str) -> str:
     return "/".join(base)
 
 
-def glob_sources(root: Path, pattern: str) -> list[str]:
-    """Files matching `pattern` under root, as sorted root-relative paths; one listing per folder."""
-    safe_relpath(pattern, what="source glob")
-    found = glob.glob(pattern, root_dir=root, recursive=True)
-    # glob never returns dot-files for `*`, so the bookkeeping folder is never a source.
-    return sorted(p for p in found if not p.endswith("/"))
+@dataclass(frozen=True)
+class Sources:
+    """What a source glob matched: its files, and how many folders it matched (not inputs)."""
+
+    files: list[str]  # root-relative paths of matched files, sorted
+    folders: int  # matched folders, skipped as inputs
+
+
+def glob_sources(root: Path, pattern: str) -> Sources:
+    """Files matching `pattern` under root, like `glob.glob(pattern, recursive=True)`; folders
+    it matches are skipped, not inputs.
+
+    Each folder is listed once (`os.scandir`) and whether an entry is a folder comes from
+    that listing (d_type), never from a stat per match: over SSHFS each stat is a network
+    round trip. Only a symlink costs a stat (to see what it points to). Like `glob`, `*`
+    and `**` skip names that start with "."; unlike it, `**` does not descend into
+    symlinked folders (a symlink loop would never end).
+    """
+    pattern = safe_relpath(relative(pattern), what="source glob")
+    parts: list[str] = []
+    for part in pattern.split("/"):
+        if not (part == "**" and parts and parts[-1] == "**"):  # a/**/**/b is a/**/b
+            parts.append(part)
+    walk = _Walk(str(root))
+    files = sorted(walk.match("", parts, None))
+    return Sources(files, walk.folders)
+
+
+class _Walk:
+    """One glob's walk over the root: one listing per folder, entry types from the listing."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.folders = 0  # matched folders skipped as inputs
+
+    def listing(self, folder: str) -> list[os.DirEntry[str]]:
+        try:
+            with os.scandir(os.path.join(self.root, folder) if folder else self.root) as it:
+                return list(it)
+        except (FileNotFoundError, NotADirectoryError):
+            return []  # glob's rule: a folder that is not there matches nothing
+
+    def match(self, folder: str, parts: list[str],
+              entries: list[os.DirEntry[str]] | None) -> Iterator[str]:
+        """Root-relative paths of files under `folder` that match `parts` ("**" included);
+        `entries` is the folder's listing when the caller already has it."""
+        part, rest = parts[0], parts[1:]
+        join = (lambda name: f"{folder}/{name}") if folder else (lambda name: name)
+        if part == "**":
+            entries = self.listing(folder) if entries is None else entries
+            if rest:
+                yield from self.match(folder, rest, entries)  # "**" as zero folders
+            else:
+                yield from (join(e.name) for e in entries
+                            if not e.name.startswith(".") and not _is_folder(e, self))
+            for e in entries:
+                if not e.name.startswith(".") and e.is_dir(follow_symlinks=False):
+                    yield from self.match(join(e.name), parts, None)
+            return
+        if not glob.has_magic(part):
+            if rest:
+                yield from self.match(join(part), rest, None)  # listed when a wildcard needs it
+                return
+            if entries is not None:
+                found = [e for e in entries if e.name == part]
+                if found and not _is_folder(found[0], self):
+                    yield join(part)
+                return
+            path = os.path.join(self.root, join(part))
+            if os.path.isdir(path):
+                self.folders += 1
+            elif os.path.lexists(path):
+                yield join(part)
+            return
+        matches = re.compile(fnmatch.translate(part)).match
+        hidden_ok = part.startswith(".")
+        entries = self.listing(folder) if entries is None else entries
+        for e in entries:
+            if (hidden_ok or not e.name.startswith(".")) and matches(e.name):
+                if rest:
+                    if e.is_dir():
+                        yield from self.match(join(e.name), rest, None)
+                elif not _is_folder(e, self):
+                    yield join(e.name)
+
+
+def _is_folder(entry: os.DirEntry[str], walk: _Walk) -> bool:
+    """Whether a matched entry is a folder (counted as skipped); a symlink is judged by
+    what it points to, so a link to a file is an input."""
+    try:
+        folder = entry.is_dir()
+    except OSError:
+        folder = False  # a broken link: an input, as glob returns it (its task will say why)
+    if folder:
+        walk.folders += 1
+    return folder
 
 
 def src_fields(src: str, base: str) -> dict[str, str]:
@@ -157,3 +340,70 @@ def check_unique(items: Iterable[Item]) -> list[Item]:
                               "Put a placeholder that differs per key in the output template, "
                               "e.g. {key} or {parent}/{stem}")
     return out
+
+
+def check_nesting(items: list[Item]) -> list[Item]:
+    """Refuse an output that would be another output's folder ('o/a' and 'o/a/b'): a path
+    cannot be a file and a folder at once, and a directory output is published whole."""
+    outs = {item.out: item.key for item in items}
+    clashes: list[str] = []
+    for item in items:
+        cut = item.out.rfind("/")
+        while cut > 0:
+            folder = item.out[:cut]
+            if folder in outs:
+                clashes.append(f"{shown(outs[folder])} -> {shown(folder)} is the folder of "
+                               f"{shown(item.key)} -> {shown(item.out)}")
+                break
+            cut = item.out.rfind("/", 0, cut)
+    if clashes:
+        raise OutputCollision(f"{len(clashes)} output path(s) would be the folder of another "
+                              f"key's output: {_few(clashes)}. Give every output its own path "
+                              "that is no other output's folder, e.g. out=\"o/{key}.txt\"")
+    return items
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How long names and paths may be under one run root (its filesystem's limits)."""
+
+    name_max: int  # bytes in one file name
+    path_max: int  # bytes in a whole path, root included (its terminating NUL not)
+    room: int  # bytes left for a root-relative path after ROOT + "/"
+
+    @classmethod
+    def of(cls, root: Path) -> "Limits":
+        name_max, path_max = NAME_MAX, PATH_MAX
+        try:
+            name_max = os.pathconf(root, "PC_NAME_MAX")
+            path_max = os.pathconf(root, "PC_PATH_MAX")
+        except (OSError, ValueError):
+            pass  # no root (yet): the run refuses it with its own message
+        base = len(os.fsencode(str(root)))
+        if base + TEMP_PATH_RESERVE > path_max - 1:
+            raise UnsafePath(f"the run root {shown(str(root))} is {base} bytes long: its "
+                             f"bookkeeping would not fit in a path of at most {path_max - 1} "
+                             f"bytes; use a root of at most {path_max - 1 - TEMP_PATH_RESERVE} bytes")
+        return cls(name_max, path_max - 1, path_max - 1 - base - 1)
+
+    def problem(self, out: str) -> str | None:
+        """Why `out` (as rendered) cannot be an output under this root, or None."""
+        why = path_problem(out, name_max=self.name_max)
+        size = len(os.fsencode(normal(out))) if why is None else 0
+        if size > self.room:
+            why = (f"is {size} bytes long; with the root in front it would pass the "
+                   f"{self.path_max}-byte limit of a whole path (at most {self.room} bytes fit "
+                   "under this root)")
+        return why
+
+
+def unsafe_outputs(bad: Sequence[tuple[str, str, str]]) -> UnsafePath:
+    """One error naming the first few (key, output, why) whose output cannot be used, and how many."""
+    few = _few([f"key {shown(key)} -> {shown(out)} {why}" for key, out, why in bad])
+    return UnsafePath(f"{len(bad)} key(s) have an output path that cannot be used: {few}. "
+                      "Nothing was run: change these keys or the output template")
+
+
+def _few(offenders: Sequence[str]) -> str:
+    more = len(offenders) - SHOWN_EXAMPLES
+    return "; ".join(offenders[:SHOWN_EXAMPLES]) + (f" (and {more} more)" if more > 0 else "")

@@ -28,6 +28,8 @@ from typing import Literal
 import psutil
 
 from tasks import worker
+from tasks.bounds import (MAX_ATTEMPTS_LIMIT, MAX_CHUNK_SIZE, MAX_LEASE_S, MAX_LIMIT, MIN_LEASE_S,
+                          check_count, check_seconds, worker_count)
 from tasks.claims import ClaimPlan, Claims, Stamp, network_filesystem, sweep_claims
 from tasks.errors import SpecError, TaskError
 from tasks.keys import Item
@@ -39,7 +41,6 @@ from tasks.spec import Task
 logger = logging.getLogger(__name__)
 
 DEFAULT_LEASE_S = 120.0  # a claim untouched this long belongs to a dead worker
-MIN_LEASE_S = 5.0
 DEFAULT_MAX_ATTEMPTS = 3
 TARGET_CHUNK_S = 0.5  # aim for chunks that take about this long on one worker
 MAX_CHUNK = 1000  # never more keys than this in one chunk
@@ -163,8 +164,8 @@ def run(task: Task, *, root: str | Path = ".", workers: int | None = None,
     """
     started = time.monotonic()
     root = Path(root).resolve()
-    _check_options(root, workers, executor, max_attempts, lease_s, limit, chunk_size, start_method)
-    workers = workers or os.cpu_count() or 1
+    workers = _check_options(root, workers, executor, max_attempts, lease_s, limit, chunk_size,
+                             start_method)
     if executor == "process":
         task.check_importable()
     items = task.items(root)
@@ -620,24 +621,23 @@ def _sweep(layout: Layout, items: list[Item], done: set[str], lease_s: float) ->
 
 def _check_options(root: Path, workers: int | None, executor: str, max_attempts: int,
                    lease_s: float, limit: int | None, chunk_size: int | None,
-                   start_method: str) -> None:
+                   start_method: str) -> int:
+    """Refuse options out of their bounds (tasks.bounds: nan, inf, negative, huge); return
+    how many workers to start."""
     if not root.is_dir():
         raise SpecError(f"run root {root} is not a directory; pass --root DIR (on a cluster, "
                         "the shared mount point)")
-    if workers is not None and workers < 1:
-        raise SpecError(f"--workers must be at least 1, got {workers}")
     if executor not in ("process", "thread"):
         raise SpecError(f"--executor must be process or thread, got {executor!r}")
-    if max_attempts < 1:
-        raise SpecError(f"--max-attempts must be at least 1, got {max_attempts}")
-    if lease_s < MIN_LEASE_S:
-        raise SpecError(f"--lease must be at least {MIN_LEASE_S:.0f} seconds, got {lease_s}")
-    if limit is not None and limit < 1:
-        raise SpecError(f"--limit must be at least 1, got {limit}")
-    if chunk_size is not None and chunk_size < 1:
-        raise SpecError(f"--chunk-size must be at least 1, got {chunk_size}")
+    check_count("--max-attempts", max_attempts, 1, MAX_ATTEMPTS_LIMIT)
+    check_seconds("--lease", lease_s, MIN_LEASE_S, MAX_LEASE_S)
+    if limit is not None:
+        check_count("--limit", limit, 1, MAX_LIMIT)
+    if chunk_size is not None:
+        check_count("--chunk-size", chunk_size, 1, MAX_CHUNK_SIZE)
     if start_method not in START_METHODS:
         raise SpecError(f"--start-method must be one of {', '.join(START_METHODS)}")
+    return worker_count(workers)
 
 
 def _kill_workers(pool: ProcessPoolExecutor) -> None:

@@ -19,15 +19,17 @@ import inspect
 import shlex
 import subprocess
 import sys
+import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from tasks.errors import SpecError
-from tasks.keys import (KEY_FIELDS, SRC_FIELDS, Item, check_template, check_unique,
-                        content_hashes, glob_base, glob_sources, render, safe_relpath,
-                        src_fields, template_fields)
+from tasks.errors import SpecError, UnsafePath
+from tasks.keys import (KEY_FIELDS, SRC_FIELDS, Item, Limits, check_name, check_nesting,
+                        check_template, check_unique, content_hashes, glob_base, glob_sources,
+                        normal, path_problem, relative, render, safe_relpath, src_fields,
+                        template_fields, unsafe_outputs)
 
 KeyMode = Union[Literal["path", "stem", "hash"], Callable[[str], str]]
 KeysArg = Union[Iterable[str], Callable[[], Iterable[str]], None]
@@ -60,28 +62,59 @@ class KeySource:
         if not self.out:
             raise SpecError(f"{what}: out= is required, e.g. out=\"features/{{stem}}.npy\"")
         if self.src is not None:
-            safe_relpath(self.src, what=f"{what}: source glob")
-            check_template(self.out, SRC_FIELDS, what=f"{what}: output template")
+            safe_relpath(relative(self.src), what=f"{what}: source glob")
+            fields = check_template(self.out, SRC_FIELDS, what=f"{what}: output template")
             if not (callable(self.key) or self.key in ("path", "stem", "hash")):
                 raise SpecError(f"{what}: key={self.key!r} is not known; use \"path\" (default), "
                                 "\"stem\", \"hash\" (content hash) or a function of the source path")
         else:
-            check_template(self.out, KEY_FIELDS, what=f"{what}: output template",
-                           hint="{stem}, {name} ... need src= (input files); with keys= use {key}")
+            fields = check_template(self.out, KEY_FIELDS, what=f"{what}: output template",
+                                    hint="{stem}, {name} ... need src= (input files); with keys= use {key}")
+        # What the template itself puts in every path ("../x/{key}", "/tmp/{key}", ".spotfan/")
+        # is refused here, once, before any key is listed.
+        example = render(self.template, dict.fromkeys(fields, "x"))
+        why = path_problem(example)
+        if why is not None:
+            raise UnsafePath(f"{what}: output template {self.out!r} gives paths such as "
+                             f"{example!r}, which {why}")
 
     @property
     def is_dir(self) -> bool:
         return self.out.endswith("/")
 
+    @property
+    def template(self) -> str:
+        """The output template as rendered: no leading "./", no trailing "/"."""
+        return relative(self.out).rstrip("/")
+
     def items(self, root: Path) -> list[Item]:
-        template = self.out.rstrip("/")
+        """Every key with its output path, checked all at once before any work: a message
+        names the first few keys whose output cannot be used (outside the root, `.`, too
+        long for the filesystem), that share one output, or whose output is another's folder."""
+        template, is_dir = self.template, self.is_dir
+        limits = Limits.of(root)
         items: list[Item] = []
+        unsafe: list[tuple[str, str, str]] = []
+
+        def add(key: str, src: str | None, fields: dict[str, str]) -> None:
+            out = render(template, fields)
+            why = limits.problem(out)
+            if why is not None:
+                unsafe.append((key, out, why))
+            else:
+                items.append(Item(key, src, normal(out), tuple(sorted(fields.items())), is_dir))
+
         if self.src is not None:
-            srcs = glob_sources(root, self.src)
+            pattern = safe_relpath(relative(self.src), what="source glob")
+            found = glob_sources(root, pattern)
+            srcs = found.files
             if not srcs:
-                raise SpecError(f"source glob {self.src!r} matches no file under {root}; check "
-                                "the pattern and --root (use ** for subfolders, e.g. data/**/*.jpg)")
-            base = glob_base(self.src)
+                folders = (f" ({found.folders} folder(s) matched: folders are not inputs)"
+                           if found.folders else "")
+                raise SpecError(f"source glob {self.src!r} matches no file under {root}{folders}; "
+                                "check the pattern and --root (use ** for subfolders, e.g. "
+                                "data/**/*.jpg)")
+            base = glob_base(pattern)
             hashes = content_hashes(root, srcs) if self.key == "hash" else None
             seen: set[str] = set()
             for i, src in enumerate(srcs):
@@ -105,8 +138,7 @@ class KeySource:
                                     "use key=\"path\" or a key function that tells them apart")
                 seen.add(key)
                 f["key"] = key
-                out = safe_relpath(render(template, f), what=f"output path for key {key!r}")
-                items.append(Item(key, src, out, tuple(sorted(f.items()))))
+                add(key, src, f)
         else:
             raw = self.keys() if callable(self.keys) else self.keys
             keys = list(dict.fromkeys(raw))  # keep order, drop repeats
@@ -115,10 +147,10 @@ class KeySource:
             for key in keys:
                 if not isinstance(key, str) or not key:
                     raise SpecError(f"keys must be non-empty strings, got {key!r}; convert with str()")
-                out = safe_relpath(render(template, {"key": key}),
-                                   what=f"output path for key {key!r}")
-                items.append(Item(key, None, out, (("key", key),)))
-        return check_unique(items)
+                add(key, None, {"key": key})
+        if unsafe:
+            raise unsafe_outputs(unsafe)
+        return check_nesting(check_unique(items))
 
 
 class FileTask:
@@ -128,19 +160,12 @@ class FileTask:
                  init: Callable[[], Any] | None, fsync: bool) -> None:
         self.func = func
         self.source = source
-        self.name = name or func.__name__
         self.init = init
         self.fsync = fsync
         self.module = func.__module__
         self.qualname = func.__qualname__
-        params = inspect.signature(func).parameters
-        self._params = tuple(p for p in TASK_ARGS if p in params)
-        if "out" not in params:
-            raise SpecError(f"task function {self.qualname} must take an `out` argument: "
-                            "the path it writes its output to")
-        if source.src is None and "src" in params:
-            raise SpecError(f"task function {self.qualname} takes `src` but the task has keys= "
-                            "and no input files; take `key` instead")
+        self.name = check_name(name or func.__name__, what=f"@filetask {self.qualname}: task name")
+        self._params = _task_params(func, self.qualname, has_src=source.src is not None)
         source.validate(what=f"@filetask {self.qualname}")
         functools.update_wrapper(self, func)
 
@@ -186,6 +211,60 @@ class FileTask:
         self.func(**{p: values[p] for p in self._params})
 
 
+def _task_params(func: Callable[..., Any], qualname: str, *, has_src: bool) -> tuple[str, ...]:
+    """The task arguments `func` takes, by name; SpecError if the engine could not call it."""
+    try:
+        params = inspect.signature(func).parameters
+    except (TypeError, ValueError) as e:
+        raise SpecError(f"task {qualname}: its signature cannot be read ({e}); decorate a "
+                        "plain `def` function") from e
+    if "out" not in params:
+        raise SpecError(f"task function {qualname} must take an `out` argument: "
+                        "the path it writes its output to")
+    if not has_src and "src" in params:
+        raise SpecError(f"task function {qualname} takes `src` but the task has keys= "
+                        "and no input files; take `key` instead")
+    offered = ", ".join(TASK_ARGS if has_src else (a for a in TASK_ARGS if a != "src"))
+    for p in params.values():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.name in TASK_ARGS and p.kind is p.POSITIONAL_ONLY:
+            raise SpecError(f"task function {qualname} takes `{p.name}` as positional-only "
+                            "(before `/`), but the engine passes every argument by name; "
+                            "remove the `/`")
+        if p.name not in TASK_ARGS and p.default is p.empty:
+            raise SpecError(f"task function {qualname} needs an argument `{p.name}` that the "
+                            f"engine never passes: it passes only those it names among "
+                            f"{offered}. Give `{p.name}` a default, or remove it")
+    return tuple(a for a in TASK_ARGS if a in params)
+
+
+def import_module(module: str, *, what: str) -> Any:
+    """Import user code, saying what went wrong: the module not found (and where to put it),
+    or the module's own error (a SyntaxError with its file and line, a missing dependency)."""
+    try:
+        return importlib.import_module(module)
+    except SpecError as e:  # a @filetask in it is wrong: that message says how
+        raise SpecError(f"{what} {module!r}: {e}") from e
+    except ModuleNotFoundError as e:
+        if e.name is not None and (module == e.name or module.startswith(e.name + ".")):
+            raise SpecError(f"cannot import {what} {module!r}: no module named {e.name!r}. Run "
+                            "from the folder that holds it, or add that folder to PYTHONPATH") from e
+        raise SpecError(f"{what} {module!r} imports {e.name!r}, which is not installed here: "
+                        "install the package that provides it (on a cluster, on the VMs)") from e
+    except Exception as e:  # any import-time failure of user code: show where it happened
+        raise SpecError(f"{what} {module!r} failed while importing: {_where(e)}") from e
+
+
+def _where(e: BaseException) -> str:
+    """An exception as one line, with the file and line it was raised at."""
+    if isinstance(e, SyntaxError):
+        return f"{type(e).__name__}: {e.msg} ({e.filename}, line {e.lineno})"
+    frames = traceback.extract_tb(e.__traceback__)
+    at = f" ({frames[-1].filename}, line {frames[-1].lineno})" if frames else ""
+    return f"{type(e).__name__}: {e}{at}"
+
+
 @dataclass(frozen=True)
 class FuncRef:
     """A picklable name for a FileTask; worker processes import it by this name."""
@@ -194,12 +273,7 @@ class FuncRef:
     qualname: str
 
     def load(self) -> FileTask:
-        try:
-            mod = importlib.import_module(self.module)
-        except Exception as e:  # any import-time failure of user code
-            raise SpecError(f"cannot import module {self.module!r}: {type(e).__name__}: {e}. "
-                            "Run from the folder that holds it, or add that folder to "
-                            "PYTHONPATH") from e
+        mod = import_module(self.module, what="module")
         obj: Any = mod
         for part in self.qualname.split("."):
             obj = getattr(obj, part, None)
@@ -236,6 +310,7 @@ class CmdTask:
             digest = hashlib.sha1("\0".join([self.cmd, self.source.out, str(self.source.src),
                                              str(self.source.key)]).encode()).hexdigest()
             object.__setattr__(self, "name", f"cmd-{digest[:10]}")
+        check_name(self.name, what="--name")
 
     @property
     def is_dir(self) -> bool:
@@ -326,9 +401,20 @@ def load_spec(spec: str | None, *, cmd: str | None = None, src: str | None = Non
 
 
 def _read_keys(path: str) -> list[str]:
+    """The keys of a --keys file: UTF-8 text, one key per "\\n"-separated line (a "\\r"
+    before it is dropped, so Windows line ends work); blank lines are skipped. Nothing else
+    splits a key: form feeds, U+2028 and friends stay part of it."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        data = Path(path).read_bytes()
     except OSError as e:
         raise SpecError(f"cannot read the keys file {path!r}: {e.strerror}; give a text file "
                         "with one key per line") from e
-    return [line for line in text.splitlines() if line.strip()]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise SpecError(f"the keys file {path!r} is not UTF-8 text: byte {data[e.start]:#04x} on "
+                        f"line {line} ({e.reason}); convert it first, e.g. `iconv -f latin1 -t "
+                        f"utf-8 {shlex.quote(path)} > keys-utf8.txt`") from e
+    keys = (line.removesuffix("\r") for line in text.removeprefix("\ufeff").split("\n"))
+    return [key for key in keys if key.strip()]
