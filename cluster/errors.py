@@ -15,7 +15,7 @@ decides how errors are shown and which exit code they carry.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 
@@ -24,7 +24,15 @@ class ClusterError(Exception):
 
 
 class ConfigError(ClusterError):
-    """cluster.toml is missing, malformed or inconsistent."""
+    """cluster.toml is missing, malformed or inconsistent (or a command was given bad options).
+
+    `problems` are the located problems behind the message (cluster.schema.Problem), when
+    it came from reading cluster.toml.
+    """
+
+    def __init__(self, message: str, problems: Sequence[object] = ()) -> None:
+        super().__init__(message)
+        self.problems = list(problems)
 
 
 class ProvisionError(ClusterError):

@@ -11,7 +11,6 @@ import logging
 import re
 import threading
 import time
-import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -89,6 +88,7 @@ class GceProvider:
         ssh_public_key: str | Path,
         client_factory: Callable[[GceSettings], GceClients] | None = None,
         timing: Timing = Timing(),
+        idle_action: str = "stop",
     ) -> None:
         if not re.match(r"^[a-z][a-z0-9-]{0,40}$", cluster_name):
             raise ConfigError(
@@ -100,6 +100,7 @@ class GceProvider:
         self.settings = settings
         self.cluster_name = cluster_name
         self.timing = timing
+        self.idle_action = idle_action  # what an idle worker does to itself: "stop" or "delete"
         self._boot_script = boot_script
         self._ssh_public_key = ssh_public_key
         self._client_factory = client_factory or _default_clients
@@ -120,32 +121,11 @@ class GceProvider:
 
     @classmethod
     def from_config(cls, config: "ClusterConfig") -> "GceProvider":
-        """Build from a ClusterConfig: its `[gce]` table, with [cluster] values as defaults.
-
-        [cluster] zones, image, machine_type and spot fill in what [gce] leaves out, and
-        [ssh] user is the user of the `ssh-keys` entry. Reads only cluster.toml itself.
-        """
-        try:
-            raw = tomllib.loads(config.path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise ConfigError(f"{config.path}: cannot read the [gce] table: {e}") from e
-        table = dict(raw.get("gce", {}))
-        if not table:
-            raise ConfigError(
-                f"{config.path}: provider = \"gce\" needs a [gce] table with at least "
-                f"project = \"...\" (docs_gce.md describes every field)"
-            )
-        defaults: dict[str, Any] = {
-            "zones": list(config.zones),
-            "image": config.image,
-            "machine_type": config.machine_type,
-            "provisioning": "spot" if config.spot else "standard",
-            "ssh_user": config.ssh.user,
-        }
-        for key, value in defaults.items():
-            if value:
-                table.setdefault(key, value)
-        settings = GceSettings.from_mapping(table)
+        """Build from a ClusterConfig: its `[gce]` table, read with [cluster] values as defaults
+        ([cluster] zones, image, machine_type and spot; [ssh] user for the `ssh-keys` entry)."""
+        settings = config.gce
+        if settings is None:
+            raise ConfigError(f"{config.path}: provider = \"gce\" needs a [gce] table with at least project = \"...\"")
         if settings.head is not None:
             check_head_vm_config(config)
         return cls(
@@ -153,6 +133,7 @@ class GceProvider:
             cluster_name=config.name,
             boot_script=BOOT_SCRIPT,
             ssh_public_key=config.ssh.key.with_name(config.ssh.key.name + ".pub"),
+            idle_action=config.idle_action,
         )
 
     def head_cost_estimate(self) -> CostEstimate | None:

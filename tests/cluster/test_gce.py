@@ -356,15 +356,15 @@ def test_constructor_does_no_io():
 @pytest.mark.parametrize(
     ("table", "message"),
     [
-        ({"zones": ZONES, "image": "i"}, r"\[gce\]\.project: missing"),
-        ({"project": "p", "zones": ["us-central1"], "image": "i"}, r"zones: expected .*us-central1-a"),
-        ({"project": "p", "zones": ZONES, "image": "i", "zone": "x"}, r"unknown key\(s\) zone"),
-        ({"project": "p", "zones": ZONES, "image": "i", "provisioning": "cheap"}, "spot, preemptible, standard"),
-        ({"project": "p", "zones": ZONES, "image": "i", "termination_action": "KEEP"}, "STOP or DELETE"),
-        ({"project": "p", "zones": ZONES, "image": "i", "max_run_duration_s": "1h"}, "expected an integer"),
+        ({"zones": ZONES, "image": "i"}, r"\[gce\] project is required"),
+        ({"project": "p", "zones": ["us-central1"], "image": "i"}, r"\[gce\] zones = \['us-central1'\]: must be .*us-central1-a"),
+        ({"project": "p", "zones": ZONES, "image": "i", "zone": "x"}, r"\[gce\] zone is not a known key; did you mean zones\?"),
+        ({"project": "p", "zones": ZONES, "image": "i", "provisioning": "cheap"}, "must be one of 'spot', 'preemptible', 'standard'"),
+        ({"project": "p", "zones": ZONES, "image": "i", "termination_action": "KEEP"}, "must be one of 'STOP', 'DELETE'"),
+        ({"project": "p", "zones": ZONES, "image": "i", "max_run_duration_s": "1h"}, r"max_run_duration_s = '1h': must be a whole number"),
         ({"project": "p", "zones": ZONES, "image": "i", "provisioning": "preemptible"}, "not available"),
         ({"project": "p", "zones": ZONES, "image": "i", "labels": {"Team": "x"}}, "not a valid GCE label"),
-        ({"project": "p", "zones": ZONES, "image": "i", "prices": {"e2-standard-4": 0.1}}, r"prices\.e2-standard-4"),
+        ({"project": "p", "zones": ZONES, "image": "i", "prices": {"e2-standard-4": 0.1}}, r"\[gce.prices\] e2-standard-4 = 0.1: must be a table"),
         ({"project": "p", "zones": ZONES, "image": "i", "api_endpoint": "localhost:8080"}, "http://"),
     ],
 )  # fmt: skip
@@ -604,12 +604,12 @@ def test_head_settings_defaults_and_cost():
 @pytest.mark.parametrize(
     ("head", "message"),
     [
-        ({"machine_type": "e2-small"}, r"\[gce\]\.head\.create: missing"),
-        ({"create": "yes"}, r"head\.create: expected true or false"),
-        ({"create": True, "size": 10}, r"\[gce\]\.head: unknown key\(s\) size"),
-        ({"create": True, "zone": "us-central1"}, r"head\.zone: expected a zone"),
-        ({"create": True, "data_disk_gb": 5}, r"head\.data_disk_gb: must be from 10"),
-        ({"create": True, "data_disk_gb": "100"}, r"head\.data_disk_gb: expected an integer"),
+        ({"machine_type": "e2-small"}, r"\[gce\.head\] create is required"),
+        ({"create": "yes"}, r"\[gce\.head\] create = 'yes': must be true or false"),
+        ({"create": True, "size": 10}, r"\[gce\.head\] size is not a known key"),
+        ({"create": True, "zone": "us-central1"}, r"\[gce\.head\] zone = 'us-central1': must be a zone name"),
+        ({"create": True, "data_disk_gb": 5}, r"\[gce\.head\] data_disk_gb = 5: must be a whole number from 10"),
+        ({"create": True, "data_disk_gb": "100"}, r"\[gce\.head\] data_disk_gb = '100': must be a whole number"),
     ],
 )  # fmt: skip
 def test_head_settings_errors_name_the_key(head, message):
