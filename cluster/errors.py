@@ -2,6 +2,7 @@
 
     ClusterError                 anything the cluster layer cannot do
      +-- ConfigError             cluster.toml is missing, malformed or inconsistent
+     |    +-- UsageError         a `fab` command was given an option it cannot use
      +-- ProvisionError          a provider could not create/start/delete/list VMs
      |    +-- StockoutError      a zone has no capacity (try the next zone)
      |    +-- QuotaError         a project quota is exhausted (raise it or use fewer VMs)
@@ -33,6 +34,10 @@ class ConfigError(ClusterError):
     def __init__(self, message: str, problems: Sequence[object] = ()) -> None:
         super().__init__(message)
         self.problems = list(problems)
+
+
+class UsageError(ConfigError):
+    """A `fab` command was given an option it cannot use (exit 2, one line saying what to type)."""
 
 
 class ProvisionError(ClusterError):

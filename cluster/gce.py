@@ -76,8 +76,8 @@ class GceProvider:
     `ssh-keys` metadata) are given as text, or as a Path read when the first VM is created.
     """
 
-    # What a worker runs to stop its own VM when idle: a guest shutdown makes it TERMINATED.
-    self_stop_command = "sudo -n /sbin/shutdown -h now"
+    METADATA_ROOT = "http://metadata.google.internal/computeMetadata/v1"  # seen from inside a VM
+    GOOGLE_API_ROOT = "https://compute.googleapis.com"
 
     def __init__(
         self,
@@ -203,6 +203,36 @@ class GceProvider:
             others = [z for z in self.settings.zones if z != zone] or [zone]
             self._insert_with_failover([name], others)
         return self._wait_booted(names)
+
+    @property
+    def self_stop_command(self) -> str:
+        """What a worker's idle guard runs to stop its own VM: a guest shutdown makes it TERMINATED."""
+        return "/sbin/shutdown -h now" if self.settings.ssh_user == "root" else "sudo -n /sbin/shutdown -h now"
+
+    def self_stop_env(self, instance: Instance) -> dict[str, str]:
+        """The guard's stop command; with idle_action = "delete" also the URLs of its self-delete.
+
+        A plain-http api_endpoint is a local emulator (gce_client.make_clients), which serves
+        the metadata server's token endpoint too.
+        """
+        env = {"SPOTFAN_STOP_COMMAND": self.self_stop_command}
+        if self.idle_action != "delete":
+            return env
+        endpoint = (self.settings.api_endpoint or self.GOOGLE_API_ROOT).rstrip("/")
+        metadata = f"{endpoint}/computeMetadata/v1" if endpoint.startswith("http://") else self.METADATA_ROOT
+        env["SPOTFAN_SELF_DELETE_URL"] = (f"{endpoint}/compute/v1/projects/{self.settings.project}/zones/"
+                                          f"{instance.zone}/instances/{instance.name}")
+        env["SPOTFAN_TOKEN_URL"] = f"{metadata}/instance/service-accounts/default/token"
+        return env
+
+    def stop(self, names: Sequence[str]) -> None:
+        """Stop the named VMs of this cluster (their boot disks stay); missing or stopped ones are fine."""
+        existing = self._list_raw()
+        targets = [n for n in names if n in existing and status_of(existing[n]) is not Status.TERMINATED]
+        results = self._fan_out(targets, lambda n: self._stop_one(n, zone_of(existing[n])))
+        failed = {n: r for n, r in results.items() if isinstance(r, Exception)}
+        if failed:
+            raise GroupError(f"could not stop {', '.join(sorted(failed))}: {_first(failed)}", results)
 
     def delete(self, names: Sequence[str]) -> None:
         """Delete the named VMs of this cluster in whatever zone they are, then prove they are gone."""
@@ -369,6 +399,18 @@ class GceProvider:
         except Exception as e:
             raise self._translate(e, doing) from e
         self._finish(op, zone, doing)
+
+    def _stop_one(self, name: str, zone: str) -> None:
+        doing = f"stopping {name} in {zone}"
+        try:
+            op = self._api().instances.stop(
+                project=self.settings.project, zone=zone, instance=name, timeout=self.timing.api_timeout_s
+            )
+        except Exception as e:
+            if gce_client.is_not_found(e):
+                return
+            raise self._translate(e, doing) from e
+        self._finish(op, zone, doing, gone_is_fine=True)
 
     def _delete_one(self, name: str, zone: str) -> None:
         doing = f"deleting {name} in {zone}"

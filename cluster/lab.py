@@ -87,7 +87,8 @@ class VMRecord:
 class LabProvider:
     """Provider of lab VMs; see the module docstring. Constructing it does no I/O."""
 
-    # What a lab VM's worker runs to stop its own VM: PID 1 powers off on SIGTERM.
+    # What a lab VM's idle guard runs to stop its own VM: PID 1 powers off on SIGTERM. A lab
+    # VM always powers off (its disk stays), whatever idle_action says: nothing bills here.
     self_stop_command = "kill -TERM 1"
 
     def __init__(self, *, name: str, state_dir: Path, address_prefix: str, laptop_key: Path,
@@ -165,12 +166,15 @@ class LabProvider:
                 out[n] = known_hosts_lines(host_pattern(rec.address, SSH_PORT), [rec.host_key])
         return out
 
-    # -- lab only -----------------------------------------------------------------------
-
     def stop(self, names: Sequence[str]) -> None:
         """Power the named VMs off (an ordinary stop, not a preemption); `start` boots them again."""
         for n in names:
             self._power_off(n)
+
+    def self_stop_env(self, instance: Instance) -> dict[str, str]:
+        return {"SPOTFAN_STOP_COMMAND": self.self_stop_command}
+
+    # -- lab only -----------------------------------------------------------------------
 
     def preempt(self, names: Sequence[str]) -> None:
         """Kill the named VMs the way a cloud preempts them: every process at once."""

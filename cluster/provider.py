@@ -52,8 +52,17 @@ class Provider(Protocol):
         """Start the named TERMINATED VMs again (recreate those that are gone)."""
         ...
 
+    def stop(self, names: Sequence[str]) -> None:
+        """Stop the named VMs (their disks stay); a stopped or missing VM counts as stopped."""
+        ...
+
     def delete(self, names: Sequence[str]) -> None:
         """Delete the named VMs; a VM that is already gone counts as deleted."""
+        ...
+
+    def self_stop_env(self, instance: Instance) -> dict[str, str]:
+        """boot.env lines for the VM's idle guard: SPOTFAN_STOP_COMMAND, and for a self-delete
+        SPOTFAN_SELF_DELETE_URL and SPOTFAN_TOKEN_URL (scripts/watchdog.sh)."""
         ...
 
     def host_keys(self, names: Sequence[str]) -> dict[str, list[str]]:

@@ -30,6 +30,7 @@ RUNS_DIR = f"{CLUSTER_DIR}/runs"
 VMS_DIR = f"{CLUSTER_DIR}/vms"
 LOGS_DIR = f"{CLUSTER_DIR}/logs"
 WAIT_POLL_S = 2.0
+WAIT_TIMEOUT_S = 3600.0  # `fab run --wait`: how long to follow a run before giving up (--wait-timeout)
 STATUS_TIMEOUT_S = 120.0
 HEARTBEAT_STALE_S = 30.0  # a heartbeat older than this is shown as stale
 LOG_TAIL_BYTES = 8000
@@ -117,9 +118,12 @@ def spec_arguments(spec: str, *, src: str = "", keys: str = "", out: str = "", n
 
 
 def run_arguments(*, max_attempts: int = 0, limit: int = 0, retry_failed: bool = False,
-                  fsync: bool = False) -> list[str]:
-    """Options only `tasks run` takes (not `tasks status`)."""
+                  fsync: bool = False, timeout: float = 0.0) -> list[str]:
+    """Options only `tasks run` takes (not `tasks status`); `timeout`: `tasks run --timeout`,
+    the seconds after which a key's worker is stopped and the attempt counts as failed."""
     args = []
+    if timeout:
+        args += ["--timeout", f"{timeout:g}"]
     if max_attempts:
         args += ["--max-attempts", str(max_attempts)]
     if limit:

@@ -95,7 +95,7 @@ def test_failures_are_grouped_and_retry_runs_them_again(make_lab):
     lab = make_lab(workers=1, workers_per_vm=2)
     lab.fab_ok("up")
     r = lab.fab("run", "op_tasks:flaky", "--ship", str(TASKS), "--lease", "10", "--max-attempts", "1",
-                "--wait", "--timeout", str(RUN_TIMEOUT_S), timeout=RUN_TIMEOUT_S + 30)
+                "--wait", "--wait-timeout", str(RUN_TIMEOUT_S), timeout=RUN_TIMEOUT_S + 30)
     assert r.returncode == 1 and "failed (8/10 done, 2 failed)" in r.stdout, r.stdout + r.stderr
     first = re.search(r"run (r[\w-]+) requested", r.stdout).group(1)
 
