@@ -256,9 +256,16 @@ def status(c, cfg: ClusterConfig, json=False, watch=False, interval="", timeout=
     if json:
         print(st.to_json())
         return
-    _say(f"cluster {st.name} ({st.provider}): {sum(v.status == 'RUNNING' for v in st.vms)}/{len(st.vms)} VMs running")
+    if not st.vms:
+        _say(f"cluster {st.name} ({st.provider}): no VM is left (`fab up` creates them)"
+             + ("; the head does not answer, so its runs are not shown" if st.head != "ok" else ""))
+    else:
+        _say(f"cluster {st.name} ({st.provider}): {sum(v.status == 'RUNNING' for v in st.vms)}/{len(st.vms)} "
+             "VMs running")
     for v in st.vms:
         age = "never" if v.heartbeat_age is None else f"{v.heartbeat_age:.0f}s ago"
+        if v.heartbeat_from == "vm" and v.heartbeat_age is not None:
+            age += " (on the VM)"
         rate = "-" if v.rate is None or v.status != "RUNNING" else f"{v.rate:.1f}/s"
         agent = v.agent if v.status == "RUNNING" else f"(last: {v.agent})" if v.agent else "-"
         _say(f"  {v.name:<14} {v.address:<15} {v.status:<10}{' (preempted)' if v.preempted else '':<12} "
@@ -268,7 +275,37 @@ def status(c, cfg: ClusterConfig, json=False, watch=False, interval="", timeout=
                    else "counts unknown (no VM running; `fab heal`)")
         counts = (unknown if r.total is None else
                   f"{r.done}/{r.total} done, {r.failed} failed, {r.running} running, {r.pending} pending")
-        _say(f"  run {r.id}: {r.result or 'running'}: {counts}  [{r.spec}]")
+        _say(f"  run {r.id}: {r.result or 'running'}: {counts}  [{r.spec}]  {_run_times(r)}")
+    _say_bill(st)
+
+
+def _run_times(r: runs.RunStatus) -> str:
+    def at(t: float | None) -> str:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+    took = f", took {_duration((r.ended or 0) - (r.started or r.requested or 0))}" if r.ended else ""
+    return f"(requested {at(r.requested)}, started {at(r.started)}, ended {at(r.ended)}{took})"
+
+
+def _duration(s: float) -> str:
+    s = max(0, int(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _say_bill(st: runs.ClusterStatus) -> None:
+    if st.provider == "lab":
+        _say("  billing now: nothing (lab VMs run on this machine)")
+        return
+    if not st.billing.items:
+        _say("  billing now: nothing")
+        return
+    for item in st.billing.items:
+        price = item["per_hour"]
+        _say(f"  billing now: {item['what']}: " + (f"{price:.4f}/h" if price is not None else
+                                                   "price unknown (add it to [gce.prices] / [gce.disk_prices])"))
+    total = st.billing.per_hour
+    _say(f"  billing now: about {total:.2f} per hour in all" if total is not None else
+         "  billing now: no total (some prices are unknown)")
 
 
 @task(positional=["vm"], help={"vm": "VM name", "bytes": "how much of each log's end to show",

@@ -359,9 +359,17 @@ class Agent:
         self.mount_ok = ok
         if ok:
             if was not in ("ok", "unknown"):
-                logger.info("share usable again")
+                self._log_to_share()
+                logger.info("share usable again (after %d remount(s))", self.remounts)
             self.remounts = 0
             return
+        if self.share_log is not None:  # its file is on the dead mount: a new one once it is back
+            logging.getLogger().removeHandler(self.share_log)
+            try:
+                self.share_log.close()
+            except OSError:
+                pass
+            self.share_log = None
         if was != self.mount_state:
             logger.warning("share not usable: %s", said)
             self.next_remount = now + self._backoff()

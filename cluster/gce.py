@@ -35,7 +35,7 @@ from cluster.gce_instance import (
 )
 from cluster.gce_settings import CostEstimate, GceSettings, MachinePrice, estimate_hourly_cost
 from cluster.keys import host_pattern
-from cluster.provider import Instance, Status
+from cluster.provider import HOURS_PER_MONTH, Charge, Instance, Status
 
 if TYPE_CHECKING:
     from cluster.config import ClusterConfig
@@ -224,6 +224,38 @@ class GceProvider:
                                           f"{instance.zone}/instances/{instance.name}")
         env["SPOTFAN_TOKEN_URL"] = f"{metadata}/instance/service-accounts/default/token"
         return env
+
+    def billing(self, instances: Sequence[Instance]) -> list[Charge]:
+        """Running workers (machine price), stopped workers' boot disks, and a head VM and its disks.
+
+        Prices come from [gce.prices] (machines, per hour) and [gce.disk_prices] (per GB and
+        month); where one is missing the charge is listed without a price.
+        """
+        s = self.settings
+        running = [i for i in instances if i.status is not Status.TERMINATED]
+        stopped = [i for i in instances if i.status is Status.TERMINATED]
+        out = []
+        if running:
+            cost = s.cost_estimate(len(running))
+            out.append(Charge(f"{len(running)} running worker(s) ({s.machine_type}, {s.provisioning})", cost.total_hour))
+        if stopped:
+            out.append(self._disk_charge(f"{len(stopped)} stopped worker(s)' boot disks", len(stopped) * s.disk_size_gb,
+                                         s.disk_type))
+        head = self.head() if s.head is not None else None
+        if head is not None and s.head is not None:
+            if head.status is not Status.TERMINATED:
+                vm = s.head_cost_estimate()
+                out.append(Charge(f"head VM {head.name} ({s.head.machine_type}, standard)",
+                                  vm.total_hour if vm is not None else None))
+            out.append(self._disk_charge(f"head VM {head.name}'s boot disk", s.head.boot_disk_gb, "pd-balanced"))
+        if s.head is not None and (head is not None or self._disk_exists(data_disk_name(self.cluster_name), s.head.zone)):
+            out.append(self._disk_charge(f"head data disk {data_disk_name(self.cluster_name)}", s.head.data_disk_gb,
+                                         s.head.data_disk_type))
+        return out
+
+    def _disk_charge(self, what: str, gb: int, disk_type: str) -> Charge:
+        price = self.settings.disk_prices.get(disk_type)
+        return Charge(f"{what} ({gb} GB {disk_type})", None if price is None else gb * price / HOURS_PER_MONTH)
 
     def stop(self, names: Sequence[str]) -> None:
         """Stop the named VMs of this cluster (their boot disks stay); missing or stopped ones are fine."""

@@ -32,7 +32,7 @@ from cluster import jail as jail_setup
 from cluster.config import ClusterConfig
 from cluster.errors import ProvisionError
 from cluster.keys import ensure_key_pair, host_pattern, known_hosts_lines, public_key
-from cluster.provider import Instance, Status
+from cluster.provider import Charge, Instance, Status
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +173,9 @@ class LabProvider:
 
     def self_stop_env(self, instance: Instance) -> dict[str, str]:
         return {"SPOTFAN_STOP_COMMAND": self.self_stop_command}
+
+    def billing(self, instances: Sequence[Instance]) -> list[Charge]:
+        return []  # lab VMs run on this machine: nothing bills
 
     # -- lab only -----------------------------------------------------------------------
 

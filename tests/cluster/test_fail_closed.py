@@ -230,3 +230,82 @@ def test_fab_task_help_shows_that_tasks_help(tmp_path):
     r = fab(["run", "--help"], tmp_path / "none.toml")
     assert r.returncode == 0, r.stderr
     assert "Start a task on every VM" in r.stdout and "--wait-timeout" in r.stdout and "--timeout" in r.stdout
+
+
+# --- status tells the truth ------------------------------------------------------------------
+
+MOUNT_DEAD_BOUND_S = 10  # a killed sshfs must show as mount-dead within this (see the test)
+
+
+def test_a_killed_sshfs_shows_as_mount_dead_and_the_agent_mounts_again(make_lab):
+    from cluster.heartbeat import HEARTBEAT_INTERVAL_S, STALE_S
+
+    lab = make_lab(workers=1, idle_timeout=300)
+    lab.fab_ok("up")
+    vm = lab.config.vm_names()[0]
+    sshfs = next(p for p in lab.provider.processes(vm) if p.name() == "sshfs")
+    sshfs.send_signal(signal.SIGKILL)
+    killed_at, t0 = time.time(), time.monotonic()
+    seen = None
+    for _ in range(40):
+        st = json.loads(lab.fab_ok("status", "--json"))
+        (v,) = st["vms"]
+        if v["agent"] == "mount-dead":
+            seen = time.monotonic() - t0
+            break
+    assert seen is not None, st
+    assert v["heartbeat_from"] == "vm", "read over SSH from the VM's own disk: the share's copy is stale"
+    # The agent notices at its next mount check (every heartbeat interval) and says so in its
+    # next local heartbeat; the share's copy counts as stale STALE_S after its last write.
+    beat = json.loads((lab.provider.vm_home(vm) / "heartbeat.json").read_text())
+    assert beat["state"] == "mount-dead" and beat["mount"] == "dead"
+    print(f"mount-dead in fab status {seen:.1f}s after the kill (heartbeat every {HEARTBEAT_INTERVAL_S:g}s, "
+          f"share copy stale after {STALE_S:g}s)")
+    assert seen <= MOUNT_DEAD_BOUND_S
+    text = lab.fab_ok("status")
+    assert re.search(rf"{vm} .* RUNNING .* agent mount-dead .* heartbeat \d+s ago \(on the VM\)", text), text
+    # The agent mounts the share again by itself, after a jittered backoff.
+    lab.wait_for("the agent to mount the share again", lambda: json.loads(
+        lab.fab_ok("status", "--json"))["vms"][0]["agent"] == "idle", timeout=90)
+    assert "mounting the share again (try 1): mount: ok (remounted a dead mount)" in (
+        lab.provider.vm_home(vm) / "agent.log").read_text()
+    assert "share usable again (after 1 remount(s))" in (lab.share / CLUSTER_DIR / "logs" / vm / "agent.log").read_text()
+    assert killed_at < time.time()
+
+
+def test_status_after_down_says_no_vm_is_left_and_every_json_is_json_only(make_lab, tmp_path):
+    lab = make_lab(workers=1)
+    (lab.share / "in").mkdir(parents=True)
+    (lab.share / "in" / "a.txt").write_text("a\n")
+    up = lab.fab("up", "--json")
+    assert up.returncode == 0, up.stderr
+    (report,) = json.loads(up.stdout)  # only JSON on stdout; the progress went to stderr
+    assert report["action"] == "created" and "agent: ok (started" in report["boot"]
+    assert "==> up:" in up.stderr
+    heal = lab.fab("heal", "--json")
+    assert heal.returncode == 0 and json.loads(heal.stdout)[0]["action"] == "running"
+    assert json.loads(lab.fab_ok("exec", "--json", "hostname"))
+    lab.fab_ok("run", "cp {src} {out}", "--src", "in/*.txt", "--out", "out/{stem}.txt", "--wait",
+               "--wait-timeout", "120")
+    st = json.loads(lab.fab_ok("status", "--json"))
+    (run,) = st["runs"]
+    assert run["result"] == "done" and run["requested"] <= run["started"] <= run["ended"], run
+    assert st["billing"] == {"items": [], "per_hour": None}
+    text = lab.fab_ok("status")
+    assert re.search(rf"run {run['id']}: done: 1/1 done.*\(requested \S+ \S+, started \S+ \S+, ended \S+ \S+, "
+                     r"took \d+m\d\ds\)", text), text
+    assert "billing now: nothing (lab VMs run on this machine)" in text
+
+    lab.fab_ok("down")
+    r = lab.fab("status")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"cluster {lab.config.name} (lab): no VM is left (`fab up` creates them)" in r.stdout
+    j = lab.fab("status", "--json")
+    assert j.returncode == 0 and json.loads(j.stdout)["vms"] == []
+
+    # A failing `fab up --json`: still only JSON on stdout, the error on stderr.
+    broken = reconfigure(lab, python='"/nonexistent/python"')
+    f = broken.fab("up", "--json")
+    assert f.returncode == 1
+    failed = json.loads(f.stdout)
+    assert "does not exist on this VM" in failed[broken.config.vm_names()[0]]["error"]
