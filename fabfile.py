@@ -172,13 +172,13 @@ def up(c, cfg: ClusterConfig, count=None, json=False):
     _say(f"==> up: cluster {cfg.name} ({cfg.provider}), "
          f"{'as many VMs as last time' if n is None else f'{n} VMs'}")
     t = time.monotonic()
-    cfg = _up_head(cfg)
+    cfg = _up_head(cfg, workers=n)
     reports = bootstrap.up(cfg, count=n, on_plan=lambda plan: _say_plan(cfg, plan))
     _print_reports(reports, json)
     _say(f"==> up: {sum(r.action != 'deleted' for r in reports)} VMs working ({time.monotonic() - t:.1f}s)")
 
 
-def _up_head(cfg: ClusterConfig) -> ClusterConfig:
+def _up_head(cfg: ClusterConfig, *, workers: int | None = None) -> ClusterConfig:
     """With `[gce.head] create = true`: create (or find) the head VM first, and point cfg at it."""
     provider = bootstrap.provider_for(cfg)
     head_cost = getattr(provider, "head_cost_estimate", lambda: None)()
@@ -187,7 +187,8 @@ def _up_head(cfg: ClusterConfig) -> ClusterConfig:
     from cluster import gce_head
 
     _say(f"==> up: head VM cost: {head_cost.describe()}")
-    cfg, vm = gce_head.up_head(cfg, provider, jail_steps=bootstrap.head_setup(cfg))
+    # The head's sshd is sized at its creation for this many VMs connecting at once.
+    cfg, vm = gce_head.up_head(cfg, provider, jail_steps=bootstrap.head_setup(cfg, workers=workers))
     _say(f"==> up: head VM {vm.name} running in {vm.zone} at {vm.address} (host keys from guest attributes)")
     return cfg
 

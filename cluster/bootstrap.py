@@ -104,20 +104,27 @@ def ensure_keys(config: ClusterConfig) -> None:
     ensure_key_pair(config.ssh.worker_key, comment=f"spotfan-{config.name}-worker")
 
 
-def head_setup(config: ClusterConfig) -> str:
-    """What a real head's administrator runs to jail this cluster's SFTP user (the lab does it itself)."""
+def head_setup(config: ClusterConfig, *, workers: int | None = None) -> str:
+    """What a real head's administrator runs to jail this cluster's SFTP user and size its sshd
+    for `workers` VMs (default: cluster.toml's) connecting at once (the lab does it itself)."""
     ensure_keys(config)
-    return jail.setup_steps(config)
+    return jail.setup_steps(config, workers=workers)
 
 
-def prepare(config: ClusterConfig, provider: Provider) -> None:
-    """Keys, and on the lab the head's sshd: everything the VMs will need before they exist."""
+def prepare(config: ClusterConfig, provider: Provider, *, workers: int | None = None) -> None:
+    """Keys, and on the lab the head's sshd (sized for `workers` VMs): everything the VMs
+    will need before they exist."""
     ensure_keys(config)
+    _start_head(config, provider, workers=config.workers if workers is None else workers)
+    refresh_known_hosts(config, provider, [i.name for i in provider.list()], require=False)
+
+
+def _start_head(config: ClusterConfig, provider: Provider, *, workers: int) -> None:
     start_head = getattr(provider, "start_head", None)
     if start_head is not None:
         start_head(share=config.head.share, address=config.head.address, port=config.head.port,
-                   authorized=head_authorized_keys(config), user=config.head.user, jail=config.head.jail)
-    refresh_known_hosts(config, provider, [i.name for i in provider.list()], require=False)
+                   authorized=head_authorized_keys(config), user=config.head.user, jail=config.head.jail,
+                   workers=workers)
 
 
 def head_known_hosts(config: ClusterConfig, provider: Provider) -> list[str]:
@@ -141,7 +148,8 @@ def up(config: ClusterConfig, *, count: int | None = None,
     any VM does not end up working; those are left stopped or deleted, never billing.
     """
     provider = provider_for(config)
-    prepare(config, provider)
+    prepared = config.workers if count is None else count  # the head's sshd is sized for this many
+    prepare(config, provider, workers=prepared)
     remembered = None
     with Share.from_config(config) as share:
         if count is None:
@@ -149,9 +157,8 @@ def up(config: ClusterConfig, *, count: int | None = None,
             remembered = json.loads(saved)["workers"] if saved else None
             count = config.workers if remembered is None else remembered
         share.write_text(DESIRED_FILE, json.dumps({"workers": count}))
-    sized = getattr(provider, "size_head", None)
-    if sized is not None:  # the lab head's sshd, sized for this many VMs' connects at once
-        sized(count)
+    if jail.fleet_size(count) != jail.fleet_size(prepared):
+        _start_head(config, provider, workers=count)  # sized for the remembered count instead
     wanted = config.vm_names(count)
     existing = {i.name: i for i in provider.list()}
     reports = []
