@@ -309,3 +309,45 @@ def test_status_after_down_says_no_vm_is_left_and_every_json_is_json_only(make_l
     assert f.returncode == 1
     failed = json.loads(f.stdout)
     assert "does not exist on this VM" in failed[broken.config.vm_names()[0]]["error"]
+
+
+# --- with the engine's state file and per-key timeout (tasks/, merged separately) -----------
+
+
+def engine_takes(option: str) -> bool:
+    out = subprocess.run([sys.executable, "-m", "tasks", "run", "--help"], capture_output=True, text=True,
+                         cwd=REPO, timeout=60)
+    return option in out.stdout
+
+
+@pytest.mark.skipif(not engine_takes("--state-file"), reason="this engine's `tasks run` has no --state-file yet")
+def test_a_vm_that_only_waits_on_a_peers_key_stops_itself(make_lab):
+    lab = make_lab(workers=2, idle_timeout=IDLE_S)
+    (lab.share / "in").mkdir(parents=True)
+    (lab.share / "in" / "slow.txt").write_text("slow\n")
+    lab.fab_ok("up")
+    lab.fab_ok("run", "sleep 180 && cp {src} {out}", "--src", "in/*.txt", "--out", "out/{stem}.txt")
+    running = {}
+    lab.wait_for("one VM to run the key", lambda: running.update(
+        {n: any("sleep 180" in cmdline(p) for p in lab.provider.processes(n)) for n in lab.config.vm_names()})
+        or any(running.values()), timeout=60)
+    worker = next(n for n, r in running.items() if r)
+    waiter = next(n for n in lab.config.vm_names() if n != worker)
+    t0 = time.monotonic()
+    stopped_within(lab, waiter, since=t0, limit=IDLE_S + SLACK_S)
+    assert lab.statuses()[worker] == "RUNNING", "the VM whose key runs is busy"
+
+
+@pytest.mark.skipif(not engine_takes("--timeout"), reason="this engine's `tasks run` has no --timeout yet")
+def test_a_key_that_sleeps_forever_is_ended_by_fab_run_timeout_and_the_vm_stops(make_lab):
+    lab = make_lab(workers=1, idle_timeout=IDLE_S)
+    (lab.share / "in").mkdir(parents=True)
+    (lab.share / "in" / "hang.txt").write_text("hang\n")
+    lab.fab_ok("up")
+    r = lab.fab("run", "sleep 100000 && cp {src} {out}", "--src", "in/*.txt", "--out", "out/{stem}.txt",
+                "--timeout", "3", "--max-attempts", "2", "--wait", "--wait-timeout", "120", timeout=200)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert re.search(r"run r[\w-]+: failed \(0/1 done, 1 failed\)", r.stdout), r.stdout
+    assert "timed out after 3" in lab.fab_ok("failures")
+    t0 = time.monotonic()
+    stopped_within(lab, lab.config.vm_names()[0], since=t0, limit=IDLE_S + SLACK_S)
