@@ -373,11 +373,13 @@ def heal(c, cfg: ClusterConfig, json=False):
     _say(f"==> heal: {len(fixed)} VMs needed help ({', '.join(fixed) or 'none'})")
 
 
-@task(name="head-setup", help={"config": "cluster.toml to use"})
+@task(name="head-setup", help={"config": "cluster.toml to use",
+                               "count": "size the head's sshd for this many VMs (default: cluster.toml's workers)"})
 @_command
-def head_setup(c, cfg: ClusterConfig):
-    """Print the steps that jail this cluster's SFTP-only user on a real head (the lab does them itself)."""
-    sys.stdout.write(bootstrap.head_setup(cfg))
+def head_setup(c, cfg: ClusterConfig, count=None):
+    """Print the steps that jail this cluster's SFTP user and size sshd for the fleet on a real head."""
+    n = _whole(count, flag="--count", example="fab head-setup --count 64") if count is not None else None
+    sys.stdout.write(bootstrap.head_setup(cfg, workers=n))
 
 
 @task(help={"config": "cluster.toml to use",

@@ -351,3 +351,53 @@ def test_a_key_that_sleeps_forever_is_ended_by_fab_run_timeout_and_the_vm_stops(
     assert "timed out after 3" in lab.fab_ok("failures")
     t0 = time.monotonic()
     stopped_within(lab, lab.config.vm_names()[0], since=t0, limit=IDLE_S + SLACK_S)
+
+
+# --- the head is ready for a fleet ------------------------------------------------------------
+
+
+def test_the_fleet_settings_are_valid_sshd_config_and_head_setup_prints_them(tmp_path):
+    from cluster import jail
+    from cluster.keys import ensure_key_pair
+
+    if not os.access("/usr/sbin/sshd", os.X_OK):
+        pytest.skip("no /usr/sbin/sshd to check the settings with")
+    key = ensure_key_pair(tmp_path / "host_key", comment="check")
+    for workers, begin in ((1, 42), (64, 138), (65, 266), (250, 522)):
+        lines = jail.fleet_sshd_settings(workers)
+        assert lines[0] == f"MaxStartups {begin}:30:{2 * begin}"
+        (tmp_path / "sshd_config").write_text(f"HostKey {key}\n" + "".join(f"{ln}\n" for ln in lines))
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+        t = subprocess.run(["/usr/sbin/sshd", "-t", "-f", str(tmp_path / "sshd_config")], capture_output=True,
+                           text=True)
+        assert t.returncode == 0, t.stderr  # this machine's OpenSSH takes every line
+        effective = subprocess.run(["/usr/sbin/sshd", "-T", "-f", str(tmp_path / "sshd_config")],
+                                   capture_output=True, text=True).stdout
+        assert f"maxstartups {begin}:30:{2 * begin}" in effective
+    toml = tmp_path / "cluster.toml"
+    toml.write_text('[cluster]\nname = "h"\nprovider = "gce"\nworkers = 8\n[head]\naddress = "10.0.0.2"\n'
+                    'share = "/data/h"\n[ssh]\nkey = "keys/laptop"\nworker_key = "keys/worker"\n'
+                    '[gce]\nproject = "p"\nzones = ["us-central1-a"]\nimage = "i"\n')
+    if not FAB.exists():
+        return
+    default = fab(["head-setup"], toml)
+    assert default.returncode == 0 and "MaxStartups 42:30:84" in default.stdout, default.stderr
+    big = fab(["head-setup", "--count", "64"], toml)
+    assert "MaxStartups 138:30:276" in big.stdout and "/etc/ssh/sshd_config.d/00-spotfan-fleet.conf" in big.stdout
+
+
+def test_the_lab_head_is_sized_for_the_fleet_and_a_resize_keeps_the_mounts(make_lab):
+    from cluster import bootstrap
+
+    lab = make_lab(workers=1)
+    lab.fab_ok("up")
+    head = lab.config.lab.state_dir / "head"
+    assert "MaxStartups 42:30:84\n" in (head / "sshd_config").read_text()
+    pid = json.loads((head / "sshd.json").read_text())["pid"]
+    bootstrap.prepare(lab.config, lab.provider, workers=40)  # what `fab up --count 40` does first
+    assert "MaxStartups 138:30:276\n" in (head / "sshd_config").read_text()
+    assert json.loads((head / "sshd.json").read_text())["pid"] == pid, "reloaded, not restarted"
+    out = lab.fab_ok("exec", 'sh "$SPOTFAN_HOME/mount.sh" check')
+    assert "mount: ok" in out, "the VMs' mounts outlive the reload"
+    (lab.share / "after-reload.txt").write_text("still served\n")
+    assert "still served" in lab.fab_ok("exec", f"cat {lab.config.mount_point}/after-reload.txt")

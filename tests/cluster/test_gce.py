@@ -483,7 +483,7 @@ def test_head_vm_is_standard_with_a_data_disk_that_outlives_it_and_builds_the_ja
 
     config = head_config(tmp_path, head_emulator)
     gce = head_provider(config)
-    cfg, vm = up_head(config, gce, jail_steps=jail.setup_steps(config))
+    cfg, vm = up_head(config, gce, jail_steps=jail.setup_steps(config, workers=64))
     # every later command finds the head VM without cluster.toml being edited
     from cluster.gce_head import with_saved_head
     later = with_saved_head(config)
@@ -515,6 +515,10 @@ def test_head_vm_is_standard_with_a_data_disk_that_outlives_it_and_builds_the_ja
         assert line in script
     assert "PRIVATE KEY" not in script and config.ssh.worker_key.read_text() not in script
     assert "sshd -t && systemctl reload ssh" in script
+    # sized at its creation for the fleet of that `fab up`, before the reload, checked after it
+    assert "MaxStartups 138:30:276\nPerSourceMaxStartups none\n" in script
+    assert script.index("00-spotfan-fleet.conf") < script.index("sshd -t && systemctl reload ssh") < script.rindex(
+        '[ "${have:-10}" -ge 138 ]')
 
     # fab up points the workers at the head's internal address, verified by its published key.
     emu_vm = head_emulator.vm("demo-head")
