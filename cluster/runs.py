@@ -21,7 +21,7 @@ from cluster import heartbeat
 from cluster.bootstrap import provider_for
 from cluster.config import ClusterConfig
 from cluster.errors import ClusterError, ConfigError, GroupError, SSHError
-from cluster.provider import Instance, Status
+from cluster.provider import Charge, Instance, Status
 from cluster.share import CLUSTER_DIR, Share
 from cluster.ssh import Host, Remote
 
@@ -295,11 +295,10 @@ def _run_status(config: ClusterConfig, share: Share, req: RunRequest, running: S
     )
 
 
-def _bill(charges: Sequence[object]) -> Bill:
-    items = [{"what": c.what, "per_hour": c.per_hour} for c in charges]  # type: ignore[attr-defined]
-    prices = [c["per_hour"] for c in items]
-    total = sum(p for p in prices if p is not None) if items and all(p is not None for p in prices) else None
-    return Bill(items, total)  # type: ignore[arg-type]
+def _bill(charges: Sequence[Charge]) -> Bill:
+    prices = [c.per_hour for c in charges]
+    total = sum(p for p in prices if p is not None) if charges and all(p is not None for p in prices) else None
+    return Bill([{"what": c.what, "per_hour": c.per_hour} for c in charges], total)
 
 
 def wait(config: ClusterConfig, run_id: str, *, timeout: float,

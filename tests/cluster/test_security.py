@@ -229,7 +229,7 @@ def test_changed_head_host_key_stops_the_laptop_and_the_worker_mount(make_lab):
     # The head comes back with another key; the laptop's and the VM's known_hosts keep the old one.
     lab.provider.start_head(share=cfg.head.share, address=cfg.head.address, port=cfg.head.port,
                             authorized=bootstrap.head_authorized_keys(cfg), user=cfg.head.user,
-                            jail=cfg.head.jail)
+                            jail=cfg.head.jail, workers=cfg.workers)
 
     st = lab.fab("status")
     assert st.returncode == 3, st.stdout + st.stderr
