@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shlex
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -89,6 +90,7 @@ class GceProvider:
         client_factory: Callable[[GceSettings], GceClients] | None = None,
         timing: Timing = Timing(),
         idle_action: str = "stop",
+        unprovisioned_stop_s: float | None = None,
     ) -> None:
         if not re.match(r"^[a-z][a-z0-9-]{0,40}$", cluster_name):
             raise ConfigError(
@@ -101,6 +103,9 @@ class GceProvider:
         self.cluster_name = cluster_name
         self.timing = timing
         self.idle_action = idle_action  # what an idle worker does to itself: "stop" or "delete"
+        # A worker that `fab up` does not provision within this many seconds stops itself
+        # (its startup-script says so to boot.sh); None: no such guard (tests of the provider).
+        self.unprovisioned_stop_s = unprovisioned_stop_s
         self._boot_script = boot_script
         self._ssh_public_key = ssh_public_key
         self._client_factory = client_factory or _default_clients
@@ -134,6 +139,7 @@ class GceProvider:
             boot_script=BOOT_SCRIPT,
             ssh_public_key=config.ssh.key.with_name(config.ssh.key.name + ".pub"),
             idle_action=config.idle_action,
+            unprovisioned_stop_s=config.idle_timeout + config.ssh.boot_timeout,
         )
 
     def head_cost_estimate(self) -> CostEstimate | None:
@@ -411,7 +417,7 @@ class GceProvider:
                     name=name,
                     zone=zone,
                     cluster_name=self.cluster_name,
-                    boot_script=self._text("boot_script"),
+                    boot_script=self._startup_boot_script(),
                     ssh_public_key=self._text("ssh_public_key"),
                 ),
                 timeout=self.timing.api_timeout_s,
@@ -642,6 +648,20 @@ class GceProvider:
             zone=zone_of(raw),
             preempted=preempted,
         )
+
+    def _startup_boot_script(self) -> str:
+        """The boot script as a new worker's startup-script runs it: with the time it has to be
+        provisioned by `fab up` before it stops itself (boot.sh's unprovisioned guard)."""
+        script = self._text("boot_script")
+        if self.unprovisioned_stop_s is None:
+            return script
+        first, _, rest = script.partition("\n")
+        shebang = first if first.startswith("#!") else "#!/bin/sh"
+        body = rest if first.startswith("#!") else script
+        return (f"{shebang}\n# spotfan: stop unless `fab up` provisions this VM in time (see boot.sh)\n"
+                f"SPOTFAN_UNPROVISIONED_S={int(self.unprovisioned_stop_s)}\n"
+                f"SPOTFAN_UNPROVISIONED_STOP={shlex.quote(self.self_stop_command)}\n"
+                f"export SPOTFAN_UNPROVISIONED_S SPOTFAN_UNPROVISIONED_STOP\n{body}")
 
     def _text(self, what: str) -> str:
         value = getattr(self, f"_{what}")

@@ -12,6 +12,16 @@ SPOTFAN_HOME=${SPOTFAN_HOME:-/var/lib/spotfan}
 export SPOTFAN_HOME
 if [ ! -f "$SPOTFAN_HOME/boot.env" ]; then
     echo "boot: not provisioned yet ($SPOTFAN_HOME/boot.env is missing); fab up provisions this VM"
+    # A cloud VM's startup-script may say how long to wait for that (SPOTFAN_UNPROVISIONED_S):
+    # a VM that `fab up` created but never provisioned (the laptop went away) stops itself.
+    if [ -n "${SPOTFAN_UNPROVISIONED_S:-}" ]; then
+        mkdir -p "$SPOTFAN_HOME"
+        setsid sh -c 'sleep "$1"; [ -f "$2/boot.env" ] && exit 0
+            echo "boot: not provisioned within $1 s: stopping this VM with \`$3\`"; sh -c "$3"' \
+            unprovisioned "$SPOTFAN_UNPROVISIONED_S" "$SPOTFAN_HOME" "$SPOTFAN_UNPROVISIONED_STOP" \
+            </dev/null >>"$SPOTFAN_HOME/unprovisioned.log" 2>&1 &
+        echo "boot: it stops itself unless provisioned within ${SPOTFAN_UNPROVISIONED_S}s"
+    fi
     exit 0
 fi
 . "$SPOTFAN_HOME/boot.env"

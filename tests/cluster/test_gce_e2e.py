@@ -91,9 +91,10 @@ def gce_lab(make_lab: Callable[..., Lab]) -> Iterator[Callable[..., GceLab]]:
     emulators: list[GceEmulator] = []
 
     def make(*, workers: int, workers_per_vm: int = 1, idle_timeout: float = 120, idle_action: str = "stop",
-             service_account: str = "") -> GceLab:
+             service_account: str = "", boot_timeout: float = 30) -> GceLab:
         # The lab's own VM addresses and head port (the session's, see conftest) serve as GCE's.
-        lab = make_lab(workers=workers, workers_per_vm=workers_per_vm, idle_timeout=idle_timeout)
+        lab = make_lab(workers=workers, workers_per_vm=workers_per_vm, idle_timeout=idle_timeout,
+                       boot_timeout=boot_timeout)
         # GceProvider has no head to start: the lab starts it, and gce.toml names its host key.
         bootstrap.prepare(lab.config, lab.provider)
         head_keys = lab.folder / "keys" / "head_known_hosts"
@@ -345,6 +346,22 @@ def test_a_refused_self_delete_falls_back_to_a_stop(gce_lab):
     assert "the Compute API refused the delete (HTTP 401)" in guard and "/sbin/shutdown -h now" in guard, guard
 
 
+def test_a_gce_worker_never_provisioned_by_fab_up_stops_itself(gce_lab):
+    # `fab up` created it, then the laptop went away before it provisioned the VM.
+    g = gce_lab(workers=1, idle_timeout=5, boot_timeout=5)
+    (name,) = g.config.vm_names()
+    t0 = time.monotonic()
+    (vm,) = g.provider().create([name])
+    assert vm.status is Status.RUNNING
+    g.lab.wait_for("the unprovisioned worker to stop itself", lambda: g.emu.status(name) == "TERMINATED",
+                   timeout=10 + SLACK_S + 30)
+    took = time.monotonic() - t0
+    assert took <= 10 + SLACK_S, took
+    said = (g.lab.provider.vm_home(name) / "unprovisioned.log").read_text()
+    assert "boot: not provisioned within 10 s: stopping this VM with `/sbin/shutdown -h now`" in said, said
+    print(f"an unprovisioned worker stopped itself {took:.0f}s after its creation")
+
+
 def test_a_gce_worker_that_cannot_work_is_stopped_by_fab_up(gce_lab):
     g = gce_lab(workers=2)
     raw = g.toml.read_text().replace(f'python = "{sys.executable}"', 'python = "/opt/nowhere/bin/python"')
@@ -373,7 +390,12 @@ def assert_insert_body(g: GceLab, body: dict[str, Any]) -> None:
     }
     assert body["labels"] == {CLUSTER_LABEL: g.config.name, "spotfan-role": "worker", "purpose": "e2e"}
     metadata = {i["key"]: i["value"] for i in body["metadata"]["items"]}
-    assert metadata["startup-script"] == (REPO / "scripts" / "boot.sh").read_text()
+    boot = (REPO / "scripts" / "boot.sh").read_text()
+    guard_s = int(g.config.idle_timeout + g.config.ssh.boot_timeout)
+    assert metadata["startup-script"] == boot.replace("#!/bin/sh\n", (
+        "#!/bin/sh\n# spotfan: stop unless `fab up` provisions this VM in time (see boot.sh)\n"
+        f"SPOTFAN_UNPROVISIONED_S={guard_s}\nSPOTFAN_UNPROVISIONED_STOP='/sbin/shutdown -h now'\n"
+        "export SPOTFAN_UNPROVISIONED_S SPOTFAN_UNPROVISIONED_STOP\n"), 1), "the real boot.sh, run as root"
     assert metadata["ssh-keys"] == f"root:{public_key(g.config.ssh.key)}"
     assert metadata["enable-guest-attributes"] == "TRUE"
     assert "shutdown-script" in metadata
