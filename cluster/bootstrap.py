@@ -25,7 +25,7 @@ from pathlib import Path
 
 from cluster import heartbeat, jail
 from cluster.config import ClusterConfig
-from cluster.errors import ClusterError, GroupError, ProvisionError, SSHError
+from cluster.errors import ClusterError, GroupError, HostKeyError, ProvisionError, SSHError
 from cluster.keys import ensure_key_pair, read_known_hosts, write_known_hosts
 from cluster.provider import PROVIDERS, Instance, Provider, Status
 from cluster.share import CLUSTER_DIR, Share
@@ -241,7 +241,11 @@ def confirm(config: ClusterConfig, provider: Provider, boots: dict[str, str | Ba
         except ClusterError as e:
             fate = f"NOT stopped ({e}): stop it by hand, it may be billing"
         for name, said in broken.items():
-            results[name] = AgentDidNotReport(_diagnosis(name, said, tails.get(name, ""), fate))
+            out = boots[name]
+            if isinstance(out, HostKeyError):  # keep what it is (exit 3): maybe not our VM at all
+                results[name] = HostKeyError(f"{out}; the VM was {fate}")
+            else:
+                results[name] = AgentDidNotReport(_diagnosis(name, said, tails.get(name, ""), fate))
     return results
 
 
