@@ -20,6 +20,11 @@ Files it uses under ROOT/.spotfan/cluster/:
     vms/<name>.json       this VM's heartbeat: state, runs, rate
     logs/<name>/<id>.log  output of this VM's `tasks run` for that run; agent.log
     metrics/<host>.jsonl  this VM's metric samples while it ran tasks (cluster.top)
+and on the VM's own disk, SPOTFAN_HOME/:
+    heartbeat.json        the same heartbeat, written even while the share is dead
+    busy                  touched while a key of this VM runs: the idle guard's clock (cluster.busy)
+    runs/<id>.state.json  the state file of this VM's `tasks run --state-file` for that run
+    agent.log             everything it logs (the share's copy misses what happened while it was down)
 """
 from __future__ import annotations
 
