@@ -20,20 +20,71 @@ from pathlib import Path
 from typing import Any
 
 from invoke import task
-from invoke.exceptions import Exit
+from invoke.exceptions import Exit, ParseError
+from invoke.program import Program
 
 from cluster import bootstrap, diagnose, engine, runs
 from cluster import top as cluster_top
 from cluster import watch as watching
 from cluster.config import ClusterConfig, config_path, load
-from cluster.errors import ClusterError, ConfigError, GroupError, HostKeyError
+from cluster.errors import ClusterError, ConfigError, GroupError, HostKeyError, UsageError
 
 EXIT_FAILED, EXIT_USAGE, EXIT_HOST_KEY = 1, 2, 3
 RESULT_EXIT = {"done": 0, "failed": EXIT_FAILED, "spec-error": EXIT_USAGE}
+_JSON_MODE = {"on": False}  # with --json, stdout is JSON only: every progress line goes to stderr
 
 
 def _say(msg: str) -> None:
-    print(msg, flush=True)
+    print(msg, flush=True, file=sys.stderr if _JSON_MODE["on"] else sys.stdout)
+
+
+def _whole(value: Any, *, flag: str, example: str, minimum: int = 0) -> int:
+    """An option that must be a whole number; a UsageError (exit 2) that says what to type."""
+    try:
+        n = int(str(value).strip())
+    except ValueError:
+        n = None
+    if n is None or n < minimum:
+        raise UsageError(f"{flag} {value!r} is not a whole number of at least {minimum}: type e.g. `{example}`")
+    return n
+
+
+def _seconds(value: Any, *, flag: str, example: str, minimum: float = 0.0) -> float:
+    """An option that must be a number of seconds; a UsageError (exit 2) that says what to type."""
+    try:
+        x = float(str(value).strip())
+    except ValueError:
+        x = None
+    if x is None or not x >= minimum or x != x or x == float("inf"):
+        raise UsageError(f"{flag} {value!r} is not a number of seconds (at least {minimum:g}): type e.g. `{example}`")
+    return x
+
+
+def _usage_errors_exit_2() -> None:
+    """invoke ends a parse error with exit 1, and takes `--help` after a task with a positional
+    argument for that argument; spotfan's usage errors exit 2 with one line saying what to
+    type, and `fab TASK --help` shows that task's help. (Fabric's `fab` program runs this
+    file before it parses the task's arguments, so wrapping its parse step here is enough.)"""
+    if getattr(Program.parse_tasks, "spotfan", False):
+        return
+    parse_tasks = Program.parse_tasks
+
+    def parse(self: Program) -> None:
+        args = self.core.unparsed
+        if args and args[0] in self.collection.task_names and "--help" in args[1:]:
+            self.core[0].args.help.value = self.collection.task_names[args[0]] or args[0]
+            self.core.unparsed = []
+        try:
+            parse_tasks(self)
+        except ParseError as e:
+            raise Exit(f"error: {e}: `fab --list` shows the commands, `fab TASK --help` a command's options",
+                       code=EXIT_USAGE) from e
+
+    parse.spotfan = True  # type: ignore[attr-defined]
+    Program.parse_tasks = parse  # type: ignore[method-assign]
+
+
+_usage_errors_exit_2()
 
 
 def _command(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -41,6 +92,7 @@ def _command(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(c: Any, *args: Any, config: str = "", **kwargs: Any) -> Any:
+        _JSON_MODE["on"] = bool(kwargs.get("json"))
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         # paramiko logs each failed handshake with a traceback; our messages say it better.
         logging.getLogger("paramiko").setLevel(logging.CRITICAL)
@@ -52,11 +104,16 @@ def _command(fn: Callable[..., Any]) -> Callable[..., Any]:
                 cfg = with_saved_head(cfg)
             return fn(c, cfg, *args, **kwargs)
         except GroupError as e:
-            for name, r in sorted(e.results.items()):
-                if isinstance(r, bootstrap.VMReport):
-                    _print_reports([r], False)
-                else:
-                    _say(f"{name}: {'FAILED: ' + str(r) if isinstance(r, BaseException) else 'ok'}")
+            if _JSON_MODE["on"]:
+                print(json.dumps({n: asdict(r) if isinstance(r, bootstrap.VMReport) else
+                                  {"name": n, "error": str(r)} if isinstance(r, BaseException) else {"name": n}
+                                  for n, r in sorted(e.results.items())}, indent=1))
+            else:
+                for name, r in sorted(e.results.items()):
+                    if isinstance(r, bootstrap.VMReport):
+                        _print_reports([r], False)
+                    else:
+                        _say(f"{name}: {'FAILED: ' + str(r) if isinstance(r, BaseException) else 'ok'}")
             raise Exit(f"error: {str(e).splitlines()[0]}", code=_group_exit_code(e)) from e
         except HostKeyError as e:
             raise Exit(f"error: {e}", code=EXIT_HOST_KEY) from e
@@ -91,6 +148,10 @@ def _say_plan(cfg: ClusterConfig, plan: bootstrap.UpPlan) -> None:
     def names(ns: tuple[str, ...]) -> str:
         return f" ({', '.join(ns)})" if ns else ""
 
+    if plan.remembered is not None:
+        _say(f"==> up: {plan.remembered} VMs, as the last `fab up --count {plan.remembered}` asked; "
+             f"cluster.toml says workers = {plan.configured}: `fab up --count {plan.configured}` follows it "
+             "(and `fab down` forgets the count)")
     _say(f"==> up: will create {len(plan.create)}{names(plan.create)}, start {len(plan.start)}"
          f"{names(plan.start)}, delete {len(plan.delete)}{names(plan.delete)}; "
          f"{len(plan.keep)} already there")
@@ -107,17 +168,17 @@ def _say_plan(cfg: ClusterConfig, plan: bootstrap.UpPlan) -> None:
 @_command
 def up(c, cfg: ClusterConfig, count=None, json=False):
     """Create the cluster's VMs, mount the share on each and start their agents (idempotent)."""
-    n = int(count) if count is not None else None
+    n = _whole(count, flag="--count", example="fab up --count 3") if count is not None else None
     _say(f"==> up: cluster {cfg.name} ({cfg.provider}), "
          f"{'as many VMs as last time' if n is None else f'{n} VMs'}")
     t = time.monotonic()
-    cfg = _up_head(cfg)
+    cfg = _up_head(cfg, workers=n)
     reports = bootstrap.up(cfg, count=n, on_plan=lambda plan: _say_plan(cfg, plan))
     _print_reports(reports, json)
     _say(f"==> up: {sum(r.action != 'deleted' for r in reports)} VMs working ({time.monotonic() - t:.1f}s)")
 
 
-def _up_head(cfg: ClusterConfig) -> ClusterConfig:
+def _up_head(cfg: ClusterConfig, *, workers: int | None = None) -> ClusterConfig:
     """With `[gce.head] create = true`: create (or find) the head VM first, and point cfg at it."""
     provider = bootstrap.provider_for(cfg)
     head_cost = getattr(provider, "head_cost_estimate", lambda: None)()
@@ -126,37 +187,49 @@ def _up_head(cfg: ClusterConfig) -> ClusterConfig:
     from cluster import gce_head
 
     _say(f"==> up: head VM cost: {head_cost.describe()}")
-    cfg, vm = gce_head.up_head(cfg, provider, jail_steps=bootstrap.head_setup(cfg))
+    # The head's sshd is sized at its creation for this many VMs connecting at once.
+    cfg, vm = gce_head.up_head(cfg, provider, jail_steps=bootstrap.head_setup(cfg, workers=workers))
     _say(f"==> up: head VM {vm.name} running in {vm.zone} at {vm.address} (host keys from guest attributes)")
     return cfg
 
 
-@task(positional=["spec"], help={
+@task(positional=["spec"], auto_shortflags=False, help={
     "spec": "module:function, or a command line with {src}/{out} placeholders (then --src or --keys, and --out)",
     "src": "for a command: glob of inputs under the root", "keys": "for a command: file of keys",
     "out": "for a command: output template", "name": "task name", "workers_per_vm": "tasks run --workers on each VM",
     "max_attempts": "tries per key", "lease": "claim lease in seconds", "limit": "run at most N keys per VM",
     "retry_failed": "retry keys that failed permanently before", "fsync": "fsync outputs before publishing",
     "ship": "local file or folder of code to copy to the share root first",
-    "wait": "follow progress until the run is over", "timeout": "give up waiting after this many seconds",
+    "timeout": "stop a key that runs longer than this many seconds (a failed attempt, retried up to "
+               "--max-attempts): `tasks run --timeout` on every VM",
+    "wait": "follow progress until the run is over",
+    "wait_timeout": f"with --wait: give up waiting after this many seconds (default {runs.WAIT_TIMEOUT_S:g})",
     "config": "cluster.toml to use",
 })
 @_command
-def run(c, cfg: ClusterConfig, spec, src="", keys="", out="", name="", workers_per_vm=0, max_attempts=0,
-        lease="", limit=0, retry_failed=False, fsync=False, ship="", wait=False, timeout=3600):
+def run(c, cfg: ClusterConfig, spec, src="", keys="", out="", name="", workers_per_vm="", max_attempts="",
+        lease="", limit="", retry_failed=False, fsync=False, ship="", timeout="", wait=False, wait_timeout=""):
     """Start a task on every VM (detached); with --wait, follow it to the end."""
-    spec_args = runs.spec_arguments(spec, src=src, keys=keys, out=out, name=name, lease=float(lease or 0))
-    run_args = runs.run_arguments(max_attempts=int(max_attempts), limit=int(limit),
-                                  retry_failed=retry_failed, fsync=fsync)
+    ex = "fab run SPEC"
+    spec_args = runs.spec_arguments(spec, src=src, keys=keys, out=out, name=name, lease=_seconds(
+        lease or 0, flag="--lease", example=f"{ex} --lease 30"))
+    run_args = runs.run_arguments(
+        max_attempts=_whole(max_attempts or 0, flag="--max-attempts", example=f"{ex} --max-attempts 3"),
+        limit=_whole(limit or 0, flag="--limit", example=f"{ex} --limit 100"),
+        retry_failed=retry_failed, fsync=fsync,
+        timeout=_seconds(timeout or 0, flag="--timeout", example=f"{ex} --timeout 600"))
+    per_vm = _whole(workers_per_vm or 0, flag="--workers-per-vm", example=f"{ex} --workers-per-vm 4")
+    waiting = _seconds(wait_timeout or runs.WAIT_TIMEOUT_S, flag="--wait-timeout",
+                       example=f"{ex} --wait --wait-timeout 7200", minimum=1)
     _say(f"==> run: {' '.join(spec_args)}")
     req = runs.submit(cfg, spec_args=spec_args, run_args=run_args,
-                      workers_per_vm=int(workers_per_vm) or None, ship=[Path(ship)] if ship else [])
+                      workers_per_vm=per_vm or None, ship=[Path(ship)] if ship else [])
     _say(f"==> run {req.id} requested; making sure every VM is working")
     _print_reports(bootstrap.up(cfg), False)
     if not wait:
         _say(f"==> run {req.id} started; `fab status` follows it")
         return
-    done = runs.wait(cfg, req.id, timeout=float(timeout), on_progress=lambda s: _say(
+    done = runs.wait(cfg, req.id, timeout=waiting, on_progress=lambda s: _say(
         f"    {s.id}: {s.done}/{s.total} done, {s.failed} failed, {s.running} running, {s.pending} pending"))
     st = done.get("status") or {}
     _say(f"==> run {req.id}: {done['result']} "
@@ -170,22 +243,30 @@ def run(c, cfg: ClusterConfig, spec, src="", keys="", out="", name="", workers_p
             "interval": f"with --watch: seconds between refreshes (default {watching.WATCH_INTERVAL_S:g})",
             "timeout": "with --watch: stop after this many seconds; exit 1 if a run still goes"})
 @_command
-def status(c, cfg: ClusterConfig, json=False, watch=False, interval=watching.WATCH_INTERVAL_S,
-           timeout=watching.WATCH_TIMEOUT_S):
+def status(c, cfg: ClusterConfig, json=False, watch=False, interval="", timeout=""):
     """Per run: done/total/failed/running; per VM: state, agent, rate. --watch: live, with rates and ETAs."""
     if watch:
         if json:
-            raise Exit("error: --watch draws a view for people; scripts poll `fab status --json`",
-                       code=EXIT_USAGE)
-        _watch(cfg, interval=float(interval), timeout=float(timeout))
+            raise UsageError("--watch draws a view for people; scripts poll `fab status --json`")
+        _watch(cfg, interval=_seconds(interval or watching.WATCH_INTERVAL_S, flag="--interval",
+                                      example="fab status --watch --interval 5", minimum=watching.MIN_INTERVAL_S),
+               timeout=_seconds(timeout or watching.WATCH_TIMEOUT_S, flag="--timeout",
+                                example="fab status --watch --timeout 600", minimum=1))
         return
     st = runs.cluster_status(cfg)
     if json:
         print(st.to_json())
         return
-    _say(f"cluster {st.name} ({st.provider}): {sum(v.status == 'RUNNING' for v in st.vms)}/{len(st.vms)} VMs running")
+    if not st.vms:
+        _say(f"cluster {st.name} ({st.provider}): no VM is left (`fab up` creates them)"
+             + ("; the head does not answer, so its runs are not shown" if st.head != "ok" else ""))
+    else:
+        _say(f"cluster {st.name} ({st.provider}): {sum(v.status == 'RUNNING' for v in st.vms)}/{len(st.vms)} "
+             "VMs running")
     for v in st.vms:
         age = "never" if v.heartbeat_age is None else f"{v.heartbeat_age:.0f}s ago"
+        if v.heartbeat_from == "vm" and v.heartbeat_age is not None:
+            age += " (on the VM)"
         rate = "-" if v.rate is None or v.status != "RUNNING" else f"{v.rate:.1f}/s"
         agent = v.agent if v.status == "RUNNING" else f"(last: {v.agent})" if v.agent else "-"
         _say(f"  {v.name:<14} {v.address:<15} {v.status:<10}{' (preempted)' if v.preempted else '':<12} "
@@ -195,15 +276,46 @@ def status(c, cfg: ClusterConfig, json=False, watch=False, interval=watching.WAT
                    else "counts unknown (no VM running; `fab heal`)")
         counts = (unknown if r.total is None else
                   f"{r.done}/{r.total} done, {r.failed} failed, {r.running} running, {r.pending} pending")
-        _say(f"  run {r.id}: {r.result or 'running'}: {counts}  [{r.spec}]")
+        _say(f"  run {r.id}: {r.result or 'running'}: {counts}  [{r.spec}]  {_run_times(r)}")
+    _say_bill(st)
+
+
+def _run_times(r: runs.RunStatus) -> str:
+    def at(t: float | None) -> str:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+    took = f", took {_duration((r.ended or 0) - (r.started or r.requested or 0))}" if r.ended else ""
+    return f"(requested {at(r.requested)}, started {at(r.started)}, ended {at(r.ended)}{took})"
+
+
+def _duration(s: float) -> str:
+    s = max(0, int(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _say_bill(st: runs.ClusterStatus) -> None:
+    if st.provider == "lab":
+        _say("  billing now: nothing (lab VMs run on this machine)")
+        return
+    if not st.billing.items:
+        _say("  billing now: nothing")
+        return
+    for item in st.billing.items:
+        price = item["per_hour"]
+        _say(f"  billing now: {item['what']}: " + (f"{price:.4f}/h" if price is not None else
+                                                   "price unknown (add it to [gce.prices] / [gce.disk_prices])"))
+    total = st.billing.per_hour
+    _say(f"  billing now: about {total:.2f} per hour in all" if total is not None else
+         "  billing now: no total (some prices are unknown)")
 
 
 @task(positional=["vm"], help={"vm": "VM name", "bytes": "how much of each log's end to show",
                                "config": "cluster.toml to use"})
 @_command
-def logs(c, cfg: ClusterConfig, vm, bytes=8000):
+def logs(c, cfg: ClusterConfig, vm, bytes=""):
     """Show the end of a VM's agent log and run logs (read from the share)."""
-    for name, text in runs.logs(cfg, vm, max_bytes=int(bytes)).items():
+    n = _whole(bytes or runs.LOG_TAIL_BYTES, flag="--bytes", example=f"fab logs {vm} --bytes 20000", minimum=1)
+    for name, text in runs.logs(cfg, vm, max_bytes=n).items():
         _say(f"==> {vm}/{name}")
         sys.stdout.write(text if text.endswith("\n") or not text else text + "\n")
 
@@ -261,11 +373,13 @@ def heal(c, cfg: ClusterConfig, json=False):
     _say(f"==> heal: {len(fixed)} VMs needed help ({', '.join(fixed) or 'none'})")
 
 
-@task(name="head-setup", help={"config": "cluster.toml to use"})
+@task(name="head-setup", help={"config": "cluster.toml to use",
+                               "count": "size the head's sshd for this many VMs (default: cluster.toml's workers)"})
 @_command
-def head_setup(c, cfg: ClusterConfig):
-    """Print the steps that jail this cluster's SFTP-only user on a real head (the lab does them itself)."""
-    sys.stdout.write(bootstrap.head_setup(cfg))
+def head_setup(c, cfg: ClusterConfig, count=None):
+    """Print the steps that jail this cluster's SFTP user and size sshd for the fleet on a real head."""
+    n = _whole(count, flag="--count", example="fab head-setup --count 64") if count is not None else None
+    sys.stdout.write(bootstrap.head_setup(cfg, workers=n))
 
 
 @task(help={"config": "cluster.toml to use",
@@ -294,9 +408,10 @@ def down(c, cfg: ClusterConfig, head=False):
 @task(help={"count": "how many running VMs to kill", "vm": "kill this VM instead of random ones",
             "config": "cluster.toml to use"})
 @_command
-def preempt(c, cfg: ClusterConfig, count=1, vm=""):
+def preempt(c, cfg: ClusterConfig, count="", vm=""):
     """Lab only: kill VMs the way a cloud preempts them."""
-    killed = bootstrap.preempt(cfg, count=int(count), names=[vm] if vm else [])
+    n = _whole(count or 1, flag="--count", example="fab preempt --count 2", minimum=1)
+    killed = bootstrap.preempt(cfg, count=n, names=[vm] if vm else [])
     _say(f"==> preempt: killed {', '.join(killed) or 'nothing (no VM running)'}")
 
 
@@ -390,10 +505,12 @@ def _print_failures(rep: dict[str, Any], *, as_json: bool) -> None:
             "json": "print one JSON object: per VM its sample and verdict, or its error",
             "config": "cluster.toml to use"})
 @_command
-def top(c, cfg: ClusterConfig, seconds=cluster_top.DEFAULT_SECONDS, json=False):
+def top(c, cfg: ClusterConfig, seconds="", json=False):
     """Per running VM, sampled at once: CPU, load, memory, disk, network, workers; a verdict and advice."""
+    secs = _seconds(seconds or cluster_top.DEFAULT_SECONDS, flag="--seconds", example="fab top --seconds 3",
+                    minimum=0.1)
     try:
-        results = diagnose.top(cfg, seconds=float(seconds))
+        results = diagnose.top(cfg, seconds=secs)
         failed = None
     except GroupError as e:
         results, failed = e.results, e
@@ -440,7 +557,7 @@ def collect(c, cfg: ClusterConfig, spec="", to="", src="", keys="", out="", name
             reader=""):
     """Read every output of a run into one table on a VM, and download it here (Parquet or pickle)."""
     if not to:
-        raise Exit("error: give --to FILE, e.g. --to results.parquet (or .pkl)", code=EXIT_USAGE)
+        raise UsageError("give --to FILE: type e.g. `fab collect --to results.parquet` (or .pkl)")
     t = engine.target(cfg, spec, src=src, keys=keys, out=out, name=name)
     got = engine.collect(cfg, t, Path(to), skip_unreadable=skip_unreadable, reader=reader)
     i = got.info

@@ -1,10 +1,15 @@
-"""The worker agent on one VM: runs the requested `tasks run` processes, reports, stops an idle VM.
+"""The worker agent on one VM: runs the requested `tasks run` processes, reports, marks useful work.
 
-Started by boot.sh after the share is mounted. It reads run requests that `fab run`
-writes under ROOT/.spotfan/cluster/runs/, keeps one `python -m tasks run` per unfinished
-run going (restarting it, a bounded number of times, if it dies while work remains),
-writes this VM's heartbeat to ROOT/.spotfan/cluster/vms/NAME.json, and, as the cost
-guard, stops its own VM once it has had nothing to do for `--idle-timeout` seconds.
+Started by boot.sh after the idle guard (scripts/watchdog.sh) and the mount. It reads
+run requests that `fab run` writes under ROOT/.spotfan/cluster/runs/, keeps one
+`python -m tasks run` per unfinished run going (restarting it, a bounded number of
+times, if it dies while work remains), and writes this VM's heartbeat every
+HEARTBEAT_INTERVAL_S: to SPOTFAN_HOME/heartbeat.json on the VM's own disk always, and to
+ROOT/.spotfan/cluster/vms/NAME.json while the share is alive (so `fab status` can tell a
+dead mount from a dead agent). It does not stop the VM itself: it touches the guard's
+mark (cluster.busy) while a key of this VM runs, and the guard stops an idle VM. A dead
+or missing mount is mounted again with jittered, bounded backoff, and a guard that died
+is started again. SIGTERM (the guard powering off) ends it after a last heartbeat.
 While it runs tasks it also records this VM's CPU, memory, disk and network every few
 seconds (`python -m cluster.top record`, one child process, killed by pid when the tasks
 end or the agent does), which `fab report` draws.
@@ -15,6 +20,11 @@ Files it uses under ROOT/.spotfan/cluster/:
     vms/<name>.json       this VM's heartbeat: state, runs, rate
     logs/<name>/<id>.log  output of this VM's `tasks run` for that run; agent.log
     metrics/<host>.jsonl  this VM's metric samples while it ran tasks (cluster.top)
+and on the VM's own disk, SPOTFAN_HOME/:
+    heartbeat.json        the same heartbeat, written even while the share is dead
+    busy                  touched while a key of this VM runs: the idle guard's clock (cluster.busy)
+    runs/<id>.state.json  the state file of this VM's `tasks run --state-file` for that run
+    agent.log             everything it logs (the share's copy misses what happened while it was down)
 """
 from __future__ import annotations
 
@@ -34,19 +44,27 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cluster import busy as useful_work
+from cluster import heartbeat
 from cluster.top import metrics_path
 
 logger = logging.getLogger("cluster.agent")
 
 POLL_INTERVAL_S = 1.0
-HEARTBEAT_INTERVAL_S = 2.0
-MOUNT_CHECK_INTERVAL_S = 5.0
+HEARTBEAT_INTERVAL_S = heartbeat.HEARTBEAT_INTERVAL_S
+MOUNT_CHECK_INTERVAL_S = HEARTBEAT_INTERVAL_S  # a dead mount shows in the next heartbeat
 MOUNT_CHECK_TIMEOUT_S = 15.0
+MOUNT_TIMEOUT_S = 120.0  # one `mount.sh mount` (it retries a few times itself)
+REMOUNT_FIRST_S = 30.0  # a dead or missing mount is mounted again after this (and jitter) ...
+REMOUNT_MAX_S = 300.0  # ... doubling up to this ...
+MAX_REMOUNTS = 1000  # ... at most this many times per boot (the guard stops an idle VM far sooner)
+REMOUNT_JITTER = 0.5  # each wait is stretched by up to this fraction, so a fleet does not remount in step
+GUARD_CHECK_INTERVAL_S = 30.0  # how often the agent makes sure the idle guard still runs
 STATUS_TIMEOUT_S = 120.0
 MAX_RESTARTS = 5  # per run and boot: a run that keeps dying needs a human
 RESTART_BACKOFF_S = 2.0
 RATE_WINDOW_S = 30.0
-MAX_LIFETIME_S = 7 * 24 * 3600.0  # the loop's outer bound; the idle guard ends it far sooner
+MAX_LIFETIME_S = 7 * 24 * 3600.0  # the loop's outer bound; the idle guard ends the VM far sooner
 FINAL_EXITS = {0: "done", 1: "failed", 2: "spec-error"}  # `tasks run` exit codes that end a run
 METRICS_INTERVAL_S = 5.0  # one metric sample per this many seconds while tasks run (~0.4% of a core)
 RECORDER_MAX_S = 6 * 3600.0  # one recorder's lifetime; the agent starts another if tasks still run
@@ -68,11 +86,15 @@ class RunState:
     exit_code: int | None = None
     started: float | None = None
     next_start: float = 0.0  # not before this time (backoff after a crash)
+    spawned: float = 0.0  # monotonic time of the last start of its `tasks run`
+    phase: str | None = None  # what its runner's state file last said (starting, working, waiting, ...)
+    useful: bool = False  # a key of this VM runs for it (see cluster.busy)
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def public(self) -> dict[str, object]:
         return {"state": self.state, "pid": self.pid, "restarts": self.restarts,
-                "exit_code": self.exit_code, "started": self.started}
+                "exit_code": self.exit_code, "started": self.started, "phase": self.phase,
+                "useful": self.useful}
 
 
 @dataclass(frozen=True)
@@ -82,9 +104,9 @@ class Settings:
     home: Path  # SPOTFAN_HOME on the VM's own disk
     python: str
     python_path: str
-    idle_timeout: float
+    idle_timeout: float  # the guard's; here: how long a starting runner counts as busy
     workers_per_vm: int
-    stop_command: str
+    agent_id: str = ""  # boot.sh's name for this agent: `fab up` waits for a heartbeat carrying it
     metrics_interval: float = METRICS_INTERVAL_S  # seconds per metric sample; 0: record none
 
 
@@ -93,10 +115,18 @@ class Agent:
         self.s = s
         self.base = s.root / CLUSTER_DIR
         self.runs: dict[str, RunState] = {}
-        self.mount_ok = True
-        self.last_mount_check = time.monotonic()  # boot.sh checked the mount just before
+        self.mount_ok = False  # checked before anything touches the share
+        self.mount_state = "unknown"  # ok | dead | absent, as mount.sh check says
+        self.last_mount_check = 0.0
+        self.remounts = 0
+        self.next_remount = 0.0
         self.last_heartbeat = 0.0
+        self.seq = 0  # heartbeats written: `fab up` sees this agent is alive when it grows
         self.idle_since = time.monotonic()
+        self.last_guard_check = 0.0
+        self.share_log: logging.Handler | None = None
+        self.reports_state: bool | None = None  # does `tasks run` take --state-file? (asked once)
+        self.stop_asked = False
         self.log_offsets: dict[Path, int] = {}
         self.executions: list[tuple[float, int]] = []  # (time, cumulative executions) samples
         self.total_executions = 0
@@ -106,29 +136,56 @@ class Agent:
         self.recorder_next = 0.0  # not before this time (after a failed recorder)
 
     def loop(self) -> str:
-        """Work until idle for `idle_timeout`; return why the loop ended."""
+        """Work until SIGTERM (the guard powering off) or the lifetime bound; return why it ended."""
         deadline = time.monotonic() + MAX_LIFETIME_S
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not self.stop_asked:
             now = time.monotonic()
             if now - self.last_mount_check >= MOUNT_CHECK_INTERVAL_S:
-                self.mount_ok = self._mount_alive()
-                self.last_mount_check = now
+                self._check_mount(now)
             if self.mount_ok:
+                self._log_to_share()
                 try:
                     self._step()
                 except OSError as e:  # the share hiccuped: check it again before going on
                     logger.warning("share error: %s", e)
                     self.last_mount_check = 0.0
-            busy = any(r.proc is not None for r in self.runs.values())
+            busy = self._useful_work()
             if busy:
                 self.idle_since = now
-            self._keep_recording(busy)
+                useful_work.mark(self.s.home)
+            self._keep_recording(any(r.proc is not None for r in self.runs.values()))
+            if now - self.last_guard_check >= GUARD_CHECK_INTERVAL_S:
+                self.last_guard_check = now
+                self._keep_guarded()
             if now - self.last_heartbeat >= HEARTBEAT_INTERVAL_S:
-                self._heartbeat("working" if busy else ("idle" if self.mount_ok else "mount-dead"))
-            if not busy and now - self.idle_since >= self.s.idle_timeout:
-                return "idle"
+                self._heartbeat(self._state(busy))
             time.sleep(POLL_INTERVAL_S)
-        return "max-lifetime"
+        return "stopped" if self.stop_asked else "max-lifetime"
+
+    def _state(self, busy: bool) -> str:
+        if not self.mount_ok:
+            return "mount-dead"
+        if busy:
+            return "working"
+        waiting = any(r.proc is not None and r.phase == "waiting" for r in self.runs.values())
+        return "waiting" if waiting else "idle"
+
+    def _useful_work(self) -> bool:
+        """Whether a key of this VM runs now (cluster.busy); each run's phase is noted."""
+        now = time.monotonic()
+        for r in self.runs.values():
+            if r.proc is None:
+                r.useful, r.phase = False, None
+                continue
+            if not self.reports_state:  # an engine without --state-file: a live runner is busy
+                r.useful = True
+                continue
+            st = useful_work.read_state(useful_work.state_path(self.s.home, r.id))
+            fresh = st is not None and st.pid == r.pid
+            r.phase = st.phase if fresh and st is not None else "starting"
+            r.useful = useful_work.useful(st, pid=r.pid or -1, started_ago=now - r.spawned,
+                                          grace=self.s.idle_timeout)
+        return any(r.useful for r in self.runs.values())
 
     # -- runs ---------------------------------------------------------------------------
 
@@ -191,18 +248,30 @@ class Agent:
         workers = int(req.get("workers_per_vm") or self.s.workers_per_vm)
         argv = [self.s.python, "-m", "tasks", "run", *req["spec_args"], *req.get("run_args", []),
                 "--root", str(self.s.root), "--workers", str(workers)]
+        if self.reports_state is None:
+            self.reports_state = useful_work.engine_reports_state(
+                self.s.python, env=self._env(), cwd=self.s.home)
+            logger.info("tasks run %s --state-file: %s", "takes" if self.reports_state else "does not take",
+                        "a run is busy while a key of this VM runs" if self.reports_state
+                        else "a live tasks run counts as busy")
+        if self.reports_state:
+            state = useful_work.state_path(self.s.home, r.id)
+            state.parent.mkdir(parents=True, exist_ok=True)
+            state.unlink(missing_ok=True)  # a new runner: nothing its predecessor wrote counts
+            argv += ["--state-file", str(state)]
         log_dir = self.base / "logs" / self.s.name
         log_dir.mkdir(parents=True, exist_ok=True)
         out = open(log_dir / f"{r.id}.log", "ab")
         out.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} {self.s.name}: {shlex.join(argv)}\n".encode())
         out.flush()
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            p for p in [str(self.s.root), self.s.python_path] if p)}
-        r.proc = subprocess.Popen(argv, cwd=self.s.root, env=env, stdin=subprocess.DEVNULL,
+        r.proc = subprocess.Popen(argv, cwd=self.s.root, env=self._env(), stdin=subprocess.DEVNULL,
                                   stdout=out, stderr=subprocess.STDOUT)
         out.close()
-        r.pid, r.state, r.started = r.proc.pid, "running", time.time()
+        r.pid, r.state, r.started, r.spawned = r.proc.pid, "running", time.time(), time.monotonic()
         logger.info("run %s: started tasks run (pid %d, %d workers)", r.id, r.pid, workers)
+
+    def _env(self) -> dict[str, str]:
+        return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [str(self.s.root), self.s.python_path] if p)}
 
     def _mark_done(self, r: RunState) -> None:
         """Record that the run is over, with the engine's final counts (first agent wins)."""
@@ -220,8 +289,7 @@ class Agent:
             out = subprocess.run(
                 [self.s.python, "-m", "tasks", "status", *req["spec_args"], "--root", str(self.s.root),
                  "--json"], cwd=self.s.root, capture_output=True, text=True, timeout=STATUS_TIMEOUT_S,
-                env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                    p for p in [str(self.s.root), self.s.python_path] if p)},
+                env=self._env(),
             )
             return json.loads(out.stdout) if out.returncode == 0 else None
         except (OSError, ValueError, subprocess.TimeoutExpired) as e:
@@ -281,15 +349,84 @@ class Agent:
 
     # -- health and reporting -----------------------------------------------------------
 
-    def _mount_alive(self) -> bool:
+    def _check_mount(self, now: float) -> None:
+        """`mount.sh check`; a mount that is dead or missing is mounted again, with backoff."""
+        self.last_mount_check = now
         try:
             r = subprocess.run(["sh", str(self.s.home / "mount.sh"), "check"], capture_output=True,
-                               text=True, timeout=MOUNT_CHECK_TIMEOUT_S)
+                               text=True, timeout=MOUNT_CHECK_TIMEOUT_S, cwd=self.s.home)
+            said = (r.stdout.strip() or r.stderr.strip())
+            ok = r.returncode == 0
         except subprocess.TimeoutExpired:
-            return False
-        if r.returncode != 0:
-            logger.warning("share not usable: %s", r.stdout.strip() or r.stderr.strip())
-        return r.returncode == 0
+            said, ok = "mount: dead (mount.sh check hung)", False
+        was = self.mount_state
+        self.mount_state = "ok" if ok else ("absent" if "absent" in said else "dead")
+        self.mount_ok = ok
+        if ok:
+            if was not in ("ok", "unknown"):
+                self._log_to_share()
+                logger.info("share usable again (after %d remount(s))", self.remounts)
+            self.remounts = 0
+            return
+        if self.share_log is not None:  # its file is on the dead mount: a new one once it is back
+            logging.getLogger().removeHandler(self.share_log)
+            try:
+                self.share_log.close()
+            except OSError:
+                pass
+            self.share_log = None
+        if was != self.mount_state:
+            logger.warning("share not usable: %s", said)
+            self.next_remount = now + self._backoff()
+        if now >= self.next_remount and self.remounts < MAX_REMOUNTS:
+            self.remounts += 1
+            try:
+                m = subprocess.run(["sh", str(self.s.home / "mount.sh"), "mount"], capture_output=True,
+                                   text=True, timeout=MOUNT_TIMEOUT_S, cwd=self.s.home)
+                said = m.stdout.strip().splitlines()[-1:] or [m.stderr.strip()]
+            except subprocess.TimeoutExpired:
+                said = [f"mount.sh mount took longer than {MOUNT_TIMEOUT_S:g}s"]
+            logger.info("mounting the share again (try %d): %s", self.remounts, said[0])
+            self.next_remount = now + self._backoff()
+            self.last_mount_check = 0.0  # look again at once
+
+    def _backoff(self) -> float:
+        base = min(REMOUNT_MAX_S, REMOUNT_FIRST_S * 2 ** min(self.remounts, 10))
+        return base * (1 + REMOUNT_JITTER * secrets.randbelow(1001) / 1000)
+
+    def _log_to_share(self) -> None:
+        """The agent's log on the share too, once the share is there (never onto a bare mount point)."""
+        if self.share_log is not None:
+            return
+        try:
+            log_dir = self.base / "logs" / self.s.name
+            log_dir.mkdir(parents=True, exist_ok=True)
+            self.share_log = logging.FileHandler(log_dir / "agent.log")
+        except OSError as e:
+            logger.warning("no agent log on the share (%s); logging locally only", e)
+            return
+        self.share_log.setFormatter(logging.Formatter(f"%(asctime)s {self.s.name} agent: %(message)s"))
+        logging.getLogger().addHandler(self.share_log)
+        logger.info("started (pid %d, id %s, root %s); logging to the share too", os.getpid(),
+                    self.s.agent_id, self.s.root)
+
+    def _keep_guarded(self) -> None:
+        """The idle guard must run: boot.sh starts it first; if it has died since, start it again."""
+        pidfile = self.s.home / "watchdog.pid"
+        try:
+            cmdline = Path(f"/proc/{int(pidfile.read_text())}/cmdline").read_bytes()
+            if b"watchdog.sh" in cmdline:
+                return
+        except (OSError, ValueError):
+            pass
+        script = self.s.home / "watchdog.sh"
+        if not script.exists():
+            return
+        logger.warning("the idle guard is not running: starting it again")
+        with open(self.s.home / "watchdog.log", "ab") as log:
+            p = subprocess.Popen(["sh", str(script)], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                 cwd=self.s.home, start_new_session=True)
+        pidfile.write_text(f"{p.pid}\n")
 
     def _rate(self) -> float | None:
         """Executions per second on this VM over the last RATE_WINDOW_S, from the engine's logs."""
@@ -309,30 +446,38 @@ class Agent:
         return (n1 - n0) / (t1 - t0) if t1 > t0 else None
 
     def _heartbeat(self, state: str) -> None:
+        """This VM's heartbeat: on its own disk always, on the share while the share is alive."""
         self.last_heartbeat = time.monotonic()
+        self.seq += 1
+        beat: dict[str, object] = {
+            "name": self.s.name, "state": state, "time": time.time(), "agent_pid": os.getpid(),
+            "agent_id": self.s.agent_id, "seq": self.seq, "mount": self.mount_state,
+            "idle_for": round(time.monotonic() - self.idle_since, 1), "idle_timeout": self.s.idle_timeout,
+            "runs": {rid: r.public() for rid, r in self.runs.items()},
+        }
+        try:
+            _write_json(self.s.home / "heartbeat.json", beat)
+        except OSError as e:
+            logger.warning("could not write the local heartbeat: %s", e)
         if not self.mount_ok:
-            logger.info("heartbeat (local only, share is down): %s", state)
             return
         try:
-            rate = self._rate()
-            _write_json(self.base / "vms" / f"{self.s.name}.json", {
-                "name": self.s.name, "state": state, "time": time.time(), "agent_pid": os.getpid(),
-                "rate": rate, "executions": self.total_executions,
-                "idle_for": round(time.monotonic() - self.idle_since, 1),
-                "idle_timeout": self.s.idle_timeout,
-                "runs": {rid: r.public() for rid, r in self.runs.items()},
-            })
+            beat.update(rate=self._rate(), executions=self.total_executions)
+            _write_json(self.base / "vms" / f"{self.s.name}.json", beat)
         except OSError as e:
             logger.warning("could not write heartbeat: %s", e)
 
-    def stop_vm(self, why: str) -> None:
-        logger.info("nothing to do for %.0fs (%s): stopping this VM with `%s`",
-                    self.s.idle_timeout, why, self.s.stop_command)
+    def shut_down(self) -> None:
+        """The guard is powering the VM off: end the recorder, say so once more, and return."""
         self.stop_recording()
-        self._heartbeat("stopped-idle")
+        try:
+            reason = (self.s.home / "stopping").read_text().strip()
+        except OSError:
+            reason = ""
+        logger.info("asked to stop (%s): last heartbeat", reason or "SIGTERM")
+        self._heartbeat("stopped-idle" if reason == "idle" else "stopped")
         for h in logging.getLogger().handlers:
             h.flush()
-        subprocess.run(shlex.split(self.s.stop_command), timeout=60, check=False)
 
 
 def _die_with_parent() -> None:
@@ -357,16 +502,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", required=True)
     p.add_argument("--root", required=True, type=Path)
     p.add_argument("--home", required=True, type=Path)
+    p.add_argument("--agent-id", default="", help="boot.sh's name for this agent, in every heartbeat")
     p.add_argument("--python", required=True)
     p.add_argument("--python-path", default="")
     p.add_argument("--idle-timeout", required=True, type=float)
     p.add_argument("--workers-per-vm", required=True, type=int)
-    p.add_argument("--stop-command", required=True)
     p.add_argument("--metrics-interval", type=float, default=METRICS_INTERVAL_S,
                    help=f"seconds per metric sample while tasks run (default {METRICS_INTERVAL_S:g}; 0: none)")
     a = p.parse_args(argv)
     s = Settings(name=a.name, root=a.root, home=a.home, python=a.python, python_path=a.python_path,
-                 idle_timeout=a.idle_timeout, workers_per_vm=a.workers_per_vm, stop_command=a.stop_command,
+                 idle_timeout=a.idle_timeout, workers_per_vm=a.workers_per_vm, agent_id=a.agent_id,
                  metrics_interval=a.metrics_interval)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {s.name} agent: %(message)s")
     # One agent per VM, even if two boots race.
@@ -376,21 +521,19 @@ def main(argv: list[str] | None = None) -> int:
     except BlockingIOError:
         logger.info("another agent holds %s; exiting", s.home / "agent.lock")
         return 0
-    try:
-        log_dir = s.root / CLUSTER_DIR / "logs" / s.name
-        log_dir.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(log_dir / "agent.log")
-        handler.setFormatter(logging.Formatter(f"%(asctime)s {s.name} agent: %(message)s"))
-        logging.getLogger().addHandler(handler)
-    except OSError as e:
-        logger.warning("no agent log on the share (%s); logging locally only", e)
     agent = Agent(s)
-    logger.info("started (pid %d, root %s, idle timeout %.0fs)", os.getpid(), s.root, s.idle_timeout)
+
+    def on_term(signum: int, frame: object) -> None:
+        agent.stop_asked = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    logger.info("started (pid %d, id %s, root %s, idle timeout %.0fs)", os.getpid(), s.agent_id, s.root,
+                s.idle_timeout)
     try:
         why = agent.loop()
+        logger.info("loop over (%s)", why)
     finally:
-        agent.stop_recording()
-    agent.stop_vm(why)
+        agent.shut_down()
     return 0
 
 

@@ -8,12 +8,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cluster import schema
 from cluster.errors import ConfigError
+from cluster.gce_settings import GCE_FIELDS, GceSettings
+from cluster.provider import PROVIDERS
 
 DEFAULT_CONFIG = "cluster.toml"
 CONFIG_ENV = "SPOTFAN_CONFIG"
 JAIL_SHARE = "/share"  # where the share sits inside the head's chroot jail
 MAX_USER_NAME = 32  # useradd's limit on Linux
+MAX_WORKERS = 250
+IDLE_ACTIONS = ("stop", "delete")  # what an idle worker does to its own VM (the lab always powers off)
 
 
 @dataclass(frozen=True)
@@ -68,7 +73,8 @@ class ClusterConfig:
     image: str  # boot image the VMs are created from (ignored by the lab)
     zones: tuple[str, ...]  # zones to try in order (ignored by the lab)
     spot: bool  # spot/preemptible VMs
-    idle_timeout: float  # seconds a worker with nothing to do waits before stopping its VM
+    idle_timeout: float  # seconds a VM with no key of its own running waits before stopping itself
+    idle_action: str  # "stop" (its disk stays, billed) or "delete" (gone); the lab always powers off
     workers_per_vm: int  # default `tasks run --workers` on each VM
     python: str  # interpreter on the VMs that has spotfan installed
     python_path: tuple[str, ...]  # extra PYTHONPATH entries on the VMs
@@ -76,6 +82,7 @@ class ClusterConfig:
     head: HeadConfig
     ssh: SSHConfig
     lab: LabConfig
+    gce: GceSettings | None = None  # provider = "gce": the [gce] table, with [cluster] defaults
 
     def vm_names(self, count: int | None = None) -> list[str]:
         """The names of the first `count` (default: `workers`) VMs of this cluster."""
@@ -103,116 +110,202 @@ def load(path: str | os.PathLike[str]) -> ClusterConfig:
     return parse(raw, path=Path(os.path.abspath(path)))
 
 
+def _cluster_name(value: str) -> str | None:
+    if not value.replace("-", "").isalnum() or not value[0].isalpha() or value != value.lower():
+        return ("use lowercase letters, digits and '-', starting with a letter (it becomes part "
+                "of every VM name)")
+    return None
+
+
+# Every table and key cluster.toml may have: one line per key (cluster.schema). The
+# [gce] table is the GCE provider's (cluster.gce_settings), checked by the same reader.
+CLUSTER: dict[str, schema.Field] = {
+    "name": schema.text(check=_cluster_name),
+    "provider": schema.text("lab", choices=tuple(PROVIDERS)),
+    "workers": schema.whole(2, 0, MAX_WORKERS),
+    "machine_type": schema.text("e2-standard-4"),
+    "image": schema.text(""),
+    "zones": schema.strings(),
+    "spot": schema.flag(True),
+    "idle_timeout": schema.number(600.0, 1.0),
+    "idle_action": schema.text("stop", choices=IDLE_ACTIONS),
+    "workers_per_vm": schema.whole(1, 1, 1024),
+    "python": schema.text("python3"),
+    "python_path": schema.strings(),
+    "mount_point": schema.text("/mnt/spotfan"),
+}
+HEAD: dict[str, schema.Field] = {
+    "address": schema.text(),
+    "port": schema.whole(22, 1, 65535),
+    "user": schema.text(None),  # default spotfan-NAME
+    "share": schema.text(),
+    "host_keys": schema.text(None),
+    "jail": schema.text(None),  # default /srv/spotfan/NAME
+}
+SSH: dict[str, schema.Field] = {
+    "user": schema.text("root"),
+    "key": schema.text(None),  # defaults under .spotfan-keys/NAME/
+    "worker_key": schema.text(None),
+    "known_hosts": schema.text(None),
+    "connect_timeout": schema.number(10.0, 0.1),
+    "boot_timeout": schema.number(120.0, 0.1),
+    "command_timeout": schema.number(120.0, 0.1),
+    "kex_algorithms": schema.text(""),
+}
+LAB: dict[str, schema.Field] = {
+    "state_dir": schema.text(None),  # default .lab/NAME
+    "address_prefix": schema.text("127.0.1."),
+    "max_run_hours": schema.number(24.0, 0.01),
+}
+TABLES: dict[str, dict[str, schema.Field]] = {
+    "cluster": CLUSTER, "head": HEAD, "ssh": SSH, "lab": LAB, "gce": GCE_FIELDS,
+}
+
+
 def parse(raw: dict[str, Any], *, path: Path) -> ClusterConfig:
-    """Build a ClusterConfig from parsed TOML; relative paths are relative to `path`'s folder."""
+    """Build a ClusterConfig from parsed TOML; relative paths are relative to `path`'s folder.
+
+    Every problem is reported at once, in file order, the provider's first: an unknown
+    provider makes every provider-specific message beside the point.
+    """
+    found = schema.problems(raw, TABLES, required={"gce": False})
+    found.sort(key=lambda p: (p.table, p.key) != ("cluster", "provider"))  # stable: file order otherwise
+    if found:
+        raise schema.error(path, found)
+    t = {name: schema.values(raw.get(name, {}), fields) for name, fields in TABLES.items()}
+    c, h, s, lab = t["cluster"], t["head"], t["ssh"], t["lab"]
     base = path.parent
-    r = _Reader(raw, path)
-    provider = r.str("cluster.provider", "lab")
+    provider = c["provider"].lower()
     lab_provider = provider == "lab"
+    name = c["name"]
+    problems: list[schema.Problem] = []
 
-    def local(field: str, default: str | None) -> Path:
-        return _resolve(base, r.str(field, default))
+    def local(value: str) -> Path:
+        return _resolve(base, value)
 
-    def remote(field: str, default: str) -> str:
+    def remote(table: str, key: str, value: str) -> str:
         # A path on the VMs. Lab VMs share this machine's filesystem, so a relative path
         # means the same as for a local one; elsewhere it must be absolute.
-        value = r.str(field, default)
         if lab_provider:
             return str(_resolve(base, value))
         if not value.startswith("/"):
-            raise ConfigError(f"{path}: {field} = {value!r} must be an absolute path on the VMs")
+            problems.append(schema.Problem(table, key, f"= {value!r} must be an absolute path on the VMs"))
         return value
 
-    name = r.str("cluster.name", None)
-    if not name.replace("-", "").isalnum() or not name[0].isalpha() or name != name.lower():
-        raise ConfigError(
-            f"{path}: cluster.name = {name!r}: use lowercase letters, digits and '-', "
-            "starting with a letter (it becomes part of every VM name)"
-        )
-    python = r.str("cluster.python", "python3")
+    python = c["python"]
     if lab_provider and "/" in python:
         python = str(_resolve(base, python))
-    head_keys = raw.get("head", {}).get("host_keys")
-    prefix = r.str("lab.address_prefix", "127.0.1.")
+    mount_point = remote("cluster", "mount_point", c["mount_point"])
+    python_path = tuple(str(_resolve(base, p)) if lab_provider else p for p in c["python_path"])
+    prefix = lab["address_prefix"]
     if lab_provider and (not prefix.startswith("127.") or not prefix.endswith(".") or prefix.count(".") != 3):
-        raise ConfigError(
-            f"{path}: lab.address_prefix = {prefix!r}: lab VMs live on loopback only; "
-            "use three octets of 127.0.0.0/8 and a trailing dot, e.g. \"127.0.1.\""
-        )
+        problems.append(schema.Problem(
+            "lab", "address_prefix", f"= {prefix!r}: lab VMs live on loopback only; use three octets "
+            'of 127.0.0.0/8 and a trailing dot, e.g. "127.0.1."'))
     head = HeadConfig(
-        address=r.str("head.address", None),
-        port=r.int("head.port", 22, minimum=1, maximum=65535),
-        user=r.str("head.user", f"spotfan-{name}"),
-        share=local("head.share", None),
-        host_keys=_resolve(base, head_keys) if head_keys else None,
-        jail=r.str("head.jail", f"/srv/spotfan/{name}"),
+        address=h["address"],
+        port=h["port"],
+        user=h["user"] if h["user"] is not None else f"spotfan-{name}",
+        share=local(h["share"]),
+        host_keys=_resolve(base, h["host_keys"]) if h["host_keys"] else None,
+        jail=h["jail"] if h["jail"] is not None else f"/srv/spotfan/{name}",
     )
-    _check_head(head, path=path, lab_provider=lab_provider)
-    key = local("ssh.key", f".spotfan-keys/{name}/laptop")
-    worker_key = local("ssh.worker_key", f".spotfan-keys/{name}/worker")
-    state_dir = local("lab.state_dir", f".lab/{name}")
-    secrets = {"ssh.key": key, "ssh.worker_key": worker_key}
+    problems += _check_head(head, lab_provider=lab_provider)
+    key = local(s["key"] or f".spotfan-keys/{name}/laptop")
+    worker_key = local(s["worker_key"] or f".spotfan-keys/{name}/worker")
+    state_dir = local(lab["state_dir"] or f".lab/{name}")
+    secrets = {("ssh", "key"): key, ("ssh", "worker_key"): worker_key}
     if lab_provider:  # the lab's state dir holds the VMs' disks, so their copies of the worker key
-        secrets["lab.state_dir"] = state_dir
-    for field, secret in secrets.items():
+        secrets["lab", "state_dir"] = state_dir
+    for (table, field), secret in secrets.items():
         if _inside(secret, head.share):
-            raise ConfigError(
-                f"{path}: {field} = {str(secret)!r} is inside head.share ({head.share}): private "
-                "keys must never be in the shared directory, which every VM can read; move it out"
-            )
+            problems.append(schema.Problem(
+                table, field, f"= {str(secret)!r} is inside [head] share ({head.share}): private keys "
+                "must never be in the shared directory, which every VM can read; move it out"))
+    gce = None
+    if provider == "gce":
+        gce, gce_problems = _gce_settings(raw, c, s, path=path)
+        problems += gce_problems
+        if gce is not None and c["idle_action"] == "delete" and not gce.service_account:
+            problems.append(schema.Problem(
+                "cluster", "idle_action", '= "delete": an idle worker deletes itself through the Compute '
+                "API with its own service account's token: set [gce] service_account to one that may "
+                'delete instances (roles/compute.instanceAdmin.v1), or use idle_action = "stop"'))
+    if problems:
+        raise schema.error(path, problems)
     return ClusterConfig(
         path=path,
         name=name,
         provider=provider,
-        workers=r.int("cluster.workers", 2, minimum=0, maximum=250),
-        machine_type=r.str("cluster.machine_type", "e2-standard-4"),
-        image=r.str("cluster.image", ""),
-        zones=tuple(r.list("cluster.zones", [])),
-        spot=r.bool("cluster.spot", True),
-        idle_timeout=r.float("cluster.idle_timeout", 600.0, minimum=1.0),
-        workers_per_vm=r.int("cluster.workers_per_vm", 1, minimum=1, maximum=1024),
+        workers=c["workers"],
+        machine_type=c["machine_type"],
+        image=c["image"],
+        zones=tuple(c["zones"]),
+        spot=c["spot"],
+        idle_timeout=float(c["idle_timeout"]),
+        idle_action=c["idle_action"].lower(),
+        workers_per_vm=c["workers_per_vm"],
         python=python,
-        python_path=tuple(
-            str(_resolve(base, p)) if lab_provider else p for p in r.list("cluster.python_path", [])
-        ),
-        mount_point=remote("cluster.mount_point", "/mnt/spotfan"),
+        python_path=python_path,
+        mount_point=mount_point,
         head=head,
         ssh=SSHConfig(
-            user=r.str("ssh.user", "root"),
+            user=s["user"],
             key=key,
             worker_key=worker_key,
-            known_hosts=local("ssh.known_hosts", f".spotfan-keys/{name}/known_hosts"),
-            connect_timeout=r.float("ssh.connect_timeout", 10.0, minimum=0.1),
-            boot_timeout=r.float("ssh.boot_timeout", 120.0, minimum=0.1),
-            command_timeout=r.float("ssh.command_timeout", 120.0, minimum=0.1),
-            kex_algorithms=r.str("ssh.kex_algorithms", ""),
+            known_hosts=local(s["known_hosts"] or f".spotfan-keys/{name}/known_hosts"),
+            connect_timeout=float(s["connect_timeout"]),
+            boot_timeout=float(s["boot_timeout"]),
+            command_timeout=float(s["command_timeout"]),
+            kex_algorithms=s["kex_algorithms"],
         ),
         lab=LabConfig(
             state_dir=state_dir,
             address_prefix=prefix,
-            max_run_hours=r.float("lab.max_run_hours", 24.0, minimum=0.01),
+            max_run_hours=float(lab["max_run_hours"]),
         ),
+        gce=gce,
     )
 
 
-def _check_head(head: HeadConfig, *, path: Path, lab_provider: bool) -> None:
+def _gce_settings(raw: dict[str, Any], c: dict[str, Any], s: dict[str, Any], *,
+                  path: Path) -> tuple[GceSettings | None, list[schema.Problem]]:
+    """The [gce] table, with [cluster] zones, image, machine_type, spot and [ssh] user as defaults."""
+    table = dict(raw.get("gce", {}))
+    if not table:
+        return None, [schema.Problem("cluster", "provider", '= "gce" needs a [gce] table with at least '
+                                     'project = "..." (the README\'s Google Compute Engine part has every field)')]
+    defaults: dict[str, Any] = {
+        "zones": list(c["zones"]), "image": c["image"], "machine_type": c["machine_type"],
+        "provisioning": "spot" if c["spot"] else "standard", "ssh_user": s["user"],
+    }
+    for k, v in defaults.items():
+        if v:
+            table.setdefault(k, v)
+    try:
+        return GceSettings.from_mapping(table, file=path), []
+    except ConfigError as e:
+        return None, list(e.problems) or [schema.Problem("gce", None, str(e))]
+
+
+def _check_head(head: HeadConfig, *, lab_provider: bool) -> list[schema.Problem]:
     """The jailed head user and its chroot: names sshd and useradd accept, paths sshd accepts."""
+    found = []
     u = head.user
     if not re.fullmatch(rf"[a-z_][a-z0-9_-]{{0,{MAX_USER_NAME - 1}}}", u):
-        raise ConfigError(
-            f"{path}: head.user = {u!r}: use at most {MAX_USER_NAME} lowercase letters, digits, "
-            "'-' and '_', starting with a letter (for a long cluster name, set head.user = \"spotfan-x\")"
-        )
+        found.append(schema.Problem("head", "user", (
+            f"= {u!r}: use at most {MAX_USER_NAME} lowercase letters, digits, '-' and '_', starting "
+            'with a letter (for a long cluster name, set user = "spotfan-x")')))
     if head.jail and (not re.fullmatch(r"(/[A-Za-z0-9._-]+)+", head.jail) or ".." in head.jail.split("/")):
-        raise ConfigError(
-            f"{path}: head.jail = {head.jail!r} must be an absolute folder on the head of letters, "
-            "digits and ._- (sshd's ChrootDirectory), e.g. \"/srv/spotfan/NAME\"; or \"\" for no jail"
-        )
+        found.append(schema.Problem("head", "jail", (
+            f"= {head.jail!r} must be an absolute folder on the head of letters, digits and ._- "
+            '(sshd\'s ChrootDirectory), e.g. "/srv/spotfan/NAME"; or "" for no jail')))
     if lab_provider and (not head.jail or u == "root"):
-        raise ConfigError(
-            f"{path}: the lab always jails the head's SFTP user: set head.jail to a folder such as "
-            "\"/srv/spotfan/NAME\" and head.user to a user that is not root (default: spotfan-NAME)"
-        )
+        field, value = ("jail", head.jail) if not head.jail else ("user", u)
+        found.append(schema.Problem("head", field, (
+            f"= {value!r}: the lab always jails the head's SFTP user: set jail to a folder such as "
+            '"/srv/spotfan/NAME" and user to a user that is not root (default: spotfan-NAME)')))
+    return found
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -222,57 +315,3 @@ def _inside(path: Path, folder: Path) -> bool:
 def _resolve(base: Path, value: str) -> Path:
     # abspath, not resolve(): a venv's bin/python is a symlink that must stay one.
     return Path(os.path.abspath(base / Path(value).expanduser()))
-
-
-class _Reader:
-    """Typed access to "section.field" values, raising ConfigError that names the field."""
-
-    _MISSING = object()
-
-    def __init__(self, raw: dict[str, Any], path: Path) -> None:
-        self._raw = raw
-        self._path = path
-
-    def _get(self, field: str, default: Any) -> Any:
-        section, key = field.split(".")
-        table = self._raw.get(section, {})
-        if not isinstance(table, dict):
-            raise ConfigError(f"{self._path}: [{section}] must be a table")
-        if key in table:
-            return table[key]
-        if default is None:
-            raise ConfigError(f"{self._path}: {field} is required: add `{key} = ...` under [{section}]")
-        return default
-
-    def _fail(self, field: str, value: Any, want: str) -> ConfigError:
-        return ConfigError(f"{self._path}: {field} = {value!r} must be {want}")
-
-    def str(self, field: str, default: str | None) -> str:
-        value = self._get(field, default)
-        if not isinstance(value, str) or (default is None and not value):
-            raise self._fail(field, value, "a non-empty string")
-        return value
-
-    def bool(self, field: str, default: bool) -> bool:
-        value = self._get(field, default)
-        if not isinstance(value, bool):
-            raise self._fail(field, value, "true or false")
-        return value
-
-    def int(self, field: str, default: int, *, minimum: int, maximum: int) -> int:
-        value = self._get(field, default)
-        if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
-            raise self._fail(field, value, f"a whole number from {minimum} to {maximum}")
-        return value
-
-    def float(self, field: str, default: float, *, minimum: float) -> float:
-        value = self._get(field, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
-            raise self._fail(field, value, f"a number of at least {minimum}")
-        return float(value)
-
-    def list(self, field: str, default: list[str]) -> list[str]:
-        value = self._get(field, default)
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise self._fail(field, value, 'a list of strings, e.g. ["a", "b"]')
-        return value

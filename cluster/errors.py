@@ -2,6 +2,7 @@
 
     ClusterError                 anything the cluster layer cannot do
      +-- ConfigError             cluster.toml is missing, malformed or inconsistent
+     |    +-- UsageError         a `fab` command was given an option it cannot use
      +-- ProvisionError          a provider could not create/start/delete/list VMs
      |    +-- StockoutError      a zone has no capacity (try the next zone)
      |    +-- QuotaError         a project quota is exhausted (raise it or use fewer VMs)
@@ -15,7 +16,7 @@ decides how errors are shown and which exit code they carry.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 
@@ -24,7 +25,19 @@ class ClusterError(Exception):
 
 
 class ConfigError(ClusterError):
-    """cluster.toml is missing, malformed or inconsistent."""
+    """cluster.toml is missing, malformed or inconsistent (or a command was given bad options).
+
+    `problems` are the located problems behind the message (cluster.schema.Problem), when
+    it came from reading cluster.toml.
+    """
+
+    def __init__(self, message: str, problems: Sequence[object] = ()) -> None:
+        super().__init__(message)
+        self.problems = list(problems)
+
+
+class UsageError(ConfigError):
+    """A `fab` command was given an option it cannot use (exit 2, one line saying what to type)."""
 
 
 class ProvisionError(ClusterError):

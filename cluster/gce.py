@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 import re
+import shlex
 import threading
 import time
-import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,7 +36,7 @@ from cluster.gce_instance import (
 )
 from cluster.gce_settings import CostEstimate, GceSettings, MachinePrice, estimate_hourly_cost
 from cluster.keys import host_pattern
-from cluster.provider import Instance, Status
+from cluster.provider import HOURS_PER_MONTH, Charge, Instance, Status
 
 if TYPE_CHECKING:
     from cluster.config import ClusterConfig
@@ -77,8 +77,8 @@ class GceProvider:
     `ssh-keys` metadata) are given as text, or as a Path read when the first VM is created.
     """
 
-    # What a worker runs to stop its own VM when idle: a guest shutdown makes it TERMINATED.
-    self_stop_command = "sudo -n /sbin/shutdown -h now"
+    METADATA_ROOT = "http://metadata.google.internal/computeMetadata/v1"  # seen from inside a VM
+    GOOGLE_API_ROOT = "https://compute.googleapis.com"
 
     def __init__(
         self,
@@ -89,6 +89,8 @@ class GceProvider:
         ssh_public_key: str | Path,
         client_factory: Callable[[GceSettings], GceClients] | None = None,
         timing: Timing = Timing(),
+        idle_action: str = "stop",
+        unprovisioned_stop_s: float | None = None,
     ) -> None:
         if not re.match(r"^[a-z][a-z0-9-]{0,40}$", cluster_name):
             raise ConfigError(
@@ -100,6 +102,10 @@ class GceProvider:
         self.settings = settings
         self.cluster_name = cluster_name
         self.timing = timing
+        self.idle_action = idle_action  # what an idle worker does to itself: "stop" or "delete"
+        # A worker that `fab up` does not provision within this many seconds stops itself
+        # (its startup-script says so to boot.sh); None: no such guard (tests of the provider).
+        self.unprovisioned_stop_s = unprovisioned_stop_s
         self._boot_script = boot_script
         self._ssh_public_key = ssh_public_key
         self._client_factory = client_factory or _default_clients
@@ -120,32 +126,11 @@ class GceProvider:
 
     @classmethod
     def from_config(cls, config: "ClusterConfig") -> "GceProvider":
-        """Build from a ClusterConfig: its `[gce]` table, with [cluster] values as defaults.
-
-        [cluster] zones, image, machine_type and spot fill in what [gce] leaves out, and
-        [ssh] user is the user of the `ssh-keys` entry. Reads only cluster.toml itself.
-        """
-        try:
-            raw = tomllib.loads(config.path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise ConfigError(f"{config.path}: cannot read the [gce] table: {e}") from e
-        table = dict(raw.get("gce", {}))
-        if not table:
-            raise ConfigError(
-                f"{config.path}: provider = \"gce\" needs a [gce] table with at least "
-                f"project = \"...\" (docs_gce.md describes every field)"
-            )
-        defaults: dict[str, Any] = {
-            "zones": list(config.zones),
-            "image": config.image,
-            "machine_type": config.machine_type,
-            "provisioning": "spot" if config.spot else "standard",
-            "ssh_user": config.ssh.user,
-        }
-        for key, value in defaults.items():
-            if value:
-                table.setdefault(key, value)
-        settings = GceSettings.from_mapping(table)
+        """Build from a ClusterConfig: its `[gce]` table, read with [cluster] values as defaults
+        ([cluster] zones, image, machine_type and spot; [ssh] user for the `ssh-keys` entry)."""
+        settings = config.gce
+        if settings is None:
+            raise ConfigError(f"{config.path}: provider = \"gce\" needs a [gce] table with at least project = \"...\"")
         if settings.head is not None:
             check_head_vm_config(config)
         return cls(
@@ -153,6 +138,8 @@ class GceProvider:
             cluster_name=config.name,
             boot_script=BOOT_SCRIPT,
             ssh_public_key=config.ssh.key.with_name(config.ssh.key.name + ".pub"),
+            idle_action=config.idle_action,
+            unprovisioned_stop_s=config.idle_timeout + config.ssh.boot_timeout,
         )
 
     def head_cost_estimate(self) -> CostEstimate | None:
@@ -222,6 +209,68 @@ class GceProvider:
             others = [z for z in self.settings.zones if z != zone] or [zone]
             self._insert_with_failover([name], others)
         return self._wait_booted(names)
+
+    @property
+    def self_stop_command(self) -> str:
+        """What a worker's idle guard runs to stop its own VM: a guest shutdown makes it TERMINATED."""
+        return "/sbin/shutdown -h now" if self.settings.ssh_user == "root" else "sudo -n /sbin/shutdown -h now"
+
+    def self_stop_env(self, instance: Instance) -> dict[str, str]:
+        """The guard's stop command; with idle_action = "delete" also the URLs of its self-delete.
+
+        A plain-http api_endpoint is a local emulator (gce_client.make_clients), which serves
+        the metadata server's token endpoint too.
+        """
+        env = {"SPOTFAN_STOP_COMMAND": self.self_stop_command}
+        if self.idle_action != "delete":
+            return env
+        endpoint = (self.settings.api_endpoint or self.GOOGLE_API_ROOT).rstrip("/")
+        metadata = f"{endpoint}/computeMetadata/v1" if endpoint.startswith("http://") else self.METADATA_ROOT
+        env["SPOTFAN_SELF_DELETE_URL"] = (f"{endpoint}/compute/v1/projects/{self.settings.project}/zones/"
+                                          f"{instance.zone}/instances/{instance.name}")
+        env["SPOTFAN_TOKEN_URL"] = f"{metadata}/instance/service-accounts/default/token"
+        return env
+
+    def billing(self, instances: Sequence[Instance]) -> list[Charge]:
+        """Running workers (machine price), stopped workers' boot disks, and a head VM and its disks.
+
+        Prices come from [gce.prices] (machines, per hour) and [gce.disk_prices] (per GB and
+        month); where one is missing the charge is listed without a price.
+        """
+        s = self.settings
+        running = [i for i in instances if i.status is not Status.TERMINATED]
+        stopped = [i for i in instances if i.status is Status.TERMINATED]
+        out = []
+        if running:
+            cost = s.cost_estimate(len(running))
+            out.append(Charge(f"{len(running)} running worker(s) ({s.machine_type}, {s.provisioning})", cost.total_hour))
+        if stopped:
+            out.append(self._disk_charge(f"{len(stopped)} stopped worker(s)' boot disks", len(stopped) * s.disk_size_gb,
+                                         s.disk_type))
+        head = self.head() if s.head is not None else None
+        if head is not None and s.head is not None:
+            if head.status is not Status.TERMINATED:
+                vm = s.head_cost_estimate()
+                out.append(Charge(f"head VM {head.name} ({s.head.machine_type}, standard)",
+                                  vm.total_hour if vm is not None else None))
+            out.append(self._disk_charge(f"head VM {head.name}'s boot disk", s.head.boot_disk_gb, "pd-balanced"))
+        if s.head is not None and (head is not None or self._disk_exists(data_disk_name(self.cluster_name), s.head.zone)):
+            out.append(self._disk_charge(f"head data disk {data_disk_name(self.cluster_name)}", s.head.data_disk_gb,
+                                         s.head.data_disk_type))
+        return out
+
+    def _disk_charge(self, what: str, gb: int, disk_type: str) -> Charge:
+        price = self.settings.disk_prices.get(disk_type)
+        return Charge(f"{what} ({gb} GB {disk_type})", None if price is None else gb * price / HOURS_PER_MONTH)
+
+    def stop(self, names: Sequence[str]) -> None:
+        """Stop the named VMs of this cluster (their boot disks stay); missing or stopped ones are fine."""
+        existing = self._list_raw()
+        targets = [n for n in names if n in existing and status_of(existing[n]) is not Status.TERMINATED]
+        results = self._fan_out(targets, lambda n: self._stop_one(n, zone_of(existing[n])))
+        failed = {n: r for n, r in results.items() if isinstance(r, Exception)}
+        if failed:
+            raise GroupError(f"could not stop {', '.join(sorted(failed))}: {_first(failed)}", results)
 
     def delete(self, names: Sequence[str]) -> None:
         """Delete the named VMs of this cluster in whatever zone they are, then prove they are gone."""
@@ -368,7 +417,7 @@ class GceProvider:
                     name=name,
                     zone=zone,
                     cluster_name=self.cluster_name,
-                    boot_script=self._text("boot_script"),
+                    boot_script=self._startup_boot_script(),
                     ssh_public_key=self._text("ssh_public_key"),
                 ),
                 timeout=self.timing.api_timeout_s,
@@ -388,6 +437,18 @@ class GceProvider:
         except Exception as e:
             raise self._translate(e, doing) from e
         self._finish(op, zone, doing)
+
+    def _stop_one(self, name: str, zone: str) -> None:
+        doing = f"stopping {name} in {zone}"
+        try:
+            op = self._api().instances.stop(
+                project=self.settings.project, zone=zone, instance=name, timeout=self.timing.api_timeout_s
+            )
+        except Exception as e:
+            if gce_client.is_not_found(e):
+                return
+            raise self._translate(e, doing) from e
+        self._finish(op, zone, doing, gone_is_fine=True)
 
     def _delete_one(self, name: str, zone: str) -> None:
         doing = f"deleting {name} in {zone}"
@@ -587,6 +648,20 @@ class GceProvider:
             zone=zone_of(raw),
             preempted=preempted,
         )
+
+    def _startup_boot_script(self) -> str:
+        """The boot script as a new worker's startup-script runs it: with the time it has to be
+        provisioned by `fab up` before it stops itself (boot.sh's unprovisioned guard)."""
+        script = self._text("boot_script")
+        if self.unprovisioned_stop_s is None:
+            return script
+        first, _, rest = script.partition("\n")
+        shebang = first if first.startswith("#!") else "#!/bin/sh"
+        body = rest if first.startswith("#!") else script
+        return (f"{shebang}\n# spotfan: stop unless `fab up` provisions this VM in time (see boot.sh)\n"
+                f"SPOTFAN_UNPROVISIONED_S={int(self.unprovisioned_stop_s)}\n"
+                f"SPOTFAN_UNPROVISIONED_STOP={shlex.quote(self.self_stop_command)}\n"
+                f"export SPOTFAN_UNPROVISIONED_S SPOTFAN_UNPROVISIONED_STOP\n{body}")
 
     def _text(self, what: str) -> str:
         value = getattr(self, f"_{what}")

@@ -1,12 +1,14 @@
-"""The `[gce]` table of cluster.toml, validated, and the hourly cost estimate `fab up` prints."""
+"""The `[gce]` table of cluster.toml (read by cluster.schema, as every table is), and the
+hourly cost estimates `fab up` and `fab status` print."""
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from cluster.errors import ConfigError
+from cluster import schema
 
 PROVISIONING_MODELS = ("spot", "preemptible", "standard")
 TERMINATION_ACTIONS = ("STOP", "DELETE")
@@ -63,6 +65,7 @@ class GceSettings:
     ssh_port: int = 22  # where sshd listens on the image
     api_endpoint: str | None = None  # Compute API root; None = Google's. "http://..." = emulator
     prices: Mapping[str, MachinePrice] = field(default_factory=dict)  # machine type -> price
+    disk_prices: Mapping[str, float] = field(default_factory=dict)  # disk type -> price per GB and month
     head: HeadVmSettings | None = None  # `[gce.head] create = true`; None = the head is an existing host
 
     @property
@@ -73,9 +76,9 @@ class GceSettings:
         return f"projects/{self.project}/global/images/{self.image}"
 
     @classmethod
-    def from_mapping(cls, d: Mapping[str, Any]) -> "GceSettings":
-        """Validate a parsed `[gce]` table; every problem is reported with its key."""
-        return _parse(d)
+    def from_mapping(cls, d: Mapping[str, Any], *, file: Path | str = "cluster.toml") -> "GceSettings":
+        """Validate a parsed `[gce]` table; every problem is reported with its key, in file order."""
+        return _parse(d, file=file)
 
     def cost_estimate(self, workers: int) -> "CostEstimate":
         return estimate_hourly_cost(
@@ -125,138 +128,122 @@ def estimate_hourly_cost(
     return CostEstimate(workers, machine_type, provisioning, per_vm, total)
 
 
-# --- validation ------------------------------------------------------------------------
-
-_TYPES: dict[str, type | tuple[type, ...]] = {
-    "project": str, "zones": list, "image": str, "machine_type": str, "provisioning": str,
-    "termination_action": str, "max_run_duration_s": int, "disk_size_gb": int,
-    "disk_type": str, "labels": dict, "tags": list, "network": str, "subnetwork": str,
-    "external_ip": bool, "service_account": str, "ssh_user": str, "ssh_port": int,
-    "api_endpoint": str, "prices": dict, "head": dict,
-}  # fmt: skip
-_HEAD_TYPES: dict[str, type] = {
-    "create": bool, "zone": str, "machine_type": str, "data_disk_gb": int, "data_disk_type": str, "image": str,
-}  # fmt: skip
-_REQUIRED = ("project", "zones", "image")
+# --- validation: the [gce] table through the one reader of cluster.toml (cluster.schema) ---
 
 
-def _fail(key: str, problem: str) -> ConfigError:
-    return ConfigError(f"cluster.toml [gce].{key}: {problem}")
-
-
-def _parse(d: Mapping[str, Any]) -> GceSettings:
-    if not isinstance(d, Mapping):
-        raise ConfigError("cluster.toml: [gce] must be a table")
-    unknown = sorted(set(d) - set(_TYPES))
-    if unknown:
-        raise ConfigError(
-            f"cluster.toml [gce]: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(_TYPES)}"
-        )
-    for key in _REQUIRED:
-        if key not in d:
-            raise _fail(key, "missing (required)")
-    for key, value in d.items():
-        expected = _TYPES[key]
-        # bool is an int in Python; a `true` where a number belongs is still an error.
-        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-            raise _fail(key, f"expected {_type_name(expected)}, got {value!r}")
-
-    zones = tuple(d["zones"])
-    if not zones or not all(isinstance(z, str) and _ZONE.match(z) for z in zones):
-        raise _fail("zones", f"expected a non-empty list of zone names like \"us-central1-a\", got {d['zones']!r}")
+def _zones(zones: list[str]) -> str | None:
+    if not zones or not all(_ZONE.match(z) for z in zones):
+        return 'must be a non-empty list of zone names like "us-central1-a"'
     if len(set(zones)) != len(zones):
-        raise _fail("zones", f"a zone is listed twice: {list(zones)!r}")
-    provisioning = d.get("provisioning", "spot")
-    if provisioning not in PROVISIONING_MODELS:
-        raise _fail("provisioning", f"must be one of {', '.join(PROVISIONING_MODELS)}, got {provisioning!r}")
-    action = d.get("termination_action", "STOP").upper()
-    if action not in TERMINATION_ACTIONS:
-        raise _fail("termination_action", f"must be STOP or DELETE, got {d['termination_action']!r}")
-    max_run = d.get("max_run_duration_s", DEFAULT_MAX_RUN_DURATION_S)
-    if max_run < 0 or 0 < max_run < 30:
-        raise _fail("max_run_duration_s", f"must be 0 (no cap) or at least 30 seconds, got {max_run}")
-    if max_run and provisioning == "preemptible":
-        raise _fail("max_run_duration_s", "is not available with provisioning = \"preemptible\"; set it to 0 or use \"spot\"")
-    labels = d.get("labels", {})
-    for k, v in labels.items():
-        if not _LABEL_KEY.match(k) or not isinstance(v, str) or not _LABEL_VALUE.match(v):
-            raise _fail("labels", f"{k} = {v!r} is not a valid GCE label (lowercase letters, digits, _ and -, at most 63)")
-    tags = d.get("tags", ["spotfan"])
-    if not all(isinstance(t, str) and _LABEL_KEY.match(t) for t in tags):
-        raise _fail("tags", f"network tags are lowercase names like \"spotfan\", got {tags!r}")
-    if not 0 < d.get("ssh_port", 22) < 65536 or d.get("disk_size_gb", 20) < 10:
-        raise _fail("ssh_port/disk_size_gb", "ssh_port must be 1-65535 and disk_size_gb at least 10")
-    endpoint = d.get("api_endpoint")
-    if endpoint is not None and not endpoint.startswith(("http://", "https://")):
-        raise _fail("api_endpoint", f"must start with http:// or https://, got {endpoint!r}")
+        return "lists a zone twice"
+    return None
 
+
+def _zone(zone: str) -> str | None:
+    return None if _ZONE.match(zone) else 'must be a zone name like "us-central1-a"'
+
+
+def _max_run(seconds: int) -> str | None:
+    return "must be 0 (no cap) or at least 30 seconds" if 0 < seconds < 30 else None
+
+
+def _labels(labels: dict[str, Any]) -> str | None:
+    bad = [k for k in labels if not _LABEL_KEY.match(k)]
+    return f"has {bad[0]!r}, not a valid GCE label key (lowercase letters, digits, _ and -, at most 63)" if bad else None
+
+
+def _label_value(value: str) -> str | None:
+    return None if _LABEL_VALUE.match(value) else "is not a valid GCE label value (lowercase letters, digits, _ and -, at most 63)"
+
+
+def _tags(tags: list[str]) -> str | None:
+    return None if all(_LABEL_KEY.match(t) for t in tags) else 'must be network tags, lowercase names like "spotfan"'
+
+
+def _endpoint(url: str) -> str | None:
+    return None if url.startswith(("http://", "https://")) else "must start with http:// or https://"
+
+
+PRICE_FIELDS: dict[str, schema.Field] = {
+    "standard": schema.number(schema.REQUIRED, 0),  # on-demand price per hour
+    "spot": schema.number(None, 0),  # spot (and preemptible) price per hour
+}
+HEAD_FIELDS: dict[str, schema.Field] = {
+    "create": schema.flag(schema.REQUIRED),
+    "zone": schema.text(None, check=_zone),  # default: the first of [gce].zones
+    "machine_type": schema.text("e2-standard-2"),
+    "data_disk_gb": schema.whole(100, 10, 65536),
+    "data_disk_type": schema.text("pd-balanced"),
+    "image": schema.text(DEFAULT_HEAD_IMAGE),
+}
+GCE_FIELDS: dict[str, schema.Field] = {
+    "project": schema.text(),
+    "zones": schema.strings(schema.REQUIRED, check=_zones),
+    "image": schema.text(),
+    "machine_type": schema.text("e2-standard-4"),
+    "provisioning": schema.text("spot", choices=PROVISIONING_MODELS),
+    "termination_action": schema.text("STOP", choices=TERMINATION_ACTIONS),
+    "max_run_duration_s": schema.whole(DEFAULT_MAX_RUN_DURATION_S, 0, check=_max_run),
+    "disk_size_gb": schema.whole(20, 10),
+    "disk_type": schema.text("pd-balanced"),
+    "labels": schema.mapping(schema.text("", check=_label_value), check=_labels),
+    "tags": schema.strings(["spotfan"], check=_tags),
+    "network": schema.text("default"),
+    "subnetwork": schema.text(None),
+    "external_ip": schema.flag(True),
+    "service_account": schema.text(None),
+    "ssh_user": schema.text("spotfan"),
+    "ssh_port": schema.whole(22, 1, 65535),
+    "api_endpoint": schema.text(None, check=_endpoint),
+    "prices": schema.mapping(schema.table(PRICE_FIELDS)),  # machine type -> { standard, spot }
+    "disk_prices": schema.mapping(schema.number(schema.REQUIRED, 0)),  # disk type -> per GB and month
+    "head": schema.table(HEAD_FIELDS),
+}
+
+
+def _parse(d: Mapping[str, Any], *, file: Path | str) -> GceSettings:
+    found = schema.problems({"gce": dict(d)}, {"gce": GCE_FIELDS})
+    v = schema.values(d, GCE_FIELDS) if not found else {}
+    if not found and v["provisioning"] == "preemptible" and v["max_run_duration_s"]:
+        found.append(schema.Problem("gce", "max_run_duration_s", (
+            'is not available with provisioning = "preemptible"; set it to 0 or use "spot"')))
+    if found:
+        raise schema.error(file, found)
     return GceSettings(
-        project=d["project"],
-        zones=zones,
-        image=d["image"],
-        machine_type=d.get("machine_type", "e2-standard-4"),
-        provisioning=provisioning,
-        termination_action=action,
-        max_run_duration_s=max_run,
-        disk_size_gb=d.get("disk_size_gb", 20),
-        disk_type=d.get("disk_type", "pd-balanced"),
-        labels=dict(labels),
-        tags=tuple(tags),
-        network=d.get("network", "default"),
-        subnetwork=d.get("subnetwork"),
-        external_ip=d.get("external_ip", True),
-        service_account=d.get("service_account"),
-        ssh_user=d.get("ssh_user", "spotfan"),
-        ssh_port=d.get("ssh_port", 22),
-        api_endpoint=endpoint,
-        prices=_parse_prices(d.get("prices", {})),
-        head=_parse_head(d.get("head"), zones=zones),
+        project=v["project"],
+        zones=tuple(v["zones"]),
+        image=v["image"],
+        machine_type=v["machine_type"],
+        provisioning=v["provisioning"].lower(),
+        termination_action=v["termination_action"].upper(),
+        max_run_duration_s=v["max_run_duration_s"],
+        disk_size_gb=v["disk_size_gb"],
+        disk_type=v["disk_type"],
+        labels=dict(v["labels"]),
+        tags=tuple(v["tags"]),
+        network=v["network"],
+        subnetwork=v["subnetwork"],
+        external_ip=v["external_ip"],
+        service_account=v["service_account"],
+        ssh_user=v["ssh_user"],
+        ssh_port=v["ssh_port"],
+        api_endpoint=v["api_endpoint"],
+        prices={m: MachinePrice(standard=float(p["standard"]), spot=None if p.get("spot") is None else float(p["spot"]))
+                for m, p in v["prices"].items()},
+        disk_prices={t: float(p) for t, p in v["disk_prices"].items()},
+        head=_head(v["head"], zones=tuple(v["zones"])),
     )
 
 
-def _parse_head(table: Mapping[str, Any] | None, *, zones: tuple[str, ...]) -> HeadVmSettings | None:
+def _head(table: Mapping[str, Any] | None, *, zones: tuple[str, ...]) -> HeadVmSettings | None:
     """`[gce.head]`: absent (or `create = false`) means the head is an existing host."""
-    if table is None:
+    if table is None or not table["create"]:
         return None
-    unknown = sorted(set(table) - set(_HEAD_TYPES))
-    if unknown:
-        raise _fail("head", f"unknown key(s) {', '.join(unknown)}; known keys: {', '.join(_HEAD_TYPES)}")
-    for key, value in table.items():
-        expected = _HEAD_TYPES[key]
-        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-            raise _fail(f"head.{key}", f"expected {_type_name(expected)}, got {value!r}")
-    if "create" not in table:
-        raise _fail("head.create", "missing: write `create = true` to have spotfan create the head VM, or remove [gce.head] to use an existing head")
-    if not table["create"]:
-        return None
-    zone = table.get("zone", zones[0])
-    if not _ZONE.match(zone):
-        raise _fail("head.zone", f"expected a zone name like \"us-central1-a\", got {zone!r}")
-    size = table.get("data_disk_gb", 100)
-    if not 10 <= size <= 65536:
-        raise _fail("head.data_disk_gb", f"must be from 10 to 65536 (GB), got {size}")
+    h = schema.values(table, HEAD_FIELDS)
     return HeadVmSettings(
-        zone=zone,
-        machine_type=table.get("machine_type", "e2-standard-2"),
-        data_disk_gb=size,
-        data_disk_type=table.get("data_disk_type", "pd-balanced"),
-        image=table.get("image", DEFAULT_HEAD_IMAGE),
+        zone=h["zone"] or zones[0],
+        machine_type=h["machine_type"],
+        data_disk_gb=h["data_disk_gb"],
+        data_disk_type=h["data_disk_type"],
+        image=h["image"],
     )
-
-
-def _parse_prices(table: Mapping[str, Any]) -> dict[str, MachinePrice]:
-    prices = {}
-    for machine_type, entry in table.items():
-        if not isinstance(entry, Mapping) or not set(entry) <= {"standard", "spot"} or "standard" not in entry:
-            raise _fail(f"prices.{machine_type}", f"expected {{ standard = 0.134, spot = 0.040 }}, got {entry!r}")
-        numbers = [entry["standard"], entry.get("spot", 0.0)]
-        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 for x in numbers):
-            raise _fail(f"prices.{machine_type}", f"prices must be non-negative numbers, got {entry!r}")
-        spot = entry.get("spot")
-        prices[machine_type] = MachinePrice(standard=float(entry["standard"]), spot=None if spot is None else float(spot))
-    return prices
-
-
-def _type_name(t: type | tuple[type, ...]) -> str:
-    names = {str: "a string", int: "an integer", bool: "true or false", list: "a list", dict: "a table"}
-    return names.get(t, str(t)) if isinstance(t, type) else " or ".join(names[x] for x in t)

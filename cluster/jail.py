@@ -73,14 +73,66 @@ def match_block(*, user: str, jail: str, authorized_keys_file: str | None = None
     return "\n".join(lines) + "\n"
 
 
-def setup_steps(config: ClusterConfig) -> str:
-    """What the administrator of a real head runs, as root, to make and to remove the jail."""
+FLEET_MIN = 16  # sshd is sized for at least this many VMs connecting at once
+FLEET_CONF = "/etc/ssh/sshd_config.d/00-spotfan-fleet.conf"  # included at the top: its values win
+
+
+def fleet_size(workers: int) -> int:
+    """The fleet size sshd is set up for: a power of two, so small changes leave it alone."""
+    return max(FLEET_MIN, 1 << (max(1, workers) - 1).bit_length())
+
+
+def fleet_sshd_settings(workers: int) -> list[str]:
+    """Global sshd_config lines for `workers` VMs that all connect at once (a fleet's boot).
+
+    OpenSSH's default MaxStartups 10:30:100 drops unauthenticated connections past 10:
+    measured here, 64 simultaneous SFTP connects lost 27 (NOTES.md). Room for every VM's
+    mount and a remount each, plus the laptop's sessions; PerSourceMaxStartups none because
+    every VM may reach the head from one address (a NAT, or the lab's loopback);
+    LoginGraceTime long enough for a CPU-bound burst of handshakes (128 took ~59 s on 2 cores).
+    MaxSessions stays at 10: each mount and each laptop connection opens one session.
+    """
+    n = fleet_size(workers)
+    begin = 2 * n + 10
+    return [f"MaxStartups {begin}:30:{2 * begin}", "PerSourceMaxStartups none", "MaxSessions 10",
+            f"LoginGraceTime {max(120, n)}"]
+
+
+def fleet_steps(workers: int) -> str:
+    """Shell that raises a real head's sshd limits to `fleet_sshd_settings` (never lowers them)."""
+    lines = fleet_sshd_settings(workers)
+    begin = lines[0].split()[1].split(":")[0]
+    body = "".join(f"{ln}\n" for ln in lines)
+    return f"""# sshd for a fleet of up to {fleet_size(workers)} VMs connecting at once (OpenSSH's default MaxStartups
+# 10:30:100 drops connects past 10). Only raised, never lowered; checked after the reload.
+have=$(sshd -T 2>/dev/null | awk '$1 == "maxstartups" {{ split($2, a, ":"); print a[1] }}')
+if [ "${{have:-10}}" -lt {begin} ]; then
+    install -d -m 755 /etc/ssh/sshd_config.d
+    cat > {FLEET_CONF} <<'EOF'
+{body}EOF
+fi
+"""
+
+
+def fleet_check(workers: int) -> str:
+    begin = fleet_sshd_settings(workers)[0].split()[1].split(":")[0]
+    return f"""have=$(sshd -T 2>/dev/null | awk '$1 == "maxstartups" {{ split($2, a, ":"); print a[1] }}')
+[ "${{have:-10}}" -ge {begin} ] || echo "spotfan: sshd still has MaxStartups ${{have:-10}}:...: put the lines of \
+{FLEET_CONF} at the top of /etc/ssh/sshd_config (this sshd does not include sshd_config.d)" >&2
+"""
+
+
+def setup_steps(config: ClusterConfig, *, workers: int | None = None) -> str:
+    """What the administrator of a real head runs, as root, to make and to remove the jail,
+    and to size its sshd for `workers` VMs (default: cluster.toml's) connecting at once."""
     h = config.head
+    n = config.workers if workers is None else workers
     keys = "".join(f"{line}\n" for line in authorized_keys(config))
     if not h.jail:
         return (
             f"# head.jail is empty: no chroot. The keys are limited to SFTP, but can read whatever\n"
-            f"# {h.user} can read on the head. Put these lines in ~{h.user}/.ssh/authorized_keys:\n{keys}"
+            f"# {h.user} can read on the head. Put these lines in ~{h.user}/.ssh/authorized_keys:\n{keys}\n"
+            + fleet_steps(n) + "sshd -t && systemctl reload ssh\n" + fleet_check(n)
         )
     user, jail, share, q = h.user, h.jail, str(h.share), shlex.quote
     keys_file = f"{KEYS_DIR}/{user}.keys"
@@ -107,8 +159,8 @@ chmod 644 {keys_file}
 grep -q '^Match User {user}$' /etc/ssh/sshd_config || cat >> /etc/ssh/sshd_config <<'EOF'
 
 {block}EOF
-sshd -t && systemctl reload ssh
-
+{fleet_steps(n)}sshd -t && systemctl reload ssh
+{fleet_check(n)}
 # To remove it: delete the Match block from /etc/ssh/sshd_config, `systemctl reload ssh`,
 # umount {jail}{JAIL_SHARE}, delete its /etc/fstab line, rmdir {jail}{JAIL_SHARE} {jail},
 # rm {keys_file}, userdel {user}. The share and its data stay.

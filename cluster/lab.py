@@ -32,7 +32,7 @@ from cluster import jail as jail_setup
 from cluster.config import ClusterConfig
 from cluster.errors import ProvisionError
 from cluster.keys import ensure_key_pair, host_pattern, known_hosts_lines, public_key
-from cluster.provider import Instance, Status
+from cluster.provider import Charge, Instance, Status
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,8 @@ class VMRecord:
 class LabProvider:
     """Provider of lab VMs; see the module docstring. Constructing it does no I/O."""
 
-    # What a lab VM's worker runs to stop its own VM: PID 1 powers off on SIGTERM.
+    # What a lab VM's idle guard runs to stop its own VM: PID 1 powers off on SIGTERM. A lab
+    # VM always powers off (its disk stays), whatever idle_action says: nothing bills here.
     self_stop_command = "kill -TERM 1"
 
     def __init__(self, *, name: str, state_dir: Path, address_prefix: str, laptop_key: Path,
@@ -165,12 +166,18 @@ class LabProvider:
                 out[n] = known_hosts_lines(host_pattern(rec.address, SSH_PORT), [rec.host_key])
         return out
 
-    # -- lab only -----------------------------------------------------------------------
-
     def stop(self, names: Sequence[str]) -> None:
         """Power the named VMs off (an ordinary stop, not a preemption); `start` boots them again."""
         for n in names:
             self._power_off(n)
+
+    def self_stop_env(self, instance: Instance) -> dict[str, str]:
+        return {"SPOTFAN_STOP_COMMAND": self.self_stop_command}
+
+    def billing(self, instances: Sequence[Instance]) -> list[Charge]:
+        return []  # lab VMs run on this machine: nothing bills
+
+    # -- lab only -----------------------------------------------------------------------
 
     def preempt(self, names: Sequence[str]) -> None:
         """Kill the named VMs the way a cloud preempts them: every process at once."""
@@ -191,12 +198,14 @@ class LabProvider:
         return self._vm_dir(name) / "home"
 
     def start_head(self, *, share: Path, address: str, port: int, authorized: Sequence[str],
-                   user: str, jail: str) -> None:
+                   user: str, jail: str, workers: int) -> None:
         """Start (or keep) the head's sshd, serving `share` only to the jailed `user` (see cluster.jail).
 
-        `authorized` are that user's authorized_keys lines. The sshd runs in its own mount
-        and PID namespaces: the share is bind-mounted at JAIL/share there only, and killing
-        the sshd ends every session with it (`stop_head`).
+        `authorized` are that user's authorized_keys lines; `workers` sizes sshd for that
+        many VMs connecting at once (jail.fleet_sshd_settings). The sshd runs in its own
+        mount and PID namespaces: the share is bind-mounted at JAIL/share there only, and
+        killing the sshd ends every session with it (`stop_head`). A change of settings
+        alone is a reload (SIGHUP: sshd re-executes itself, and every session stays).
         """
         _check_host()
         d = self.state_dir / "head"
@@ -219,13 +228,23 @@ class LabProvider:
         jail_setup.check_reachable(keys_file)
         config = (f"# lab head of {self.name}: {share} is bind-mounted at {jail}/share\n"
                   + _sshd_config(listen=f"{address}:{port}", host_key=key,
-                                 authorized_keys=keys_file, only_user=user)
+                                 authorized_keys=keys_file, only_user=user,
+                                 fleet=jail_setup.fleet_sshd_settings(workers))
                   + jail_setup.match_block(user=user, jail=jail))
         rec = _read_proc(d / "sshd.json")
         running = rec is not None and rec.process() is not None
         old = (d / "sshd_config").read_text() if (d / "sshd_config").exists() else None
         if running and old == config:
             # sshd reads authorized_keys on every login, so new lines apply without a restart.
+            return
+        if running and old is not None and _listen_line(old) == _listen_line(config):
+            logger.info("lab head: its settings changed; reloading it (sessions stay)")
+            _write(d / "sshd_config", config)
+            rec.process().send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+            deadline = time.monotonic() + HEAD_LISTEN_TIMEOUT_S
+            time.sleep(POLL_INTERVAL_S)  # it closes its socket, re-executes and listens again
+            while not _listening(address, port) and time.monotonic() < deadline:
+                time.sleep(POLL_INTERVAL_S)
             return
         if running:
             logger.info("lab head: its settings changed; restarting it")
@@ -386,8 +405,13 @@ def _check_host() -> None:
     os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
 
 
+def _listen_line(config: str) -> str:
+    return next((ln for ln in config.splitlines() if ln.startswith("ListenAddress ")), "")
+
+
 def _sshd_config(*, listen: str, host_key: Path, authorized_keys: Path,
-                 env: dict[str, str] | None = None, only_user: str | None = None) -> str:
+                 env: dict[str, str] | None = None, only_user: str | None = None,
+                 fleet: Sequence[str] = ("MaxStartups 100:30:200",)) -> str:
     lines = [
         f"ListenAddress {listen}",
         f"HostKey {host_key}",
@@ -402,7 +426,7 @@ def _sshd_config(*, listen: str, host_key: Path, authorized_keys: Path,
         "StrictModes no",  # the state dir may sit under a group-writable tmp
         "X11Forwarding no",
         "AllowAgentForwarding no",
-        "MaxStartups 100:30:200",  # a fan-out opens many sessions at once
+        *fleet,  # a fan-out (or a fleet's mounts) opens many connections at once
         "Subsystem sftp internal-sftp",
     ]
     if env:

@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     log = open(a.vm_dir / "console.log", "ab", buffering=0)
     log.write(f"labinit: {a.name} booting\n".encode())
     _fresh_shell_rc(a.vm_dir, log)
+    _guest_poweroff(a.vm_dir, log)
     subprocess.Popen(
         [SSHD, "-D", "-f", str(a.vm_dir / "ssh" / "sshd_config"), "-E", str(a.vm_dir / "sshd.log")],
         stdin=subprocess.DEVNULL, stdout=log, stderr=log,
@@ -78,6 +79,32 @@ def _fresh_shell_rc(vm_dir: Path, log: object) -> None:
     empty = vm_dir / "empty.bashrc"
     empty.write_text("# a lab VM's own, empty ~/.bashrc\n")
     subprocess.run(["mount", "--bind", str(empty), str(rc)], stdout=log, stderr=log, check=False)
+
+
+GUEST_POWEROFF = """#!/bin/sh
+# A lab VM's own shutdown, poweroff and halt: they power this VM off (SIGTERM to its PID 1),
+# as a guest shutdown stops a cloud VM. There is no systemd here to ask.
+case "$(basename "$0")" in
+    shutdown|poweroff|halt) exec kill -TERM 1 ;;
+esac
+echo "$(basename "$0"): a lab VM has no systemd" >&2
+exit 1
+"""
+
+
+def _guest_poweroff(vm_dir: Path, log: object) -> None:
+    """Make the guest's shutdown commands power off this VM, never the machine it runs on.
+
+    A cloud's idle guard ends with `shutdown -h now`; run inside a lab VM, the host's
+    shutdown (systemctl) could reach the host's own systemd through the shared /run. The
+    bind mounts live only in the VM's private mount namespace.
+    """
+    script = vm_dir / "guest-poweroff"
+    script.write_text(GUEST_POWEROFF)
+    script.chmod(0o755)
+    targets = {os.path.realpath(p) for p in ("/sbin/shutdown", "/sbin/poweroff", "/sbin/halt") if os.path.exists(p)}
+    for target in sorted(targets):
+        subprocess.run(["mount", "--bind", str(script), target], stdout=log, stderr=log, check=False)
 
 
 def _reap() -> None:

@@ -37,6 +37,17 @@ class Instance:
     preempted: bool = False  # True if the provider knows it was preempted (not stopped by us)
 
 
+HOURS_PER_MONTH = 730.0  # how clouds turn a monthly disk price into an hourly one
+
+
+@dataclass(frozen=True)
+class Charge:
+    """One thing that bills now, as `fab status` shows it."""
+
+    what: str  # e.g. "2 running workers (e2-standard-4, spot)"
+    per_hour: float | None  # None: the provider knows no price for it
+
+
 class Provider(Protocol):
     """What spotfan needs from a cloud. Every method is idempotent."""
 
@@ -52,8 +63,21 @@ class Provider(Protocol):
         """Start the named TERMINATED VMs again (recreate those that are gone)."""
         ...
 
+    def stop(self, names: Sequence[str]) -> None:
+        """Stop the named VMs (their disks stay); a stopped or missing VM counts as stopped."""
+        ...
+
     def delete(self, names: Sequence[str]) -> None:
         """Delete the named VMs; a VM that is already gone counts as deleted."""
+        ...
+
+    def billing(self, instances: Sequence[Instance]) -> list[Charge]:
+        """What bills now for these VMs (and the provider's head VM, if it made one)."""
+        ...
+
+    def self_stop_env(self, instance: Instance) -> dict[str, str]:
+        """boot.env lines for the VM's idle guard: SPOTFAN_STOP_COMMAND, and for a self-delete
+        SPOTFAN_SELF_DELETE_URL and SPOTFAN_TOKEN_URL (scripts/watchdog.sh)."""
         ...
 
     def host_keys(self, names: Sequence[str]) -> dict[str, list[str]]:

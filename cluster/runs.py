@@ -17,10 +17,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from cluster import heartbeat
 from cluster.bootstrap import provider_for
 from cluster.config import ClusterConfig
-from cluster.errors import ClusterError, ConfigError, SSHError
-from cluster.provider import Status
+from cluster.errors import ClusterError, ConfigError, GroupError, SSHError
+from cluster.provider import Charge, Instance, Status
 from cluster.share import CLUSTER_DIR, Share
 from cluster.ssh import Host, Remote
 from tasks import bounds
@@ -32,11 +33,14 @@ RUNS_DIR = f"{CLUSTER_DIR}/runs"
 VMS_DIR = f"{CLUSTER_DIR}/vms"
 LOGS_DIR = f"{CLUSTER_DIR}/logs"
 WAIT_POLL_S = 2.0
+WAIT_TIMEOUT_S = 3600.0  # `fab run --wait`: how long to follow a run before giving up (--wait-timeout)
 STATUS_TIMEOUT_S = 120.0
 HEARTBEAT_STALE_S = 30.0  # a heartbeat older than this is shown as stale
+LOCAL_BEAT_TIMEOUT_S = 15.0  # reading a VM's own heartbeat over SSH
 LOG_TAIL_BYTES = 8000
 MAX_WORKERS_PER_VM = 1024  # `tasks run` on the VM caps it further, per core
-MAX_WAIT_S = 30 * 86400.0  # `fab run --wait --timeout`
+MAX_WAIT_S = 30 * 86400.0  # `fab run --wait --wait-timeout`
+MAX_KEY_TIMEOUT_S = 7 * 86400.0  # `fab run --timeout`: one key may run this long at most
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,9 @@ class RunStatus:
     id: str
     spec: str  # the spec args, shell-quoted, for display
     result: str | None  # None while running; done | failed | spec-error when over
+    requested: float | None = None  # epoch seconds: when `fab run` wrote the request
+    started: float | None = None  # the first `tasks run` start any VM reported
+    ended: float | None = None  # when the first agent saw the run over
     total: int | None = None
     done: int | None = None
     failed: int | None = None
@@ -74,10 +81,20 @@ class VMState:
     address: str
     status: str  # provider status: RUNNING, TERMINATED, ...
     preempted: bool
-    agent: str | None  # agent state: working | idle | mount-dead | stopped-idle; None: never heard
+    agent: str | None  # working | waiting | idle | mount-dead | stopped-idle | stopped | no-agent |
+    # unreachable (RUNNING, but SSH did not answer); None: never heard
     heartbeat_age: float | None  # seconds since its last heartbeat
     rate: float | None  # task executions per second on this VM (last 30 s)
     runs: dict[str, str] = field(default_factory=dict)  # run id -> this VM's part: running, done, ...
+    heartbeat_from: str = "share"  # share | vm: read over SSH from the VM's disk, the share's being stale
+
+
+@dataclass(frozen=True)
+class Bill:
+    """What bills now: the provider's charges and, where every one has a price, their sum."""
+
+    items: list[dict[str, object]]  # {"what": ..., "per_hour": float | None}
+    per_hour: float | None  # None if some charge has no known price (or there is nothing)
 
 
 @dataclass(frozen=True)
@@ -86,6 +103,8 @@ class ClusterStatus:
     provider: str
     vms: list[VMState]
     runs: list[RunStatus]
+    billing: Bill = field(default_factory=lambda: Bill([], None))
+    head: str = "ok"  # ok | unreachable (then runs are unknown; with no VM left that is no news)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -123,8 +142,8 @@ def spec_arguments(spec: str, *, src: str = "", keys: str = "", out: str = "", n
 
 
 def check_wait_timeout(timeout: float) -> None:
-    """`fab run --wait --timeout`: a finite number of seconds, at most MAX_WAIT_S."""
-    _check("--timeout", bounds.seconds_problem(timeout, 1, MAX_WAIT_S))
+    """`fab run --wait --wait-timeout`: a finite number of seconds, at most MAX_WAIT_S."""
+    _check("--wait-timeout", bounds.seconds_problem(timeout, 1, MAX_WAIT_S))
 
 
 def _check(option: str, why: str | None) -> None:
@@ -135,9 +154,14 @@ def _check(option: str, why: str | None) -> None:
 
 
 def run_arguments(*, max_attempts: int = 0, limit: int = 0, retry_failed: bool = False,
-                  fsync: bool = False) -> list[str]:
-    """Options only `tasks run` takes (not `tasks status`); 0 leaves one at its default."""
+                  fsync: bool = False, timeout: float = 0.0) -> list[str]:
+    """Options only `tasks run` takes (not `tasks status`); 0 leaves one at its default.
+    `timeout`: `tasks run --timeout`, the seconds after which a key's worker is stopped and
+    the attempt counts as failed."""
     args = []
+    if timeout:
+        _check("--timeout", bounds.seconds_problem(timeout, 0.1, MAX_KEY_TIMEOUT_S))
+        args += ["--timeout", f"{timeout:g}"]
     if max_attempts:
         _check("--max-attempts", bounds.count_problem(max_attempts, 1, bounds.MAX_ATTEMPTS_LIMIT))
         args += ["--max-attempts", str(max_attempts)]
@@ -210,34 +234,96 @@ def engine_status(config: ClusterConfig, req: RunRequest, hosts: Sequence[Host])
 
 
 def cluster_status(config: ClusterConfig, *, live: bool = True) -> ClusterStatus:
-    """Every VM (provider + heartbeat) and every run (request + engine counts)."""
-    instances = provider_for(config).list()
+    """Every VM (provider + heartbeat) and every run (request + engine counts), and the bill.
+
+    A RUNNING VM whose heartbeat on the share is stale (a dead mount, or a dead agent) is
+    asked over SSH for the heartbeat its agent keeps on its own disk. With no VM left
+    (after `fab down`) a head that does not answer is no error: there is nothing to show.
+    """
+    provider = provider_for(config)
+    instances = provider.list()
+    bill = _bill(provider.billing(instances))
     running = [Host(i.name, i.address, i.port) for i in instances if i.status is Status.RUNNING]
     now = time.time()
-    with Share.from_config(config) as share:
-        beats = {}
-        for n in share.listdir(VMS_DIR):
-            if n.endswith(".json") and not n.startswith("."):
-                text = share.read_text(f"{VMS_DIR}/{n}")
-                if text:
-                    beats[n[:-5]] = json.loads(text)
-        vms = [VMState(
-            name=i.name, address=i.address, status=i.status.value, preempted=i.preempted,
-            agent=beats.get(i.name, {}).get("state"),
-            heartbeat_age=round(max(0.0, now - beats[i.name]["time"]), 1) if i.name in beats else None,
-            rate=beats.get(i.name, {}).get("rate"),
-            runs={rid: r["state"] for rid, r in beats.get(i.name, {}).get("runs", {}).items()},
-        ) for i in instances]
-        runs = []
-        for req in requests(share):
-            done = finished(share, req.id)
-            counts = (done or {}).get("status") if done else (
-                engine_status(config, req, running) if live else None)
-            runs.append(RunStatus(
-                id=req.id, spec=shlex.join(req.spec_args), result=done["result"] if done else None,
-                **{k: counts.get(k) for k in ("total", "done", "failed", "running", "pending")} if counts else {},
-            ))
-    return ClusterStatus(name=config.name, provider=config.provider, vms=vms, runs=runs)
+    try:
+        with Share.from_config(config, attempts=1 if not instances else 3) as share:
+            beats = {n[:-5]: heartbeat.parse(share.read_text(f"{VMS_DIR}/{n}")) for n in share.listdir(VMS_DIR)
+                     if n.endswith(".json") and not n.startswith(".")}
+            runs = []
+            for req in requests(share):
+                runs.append(_run_status(config, share, req, running, beats, live=live))
+    except SSHError:
+        if instances:
+            raise
+        return ClusterStatus(name=config.name, provider=config.provider, vms=[], runs=[], billing=bill,
+                             head="unreachable")
+    sources = dict.fromkeys(beats, "share")
+    if live:
+        stale = [i for i in instances if i.status is Status.RUNNING
+                 and (beats.get(i.name) is None or beats[i.name].age(now) > heartbeat.STALE_S)]
+        for name, beat in _local_beats(config, stale).items():
+            beats[name] = beat
+            sources[name] = "vm"
+    vms = [_vm_state(i, beats.get(i.name), sources.get(i.name, "share"), now) for i in instances]
+    return ClusterStatus(name=config.name, provider=config.provider, vms=vms, runs=runs, billing=bill)
+
+
+def _vm_state(i: Instance, beat: heartbeat.Heartbeat | None | str, source: str, now: float) -> VMState:
+    if isinstance(beat, str):  # what a stale VM's own disk said: no agent, or no answer
+        return VMState(name=i.name, address=i.address, status=i.status.value, preempted=i.preempted,
+                       agent=beat, heartbeat_age=None, rate=None, heartbeat_from=source)
+    return VMState(
+        name=i.name, address=i.address, status=i.status.value, preempted=i.preempted,
+        agent=beat.state if beat else None,
+        heartbeat_age=round(beat.age(now), 1) if beat else None,
+        rate=beat.rate if beat else None,
+        runs={rid: str(r.get("state")) for rid, r in beat.runs.items()} if beat else {},
+        heartbeat_from=source,
+    )
+
+
+def _local_beats(config: ClusterConfig, stale: list[Instance]) -> dict[str, heartbeat.Heartbeat | str]:
+    """The heartbeat each VM's agent keeps on its own disk; "no-agent" when it is stale there
+    too (or missing), "unreachable" when SSH did not answer."""
+    if not stale:
+        return {}
+    command = f'cat "${{SPOTFAN_HOME:-/var/lib/spotfan}}/{heartbeat.LOCAL_FILE}" 2>/dev/null; true'
+    try:
+        outs: dict[str, object] = dict(Remote.from_config(config).run(
+            [Host(i.name, i.address, i.port) for i in stale], command, timeout=LOCAL_BEAT_TIMEOUT_S))
+    except GroupError as e:
+        outs = dict(e.results)
+    found: dict[str, heartbeat.Heartbeat | str] = {}
+    now = time.time()
+    for i in stale:
+        out = outs.get(i.name)
+        if not hasattr(out, "stdout"):
+            found[i.name] = "unreachable"
+            continue
+        beat = heartbeat.parse(out.stdout)  # type: ignore[union-attr]
+        # Fresh here, stale on the share: the agent lives, and says why (mount-dead, mostly).
+        found[i.name] = "no-agent" if beat is None or beat.age(now) > heartbeat.STALE_S * 3 else beat
+    return found
+
+
+def _run_status(config: ClusterConfig, share: Share, req: RunRequest, running: Sequence[Host],
+                beats: dict[str, heartbeat.Heartbeat | None], *, live: bool) -> RunStatus:
+    done = finished(share, req.id)
+    counts = (done or {}).get("status") if done else (engine_status(config, req, running) if live else None)
+    starts = [float(b.runs[req.id]["started"]) for b in beats.values()
+              if b is not None and isinstance(b.runs.get(req.id, {}).get("started"), (int, float))]
+    return RunStatus(
+        id=req.id, spec=shlex.join(req.spec_args), result=done["result"] if done else None,
+        requested=req.created, started=min(starts) if starts else None,
+        ended=float(done["time"]) if done and isinstance(done.get("time"), (int, float)) else None,
+        **{k: counts.get(k) for k in ("total", "done", "failed", "running", "pending")} if counts else {},
+    )
+
+
+def _bill(charges: Sequence[Charge]) -> Bill:
+    prices = [c.per_hour for c in charges]
+    total = sum(p for p in prices if p is not None) if charges and all(p is not None for p in prices) else None
+    return Bill([{"what": c.what, "per_hour": c.per_hour} for c in charges], total)
 
 
 def wait(config: ClusterConfig, run_id: str, *, timeout: float,

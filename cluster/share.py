@@ -19,7 +19,7 @@ import paramiko
 
 from cluster.config import ClusterConfig
 from cluster.errors import ClusterError, SSHError
-from cluster.ssh import Host, Remote
+from cluster.ssh import CONNECT_ATTEMPTS, Host, Remote
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +30,9 @@ MAX_SHIP_FILES = 10_000  # `fab run --ship DIR` is for code, not data
 class Share:
     """Files under the head's shared directory. Connects on first use; use it with `with`."""
 
-    def __init__(self, *, remote: Remote, head: Host, user: str, root: str) -> None:
+    def __init__(self, *, remote: Remote, head: Host, user: str, root: str, attempts: int = CONNECT_ATTEMPTS) -> None:
         self._remote = remote
+        self._attempts = attempts
         self._head = head
         self._user = user
         self.root = PurePosixPath(root)
@@ -39,12 +40,14 @@ class Share:
         self._sftp: paramiko.SFTPClient | None = None
 
     @classmethod
-    def from_config(cls, config: ClusterConfig) -> Share:
+    def from_config(cls, config: ClusterConfig, *, attempts: int = CONNECT_ATTEMPTS) -> Share:
+        """`attempts`: connection attempts when first used (1 where a missing head is no news)."""
         return cls(
             remote=Remote.from_config(config),
             head=Host(name="head", address=config.head.address, port=config.head.port),
             user=config.head.user,
             root=config.head.sftp_share,
+            attempts=attempts,
         )
 
     def __enter__(self) -> Share:
@@ -62,7 +65,7 @@ class Share:
     def sftp(self) -> paramiko.SFTPClient:
         if self._sftp is None:
             try:
-                self._conn = self._remote.open(self._head, user=self._user)
+                self._conn = self._remote.open(self._head, user=self._user, attempts=self._attempts)
             except SSHError as e:
                 if isinstance(e.__cause__, paramiko.AuthenticationException):
                     raise SSHError(

@@ -52,7 +52,8 @@ class VMView:
     """One VM as the watch shows it."""
 
     name: str
-    state: str  # running | idle | preempted | stopped | starting | stopping | mount-dead
+    state: str  # running | waiting | idle | preempted | stopped | starting | stopping | mount-dead |
+    # no-agent | unreachable
     rate: float | None  # its worker's executions per second (last 30 s), while it runs
     heartbeat_age: float | None  # seconds since its agent's last heartbeat; None: never
     stale: bool  # the heartbeat is older than runs.HEARTBEAT_STALE_S
@@ -83,8 +84,9 @@ def vm_state(v: runs.VMState) -> str:
         return "stopping"
     if v.status != "RUNNING":
         return "starting"
-    return {"working": "running", "idle": "idle", "mount-dead": "mount-dead",
-            "stopped-idle": "stopping"}.get(v.agent or "", "starting")
+    return {"working": "running", "idle": "idle", "waiting": "waiting", "mount-dead": "mount-dead",
+            "stopped-idle": "stopping", "stopped": "stopping", "no-agent": "no-agent",
+            "unreachable": "unreachable"}.get(v.agent or "", "starting")
 
 
 @dataclass
@@ -205,7 +207,8 @@ def plain_lines(view: View) -> list[str]:
 
 
 STATE_STYLE = {"running": "green", "idle": "cyan", "preempted": "red", "stopped": "dim",
-               "stopping": "yellow", "starting": "yellow", "mount-dead": "bold red"}
+               "stopping": "yellow", "starting": "yellow", "mount-dead": "bold red", "waiting": "cyan",
+               "no-agent": "bold red", "unreachable": "bold red"}
 
 
 def rich_view(view: View) -> RenderableType:

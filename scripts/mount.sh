@@ -8,6 +8,8 @@ SPOTFAN_HOME=${SPOTFAN_HOME:-/var/lib/spotfan}
 . "$SPOTFAN_HOME/boot.env"
 
 MOUNT_WAIT_TRIES=100  # x 0.1 s: how long a fresh sshfs may take to answer
+MOUNT_ATTEMPTS=4      # a refused or dropped connection (a head busy with a fleet's connects) is retried
+RETRY_BASE_MS=1000    # before retry n: RETRY_BASE_MS * 2^(n-1), plus up to as much again of jitter
 STAT_TIMEOUT_S=5      # a stat slower than this means the mount is dead
 PIDFILE="$SPOTFAN_HOME/sshfs.pid"
 LOG="$SPOTFAN_HOME/sshfs.log"
@@ -60,10 +62,13 @@ why_failed() {  # what ssh said in this attempt's part of the log ($1: the log's
     fi
 }
 
-do_mount() {
-    mkdir -p "$SPOTFAN_MOUNT"
+attempt_mount() {  # one sshfs start; 0 once the mount answers
     log_size=0
     if [ -f "$LOG" ]; then log_size=$(wc -c < "$LOG"); fi
+    if ! mkdir -p "$SPOTFAN_MOUNT" 2>/dev/null || [ ! -d "$SPOTFAN_MOUNT" ]; then
+        echo "the mount point $SPOTFAN_MOUNT is not a folder that can be made on this VM: set cluster.mount_point to one" >> "$LOG"
+        return 1
+    fi
     # -f keeps sshfs in the foreground of its own session so that $! is its pid.
     setsid sshfs -f -o "$FUSE_OPTS" -o "$SSH_OPTS" -o "ssh_command=ssh -F none" \
         "$SPOTFAN_HEAD_USER@$SPOTFAN_HEAD_ADDRESS:$SPOTFAN_SHARE" "$SPOTFAN_MOUNT" \
@@ -79,7 +84,33 @@ do_mount() {
         i=$((i + 1))
     done
     do_unmount
-    echo "mount: failed to mount $SPOTFAN_HEAD_USER@$SPOTFAN_HEAD_ADDRESS:$SPOTFAN_SHARE on $SPOTFAN_MOUNT: $(why_failed "$log_size")" >&2
+    return 1
+}
+
+jitter_sleep() {  # $1 ms, plus a random part of up to as much again (so a fleet does not retry in step)
+    r=$(od -An -N2 -tu2 /dev/urandom | tr -d ' ')
+    ms=$(($1 + r % ($1 + 1)))
+    sleep "$((ms / 1000)).$(printf '%03d' $((ms % 1000)))"
+}
+
+do_mount() {
+    n=1
+    delay=$RETRY_BASE_MS
+    while :; do
+        if attempt_mount; then
+            if [ "$n" -gt 1 ]; then retried=" after $n attempts"; fi
+            return 0
+        fi
+        why=$(why_failed "$log_size")
+        case "$why" in  # a refused key, a changed host key or a bad mount point will not heal by retrying
+            "the head's host key changed"*|"the head refused"*|"the mount point"*) break ;;
+        esac
+        if [ "$n" -ge "$MOUNT_ATTEMPTS" ]; then break; fi
+        jitter_sleep "$delay"
+        delay=$((delay * 2))
+        n=$((n + 1))
+    done
+    echo "mount: FAILED to mount $SPOTFAN_HEAD_USER@$SPOTFAN_HEAD_ADDRESS:$SPOTFAN_SHARE on $SPOTFAN_MOUNT ($n attempt(s)): $why"
     return 1
 }
 
@@ -93,12 +124,14 @@ case "${1:-}" in
         if is_mounted && is_alive; then echo "mount: ok (already mounted)"; exit 0; fi
         if is_mounted; then state="remounted a dead mount"; else state="mounted"; fi
         do_unmount
-        do_mount
-        echo "mount: ok ($state)" ;;
+        retried=""
+        do_mount || exit 1
+        echo "mount: ok ($state$retried)" ;;
     remount)
         do_unmount
-        do_mount
-        echo "mount: ok (remounted)" ;;
+        retried=""
+        do_mount || exit 1
+        echo "mount: ok (remounted$retried)" ;;
     unmount)
         do_unmount
         echo "mount: unmounted" ;;

@@ -2,7 +2,13 @@
 
 It serves `compute/v1` on 127.0.0.1 (an ephemeral port) to the real google-cloud-compute
 client: instances insert/get/list/aggregatedList/delete/start/stop/getGuestAttributes,
-disks get, and zoneOperations get/wait/list, in the API's JSON shapes. A non-boot disk
+disks get, and zoneOperations get/wait/list, in the API's JSON shapes. It also plays the
+VMs' metadata server for one thing, an access token (`/computeMetadata/v1/instance/
+service-accounts/default/token`, with `Metadata-Flavor: Google`), and checks the
+`Authorization: Bearer` of any request that carries one against the tokens it issued (the
+laptop's client sends none: anonymous credentials), so a VM that deletes itself with its
+own token is proven to have done so. A backend that can say whether a machine still runs
+(`alive`) makes a guest shutdown turn its instance TERMINATED, as on Compute Engine. A non-boot disk
 inserted with `autoDelete` false outlives its VM, and can be attached again by `source`. Every request is recorded
 (`requests`) and faults can be injected: stockout in a zone, quota errors, preemption,
 slow boots, a disabled API.
@@ -55,6 +61,9 @@ class Backend(Protocol):
     def on_preempt(self, vm: "EmulatedVm") -> None:
         """The VM was preempted: kill the machine now (its status is already TERMINATED)."""
 
+    def alive(self, vm: "EmulatedVm") -> bool:
+        """Whether the machine of a RUNNING VM still runs (False: the guest shut itself down)."""
+
 
 class KeyOnlyBackend:
     """The default backend: no machine at all, one real ed25519 host key per VM."""
@@ -86,6 +95,9 @@ class KeyOnlyBackend:
     def on_preempt(self, vm: "EmulatedVm") -> None:
         pass
 
+    def alive(self, vm: "EmulatedVm") -> bool:
+        return True
+
 
 @dataclass
 class Recorded:
@@ -95,6 +107,7 @@ class Recorded:
     path: str  # e.g. "/compute/v1/projects/p/zones/z/instances"
     query: dict[str, str]  # decoded query parameters, e.g. {"filter": 'labels.x = "y"'}
     body: Any  # the decoded JSON body, or None
+    token: str | None = None  # the Bearer token it carried (None: anonymous, as the laptop's client)
 
 
 @dataclass
@@ -108,6 +121,7 @@ class EmulatedVm:
     lock: threading.RLock = field(repr=False)
     state: str = "BOOTING"  # BOOTING (PROVISIONING/STAGING by the clock), RUNNING, STOPPING, TERMINATED
     booted_at: float = 0.0  # monotonic time of the last insert/start
+    machine_up: bool = False  # the backend's insert/start hook has returned: `alive` may be asked
     stopping_until: float = 0.0  # monotonic time a STOPPING VM becomes TERMINATED
     address: str = ""  # external IP (natIP)
     internal_address: str = ""  # internal IP (networkIP)
@@ -175,6 +189,8 @@ class GceEmulator:
         # do; without them `ExtendedOperation.result()` does not raise at all.
         self.http_error_fields = True
         self.requests: list[Recorded] = []
+        self.tokens: list[str] = []  # access tokens the metadata server handed out
+        self.reject_tokens = False  # every Bearer token gets 401 (a service account without the role)
         self._lock = threading.RLock()
         self._vms: dict[tuple[str, str], EmulatedVm] = {}  # (zone, name) -> vm
         self._disks: dict[tuple[str, str], dict[str, Any]] = {}  # (zone, name) -> Disk, kept (autoDelete false) ones
@@ -293,6 +309,9 @@ class GceEmulator:
                 return "PROVISIONING"
             if elapsed < self.provisioning_s + self.staging_s:
                 return "STAGING"
+            if vm.machine_up and not self.backend.alive(vm):  # the guest shut itself down: a stop
+                vm.state, vm.last_stop = "TERMINATED", _now()
+                return "TERMINATED"
             return "RUNNING"
         if vm.state == "STOPPING" and now >= vm.stopping_until:
             vm.state = "TERMINATED"
@@ -355,10 +374,19 @@ class GceEmulator:
 
     # --- the API -----------------------------------------------------------------------
 
-    def handle(self, method: str, path: str, query: dict[str, str], body: Any) -> tuple[int, dict[str, Any]]:
+    def handle(self, method: str, path: str, query: dict[str, str], body: Any, *,
+               headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
         """Answer one request: (HTTP status, JSON body)."""
+        headers = {k.lower(): v for k, v in (headers or {}).items()}
+        auth = headers.get("authorization", "")
+        token = auth.removeprefix("Bearer ") if auth.startswith("Bearer ") else None
         with self._lock:
-            self.requests.append(Recorded(method, path, query, body))
+            self.requests.append(Recorded(method, path, query, body, token))
+        if path.startswith("/computeMetadata/v1/"):
+            return self._metadata(method, path, headers)
+        if auth and (token is None or token not in self.tokens or self.reject_tokens):
+            return _error(401, "Request had invalid authentication credentials. Expected OAuth 2 access token.",
+                          "authError")
         if self.api_disabled:
             return _api_disabled(self.project)
         m = re.fullmatch(r"/compute/v1/projects/([^/]+)/(.*)", path)
@@ -393,6 +421,17 @@ class GceEmulator:
                 return _error(404, f"The resource 'projects/{self.project}/zones/{zone}/disks/{name}' was not found", "notFound")
             return 200, dict(disk)
         return _error(404, f"no such API path {path}", "notFound")
+
+    def _metadata(self, method: str, path: str, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        """The metadata server's token endpoint (the only part of it a worker uses)."""
+        if headers.get("metadata-flavor") != "Google":
+            return 403, {"error": "Missing required header: Metadata-Flavor: Google"}
+        if (method, path) != ("GET", "/computeMetadata/v1/instance/service-accounts/default/token"):
+            return 404, {"error": f"no such metadata path {path}"}
+        with self._lock:
+            token = f"emu-token-{next(self._ids):x}"
+            self.tokens.append(token)
+        return 200, {"access_token": token, "expires_in": 3599, "token_type": "Bearer"}
 
     def _list(self, zone: str, query: dict[str, str]) -> tuple[int, dict[str, Any]]:
         match = _parse_filter(query.get("filter", ""))
@@ -448,6 +487,7 @@ class GceEmulator:
             self._disks.update(kept)
             op = self._record_operation(zone, vm, "insert")
         self.backend.on_insert(vm)
+        vm.machine_up = True
         return 200, op
 
     def _kept_disks(self, zone: str, body: dict[str, Any]) -> tuple[dict[tuple[str, str], dict[str, Any]], Any]:
@@ -501,11 +541,14 @@ class GceEmulator:
                 if zone in self._stockout:
                     return 200, self._record_operation(zone, vm, "start", error=_stockout_error(self.project, zone))
                 vm.state, vm.booted_at, vm.last_start = "BOOTING", time.monotonic(), _now()
+                vm.machine_up = False
                 op = self._record_operation(zone, vm, "start")
                 hook = self.backend.on_start
             else:
                 return _error(404, f"no such instance method {method} {verb}", "notFound")
         hook(vm)
+        if hook == self.backend.on_start:
+            vm.machine_up = True
         return 200, op
 
     def _guest_attributes(self, vm: EmulatedVm, query_path: str) -> tuple[int, dict[str, Any]]:
@@ -649,7 +692,7 @@ def _handler_for(emulator: GceEmulator) -> type[BaseHTTPRequestHandler]:
             raw = self.rfile.read(length) if length else b""
             try:
                 body = json.loads(raw) if raw else None
-                status, payload = emulator.handle(self.command, url.path, query, body)
+                status, payload = emulator.handle(self.command, url.path, query, body, headers=dict(self.headers))
             except Exception as e:  # a backend hook failed: the client sees a 500, tests see why
                 status, payload = _error(500, f"emulator: {type(e).__name__}: {e}", "backendError")
             data = json.dumps(payload).encode()

@@ -6,7 +6,8 @@ lab's `{address_prefix}{N}:22`. Like a Compute Engine VM it runs its instance's
 (what the guest agent does), and its real sshd host key is published as the `hostkeys/`
 guest attribute. Stop, preemption and delete kill every process of the VM at once
 (its PID 1); a start boots it again from the same disk with the same host key. A new
-instance always gets a new disk.
+instance always gets a new disk. A lab VM that powers itself off (the guest's shutdown
+runs `kill -TERM 1` there, cluster.labinit) makes its instance TERMINATED.
 
 Hooks do their work before returning: a lab VM boots in a fraction of a second, and the
 address and host key are then known, as they are on GCE once an insert is done.
@@ -16,6 +17,7 @@ from __future__ import annotations
 from gce_emulator import EmulatedVm
 
 from cluster.lab import LabProvider
+from cluster.provider import Status
 
 
 class LabBackend:
@@ -49,6 +51,10 @@ class LabBackend:
 
     def on_delete(self, vm: EmulatedVm) -> None:
         self.lab.delete([vm.name])
+
+    def alive(self, vm: EmulatedVm) -> bool:
+        """A lab VM that powered itself off (its guest shutdown) has no PID 1 any more."""
+        return any(i.name == vm.name and i.status is Status.RUNNING for i in self.lab.list())
 
     def _publish(self, vm: EmulatedVm, address: str) -> None:
         keys = {}

@@ -356,15 +356,15 @@ def test_constructor_does_no_io():
 @pytest.mark.parametrize(
     ("table", "message"),
     [
-        ({"zones": ZONES, "image": "i"}, r"\[gce\]\.project: missing"),
-        ({"project": "p", "zones": ["us-central1"], "image": "i"}, r"zones: expected .*us-central1-a"),
-        ({"project": "p", "zones": ZONES, "image": "i", "zone": "x"}, r"unknown key\(s\) zone"),
-        ({"project": "p", "zones": ZONES, "image": "i", "provisioning": "cheap"}, "spot, preemptible, standard"),
-        ({"project": "p", "zones": ZONES, "image": "i", "termination_action": "KEEP"}, "STOP or DELETE"),
-        ({"project": "p", "zones": ZONES, "image": "i", "max_run_duration_s": "1h"}, "expected an integer"),
+        ({"zones": ZONES, "image": "i"}, r"\[gce\] project is required"),
+        ({"project": "p", "zones": ["us-central1"], "image": "i"}, r"\[gce\] zones = \['us-central1'\]: must be .*us-central1-a"),
+        ({"project": "p", "zones": ZONES, "image": "i", "zone": "x"}, r"\[gce\] zone is not a known key; did you mean zones\?"),
+        ({"project": "p", "zones": ZONES, "image": "i", "provisioning": "cheap"}, "must be one of 'spot', 'preemptible', 'standard'"),
+        ({"project": "p", "zones": ZONES, "image": "i", "termination_action": "KEEP"}, "must be one of 'STOP', 'DELETE'"),
+        ({"project": "p", "zones": ZONES, "image": "i", "max_run_duration_s": "1h"}, r"max_run_duration_s = '1h': must be a whole number"),
         ({"project": "p", "zones": ZONES, "image": "i", "provisioning": "preemptible"}, "not available"),
         ({"project": "p", "zones": ZONES, "image": "i", "labels": {"Team": "x"}}, "not a valid GCE label"),
-        ({"project": "p", "zones": ZONES, "image": "i", "prices": {"e2-standard-4": 0.1}}, r"prices\.e2-standard-4"),
+        ({"project": "p", "zones": ZONES, "image": "i", "prices": {"e2-standard-4": 0.1}}, r"\[gce.prices\] e2-standard-4 = 0.1: must be a table"),
         ({"project": "p", "zones": ZONES, "image": "i", "api_endpoint": "localhost:8080"}, "http://"),
     ],
 )  # fmt: skip
@@ -483,7 +483,7 @@ def test_head_vm_is_standard_with_a_data_disk_that_outlives_it_and_builds_the_ja
 
     config = head_config(tmp_path, head_emulator)
     gce = head_provider(config)
-    cfg, vm = up_head(config, gce, jail_steps=jail.setup_steps(config))
+    cfg, vm = up_head(config, gce, jail_steps=jail.setup_steps(config, workers=64))
     # every later command finds the head VM without cluster.toml being edited
     from cluster.gce_head import with_saved_head
     later = with_saved_head(config)
@@ -515,6 +515,10 @@ def test_head_vm_is_standard_with_a_data_disk_that_outlives_it_and_builds_the_ja
         assert line in script
     assert "PRIVATE KEY" not in script and config.ssh.worker_key.read_text() not in script
     assert "sshd -t && systemctl reload ssh" in script
+    # sized at its creation for the fleet of that `fab up`, before the reload, checked after it
+    assert "MaxStartups 138:30:276\nPerSourceMaxStartups none\n" in script
+    assert script.index("00-spotfan-fleet.conf") < script.index("sshd -t && systemctl reload ssh") < script.rindex(
+        '[ "${have:-10}" -ge 138 ]')
 
     # fab up points the workers at the head's internal address, verified by its published key.
     emu_vm = head_emulator.vm("demo-head")
@@ -604,12 +608,12 @@ def test_head_settings_defaults_and_cost():
 @pytest.mark.parametrize(
     ("head", "message"),
     [
-        ({"machine_type": "e2-small"}, r"\[gce\]\.head\.create: missing"),
-        ({"create": "yes"}, r"head\.create: expected true or false"),
-        ({"create": True, "size": 10}, r"\[gce\]\.head: unknown key\(s\) size"),
-        ({"create": True, "zone": "us-central1"}, r"head\.zone: expected a zone"),
-        ({"create": True, "data_disk_gb": 5}, r"head\.data_disk_gb: must be from 10"),
-        ({"create": True, "data_disk_gb": "100"}, r"head\.data_disk_gb: expected an integer"),
+        ({"machine_type": "e2-small"}, r"\[gce\.head\] create is required"),
+        ({"create": "yes"}, r"\[gce\.head\] create = 'yes': must be true or false"),
+        ({"create": True, "size": 10}, r"\[gce\.head\] size is not a known key"),
+        ({"create": True, "zone": "us-central1"}, r"\[gce\.head\] zone = 'us-central1': must be a zone name"),
+        ({"create": True, "data_disk_gb": 5}, r"\[gce\.head\] data_disk_gb = 5: must be a whole number from 10"),
+        ({"create": True, "data_disk_gb": "100"}, r"\[gce\.head\] data_disk_gb = '100': must be a whole number"),
     ],
 )  # fmt: skip
 def test_head_settings_errors_name_the_key(head, message):

@@ -13,6 +13,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import time
 import tomllib
 from collections.abc import Callable, Iterator
@@ -42,6 +43,9 @@ ZONES = ["us-central1-a", "us-central1-b"]
 FULL, SPARE = ZONES
 MAX_RUN_S = 3600
 SPOT_PRICE = 0.04  # e2-standard-4, per hour, as written in [gce.prices]
+DISK_PRICE = 0.10  # pd-balanced, per GB and month, as written in [gce.disk_prices]
+IDLE_S = 20  # idle_timeout of the clusters whose workers must stop or delete themselves
+SLACK_S = 15  # see test_fail_closed.SLACK_S
 WORKERS = 8
 WORKERS_PER_VM = 2
 KEYS = 160
@@ -86,9 +90,11 @@ def gce_lab(make_lab: Callable[..., Lab]) -> Iterator[Callable[..., GceLab]]:
     """Factory: a lab head, an emulator whose VMs are lab VMs, and gce.toml pointing at both."""
     emulators: list[GceEmulator] = []
 
-    def make(*, workers: int, workers_per_vm: int = 1, idle_timeout: float = 120) -> GceLab:
-        lab = make_lab(workers=workers, workers_per_vm=workers_per_vm, idle_timeout=idle_timeout)
-        lab = _own_addresses(lab)
+    def make(*, workers: int, workers_per_vm: int = 1, idle_timeout: float = 120, idle_action: str = "stop",
+             service_account: str = "", boot_timeout: float = 30) -> GceLab:
+        # The lab's own VM addresses and head port (the session's, see conftest) serve as GCE's.
+        lab = make_lab(workers=workers, workers_per_vm=workers_per_vm, idle_timeout=idle_timeout,
+                       boot_timeout=boot_timeout)
         # GceProvider has no head to start: the lab starts it, and gce.toml names its host key.
         bootstrap.prepare(lab.config, lab.provider)
         head_keys = lab.folder / "keys" / "head_known_hosts"
@@ -96,13 +102,15 @@ def gce_lab(make_lab: Callable[..., Lab]) -> Iterator[Callable[..., GceLab]]:
         emu = GceEmulator(project=PROJECT, zones=ZONES, backend=LabBackend(lab.provider)).start()
         emulators.append(emu)
         raw = tomllib.loads((lab.folder / "cluster.toml").read_text())
-        raw["cluster"].update(provider="gce", mount_point=str(lab.folder / "mnt"))
+        raw["cluster"].update(provider="gce", mount_point=str(lab.folder / "mnt"), idle_action=idle_action)
         raw["head"]["host_keys"] = str(head_keys)
         raw["ssh"]["user"] = "root"  # so the startup-script is boot.sh itself
         raw["gce"] = {
             "project": PROJECT, "zones": ZONES, "image": "spotfan-worker", "api_endpoint": emu.endpoint,
             "max_run_duration_s": MAX_RUN_S, "labels": {"purpose": "e2e"},
             "prices": {"e2-standard-4": {"standard": 0.134, "spot": SPOT_PRICE}},
+            "disk_prices": {"pd-balanced": DISK_PRICE},
+            **({"service_account": service_account} if service_account else {}),
         }
         toml = lab.folder / "gce.toml"
         toml.write_text(_toml(raw))
@@ -128,6 +136,7 @@ def test_lab_backend_runs_the_startup_script_at_every_boot_and_keeps_disk_and_ho
     keys = gce.host_keys([name])
     assert keys == g.lab.provider.host_keys([name])  # the VM's real sshd host key
     g.lab.wait_for("the startup-script", lambda: boots.exists(), timeout=10)
+    g.lab.wait_for("the VM's sshd", lambda: _listening(vm.address, 22), timeout=10)  # PID 1 starts both at once
     # The metadata's ssh-keys let the laptop in; the published host key is the one sshd shows.
     write_known_hosts(g.config.ssh.known_hosts, keys)
     ssh = ["ssh", "-F", "none", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
@@ -213,7 +222,8 @@ def test_fab_up_run_preempt_heal_down_through_gce(gce_lab):
     for v in victims:
         console = g.lab.provider.vm_home(v).parent / "console.log"
         g.lab.wait_for(f"{v}'s startup-script to run boot.sh again",
-                       lambda: console.read_text().count("agent: ok") >= 1, timeout=RESUME_TIMEOUT_S)
+                       lambda: re.search(r"^agent: (starting|running) \(pid", console.read_text(), re.M),
+                       timeout=RESUME_TIMEOUT_S)  # (boot.sh never says ok: `fab up` does, on a heartbeat)
         assert "boot: not provisioned yet" in console.read_text()  # its first boot, before fab up
 
     # --- completion: the exact output set, every output whole ---------------------------
@@ -282,6 +292,88 @@ def test_repeated_fab_up_creates_one_vm_per_missing_vm(gce_lab):
     assert g.emu.vms() == [] and g.lab.statuses() == {}
 
 
+# --- an idle worker stops (or deletes) itself -------------------------------------------
+
+
+def test_an_idle_gce_worker_stops_itself_with_a_guest_shutdown(gce_lab):
+    g = gce_lab(workers=1, idle_timeout=IDLE_S)
+    (name,) = g.config.vm_names()
+    g.fab_ok("up")
+    t0 = time.monotonic()
+    g.lab.wait_for("the idle worker to stop itself", lambda: g.emu.status(name) == "TERMINATED",
+                   timeout=IDLE_S + SLACK_S + 30)
+    took = time.monotonic() - t0
+    assert took <= IDLE_S + SLACK_S, took
+    guard = (g.lab.provider.vm_home(name) / "watchdog.log").read_text()
+    assert "running `/sbin/shutdown -h now`" in guard, guard
+    assert g.emu.recorded("DELETE", "/instances/") == [] and g.emu.tokens == [], "a stop, not a delete"
+    assert g.lab.provider.processes(name) == []
+    st = g.fab_ok("status").stdout
+    assert f"billing now: 1 stopped worker(s)' boot disks (20 GB pd-balanced): {20 * DISK_PRICE / 730:.4f}/h" in st, st
+    print(f"the idle GCE worker stopped itself {took:.0f}s after fab up (idle_timeout {IDLE_S}s)")
+
+
+def test_an_idle_gce_worker_deletes_itself_with_its_own_token(gce_lab):
+    g = gce_lab(workers=1, idle_timeout=IDLE_S, idle_action="delete",
+                service_account=f"worker@{PROJECT}.iam.gserviceaccount.com")
+    (name,) = g.config.vm_names()
+    up = g.fab_ok("up").stdout
+    assert re.search(rf"^{name}: created in {FULL}; mount: ok", up, re.M), up
+    st = g.fab_ok("status").stdout
+    assert f"billing now: 1 running worker(s) (e2-standard-4, spot): {SPOT_PRICE:.4f}/h" in st, st
+    t0 = time.monotonic()
+    g.lab.wait_for("the idle worker to delete itself", lambda: g.emu.vms() == [], timeout=IDLE_S + SLACK_S + 30)
+    took = time.monotonic() - t0
+    assert took <= IDLE_S + SLACK_S, took
+    (delete,) = g.emu.recorded("DELETE", rf"/zones/{FULL}/instances/{name}$")
+    assert delete.token is not None and delete.token in g.emu.tokens, "deleted with the token its metadata server gave"
+    assert g.emu.recorded("GET", "/computeMetadata/v1/instance/service-accounts/default/token")
+    assert g.lab.statuses() == {}, "the instance's machine is gone with it"
+    st = g.fab_ok("status").stdout
+    assert "no VM is left" in st and "billing now: nothing" in st, st
+    print(f"the idle GCE worker deleted itself {took:.0f}s after fab up (idle_timeout {IDLE_S}s)")
+
+
+def test_a_refused_self_delete_falls_back_to_a_stop(gce_lab):
+    g = gce_lab(workers=1, idle_timeout=IDLE_S, idle_action="delete",
+                service_account=f"worker@{PROJECT}.iam.gserviceaccount.com")
+    (name,) = g.config.vm_names()
+    g.emu.reject_tokens = True  # its service account may not delete instances
+    g.fab_ok("up")
+    g.lab.wait_for("the worker to stop itself instead", lambda: g.emu.status(name) == "TERMINATED",
+                   timeout=IDLE_S + SLACK_S + 30)
+    guard = (g.lab.provider.vm_home(name) / "watchdog.log").read_text()
+    assert "the Compute API refused the delete (HTTP 401)" in guard and "/sbin/shutdown -h now" in guard, guard
+
+
+def test_a_gce_worker_never_provisioned_by_fab_up_stops_itself(gce_lab):
+    # `fab up` created it, then the laptop went away before it provisioned the VM.
+    g = gce_lab(workers=1, idle_timeout=5, boot_timeout=5)
+    (name,) = g.config.vm_names()
+    t0 = time.monotonic()
+    (vm,) = g.provider().create([name])
+    assert vm.status is Status.RUNNING
+    g.lab.wait_for("the unprovisioned worker to stop itself", lambda: g.emu.status(name) == "TERMINATED",
+                   timeout=10 + SLACK_S + 30)
+    took = time.monotonic() - t0
+    assert took <= 10 + SLACK_S, took
+    said = (g.lab.provider.vm_home(name) / "unprovisioned.log").read_text()
+    assert "boot: not provisioned within 10 s: stopping this VM with `/sbin/shutdown -h now`" in said, said
+    print(f"an unprovisioned worker stopped itself {took:.0f}s after its creation")
+
+
+def test_a_gce_worker_that_cannot_work_is_stopped_by_fab_up(gce_lab):
+    g = gce_lab(workers=2)
+    raw = g.toml.read_text().replace(f'python = "{sys.executable}"', 'python = "/opt/nowhere/bin/python"')
+    g.toml.write_text(raw)
+    r = g.fab("up")
+    assert r.returncode == 1, r.stdout + r.stderr
+    for name in g.config.vm_names():
+        assert f"{name}: FAILED: agent did not report: cluster.python = /opt/nowhere/bin/python does not exist" in r.stdout
+        assert g.emu.status(name) == "TERMINATED", "stopped through the Compute API, not left billing"
+    assert len(g.emu.recorded("POST", r"/instances/[^/]+/stop$")) == 2
+
+
 # --- helpers ---------------------------------------------------------------------------
 
 
@@ -298,7 +390,12 @@ def assert_insert_body(g: GceLab, body: dict[str, Any]) -> None:
     }
     assert body["labels"] == {CLUSTER_LABEL: g.config.name, "spotfan-role": "worker", "purpose": "e2e"}
     metadata = {i["key"]: i["value"] for i in body["metadata"]["items"]}
-    assert metadata["startup-script"] == (REPO / "scripts" / "boot.sh").read_text()
+    boot = (REPO / "scripts" / "boot.sh").read_text()
+    guard_s = int(g.config.idle_timeout + g.config.ssh.boot_timeout)
+    assert metadata["startup-script"] == boot.replace("#!/bin/sh\n", (
+        "#!/bin/sh\n# spotfan: stop unless `fab up` provisions this VM in time (see boot.sh)\n"
+        f"SPOTFAN_UNPROVISIONED_S={guard_s}\nSPOTFAN_UNPROVISIONED_STOP='/sbin/shutdown -h now'\n"
+        "export SPOTFAN_UNPROVISIONED_S SPOTFAN_UNPROVISIONED_STOP\n"), 1), "the real boot.sh, run as root"
     assert metadata["ssh-keys"] == f"root:{public_key(g.config.ssh.key)}"
     assert metadata["enable-guest-attributes"] == "TRUE"
     assert "shutdown-script" in metadata
@@ -306,22 +403,10 @@ def assert_insert_body(g: GceLab, body: dict[str, Any]) -> None:
     assert body["machineType"] == f"zones/{SPARE}/machineTypes/e2-standard-4"
 
 
-def _own_addresses(lab: Lab) -> Lab:
-    """The lab with VM addresses (127.X.Y.N, not 127.0.Y.N) and a head port of its own.
-
-    Test sessions running side by side on one machine number their labs alike, so their
-    VMs and heads would compete for the same addresses: a second octet from the pid and
-    a port the kernel just called free keep them apart.
-    """
-    toml = lab.folder / "cluster.toml"
-    prefix, port = lab.config.lab.address_prefix, lab.config.head.port
-    mine = f"127.{100 + os.getpid() % 100}.{prefix.split('.')[2]}."
+def _listening(address: str, port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        free = s.getsockname()[1]
-    text = toml.read_text().replace(f'address_prefix = "{prefix}"', f'address_prefix = "{mine}"')
-    toml.write_text(text.replace(f"port = {port}\n", f"port = {free}\n"))
-    return Lab(lab.folder, load(toml))
+        s.settimeout(1.0)
+        return s.connect_ex((address, port)) == 0
 
 
 def _alive(p: psutil.Process) -> bool:

@@ -59,8 +59,11 @@ def test_watch_a_run_to_its_end_then_report_and_collect_it(make_lab, tmp_path):
     for vm in vms:
         rows = [json.loads(ln) for ln in (metrics / f"{vm}.jsonl").read_text().splitlines()]
         assert rows and all(r["host"] == vm and 0 <= r["cpu"] <= 100 for r in rows)
-        agent_log = (lab.share / CLUSTER_DIR / "logs" / vm / "agent.log").read_text()
-        assert "recording metrics to" in agent_log and "stopped recording metrics" in agent_log
+        agent_log = lab.share / CLUSTER_DIR / "logs" / vm / "agent.log"
+        assert "recording metrics to" in agent_log.read_text()
+        # A VM whose last `tasks run` ends after the run's done record stops its recorder then.
+        lab.wait_for(f"{vm}'s agent to stop its recorder",
+                     lambda: "stopped recording metrics" in agent_log.read_text(), timeout=30)
 
     # Report: drawn on a VM, downloaded here, with a row and CPU figures per VM.
     out = lab.fab_ok("report", "--to", str(tmp_path / "reports"))
@@ -95,7 +98,7 @@ def test_failures_are_grouped_and_retry_runs_them_again(make_lab):
     lab = make_lab(workers=1, workers_per_vm=2)
     lab.fab_ok("up")
     r = lab.fab("run", "op_tasks:flaky", "--ship", str(TASKS), "--lease", "10", "--max-attempts", "1",
-                "--wait", "--timeout", str(RUN_TIMEOUT_S), timeout=RUN_TIMEOUT_S + 30)
+                "--wait", "--wait-timeout", str(RUN_TIMEOUT_S), timeout=RUN_TIMEOUT_S + 30)
     assert r.returncode == 1 and "failed (8/10 done, 2 failed)" in r.stdout, r.stdout + r.stderr
     first = re.search(r"run (r[\w-]+) requested", r.stdout).group(1)
 

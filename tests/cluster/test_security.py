@@ -168,7 +168,7 @@ def test_a_run_with_hostile_names_over_sshfs_leaks_no_secret(make_lab):
     (share / "canary.txt").write_text("still here\n")
     said = [lab.fab_ok("up")]
     said.append(lab.fab_ok("run", HOSTILE_CMD, "--src", "hostile/*", "--out", "hostile_out/{stem}.out",
-                           "--wait", "--timeout", "120"))
+                           "--wait", "--wait-timeout", "120"))
     assert "done" in said[-1], said[-1]
 
     for name in HOSTILE:
@@ -231,7 +231,7 @@ def test_changed_head_host_key_stops_the_laptop_and_the_worker_mount(make_lab):
     # The head comes back with another key; the laptop's and the VM's known_hosts keep the old one.
     lab.provider.start_head(share=cfg.head.share, address=cfg.head.address, port=cfg.head.port,
                             authorized=bootstrap.head_authorized_keys(cfg), user=cfg.head.user,
-                            jail=cfg.head.jail)
+                            jail=cfg.head.jail, workers=cfg.workers)
 
     st = lab.fab("status")
     assert st.returncode == 3, st.stdout + st.stderr
@@ -290,11 +290,11 @@ def test_nothing_in_code_scripts_or_tests_turns_host_key_checking_off():
 
 def test_keys_inside_the_share_are_refused(tmp_path):
     base = '[cluster]\nname = "demo"\n[head]\naddress = "127.0.0.1"\nshare = "share"\n'
-    for extra, field in (('[ssh]\nworker_key = "share/keys/worker"\n', "ssh.worker_key"),
-                         ('[ssh]\nkey = "share/laptop"\n', "ssh.key"),
-                         ('[lab]\nstate_dir = "share/.lab"\n', "lab.state_dir")):
+    for extra, field in (('[ssh]\nworker_key = "share/keys/worker"\n', "[ssh] worker_key"),
+                         ('[ssh]\nkey = "share/laptop"\n', "[ssh] key"),
+                         ('[lab]\nstate_dir = "share/.lab"\n', "[lab] state_dir")):
         (tmp_path / "cluster.toml").write_text(base + extra)
-        with pytest.raises(ConfigError, match=re.escape(field) + ".*inside head.share"):
+        with pytest.raises(ConfigError, match=re.escape(field) + r" = .* is inside \[head\] share"):
             load(tmp_path / "cluster.toml")
 
 
@@ -305,7 +305,7 @@ def test_the_lab_never_serves_the_share_unjailed_or_as_root(tmp_path):
         with pytest.raises(ConfigError, match="the lab always jails"):
             load(tmp_path / "cluster.toml")
     (tmp_path / "cluster.toml").write_text(base + 'jail = "/srv/a b"\n')
-    with pytest.raises(ConfigError, match="head.jail"):
+    with pytest.raises(ConfigError, match=r"\[head\] jail = '/srv/a b' must be an absolute folder"):
         load(tmp_path / "cluster.toml")
     (tmp_path / "cluster.toml").write_text(base)
     c = load(tmp_path / "cluster.toml")
@@ -314,7 +314,8 @@ def test_the_lab_never_serves_the_share_unjailed_or_as_root(tmp_path):
 
 def test_head_setup_prints_the_match_block_for_a_real_head(tmp_path):
     (tmp_path / "cluster.toml").write_text(
-        '[cluster]\nname = "demo"\nprovider = "gce"\n[head]\naddress = "10.0.0.2"\nshare = "/data/demo"\n')
+        '[cluster]\nname = "demo"\nprovider = "gce"\n[head]\naddress = "10.0.0.2"\nshare = "/data/demo"\n'
+        '[gce]\nproject = "p"\nzones = ["us-central1-a"]\nimage = "spotfan-worker"\n')
     steps = bootstrap.head_setup(load(tmp_path / "cluster.toml"))
     for line in ("Match User spotfan-demo", "ChrootDirectory /srv/spotfan/demo",
                  "ForceCommand internal-sftp -d /share", "AllowTcpForwarding no", "PermitTTY no",
