@@ -221,6 +221,7 @@ def run(c, cfg: ClusterConfig, spec, src="", keys="", out="", name="", workers_p
     per_vm = _whole(workers_per_vm or 0, flag="--workers-per-vm", example=f"{ex} --workers-per-vm 4")
     waiting = _seconds(wait_timeout or runs.WAIT_TIMEOUT_S, flag="--wait-timeout",
                        example=f"{ex} --wait --wait-timeout 7200", minimum=1)
+    runs.check_wait_timeout(waiting)  # refused before any request reaches the share
     _say(f"==> run: {' '.join(spec_args)}")
     req = runs.submit(cfg, spec_args=spec_args, run_args=run_args,
                       workers_per_vm=per_vm or None, ship=[Path(ship)] if ship else [])

@@ -25,7 +25,7 @@ def test_report_never_writes_outside_its_folder(make_lab, tmp_path: Path) -> Non
     for name in ("a.txt", "b.txt"):
         (lab.share / "in" / name).write_text(name)
     lab.fab_ok("run", "cp {src} {out}", "--src", "in/*", "--out", "o/{name}", "--name", "copy",
-               "--wait", "--timeout", "120")
+               "--wait", "--wait-timeout", "120")
     to = tmp_path / "a" / "b" / "reports"  # to / FORGED_NAME would be tmp_path/a/escape
     around = tmp_path / "a"
     around.mkdir()

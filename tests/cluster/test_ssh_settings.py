@@ -145,7 +145,7 @@ def test_fab_uses_only_the_clusters_ssh_settings(make_lab, tmp_path: Path, monke
         (lab.share / "in").mkdir(exist_ok=True)
         (lab.share / "in" / name).write_text(f"content of {name}\n")
     lab.fab_ok("run", "cp {src} {out}", "--src", "in/*", "--out", "o/{name}", "--wait",
-               "--timeout", "120")
+               "--wait-timeout", "120")
     assert sorted(p.name for p in (lab.share / "o").iterdir()) == sorted(INPUTS)
     status = lab.fab_ok("status")
     assert "done" in status, status
