@@ -18,9 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import psutil  # noqa: E402
 
-from cluster import bootstrap  # noqa: E402
+from cluster import lifecycle  # noqa: E402
 from cluster.config import load  # noqa: E402
-from cluster.lab import LabProvider  # noqa: E402
+from cluster.session import Cluster  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 STATE = Path("/tmp/spotfan-bench-bootstrap")
@@ -62,11 +62,12 @@ def main() -> int:
     a = p.parse_args()
     sizes = [int(s) for s in a.sizes.split(",")]
     if (STATE / "cluster.toml").exists():
-        bootstrap.down(load(STATE / "cluster.toml"))  # a crashed earlier run's leftovers
+        with Cluster(load(STATE / "cluster.toml")) as leftover:
+            lifecycle.down(leftover)  # a crashed earlier run's leftovers
     shutil.rmtree(STATE, ignore_errors=True)
     config = load(write_config(STATE, 1, a.kex))
-    provider = LabProvider.from_config(config)
-    bootstrap.prepare(config, provider)  # keys and the head, outside the timing
+    cluster = Cluster(config)
+    lifecycle.prepare(cluster)  # keys and the head, outside the timing
     results: dict[int, list[float]] = {}
     cpu: dict[int, list[tuple[float, float]]] = {}  # (this process, whole machine) CPU seconds
     try:
@@ -74,15 +75,16 @@ def main() -> int:
             for _ in range(a.repeat):
                 box0, me0 = psutil.cpu_times(), time.process_time()
                 t = time.perf_counter()
-                reports = bootstrap.up(config, count=n)
+                reports = lifecycle.up(cluster, count=n)
                 results.setdefault(n, []).append(time.perf_counter() - t)
                 box1 = psutil.cpu_times()
                 cpu.setdefault(n, []).append((time.process_time() - me0, (box1.user + box1.system)
                                               - (box0.user + box0.system)))
                 assert sum("agent: ok" in r.boot for r in reports) == n, reports
-                provider.delete(config.vm_names(n))
+                cluster.provider.delete(config.vm_names(n))
     finally:
-        bootstrap.down(config)
+        lifecycle.down(cluster)
+        cluster.close()
         shutil.rmtree(STATE, ignore_errors=True)
     base = statistics.median(results[sizes[0]])
     print(f"lab bootstrap (create + SSH + boot files + SSHFS mount + agent), median of {a.repeat}, "

@@ -76,12 +76,13 @@ def main() -> int:
         print(json.dumps(inside(a.inside, a.repeat)))
         return 0
 
-    from cluster import bootstrap
+    from cluster import lifecycle
     from cluster.config import load
-    from cluster.ssh import Host, Remote
+    from cluster.session import Cluster
 
     if (STATE / "cluster.toml").exists():
-        bootstrap.down(load(STATE / "cluster.toml"))
+        with Cluster(load(STATE / "cluster.toml")) as leftover:
+            lifecycle.down(leftover)
     shutil.rmtree(STATE, ignore_errors=True)
     STATE.mkdir(parents=True)
     (STATE / "cluster.toml").write_text(f"""
@@ -113,18 +114,20 @@ address_prefix = "127.0.98."
     for i in range(a.keys):
         (share / "in" / f"{i:06d}.txt").write_text(f"{i}\n")
         (share / "out" / f"{i:06d}.txt").write_text(f"{i}\n")
+    cluster = Cluster(config)
     try:
-        bootstrap.up(config)
-        vm = bootstrap.running_hosts(config)[0]
-        remote = Remote.from_config(config)
+        lifecycle.up(cluster)
+        vm = lifecycle.running_hosts(cluster)[0]
+        remote = cluster.remote
         cmd = (f"PYTHONPATH={shlex.quote(str(REPO))} {shlex.quote(sys.executable)} "
                f"{shlex.quote(str(Path(__file__).resolve()))} --inside {shlex.quote(config.mount_point)} "
                f"--repeat {a.repeat}")
-        with remote.open(Host(vm.name, vm.address, vm.port)) as conn:
+        with remote.open(vm) as conn:
             out = remote.run_on(conn, vm, cmd, timeout=900)
         r = json.loads(out.stdout)
     finally:
-        bootstrap.down(config)
+        lifecycle.down(cluster)
+        cluster.close()
         shutil.rmtree(STATE, ignore_errors=True)
     med = {k: statistics.median(r[k]) for k in ("scan", "exists", "cli", "naive")}
     print(f"finished run, {r['keys']} keys, over SSHFS inside a lab VM (median of {a.repeat}):")

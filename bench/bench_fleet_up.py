@@ -27,9 +27,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cluster import bootstrap, jail  # noqa: E402
+from cluster import jail, lifecycle  # noqa: E402
 from cluster.config import load  # noqa: E402
-from cluster.keys import ensure_key_pair, public_key  # noqa: E402
+from cluster.session import Cluster  # noqa: E402
+from cluster.ssh_keys import ensure_key_pair, public_key  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SSHD = "/usr/sbin/sshd"
@@ -114,7 +115,8 @@ def main() -> int:
     os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
     folder = Path(tempfile.gettempdir()) / f"spotfan-bench-fleet-{a.octet}"
     if (folder / "cluster.toml").exists():
-        bootstrap.down(load(folder / "cluster.toml"))  # a crashed earlier run's leftovers
+        with Cluster(load(folder / "cluster.toml")) as leftover:
+            lifecycle.down(leftover)  # a crashed earlier run's leftovers
     shutil.rmtree(folder, ignore_errors=True)
     n = a.vms
     print(f"fleet bench: {n} VMs, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start")
@@ -141,7 +143,8 @@ def main() -> int:
             if r.returncode != 0:
                 print(r.stdout[-3000:], r.stderr[-2000:], sep="\n")
         finally:
-            bootstrap.down(load(toml))
+            with Cluster(load(toml)) as cluster:
+                lifecycle.down(cluster)
     shutil.rmtree(folder, ignore_errors=True)
     print(f"  load average {os.getloadavg()[0]:.1f} at the end (the machine is shared: figures under load "
           "are marked so in the README)")

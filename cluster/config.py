@@ -10,12 +10,12 @@ from typing import Any
 
 from cluster import schema
 from cluster.errors import ConfigError
-from cluster.gce_settings import GCE_FIELDS, GceSettings
-from cluster.provider import PROVIDERS
+from cluster.jail import JAIL_SHARE
+from cluster.providers import PROVIDERS
+from cluster.providers.base import TableContext
 
 DEFAULT_CONFIG = "cluster.toml"
 CONFIG_ENV = "SPOTFAN_CONFIG"
-JAIL_SHARE = "/share"  # where the share sits inside the head's chroot jail
 MAX_USER_NAME = 32  # useradd's limit on Linux
 MAX_WORKERS = 250
 IDLE_ACTIONS = ("stop", "delete")  # what an idle worker does to its own VM (the lab always powers off)
@@ -53,21 +53,12 @@ class SSHConfig:
 
 
 @dataclass(frozen=True)
-class LabConfig:
-    """The lab provider: VMs that are namespaces on this machine."""
-
-    state_dir: Path  # where the lab keeps its VMs' disks, pids and the head's files
-    address_prefix: str  # VM N listens on f"{address_prefix}{N}:22", e.g. "127.0.1."
-    max_run_hours: float  # a lab VM powers itself off after this long, like max_run_duration
-
-
-@dataclass(frozen=True)
 class ClusterConfig:
     """One cluster, as described by cluster.toml."""
 
     path: Path  # the cluster.toml this came from
     name: str  # cluster name: VM names are f"{name}-w001"...
-    provider: str  # key into cluster.provider.PROVIDERS
+    provider: str  # key into cluster.providers.PROVIDERS
     workers: int  # number of worker VMs
     machine_type: str  # provider machine type (ignored by the lab)
     image: str  # boot image the VMs are created from (ignored by the lab)
@@ -81,8 +72,7 @@ class ClusterConfig:
     mount_point: str  # where each VM mounts the head's share
     head: HeadConfig
     ssh: SSHConfig
-    lab: LabConfig
-    gce: GceSettings | None = None  # provider = "gce": the [gce] table, with [cluster] defaults
+    settings: object  # the provider's own table, parsed by its registry entry (LabSettings, GceSettings, ...)
 
     def vm_names(self, count: int | None = None) -> list[str]:
         """The names of the first `count` (default: `workers`) VMs of this cluster."""
@@ -117,8 +107,9 @@ def _cluster_name(value: str) -> str | None:
     return None
 
 
-# Every table and key cluster.toml may have: one line per key (cluster.schema). The
-# [gce] table is the GCE provider's (cluster.gce_settings), checked by the same reader.
+# Every table and key cluster.toml may have: one line per key (cluster.schema). Each
+# provider's own table ([lab], [gce], ...) comes from its registry entry, checked by the
+# same reader whatever the provider (typos and types; its required keys only when chosen).
 CLUSTER: dict[str, schema.Field] = {
     "name": schema.text(check=_cluster_name),
     "provider": schema.text("lab", choices=tuple(PROVIDERS)),
@@ -152,13 +143,9 @@ SSH: dict[str, schema.Field] = {
     "command_timeout": schema.number(120.0, 0.1),
     "kex_algorithms": schema.text(""),
 }
-LAB: dict[str, schema.Field] = {
-    "state_dir": schema.text(None),  # default .lab/NAME
-    "address_prefix": schema.text("127.0.1."),
-    "max_run_hours": schema.number(24.0, 0.01),
-}
 TABLES: dict[str, dict[str, schema.Field]] = {
-    "cluster": CLUSTER, "head": HEAD, "ssh": SSH, "lab": LAB, "gce": GCE_FIELDS,
+    "cluster": CLUSTER, "head": HEAD, "ssh": SSH,
+    **{spec.table: dict(spec.fields) for spec in PROVIDERS.values()},
 }
 
 
@@ -168,75 +155,63 @@ def parse(raw: dict[str, Any], *, path: Path) -> ClusterConfig:
     Every problem is reported at once, in file order, the provider's first: an unknown
     provider makes every provider-specific message beside the point.
     """
-    found = schema.problems(raw, TABLES, required={"gce": False})
+    table = raw.get("cluster")
+    chosen = PROVIDERS.get(str(table.get("provider", "lab") if isinstance(table, dict) else "lab").lower())
+    # A provider's table is read by the provider (its required keys may come from [cluster]).
+    found = schema.problems(raw, TABLES, required={spec.table: False for spec in PROVIDERS.values()})
     found.sort(key=lambda p: (p.table, p.key) != ("cluster", "provider"))  # stable: file order otherwise
     if found:
         raise schema.error(path, found)
+    assert chosen is not None  # an unknown provider is a problem above
     t = {name: schema.values(raw.get(name, {}), fields) for name, fields in TABLES.items()}
-    c, h, s, lab = t["cluster"], t["head"], t["ssh"], t["lab"]
+    c, h, s = t["cluster"], t["head"], t["ssh"]
     base = path.parent
-    provider = c["provider"].lower()
-    lab_provider = provider == "lab"
+    local = chosen.local_vms
     name = c["name"]
     problems: list[schema.Problem] = []
 
-    def local(value: str) -> Path:
+    def here(value: str) -> Path:
         return _resolve(base, value)
 
     def remote(table: str, key: str, value: str) -> str:
-        # A path on the VMs. Lab VMs share this machine's filesystem, so a relative path
+        # A path on the VMs. VMs on this machine share its filesystem, so a relative path
         # means the same as for a local one; elsewhere it must be absolute.
-        if lab_provider:
+        if local:
             return str(_resolve(base, value))
         if not value.startswith("/"):
             problems.append(schema.Problem(table, key, f"= {value!r} must be an absolute path on the VMs"))
         return value
 
     python = c["python"]
-    if lab_provider and "/" in python:
+    if local and "/" in python:
         python = str(_resolve(base, python))
     mount_point = remote("cluster", "mount_point", c["mount_point"])
-    python_path = tuple(str(_resolve(base, p)) if lab_provider else p for p in c["python_path"])
-    prefix = lab["address_prefix"]
-    if lab_provider and (not prefix.startswith("127.") or not prefix.endswith(".") or prefix.count(".") != 3):
-        problems.append(schema.Problem(
-            "lab", "address_prefix", f"= {prefix!r}: lab VMs live on loopback only; use three octets "
-            'of 127.0.0.0/8 and a trailing dot, e.g. "127.0.1."'))
+    python_path = tuple(str(_resolve(base, p)) if local else p for p in c["python_path"])
     head = HeadConfig(
         address=h["address"],
         port=h["port"],
         user=h["user"] if h["user"] is not None else f"spotfan-{name}",
-        share=local(h["share"]),
+        share=here(h["share"]),
         host_keys=_resolve(base, h["host_keys"]) if h["host_keys"] else None,
         jail=h["jail"] if h["jail"] is not None else f"/srv/spotfan/{name}",
     )
-    problems += _check_head(head, lab_provider=lab_provider)
-    key = local(s["key"] or f".spotfan-keys/{name}/laptop")
-    worker_key = local(s["worker_key"] or f".spotfan-keys/{name}/worker")
-    state_dir = local(lab["state_dir"] or f".lab/{name}")
-    secrets = {("ssh", "key"): key, ("ssh", "worker_key"): worker_key}
-    if lab_provider:  # the lab's state dir holds the VMs' disks, so their copies of the worker key
-        secrets["lab", "state_dir"] = state_dir
-    for (table, field), secret in secrets.items():
+    problems += _check_head(head)
+    key = here(s["key"] or f".spotfan-keys/{name}/laptop")
+    worker_key = here(s["worker_key"] or f".spotfan-keys/{name}/worker")
+    for field, secret in (("key", key), ("worker_key", worker_key)):
         if _inside(secret, head.share):
             problems.append(schema.Problem(
-                table, field, f"= {str(secret)!r} is inside [head] share ({head.share}): private keys "
+                "ssh", field, f"= {str(secret)!r} is inside [head] share ({head.share}): private keys "
                 "must never be in the shared directory, which every VM can read; move it out"))
-    gce = None
-    if provider == "gce":
-        gce, gce_problems = _gce_settings(raw, c, s, path=path)
-        problems += gce_problems
-        if gce is not None and c["idle_action"] == "delete" and not gce.service_account:
-            problems.append(schema.Problem(
-                "cluster", "idle_action", '= "delete": an idle worker deletes itself through the Compute '
-                "API with its own service account's token: set [gce] service_account to one that may "
-                'delete instances (roles/compute.instanceAdmin.v1), or use idle_action = "stop"'))
+    settings, more = chosen.parse(raw.get(chosen.table, {}), TableContext(
+        path=path, cluster=c, ssh=s, head=head, resolve=here))
+    problems += more
     if problems:
         raise schema.error(path, problems)
     return ClusterConfig(
         path=path,
         name=name,
-        provider=provider,
+        provider=chosen.name,
         workers=c["workers"],
         machine_type=c["machine_type"],
         image=c["image"],
@@ -253,42 +228,17 @@ def parse(raw: dict[str, Any], *, path: Path) -> ClusterConfig:
             user=s["user"],
             key=key,
             worker_key=worker_key,
-            known_hosts=local(s["known_hosts"] or f".spotfan-keys/{name}/known_hosts"),
+            known_hosts=here(s["known_hosts"] or f".spotfan-keys/{name}/known_hosts"),
             connect_timeout=float(s["connect_timeout"]),
             boot_timeout=float(s["boot_timeout"]),
             command_timeout=float(s["command_timeout"]),
             kex_algorithms=s["kex_algorithms"],
         ),
-        lab=LabConfig(
-            state_dir=state_dir,
-            address_prefix=prefix,
-            max_run_hours=float(lab["max_run_hours"]),
-        ),
-        gce=gce,
+        settings=settings,
     )
 
 
-def _gce_settings(raw: dict[str, Any], c: dict[str, Any], s: dict[str, Any], *,
-                  path: Path) -> tuple[GceSettings | None, list[schema.Problem]]:
-    """The [gce] table, with [cluster] zones, image, machine_type, spot and [ssh] user as defaults."""
-    table = dict(raw.get("gce", {}))
-    if not table:
-        return None, [schema.Problem("cluster", "provider", '= "gce" needs a [gce] table with at least '
-                                     'project = "..." (the README\'s Google Compute Engine part has every field)')]
-    defaults: dict[str, Any] = {
-        "zones": list(c["zones"]), "image": c["image"], "machine_type": c["machine_type"],
-        "provisioning": "spot" if c["spot"] else "standard", "ssh_user": s["user"],
-    }
-    for k, v in defaults.items():
-        if v:
-            table.setdefault(k, v)
-    try:
-        return GceSettings.from_mapping(table, file=path), []
-    except ConfigError as e:
-        return None, list(e.problems) or [schema.Problem("gce", None, str(e))]
-
-
-def _check_head(head: HeadConfig, *, lab_provider: bool) -> list[schema.Problem]:
+def _check_head(head: HeadConfig) -> list[schema.Problem]:
     """The jailed head user and its chroot: names sshd and useradd accept, paths sshd accepts."""
     found = []
     u = head.user
@@ -300,11 +250,6 @@ def _check_head(head: HeadConfig, *, lab_provider: bool) -> list[schema.Problem]
         found.append(schema.Problem("head", "jail", (
             f"= {head.jail!r} must be an absolute folder on the head of letters, digits and ._- "
             '(sshd\'s ChrootDirectory), e.g. "/srv/spotfan/NAME"; or "" for no jail')))
-    if lab_provider and (not head.jail or u == "root"):
-        field, value = ("jail", head.jail) if not head.jail else ("user", u)
-        found.append(schema.Problem("head", field, (
-            f"= {value!r}: the lab always jails the head's SFTP user: set jail to a folder such as "
-            '"/srv/spotfan/NAME" and user to a user that is not root (default: spotfan-NAME)')))
     return found
 
 

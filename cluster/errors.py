@@ -10,6 +10,8 @@
      |    +-- HostKeyError       a host presented a key that is not the known one
      +-- GroupError              a fan-out where some hosts failed; carries every result
      +-- MountError              the SSHFS mount could not be made or is dead
+     +-- RecordError             a file on the share is malformed or forged: refused (bad input)
+     +-- ResultError             what a VM printed for the laptop is malformed or forged: refused
 
 Every message says what happened and how to fix it. The command line (fabfile.py)
 decides how errors are shown and which exit code they carry.
@@ -62,6 +64,22 @@ class HostKeyError(SSHError):
 
 class MountError(ClusterError):
     """The SSHFS mount could not be made, or is dead and could not be recovered."""
+
+
+class RecordError(ClusterError):
+    """A file read from the share is malformed or forged: refused, naming the file.
+
+    The share is untrusted input for the laptop (any VM, or anyone with the worker key, can
+    write it): every such file is read by a validating reader (cluster.records). Like any
+    bad input it is refused before work (exit 2); the fix is to delete the file.
+    """
+
+
+class ResultError(ClusterError):
+    """What a VM printed for the laptop (an engine's JSON result, a sample) is malformed or forged.
+
+    A VM someone controls can print anything (cluster.results): the VM failed (exit 1).
+    """
 
 
 class GroupError(ClusterError):

@@ -1,113 +1,52 @@
-"""Runs on a cluster: requests written to the share, their progress, per-VM state, logs.
+"""Runs on a cluster: the requests `fab run` writes to the share, their ends, the wait for one, the VMs' logs.
 
-`submit` writes a run request under ROOT/.spotfan/cluster/runs/; every VM's agent picks
-it up and starts `python -m tasks run` against the mounted share. Progress comes from
-the engine itself (`python -m tasks status --json`, run on a live VM over SSH), per-VM
-state from the agents' heartbeats, and the end of a run from the `.done.json` record
-the first agent to see it finish writes.
+`submit` writes a run request (cluster.records.RunRequest) under the share's runs/;
+every VM's agent picks it up and starts `python -m tasks run` against the mounted share.
+The end of a run is the done record the first agent to see it finish writes. Every file
+read back is validated: a refused one is named, and skipped where the rest can go on.
 """
 from __future__ import annotations
 
-import json
 import logging
 import secrets
-import shlex
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from cluster import heartbeat
-from cluster.bootstrap import provider_for
-from cluster.config import ClusterConfig
-from cluster.errors import ClusterError, ConfigError, GroupError, SSHError
-from cluster.provider import Charge, Instance, Status
-from cluster.share import CLUSTER_DIR, Share
-from cluster.ssh import Host, Remote
+from cluster.errors import ClusterError, ConfigError, RecordError
+from cluster.records import (
+    LOGS_DIR,
+    MAX_WORKERS_PER_VM,
+    RUNS_DIR,
+    RunDone,
+    RunRequest,
+    done_file,
+    is_request,
+    log_dir,
+    plain_name,
+    request_file,
+)
+from cluster.session import Cluster
 from tasks import bounds
 from tasks.keys import name_problem
 
 logger = logging.getLogger(__name__)
 
-RUNS_DIR = f"{CLUSTER_DIR}/runs"
-VMS_DIR = f"{CLUSTER_DIR}/vms"
-LOGS_DIR = f"{CLUSTER_DIR}/logs"
 WAIT_POLL_S = 2.0
 WAIT_TIMEOUT_S = 3600.0  # `fab run --wait`: how long to follow a run before giving up (--wait-timeout)
-STATUS_TIMEOUT_S = 120.0
-HEARTBEAT_STALE_S = 30.0  # a heartbeat older than this is shown as stale
-LOCAL_BEAT_TIMEOUT_S = 15.0  # reading a VM's own heartbeat over SSH
 LOG_TAIL_BYTES = 8000
-MAX_WORKERS_PER_VM = 1024  # `tasks run` on the VM caps it further, per core
 MAX_WAIT_S = 30 * 86400.0  # `fab run --wait --wait-timeout`
 MAX_KEY_TIMEOUT_S = 7 * 86400.0  # `fab run --timeout`: one key may run this long at most
+MAX_LOG_NAMES = 10_000  # files listed in one VM's log folder
 
 
 @dataclass(frozen=True)
-class RunRequest:
-    """One run, as `fab run` asked for it (ROOT/.spotfan/cluster/runs/<id>.json)."""
+class Requests:
+    """The run requests on the share, oldest first, and the files refused among them."""
 
-    id: str  # e.g. "r20250101-120000-ab12"
-    spec_args: list[str]  # what picks the task: SPEC or --cmd/--src/--out/--keys (+ --lease)
-    run_args: list[str]  # options only `tasks run` takes (--max-attempts, --limit, ...)
-    workers_per_vm: int | None  # `tasks run --workers` on each VM; None: the VM's default
-    created: float  # epoch seconds
-    after: str | None = None  # a run this one follows: on each VM it starts once that run's
-    # process there has ended (`fab failures --retry` while the run it retries still goes)
-
-
-@dataclass(frozen=True)
-class RunStatus:
-    """A run's progress; counts are None when no VM could be asked."""
-
-    id: str
-    spec: str  # the spec args, shell-quoted, for display
-    result: str | None  # None while running; done | failed | spec-error when over
-    requested: float | None = None  # epoch seconds: when `fab run` wrote the request
-    started: float | None = None  # the first `tasks run` start any VM reported
-    ended: float | None = None  # when the first agent saw the run over
-    total: int | None = None
-    done: int | None = None
-    failed: int | None = None
-    running: int | None = None
-    pending: int | None = None
-
-
-@dataclass(frozen=True)
-class VMState:
-    """One VM: the provider's view plus its agent's last heartbeat."""
-
-    name: str
-    address: str
-    status: str  # provider status: RUNNING, TERMINATED, ...
-    preempted: bool
-    agent: str | None  # working | waiting | idle | mount-dead | stopped-idle | stopped | no-agent |
-    # unreachable (RUNNING, but SSH did not answer); None: never heard
-    heartbeat_age: float | None  # seconds since its last heartbeat
-    rate: float | None  # task executions per second on this VM (last 30 s)
-    runs: dict[str, str] = field(default_factory=dict)  # run id -> this VM's part: running, done, ...
-    heartbeat_from: str = "share"  # share | vm: read over SSH from the VM's disk, the share's being stale
-
-
-@dataclass(frozen=True)
-class Bill:
-    """What bills now: the provider's charges and, where every one has a price, their sum."""
-
-    items: list[dict[str, object]]  # {"what": ..., "per_hour": float | None}
-    per_hour: float | None  # None if some charge has no known price (or there is nothing)
-
-
-@dataclass(frozen=True)
-class ClusterStatus:
-    name: str
-    provider: str
-    vms: list[VMState]
-    runs: list[RunStatus]
-    billing: Bill = field(default_factory=lambda: Bill([], None))
-    head: str = "ok"  # ok | unreachable (then runs are unknown; with no VM left that is no news)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1)
+    requests: list[RunRequest]
+    refused: list[str] = field(default_factory=list)  # one message per refused file, naming it
 
 
 def spec_arguments(spec: str, *, src: str = "", keys: str = "", out: str = "", name: str = "",
@@ -179,7 +118,7 @@ def new_run_id() -> str:
     return time.strftime("r%Y%m%d-%H%M%S-") + secrets.token_hex(2)
 
 
-def submit(config: ClusterConfig, *, spec_args: Sequence[str], run_args: Sequence[str] = (),
+def submit(cluster: Cluster, *, spec_args: Sequence[str], run_args: Sequence[str] = (),
            workers_per_vm: int | None = None, ship: Sequence[Path] = (),
            after: str | None = None) -> RunRequest:
     """Ship code to the share (optional) and write a run request the agents will pick up."""
@@ -189,175 +128,71 @@ def submit(config: ClusterConfig, *, spec_args: Sequence[str], run_args: Sequenc
         _check("--workers-per-vm", bounds.count_problem(workers_per_vm, 1, MAX_WORKERS_PER_VM))
     req = RunRequest(id=new_run_id(), spec_args=list(spec_args), run_args=list(run_args),
                      workers_per_vm=workers_per_vm, created=time.time(), after=after)
-    with Share.from_config(config) as share:
-        for path in ship:
-            n = share.ship(path)
-            logger.info("shipped %s (%d files) to the share", path, n)
-        share.write_text(f"{RUNS_DIR}/{req.id}.json", json.dumps(asdict(req), indent=1))
+    share = cluster.share
+    for path in ship:
+        n = share.ship(path)
+        logger.info("shipped %s (%d files) to the share", path, n)
+    share.write_text(request_file(req.id), req.to_json())
     return req
 
 
-def requests(share: Share) -> list[RunRequest]:
-    out = []
-    for n in share.listdir(RUNS_DIR):
-        if n.endswith(".json") and not n.endswith(".done.json") and not n.startswith("."):
-            text = share.read_text(f"{RUNS_DIR}/{n}")
-            if text:
-                out.append(RunRequest(**json.loads(text)))
-    return sorted(out, key=lambda r: r.created)
-
-
-def finished(share: Share, run_id: str) -> dict[str, object] | None:
-    text = share.read_text(f"{RUNS_DIR}/{run_id}.done.json")
-    return json.loads(text) if text else None
-
-
-def tasks_command(config: ClusterConfig, args: Sequence[str]) -> str:
-    """The shell command that runs `python -m tasks ARGS` on a VM, in the mounted run root."""
-    argv = [config.python, "-m", "tasks", *args]
-    pythonpath = ":".join([config.mount_point, *config.python_path])
-    return f"cd {shlex.quote(config.mount_point)} && PYTHONPATH={shlex.quote(pythonpath)} {shlex.join(argv)}"
-
-
-def engine_status(config: ClusterConfig, req: RunRequest, hosts: Sequence[Host]) -> dict[str, int] | None:
-    """`python -m tasks status --json` for the run, asked of the first live VM that answers."""
-    remote = Remote.from_config(config)
-    command = tasks_command(config, ["status", *req.spec_args, "--root", config.mount_point, "--json"])
-    for host in hosts:
-        try:
-            with remote.open(host, attempts=1) as conn:
-                out = remote.run_on(conn, host, command, timeout=STATUS_TIMEOUT_S)
-            return json.loads(out.stdout)
-        except (SSHError, ValueError) as e:
-            logger.info("status via %s failed: %s", host.name, e)
-    return None
-
-
-def cluster_status(config: ClusterConfig, *, live: bool = True) -> ClusterStatus:
-    """Every VM (provider + heartbeat) and every run (request + engine counts), and the bill.
-
-    A RUNNING VM whose heartbeat on the share is stale (a dead mount, or a dead agent) is
-    asked over SSH for the heartbeat its agent keeps on its own disk. With no VM left
-    (after `fab down`) a head that does not answer is no error: there is nothing to show.
-    """
-    provider = provider_for(config)
-    instances = provider.list()
-    bill = _bill(provider.billing(instances))
-    running = [Host(i.name, i.address, i.port) for i in instances if i.status is Status.RUNNING]
-    now = time.time()
-    try:
-        with Share.from_config(config, attempts=1 if not instances else 3) as share:
-            beats = {n[:-5]: heartbeat.parse(share.read_text(f"{VMS_DIR}/{n}")) for n in share.listdir(VMS_DIR)
-                     if n.endswith(".json") and not n.startswith(".")}
-            runs = []
-            for req in requests(share):
-                runs.append(_run_status(config, share, req, running, beats, live=live))
-    except SSHError:
-        if instances:
-            raise
-        return ClusterStatus(name=config.name, provider=config.provider, vms=[], runs=[], billing=bill,
-                             head="unreachable")
-    sources = dict.fromkeys(beats, "share")
-    if live:
-        stale = [i for i in instances if i.status is Status.RUNNING
-                 and (beats.get(i.name) is None or beats[i.name].age(now) > heartbeat.STALE_S)]
-        for name, beat in _local_beats(config, stale).items():
-            beats[name] = beat
-            sources[name] = "vm"
-    vms = [_vm_state(i, beats.get(i.name), sources.get(i.name, "share"), now) for i in instances]
-    return ClusterStatus(name=config.name, provider=config.provider, vms=vms, runs=runs, billing=bill)
-
-
-def _vm_state(i: Instance, beat: heartbeat.Heartbeat | None | str, source: str, now: float) -> VMState:
-    if isinstance(beat, str):  # what a stale VM's own disk said: no agent, or no answer
-        return VMState(name=i.name, address=i.address, status=i.status.value, preempted=i.preempted,
-                       agent=beat, heartbeat_age=None, rate=None, heartbeat_from=source)
-    return VMState(
-        name=i.name, address=i.address, status=i.status.value, preempted=i.preempted,
-        agent=beat.state if beat else None,
-        heartbeat_age=round(beat.age(now), 1) if beat else None,
-        rate=beat.rate if beat else None,
-        runs={rid: str(r.get("state")) for rid, r in beat.runs.items()} if beat else {},
-        heartbeat_from=source,
-    )
-
-
-def _local_beats(config: ClusterConfig, stale: list[Instance]) -> dict[str, heartbeat.Heartbeat | str]:
-    """The heartbeat each VM's agent keeps on its own disk; "no-agent" when it is stale there
-    too (or missing), "unreachable" when SSH did not answer."""
-    if not stale:
-        return {}
-    command = f'cat "${{SPOTFAN_HOME:-/var/lib/spotfan}}/{heartbeat.LOCAL_FILE}" 2>/dev/null; true'
-    try:
-        outs: dict[str, object] = dict(Remote.from_config(config).run(
-            [Host(i.name, i.address, i.port) for i in stale], command, timeout=LOCAL_BEAT_TIMEOUT_S))
-    except GroupError as e:
-        outs = dict(e.results)
-    found: dict[str, heartbeat.Heartbeat | str] = {}
-    now = time.time()
-    for i in stale:
-        out = outs.get(i.name)
-        if not hasattr(out, "stdout"):
-            found[i.name] = "unreachable"
+def requests(cluster: Cluster) -> Requests:
+    """Every run request on the share, oldest first; a forged or broken one is refused, not used."""
+    found, refused = [], []
+    for n in cluster.share.listdir(RUNS_DIR):
+        if not is_request(n):
             continue
-        beat = heartbeat.parse(out.stdout)  # type: ignore[union-attr]
-        # Fresh here, stale on the share: the agent lives, and says why (mount-dead, mostly).
-        found[i.name] = "no-agent" if beat is None or beat.age(now) > heartbeat.STALE_S * 3 else beat
-    return found
+        rel = f"{RUNS_DIR}/{n}"
+        try:
+            text = cluster.share.read_text(rel)
+            if text:
+                found.append(RunRequest.from_json(text, source=rel, run_id=n[: -len(".json")]))
+        except RecordError as e:
+            refused.append(str(e))
+    return Requests(sorted(found, key=lambda r: r.created), refused)
 
 
-def _run_status(config: ClusterConfig, share: Share, req: RunRequest, running: Sequence[Host],
-                beats: dict[str, heartbeat.Heartbeat | None], *, live: bool) -> RunStatus:
-    done = finished(share, req.id)
-    counts = (done or {}).get("status") if done else (engine_status(config, req, running) if live else None)
-    starts = [float(b.runs[req.id]["started"]) for b in beats.values()
-              if b is not None and isinstance(b.runs.get(req.id, {}).get("started"), (int, float))]
-    return RunStatus(
-        id=req.id, spec=shlex.join(req.spec_args), result=done["result"] if done else None,
-        requested=req.created, started=min(starts) if starts else None,
-        ended=float(done["time"]) if done and isinstance(done.get("time"), (int, float)) else None,
-        **{k: counts.get(k) for k in ("total", "done", "failed", "running", "pending")} if counts else {},
-    )
+def finished(cluster: Cluster, run_id: str) -> RunDone | None:
+    """The run's done record, validated; None while the run goes on."""
+    rel = done_file(run_id)
+    text = cluster.share.read_text(rel)
+    return RunDone.from_json(text, source=rel, run_id=run_id) if text else None
 
 
-def _bill(charges: Sequence[Charge]) -> Bill:
-    prices = [c.per_hour for c in charges]
-    total = sum(p for p in prices if p is not None) if charges and all(p is not None for p in prices) else None
-    return Bill([{"what": c.what, "per_hour": c.per_hour} for c in charges], total)
+def wait(cluster: Cluster, run_id: str, *, timeout: float,
+         on_tick: Callable[[], None] | None = None, tick_every: float = 10.0) -> RunDone:
+    """Block until the run is over (its done record exists); return that record.
 
-
-def wait(config: ClusterConfig, run_id: str, *, timeout: float,
-         on_progress: Callable[[RunStatus], None] | None = None, progress_every: float = 10.0) -> dict[str, object]:
-    """Block until the run is over (its `.done.json` exists); return that record."""
+    `on_tick` is called every `tick_every` seconds meanwhile (to show progress). A done
+    record that is refused ends the wait with its RecordError: it would never be replaced.
+    """
     check_wait_timeout(timeout)
     deadline = time.monotonic() + timeout
-    last_progress = 0.0
-    with Share.from_config(config) as share:
-        for _ in range(int(timeout / WAIT_POLL_S) + 2):
-            done = finished(share, run_id)
-            if done is not None:
-                return done
-            if on_progress and time.monotonic() - last_progress >= progress_every:
-                last_progress = time.monotonic()
-                st = next((r for r in cluster_status(config).runs if r.id == run_id), None)
-                if st is not None:
-                    on_progress(st)
-            if time.monotonic() > deadline:
-                break
-            time.sleep(WAIT_POLL_S)
+    last_tick = 0.0
+    for _ in range(int(timeout / WAIT_POLL_S) + 2):
+        done = finished(cluster, run_id)
+        if done is not None:
+            return done
+        if on_tick is not None and time.monotonic() - last_tick >= tick_every:
+            last_tick = time.monotonic()
+            on_tick()
+        if time.monotonic() > deadline:
+            break
+        time.sleep(WAIT_POLL_S)
     raise ClusterError(
         f"run {run_id} not finished after {timeout:g}s; `fab status` shows where it is, "
         "`fab heal` restarts stopped VMs"
     )
 
 
-def logs(config: ClusterConfig, vm: str, *, max_bytes: int = LOG_TAIL_BYTES) -> dict[str, str]:
+def logs(cluster: Cluster, vm: str, *, max_bytes: int = LOG_TAIL_BYTES) -> dict[str, str]:
     """The tail of each log this VM wrote to the share: its agent's and one per run."""
-    with Share.from_config(config) as share:
-        names = share.listdir(f"{LOGS_DIR}/{vm}")
-        if not names:
-            known = share.listdir(LOGS_DIR)
-            raise ClusterError(
-                f"no logs for {vm!r} on the share; VMs with logs: {', '.join(known) or 'none'}"
-            )
-        return {n: share.tail(f"{LOGS_DIR}/{vm}/{n}", max_bytes=max_bytes) or "" for n in names}
+    why = name_problem(vm)
+    if why is not None:
+        raise ConfigError(f"VM {vm[:80]!r} {why}: give a VM name as `fab status` lists them")
+    share = cluster.share
+    names = [n for n in share.listdir(log_dir(vm))[:MAX_LOG_NAMES] if plain_name(n)]
+    if not names:
+        known = [n for n in share.listdir(LOGS_DIR)[:MAX_LOG_NAMES] if plain_name(n)]
+        raise ClusterError(f"no logs for {vm!r} on the share; VMs with logs: {', '.join(known) or 'none'}")
+    return {n: share.tail(f"{log_dir(vm)}/{n}", max_bytes=max_bytes) or "" for n in names}

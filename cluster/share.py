@@ -1,9 +1,10 @@
 """The laptop's view of the shared directory on the head, over SFTP with a verified host key.
 
 The laptop never mounts the share: it reads and writes the few files the cluster layer
-keeps there (run requests, VM heartbeats, logs) and ships project code, all through one
-SFTP session as the head's jailed user (cluster.jail), to whom the share is `/share`.
-Every path given to a `Share` is relative to the share's root.
+keeps there (cluster.records) and ships project code, all through one SFTP session as
+the head's jailed user (cluster.jail), to whom the share is `/share`. Every path given
+to a `Share` is relative to the share's root; every read is bounded (the share is
+untrusted input).
 """
 from __future__ import annotations
 
@@ -17,38 +18,25 @@ from pathlib import Path, PurePosixPath
 
 import paramiko
 
-from cluster.config import ClusterConfig
-from cluster.errors import ClusterError, SSHError
+from cluster.errors import ClusterError, RecordError
+from cluster.records import MAX_RECORD_BYTES
 from cluster.ssh import CONNECT_ATTEMPTS, Host, Remote
 
 logger = logging.getLogger(__name__)
 
-CLUSTER_DIR = ".spotfan/cluster"  # the cluster layer's files under the run root
 MAX_SHIP_FILES = 10_000  # `fab run --ship DIR` is for code, not data
 
 
 class Share:
     """Files under the head's shared directory. Connects on first use; use it with `with`."""
 
-    def __init__(self, *, remote: Remote, head: Host, user: str, root: str, attempts: int = CONNECT_ATTEMPTS) -> None:
+    def __init__(self, *, remote: Remote, head: Host, user: str, root: str) -> None:
         self._remote = remote
-        self._attempts = attempts
         self._head = head
         self._user = user
         self.root = PurePosixPath(root)
         self._conn = None
         self._sftp: paramiko.SFTPClient | None = None
-
-    @classmethod
-    def from_config(cls, config: ClusterConfig, *, attempts: int = CONNECT_ATTEMPTS) -> Share:
-        """`attempts`: connection attempts when first used (1 where a missing head is no news)."""
-        return cls(
-            remote=Remote.from_config(config),
-            head=Host(name="head", address=config.head.address, port=config.head.port),
-            user=config.head.user,
-            root=config.head.sftp_share,
-            attempts=attempts,
-        )
 
     def __enter__(self) -> Share:
         return self
@@ -61,23 +49,24 @@ class Share:
             self._conn.close()
         self._conn = self._sftp = None
 
+    def open(self, *, attempts: int = CONNECT_ATTEMPTS) -> Share:
+        """Connect now unless connected (`attempts`: 1 where a missing head is no news)."""
+        if self._sftp is None:
+            self._conn = self._remote.open(self._head, user=self._user, attempts=attempts, refused=(
+                f"head {self._head.address}:{self._head.port} refused {self._user!r} with the "
+                "laptop key: the head's jailed SFTP user is not set up for this cluster; run "
+                "`fab head-setup` and do what it prints on the head (the lab does it itself)"))
+            self._sftp = self._remote.sftp(self._conn, self._head)
+        return self
+
+    @property
+    def is_open(self) -> bool:
+        return self._sftp is not None
+
     @property
     def sftp(self) -> paramiko.SFTPClient:
-        if self._sftp is None:
-            try:
-                self._conn = self._remote.open(self._head, user=self._user, attempts=self._attempts)
-            except SSHError as e:
-                if isinstance(e.__cause__, paramiko.AuthenticationException):
-                    raise SSHError(
-                        f"head {self._head.address}:{self._head.port} refused {self._user!r} with the "
-                        "laptop key: the head's jailed SFTP user is not set up for this cluster; run "
-                        "`fab head-setup` and do what it prints on the head (the lab does it itself)"
-                    ) from e
-                raise
-            try:
-                self._sftp = self._conn.sftp()
-            except paramiko.SSHException as e:
-                raise SSHError(f"head {self._head.address}:{self._head.port}: no SFTP: {e}") from e
+        self.open()
+        assert self._sftp is not None
         return self._sftp
 
     def path(self, rel: str) -> str:
@@ -91,13 +80,16 @@ class Share:
             except OSError:
                 pass  # exists (SFTP reports it only as a generic failure)
 
-    def read_text(self, rel: str) -> str | None:
-        """The file's text, or None if it does not exist."""
+    def read_text(self, rel: str, *, max_bytes: int = MAX_RECORD_BYTES) -> str | None:
+        """The file's text, or None if it does not exist; one over `max_bytes` is refused unread."""
         try:
             with self.sftp.open(self.path(rel), "r") as f:
-                return f.read().decode("utf-8", errors="replace")
+                data = f.read(max_bytes + 1)
         except FileNotFoundError:
             return None
+        if len(data) > max_bytes:
+            raise RecordError(f"refused {rel} on the share: more than {max_bytes} bytes")
+        return data.decode("utf-8", errors="replace")
 
     def write_text(self, rel: str, text: str) -> None:
         """Write a file whole: a temporary next to it, then an atomic rename."""

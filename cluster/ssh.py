@@ -1,4 +1,4 @@
-"""Commands and file copies on many hosts at once over SSH (Fabric), with verified host keys.
+"""SSH access to the VMs and the head (Fabric, paramiko): verified host keys, bounded retries, fan-outs.
 
 Every fan-out runs to the end on every host and returns `{host: result}`; if any host
 failed it raises one `GroupError` whose `results` hold each host's result or exception.
@@ -7,15 +7,16 @@ it, or that presents another key, is refused (never trusted on first use). Nothi
 comes from the laptop either: no ~/.ssh/config or /etc/ssh/ssh_config (Fabric reads both
 by default, and a `Host *` block there could add a ProxyCommand, a jump host, agent
 forwarding or another key), no Fabric config files, no SSH agent; only cluster.toml's
-user, port and key.
+user, port and key. paramiko's and invoke's exceptions are turned into the cluster's
+(SSHError, HostKeyError) here and nowhere else.
 """
 from __future__ import annotations
 
 import logging
 import socket
+import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -24,9 +25,9 @@ import paramiko
 from fabric import Config, Connection
 from invoke.exceptions import CommandTimedOut
 
-from cluster.config import ClusterConfig
-from cluster.errors import ClusterError, GroupError, HostKeyError, SSHError
-from cluster.keys import host_pattern
+from cluster.errors import HostKeyError, SSHError
+from cluster.fanout import all_ok, fan_out
+from cluster.ssh_keys import host_pattern
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ CONNECT_ATTEMPTS = 3  # for a host that should be up: refused or reset connectio
 RETRY_BACKOFF_S = 0.5  # doubled after each failed attempt
 READY_POLL_S = 0.05  # while waiting for a booting VM's sshd (a refused connect is cheap)
 MAX_PARALLEL = 32  # connections opened at once
+CHUNK_POLL_S = 0.01  # while feeding a command its stdin and reading what it prints
 
 T = TypeVar("T")
 
@@ -85,7 +87,11 @@ class _RefuseUnknown(paramiko.MissingHostKeyPolicy):
 
 
 class Remote:
-    """SSH access to a cluster's VMs as one user with one key. Constructing it does no I/O."""
+    """SSH access to a cluster's VMs as one user with one key. Constructing it does no I/O.
+
+    `kept` connections (one per host, for commands repeated while a command runs, such as
+    the status a wait asks for at every tick) stay open until `close`.
+    """
 
     def __init__(self, *, user: str, key: Path, known_hosts: Path, connect_timeout: float,
                  command_timeout: float) -> None:
@@ -94,13 +100,33 @@ class Remote:
         self.known_hosts = known_hosts
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
+        self._kept: dict[Host, Connection] = {}
+        self._lock = threading.Lock()
 
-    @classmethod
-    def from_config(cls, config: ClusterConfig) -> Remote:
-        return cls(
-            user=config.ssh.user, key=config.ssh.key, known_hosts=config.ssh.known_hosts,
-            connect_timeout=config.ssh.connect_timeout, command_timeout=config.ssh.command_timeout,
-        )
+    def close(self) -> None:
+        """Close every kept connection."""
+        with self._lock:
+            kept, self._kept = self._kept, {}
+        for conn in kept.values():
+            conn.close()
+
+    def kept(self, host: Host) -> Connection:
+        """An open connection to `host`, opened (one attempt) on first use and kept until `close`."""
+        with self._lock:
+            conn = self._kept.get(host)
+        if conn is not None and conn.is_connected:
+            return conn
+        conn = self.open(host, attempts=1)
+        with self._lock:
+            self._kept[host] = conn
+        return conn
+
+    def forget(self, host: Host) -> None:
+        """Close a kept connection that failed, so the next `kept` opens a new one."""
+        with self._lock:
+            conn = self._kept.pop(host, None)
+        if conn is not None:
+            conn.close()
 
     # -- one host -----------------------------------------------------------------------
 
@@ -121,8 +147,12 @@ class Remote:
             conn.client.load_host_keys(str(self.known_hosts))
         return conn
 
-    def open(self, host: Host, *, attempts: int = CONNECT_ATTEMPTS, user: str | None = None) -> Connection:
-        """Open a connection, retrying refused/reset/timed-out ones a bounded number of times."""
+    def open(self, host: Host, *, attempts: int = CONNECT_ATTEMPTS, user: str | None = None,
+             refused: str | None = None) -> Connection:
+        """Open a connection, retrying refused/reset/timed-out ones a bounded number of times.
+
+        `refused`: the message when the host refuses the key (default: is the VM provisioned).
+        """
         delay = RETRY_BACKOFF_S
         last: BaseException | None = None
         for attempt in range(1, attempts + 1):
@@ -144,10 +174,9 @@ class Remote:
                 raise
             except paramiko.AuthenticationException as e:
                 conn.close()
-                raise SSHError(
-                    f"{host.name}: {self.user}@{host.address} refused the key {self.key}: "
-                    "is the VM provisioned with this cluster's key?"
-                ) from e
+                raise SSHError(refused or (
+                    f"{host.name}: {user or self.user}@{host.address} refused the key {self.key}: "
+                    "is the VM provisioned with this cluster's key?")) from e
             except (OSError, EOFError, paramiko.SSHException) as e:
                 conn.close()
                 last = e
@@ -158,6 +187,13 @@ class Remote:
             f"{host.name} ({host.address}:{host.port}) did not answer SSH "
             f"({attempts} attempts, {self.connect_timeout:g}s each): {_describe(last)}"
         ) from last
+
+    def sftp(self, conn: Connection, host: Host) -> paramiko.SFTPClient:
+        """An SFTP session on an open connection."""
+        try:
+            return conn.sftp()
+        except (OSError, EOFError, paramiko.SSHException) as e:
+            raise SSHError(f"{host.name} {host.address}:{host.port}: no SFTP: {e}") from e
 
     def wait_ready(self, host: Host, *, timeout: float) -> Connection:
         """Open a connection to a VM that may still be booting, polling until `timeout`."""
@@ -203,24 +239,7 @@ class Remote:
 
     def each(self, hosts: Sequence[Host], fn: Callable[[Host], T], *, what: str) -> dict[str, T]:
         """Call `fn(host)` for every host in parallel; raise GroupError if any failed."""
-        results: dict[str, T | BaseException] = {}
-        if not hosts:
-            return {}
-        with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL, len(hosts))) as pool:
-            futures = {h.name: pool.submit(fn, h) for h in hosts}
-            for name, fut in futures.items():
-                try:
-                    results[name] = fut.result()
-                except ClusterError as e:
-                    results[name] = e
-                except Exception as e:  # a bug or an unexpected library error: keep the others
-                    logger.exception("%s: %s failed unexpectedly", name, what)
-                    results[name] = e
-        failed = {n: r for n, r in results.items() if isinstance(r, BaseException)}
-        if failed:
-            lines = "\n".join(f"  {n}: {e}" for n, e in failed.items())
-            raise GroupError(f"{what} failed on {len(failed)} of {len(hosts)} VMs:\n{lines}", results)
-        return results  # type: ignore[return-value]
+        return all_ok(fan_out(hosts, fn, key=lambda h: h.name, max_parallel=MAX_PARALLEL), what=what)
 
     def run(self, hosts: Sequence[Host], command: str, *, timeout: float | None = None,
             check: bool = True) -> dict[str, Output]:
@@ -251,7 +270,7 @@ def _run_with_input(conn: Connection, host: Host, command: str, data: bytes, *, 
         chan.sendall(data)
         chan.shutdown_write()
         out, err = bytearray(), bytearray()
-        for _ in range(int(timeout / 0.01) + 1):
+        for _ in range(int(timeout / CHUNK_POLL_S) + 1):
             while chan.recv_ready():
                 out += chan.recv(65536)
             while chan.recv_stderr_ready():
@@ -260,7 +279,7 @@ def _run_with_input(conn: Connection, host: Host, command: str, data: bytes, *, 
                 break
             if time.monotonic() > deadline:
                 raise CommandTimedOut(None, timeout)  # type: ignore[arg-type]
-            time.sleep(0.01)
+            time.sleep(CHUNK_POLL_S)
         code = chan.recv_exit_status()
         while chan.recv_ready():
             out += chan.recv(65536)

@@ -1,5 +1,5 @@
-"""`fab status --watch`: successive cluster statuses turned into rates and ETAs, drawn as
-rich tables on a terminal or as plain lines in a log.
+"""`fab status --watch`: successive cluster statuses turned into views with rates and ETAs (drawn by
+cluster.show as rich tables on a terminal, or as plain lines in a log).
 
 A run's rate is its keys done over the last RATE_WINDOW_S seconds the watch has seen;
 before the watch has seen MIN_RATE_SPAN_S of it, the agents' own rates (executions per
@@ -13,15 +13,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from rich.console import Group, RenderableType
-from rich.progress_bar import ProgressBar
-from rich.table import Table
-from rich.text import Text
-
-from cluster import runs
-from cluster.config import ClusterConfig
 from cluster.errors import ClusterError, HostKeyError, SSHError
-from tasks.progress import fmt_eta
+from cluster.session import Cluster
+from cluster.status import HEARTBEAT_STALE_S, ClusterStatus, RunStatus, VMState, cluster_status
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +31,7 @@ MAX_STATUS_ERRORS = 5  # consecutive failed refreshes (head or VMs unreachable) 
 class RunView:
     """One run as the watch shows it."""
 
-    status: runs.RunStatus
+    status: RunStatus
     rate: float | None  # keys done per second, recently; None: not known yet
     eta: float | None  # seconds until every key is done or has failed, at that rate
 
@@ -56,7 +50,7 @@ class VMView:
     # no-agent | unreachable
     rate: float | None  # its worker's executions per second (last 30 s), while it runs
     heartbeat_age: float | None  # seconds since its agent's last heartbeat; None: never
-    stale: bool  # the heartbeat is older than runs.HEARTBEAT_STALE_S
+    stale: bool  # the heartbeat is older than HEARTBEAT_STALE_S
 
 
 @dataclass(frozen=True)
@@ -76,7 +70,7 @@ class View:
         return sum(v.state not in ("preempted", "stopped", "stopping") for v in self.vms)
 
 
-def vm_state(v: runs.VMState) -> str:
+def vm_state(v: VMState) -> str:
     """The provider's status and the agent's heartbeat, as one word."""
     if v.status == "TERMINATED":
         return "preempted" if v.preempted else "stopped"
@@ -97,20 +91,20 @@ class Tracker:
     shown: set[str] | None = None  # None until the first refresh
     rates: dict[str, float] = field(default_factory=dict)  # last known, kept once a run is over
 
-    def view(self, st: runs.ClusterStatus, now: float) -> View:
+    def view(self, st: ClusterStatus, now: float) -> View:
         going = {r.id for r in st.runs if r.result is None}
         if self.shown is None:
             self.shown = set(going) or ({st.runs[-1].id} if st.runs else set())
         self.shown |= going
         vms = [VMView(v.name, vm_state(v), v.rate if v.status == "RUNNING" else None,
                       v.heartbeat_age,
-                      v.heartbeat_age is not None and v.heartbeat_age > runs.HEARTBEAT_STALE_S)
+                      v.heartbeat_age is not None and v.heartbeat_age > HEARTBEAT_STALE_S)
                for v in st.vms]
         shown = [self._run(r, st.vms, now) for r in st.runs if r.id in self.shown]
         return View(st.name, st.provider, now, shown, len(st.runs) - len(shown), vms,
                     over=not going)
 
-    def _run(self, r: runs.RunStatus, vms: list[runs.VMState], now: float) -> RunView:
+    def _run(self, r: RunStatus, vms: list[VMState], now: float) -> RunView:
         hist = self.history.setdefault(r.id, deque())
         if r.done is not None:
             hist.append((now, r.done))
@@ -133,7 +127,7 @@ class Tracker:
         return RunView(r, rate, left / rate if left is not None and rate else None)
 
 
-def watch(config: ClusterConfig, *, interval: float, timeout: float,
+def watch(cluster: Cluster, *, interval: float, timeout: float,
           on_view: Callable[[View], None],
           on_error: Callable[[ClusterError], None] | None = None) -> View | None:
     """Refresh every `interval` seconds until no run is going or `timeout` has passed;
@@ -147,7 +141,7 @@ def watch(config: ClusterConfig, *, interval: float, timeout: float,
     errors = 0
     for _ in range(int(timeout / interval) + 2):  # bounded; the deadline ends it first
         try:
-            st = runs.cluster_status(config)
+            st = cluster_status(cluster)
             errors = 0
         except HostKeyError:
             raise
@@ -165,83 +159,3 @@ def watch(config: ClusterConfig, *, interval: float, timeout: float,
             break
         time.sleep(interval)
     return last
-
-
-# -- drawing -----------------------------------------------------------------------------
-
-def fmt_rate(rate: float | None) -> str:
-    if rate is None:
-        return "-"
-    return f"{rate:.1f}/s" if rate >= 1 or rate == 0 else f"{60 * rate:.1f}/min"
-
-
-def fmt_age(v: VMView) -> str:
-    if v.heartbeat_age is None:
-        return "never"
-    return f"{v.heartbeat_age:.0f}s ago" + (" (stale)" if v.stale else "")
-
-
-def counts(rv: RunView) -> str:
-    s = rv.status
-    if s.total is None:
-        return ("counts unavailable (see `fab logs VM`)" if s.result
-                else "counts unknown (no VM running; `fab heal`)")
-    pct = 100.0 * (s.done or 0) / s.total if s.total else 100.0
-    return f"{s.done}/{s.total} done ({pct:.0f}%), {s.failed} failed, {s.running} running"
-
-
-def plain_lines(view: View) -> list[str]:
-    """One line per run and one for the VMs, stamped: for logs and pipes."""
-    stamp = time.strftime("%H:%M:%S", time.localtime(view.time))
-    lines = []
-    for rv in view.runs:
-        s = rv.status
-        lines.append(f"{stamp} run {s.id}: {s.result or 'running'}: {counts(rv)}, "
-                     f"rate {fmt_rate(rv.rate)}, ETA {fmt_eta(rv.eta)}")
-    if not view.runs:
-        lines.append(f"{stamp} no runs on cluster {view.cluster}")
-    vms = ", ".join(f"{v.name} {v.state}" + (f" {fmt_rate(v.rate)}" if v.state == "running" else "")
-                    for v in view.vms)
-    lines.append(f"{stamp} vms {view.running_vms}/{len(view.vms)} up: {vms or 'none'}")
-    return lines
-
-
-STATE_STYLE = {"running": "green", "idle": "cyan", "preempted": "red", "stopped": "dim",
-               "stopping": "yellow", "starting": "yellow", "mount-dead": "bold red", "waiting": "cyan",
-               "no-agent": "bold red", "unreachable": "bold red"}
-
-
-def rich_view(view: View) -> RenderableType:
-    """One table per run and one of the VMs, for a terminal."""
-    parts: list[RenderableType] = [Text.assemble(
-        (f"cluster {view.cluster}", "bold"), f" ({view.provider}): {view.running_vms}/"
-        f"{len(view.vms)} VMs up, {time.strftime('%H:%M:%S', time.localtime(view.time))}")]
-    for rv in view.runs:
-        s = rv.status
-        result = s.result or "running"
-        t = Table(title=Text(f"run {s.id}  [{s.spec}]", style="bold"), title_justify="left")
-        for col in ("progress", "done", "failed", "running", "pending", "rate", "ETA", "state"):
-            t.add_column(col, justify="left" if col in ("progress", "state") else "right")
-        if s.total is None:
-            t.add_row(Text(counts(rv), style="yellow"), "-", "-", "-", "-", fmt_rate(rv.rate),
-                      "?", result)
-        else:
-            bar = ProgressBar(total=max(s.total, 1), completed=s.done or 0, width=30,
-                              complete_style="green" if not s.failed else "yellow")
-            t.add_row(bar, f"{s.done}/{s.total}", Text(str(s.failed), style="red" if s.failed else ""),
-                      str(s.running), str(s.pending), fmt_rate(rv.rate), fmt_eta(rv.eta),
-                      Text(result, style={"done": "green", "running": "bold"}.get(result, "red")))
-        parts.append(t)
-    if not view.runs:
-        parts.append(Text("no runs yet: `fab run SPEC` starts one", style="dim"))
-    if view.earlier:
-        parts.append(Text(f"{view.earlier} earlier run(s) over; `fab status` lists them", style="dim"))
-    vt = Table(title=Text("VMs", style="bold"), title_justify="left")
-    for col in ("VM", "state", "worker rate", "heartbeat"):
-        vt.add_column(col, justify="right" if col == "worker rate" else "left")
-    for v in view.vms:
-        vt.add_row(v.name, Text(v.state, style=STATE_STYLE.get(v.state, "")),
-                   fmt_rate(v.rate) if v.state == "running" else "-",
-                   Text(fmt_age(v), style="red" if v.stale else ""))
-    parts.append(vt)
-    return Group(*parts)

@@ -29,7 +29,7 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_repo_cluster_toml_is_valid():
     c = load(REPO / "cluster.toml")
     assert c.provider == "lab"
-    assert c.lab.address_prefix.startswith("127.")
+    assert c.settings.address_prefix.startswith("127.")
     assert c.ssh.key.is_absolute() and c.head.share.is_absolute()
     assert c.head.share not in c.ssh.key.parents, "keys must never live in the shared directory"
     # A venv's bin/python is a symlink; resolving it would lose the venv's packages.
@@ -40,7 +40,7 @@ def test_defaults_and_relative_paths(tmp_path):
     c = load(write(tmp_path, MINIMAL))
     assert c.head.share == tmp_path / "share"
     assert c.ssh.known_hosts.parent == tmp_path / ".spotfan-keys" / "demo"
-    assert c.lab.state_dir == tmp_path / ".lab" / "demo"
+    assert c.settings.state_dir == tmp_path / ".lab" / "demo"
     assert c.mount_point == "/mnt/spotfan"
     assert c.vm_names(3) == ["demo-w001", "demo-w002", "demo-w003"]
 
@@ -143,7 +143,7 @@ def test_gce_needs_its_table_and_self_delete_needs_a_service_account(tmp_path):
     with pytest.raises(ConfigError, match=r'\[cluster\] idle_action = "delete": .*set \[gce\] service_account'):
         load(write(tmp_path, delete))
     ok = load(write(tmp_path, delete + 'service_account = "w@p.iam.gserviceaccount.com"\n'))
-    assert (ok.idle_action, ok.gce.service_account) == ("delete", "w@p.iam.gserviceaccount.com")
+    assert (ok.idle_action, ok.settings.service_account) == ("delete", "w@p.iam.gserviceaccount.com")
     assert load(write(tmp_path, GCE)).idle_action == "stop", "stop is the default"
 
 

@@ -7,8 +7,8 @@ import re
 import time
 from pathlib import Path
 
-from cluster.share import CLUSTER_DIR
-from conftest import lab_processes
+from cluster.records import CLUSTER_DIR
+from labs import FIXTURES, lab_processes
 
 HERE = Path(__file__).resolve().parent
 KEYS = 160
@@ -29,7 +29,7 @@ def test_preempt_two_vms_mid_run_then_heal(make_lab):
     assert lab.fab_ok("up").count("agent: ok (started") == 4
 
     out = lab.fab_ok("run", "sh lab_work.sh {src} {out}", "--src", "in/*.txt", "--out", "out/{stem}.txt",
-                     "--lease", "5", "--ship", str(HERE / "lab_work.sh"))
+                     "--lease", "5", "--ship", str(FIXTURES / "lab_work.sh"))
     run_id = re.search(r"run (r[\w-]+) requested", out).group(1)
     outputs = lab.share / "out"
     lab.wait_for("a quarter of the outputs", lambda: outputs.exists()

@@ -16,8 +16,8 @@ import psutil
 import pytest
 
 from cluster.config import load
-from cluster.share import CLUSTER_DIR
-from conftest import FAB, REPO, Lab, lab_processes
+from cluster.records import CLUSTER_DIR
+from labs import FAB, REPO, Lab, lab_processes
 
 HERE = Path(__file__).resolve().parent
 IDLE_S = 20  # idle_timeout of the clusters whose VMs must stop themselves
@@ -97,7 +97,7 @@ def test_an_agent_that_dies_at_start_is_shown_with_its_log(make_lab):
     wrapper = lab.folder / "python-wrapper"
     wrapper.write_text(f"""#!/bin/sh
 case "$*" in
-    *"-m cluster.agent"*) echo "wrapper: the agent's interpreter crashed on purpose" >&2; exit 3 ;;
+    *"-m cluster.vm.agent"*) echo "wrapper: the agent's interpreter crashed on purpose" >&2; exit 3 ;;
 esac
 exec {sys.executable} "$@"
 """)
@@ -122,7 +122,7 @@ def test_a_vm_that_cannot_mount_at_boot_stops_itself_within_idle_timeout(make_la
     lab = make_lab(workers=1, idle_timeout=IDLE_S)
     lab.fab_ok("up")
     vm = lab.config.vm_names()[0]
-    head = json.loads((lab.config.lab.state_dir / "head" / "sshd.json").read_text())
+    head = json.loads((lab.settings.state_dir / "head" / "sshd.json").read_text())
     os.kill(head["pid"], signal.SIGKILL)  # the head is gone: no mount can be made
     lab.provider.preempt([vm])
     t0 = time.monotonic()
@@ -148,7 +148,7 @@ def test_a_vm_whose_agent_died_for_good_stops_itself_though_a_key_still_runs(mak
                                                for p in lab.provider.processes(vm)), timeout=60)
     time.sleep(IDLE_S + 5)
     assert lab.statuses() == {vm: "RUNNING"}, "a VM whose key runs is busy, not idle"
-    agent = next(p for p in lab.provider.processes(vm) if "-m cluster.agent" in cmdline(p))
+    agent = next(p for p in lab.provider.processes(vm) if "-m cluster.vm.agent" in cmdline(p))
     agent.send_signal(signal.SIGKILL)
     agent.wait(10)
     t0 = time.monotonic()
@@ -238,7 +238,7 @@ MOUNT_DEAD_BOUND_S = 10  # a killed sshfs must show as mount-dead within this (s
 
 
 def test_a_killed_sshfs_shows_as_mount_dead_and_the_agent_mounts_again(make_lab):
-    from cluster.heartbeat import HEARTBEAT_INTERVAL_S, STALE_S
+    from cluster.records import HEARTBEAT_INTERVAL_S, STALE_S
 
     lab = make_lab(workers=1, idle_timeout=300)
     lab.fab_ok("up")
@@ -358,7 +358,7 @@ def test_a_key_that_sleeps_forever_is_ended_by_fab_run_timeout_and_the_vm_stops(
 
 def test_the_fleet_settings_are_valid_sshd_config_and_head_setup_prints_them(tmp_path):
     from cluster import jail
-    from cluster.keys import ensure_key_pair
+    from cluster.ssh_keys import ensure_key_pair
 
     if not os.access("/usr/sbin/sshd", os.X_OK):
         pytest.skip("no /usr/sbin/sshd to check the settings with")
@@ -387,14 +387,15 @@ def test_the_fleet_settings_are_valid_sshd_config_and_head_setup_prints_them(tmp
 
 
 def test_the_lab_head_is_sized_for_the_fleet_and_a_resize_keeps_the_mounts(make_lab):
-    from cluster import bootstrap
+    from cluster import lifecycle
 
     lab = make_lab(workers=1)
     lab.fab_ok("up")
-    head = lab.config.lab.state_dir / "head"
+    head = lab.settings.state_dir / "head"
     assert "MaxStartups 42:30:84\n" in (head / "sshd_config").read_text()
     pid = json.loads((head / "sshd.json").read_text())["pid"]
-    bootstrap.prepare(lab.config, lab.provider, workers=40)  # what `fab up --count 40` does first
+    with lab.cluster() as cluster:
+        lifecycle.prepare(cluster, workers=40)  # what `fab up --count 40` does first
     assert "MaxStartups 138:30:276\n" in (head / "sshd_config").read_text()
     assert json.loads((head / "sshd.json").read_text())["pid"] == pid, "reloaded, not restarted"
     out = lab.fab_ok("exec", 'sh "$SPOTFAN_HOME/mount.sh" check')

@@ -11,11 +11,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cluster.share import CLUSTER_DIR
-from cluster.top import VERDICT_KINDS
+from cluster.records import CLUSTER_DIR
+from cluster.vm.verdict import VERDICT_KINDS
+from labs import FIXTURES
 
 HERE = Path(__file__).resolve().parent
-TASKS = HERE / "op_tasks.py"
+TASKS = FIXTURES / "op_tasks.py"
 CORES = os.cpu_count() or 1
 RUN_TIMEOUT_S = 90
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -185,4 +186,4 @@ def test_top_names_a_cpu_bound_run_and_one_failing_vm_hides_no_other(make_lab):
     assert "\nverdict: " in r.stdout
     assert f"==> {mute}: FAILED: {mute} (" in r.stdout
     assert re.search(rf"==> top: {vms[0]} [a-z-]+, {mute} FAILED", r.stdout), r.stdout
-    assert "error: cluster.top failed on 1 of 2 VMs" in r.stderr
+    assert "error: cluster.vm.top failed on 1 of 2 VMs" in r.stderr

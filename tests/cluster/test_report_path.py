@@ -2,7 +2,9 @@
 
 The task's name reaches the laptop twice from untrusted places: in the run request on the
 share (which any share writer can forge) and in the JSON line the VM's engine prints
-(which a VM someone controls can forge). Neither may pick a folder outside DIR.
+(which a VM someone controls can forge). Neither may pick a folder outside DIR: the
+laptop refuses the forged request itself (naming its file, exit 2), and refuses the
+lying VM's result (exit 1).
 """
 from __future__ import annotations
 
@@ -31,8 +33,8 @@ def test_report_never_writes_outside_its_folder(make_lab, tmp_path: Path) -> Non
     around.mkdir()
     before = tree(tmp_path)
 
-    # 1. A forged run request (the newest, so `fab report` picks it) names the task
-    #    "../../escape": the VM's engine refuses the name, the laptop says so, exit 2.
+    # 1. A forged run request (the newest, so `fab report` would pick it) names the task
+    #    "../../escape": the laptop's reader refuses the file, naming it, exit 2.
     forged = {"id": "r20990101-000000-f0f0", "created": time.time() + 86400, "after": None,
               "spec_args": ["--cmd", "cp {src} {out}", "--src", "in/*", "--out", "o/{name}",
                             "--name", FORGED_NAME],
@@ -42,7 +44,9 @@ def test_report_never_writes_outside_its_folder(make_lab, tmp_path: Path) -> Non
     r = lab.fab("report", "--to", str(to))
     assert r.returncode == 2, f"{r.stdout}\n{r.stderr}"
     assert f"--name '{FORGED_NAME}' contains '/'" in r.stderr
+    assert f"refused .spotfan/cluster/runs/{forged['id']}.json" in r.stderr, "the message names the file"
     assert tree(tmp_path) == before, "nothing written on the laptop"
+    (runs / f"{forged['id']}.json").unlink()  # the next step forges the VM's answer instead
 
     # 2. A VM whose engine lies: it prints the forged name and leaves report files where
     #    the laptop would fetch them from (.spotfan/tasks/../../escape/ = escape/).

@@ -18,11 +18,12 @@ import paramiko
 import psutil
 import pytest
 
-from cluster import bootstrap
+from cluster import jail, lifecycle
 from cluster.config import load
 from cluster.errors import ConfigError
-from cluster.lab import ProcRecord
-from conftest import REPO
+from cluster.session import Cluster
+from cluster.procs import ProcRecord
+from labs import REPO
 
 SSH_TIMEOUT_S = 20
 HOSTILE = [
@@ -105,7 +106,7 @@ def probe_head_with(lab, which: str) -> None:
         assert sftp.normalize(".") == "/share", "the session starts in the share"
         assert sftp.listdir("/") == ["share"], "the jail holds the share and nothing else"
         for outside in ("/etc/passwd", "/share/../etc/passwd", "/share/escape",
-                        str(lab.config.lab.state_dir / "head" / "ssh_host_ed25519_key"),
+                        str(lab.settings.state_dir / "head" / "ssh_host_ed25519_key"),
                         str(lab.config.ssh.worker_key)):
             with pytest.raises(FileNotFoundError):
                 sftp.open(outside).read()
@@ -137,7 +138,7 @@ def test_head_jail_is_root_owned_and_the_user_has_no_shell(head_lab):
         assert st.st_uid == 0 and not st.st_mode & 0o022, f"{d} must be root-owned, writable only by root"
     pw = pwd.getpwnam(cfg.head.user)
     assert pw.pw_shell == "/usr/sbin/nologin" and pw.pw_uid != 0
-    sshd_config = (cfg.lab.state_dir / "head" / "sshd_config").read_text()
+    sshd_config = (head_lab.settings.state_dir / "head" / "sshd_config").read_text()
     block = sshd_config[sshd_config.index(f"Match User {cfg.head.user}"):]
     for line in (f"ChrootDirectory {cfg.head.jail}", "ForceCommand internal-sftp -d /share",
                  "AllowTcpForwarding no", "X11Forwarding no", "PermitTTY no", "PermitTunnel no"):
@@ -182,8 +183,8 @@ def test_a_run_with_hostile_names_over_sshfs_leaks_no_secret(make_lab):
     said += [status, lab.fab_ok("status"), lab.fab_ok("logs", lab.config.vm_names()[0])]
     cfg = lab.config
     vm = cfg.vm_names()[0]
-    vm_dir = cfg.lab.state_dir / "vms" / vm
-    private = [cfg.ssh.key, cfg.ssh.worker_key, cfg.lab.state_dir / "head" / "ssh_host_ed25519_key",
+    vm_dir = lab.settings.state_dir / "vms" / vm
+    private = [cfg.ssh.key, cfg.ssh.worker_key, lab.settings.state_dir / "head" / "ssh_host_ed25519_key",
                vm_dir / "ssh" / "ssh_host_ed25519_key", lab.provider.vm_home(vm) / "worker_key"]
     for k in private:
         assert k.stat().st_mode & 0o777 == 0o600, f"{k} must be mode 0600"
@@ -198,7 +199,7 @@ def test_a_run_with_hostile_names_over_sshfs_leaks_no_secret(make_lab):
     for f in (p for p in share.rglob("*") if p.is_file()):
         assert not leaks(f.read_text(errors="replace")), f"private key material in the share: {f}"
     # Every log: the head's sshd, each VM's console, sshd, sshfs and agent, the run logs.
-    logs = [p for p in cfg.lab.state_dir.rglob("*.log")] + list(share.rglob("*.log"))
+    logs = [p for p in lab.settings.state_dir.rglob("*.log")] + list(share.rglob("*.log"))
     assert any(p.name == "sshfs.log" for p in logs) and any(p.name == "agent.log" for p in logs)
     for f in logs:
         assert not leaks(f.read_text(errors="replace")), f"private key material in {f}"
@@ -218,7 +219,7 @@ def test_changed_head_host_key_stops_the_laptop_and_the_worker_mount(make_lab):
     lab = make_lab(workers=1)
     lab.fab_ok("up")
     cfg = lab.config
-    head = cfg.lab.state_dir / "head"
+    head = lab.settings.state_dir / "head"
     rec = ProcRecord(**json.loads((head / "sshd.json").read_text()))
     p = rec.process()
     assert p is not None
@@ -230,7 +231,7 @@ def test_changed_head_host_key_stops_the_laptop_and_the_worker_mount(make_lab):
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
     # The head comes back with another key; the laptop's and the VM's known_hosts keep the old one.
     lab.provider.start_head(share=cfg.head.share, address=cfg.head.address, port=cfg.head.port,
-                            authorized=bootstrap.head_authorized_keys(cfg), user=cfg.head.user,
+                            authorized=jail.authorized_keys(cfg), user=cfg.head.user,
                             jail=cfg.head.jail, workers=cfg.workers)
 
     st = lab.fab("status")
@@ -316,7 +317,8 @@ def test_head_setup_prints_the_match_block_for_a_real_head(tmp_path):
     (tmp_path / "cluster.toml").write_text(
         '[cluster]\nname = "demo"\nprovider = "gce"\n[head]\naddress = "10.0.0.2"\nshare = "/data/demo"\n'
         '[gce]\nproject = "p"\nzones = ["us-central1-a"]\nimage = "spotfan-worker"\n')
-    steps = bootstrap.head_setup(load(tmp_path / "cluster.toml"))
+    with Cluster(load(tmp_path / "cluster.toml")) as cluster:
+        steps = lifecycle.head_setup(cluster)
     for line in ("Match User spotfan-demo", "ChrootDirectory /srv/spotfan/demo",
                  "ForceCommand internal-sftp -d /share", "AllowTcpForwarding no", "PermitTTY no",
                  "mount --bind /data/demo /srv/spotfan/demo/share", "--shell /usr/sbin/nologin"):

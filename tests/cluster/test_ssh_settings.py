@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import SESSION_OCTET
+from labs import SESSION_OCTET
 
 AGENT_TIMEOUT_S = 10
 SSHD_RELOAD_TIMEOUT_S = 20
@@ -91,7 +91,7 @@ connect_kwargs:
 def allow_agent_forwarding(lab, vm: str) -> None:
     """Make the VM's sshd accept agent forwarding, as a stock Debian sshd does (the lab's
     refuses it), so the test sees whether the laptop asks for it."""
-    config = lab.config.lab.state_dir / "vms" / vm / "ssh" / "sshd_config"
+    config = lab.settings.state_dir / "vms" / vm / "ssh" / "sshd_config"
     text = config.read_text()
     assert "AllowAgentForwarding no" in text
     config.write_text(text.replace("AllowAgentForwarding no", "AllowAgentForwarding yes"))
@@ -155,7 +155,7 @@ def test_fab_uses_only_the_clusters_ssh_settings(make_lab, tmp_path: Path, monke
     # (ssh_config's IdentityFile, the agent's) were never even offered.
     cluster_keys = {fingerprint(lab.config.ssh.key), fingerprint(lab.config.ssh.worker_key)}
     accepted: set[str] = set()
-    for log in lab.config.lab.state_dir.rglob("sshd.log"):
+    for log in lab.settings.state_dir.rglob("sshd.log"):
         text = log.read_text(errors="replace")
         accepted |= set(re.findall(r"Accepted publickey for \S+ from \S+ port \d+ ssh2: \S+ (SHA256:\S+)", text))
         assert fingerprint(personal) not in text, f"{log} saw the ssh_config's IdentityFile"

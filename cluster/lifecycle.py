@@ -1,0 +1,225 @@
+"""Bringing a cluster to its working state and taking it down: up (and heal), down, preempt, exec.
+
+`up` and `heal` share one idempotent path: make sure the right VMs exist and run, rebuild
+known_hosts from what the provider reports, boot every VM (cluster.boot) and wait for
+each agent's first heartbeat. Any VM that does not end up working is a failure of the
+command, and is left stopped or deleted, never billing.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from cluster import jail
+from cluster.boot import boot, confirm, head_known_hosts, hosts, refresh_known_hosts
+from cluster.config import MAX_WORKERS
+from cluster.errors import ClusterError, GroupError, ProvisionError, RecordError, SSHError
+from cluster.providers.base import HeadDeleted, HeadVM, LocalHead, Preemptible, Status
+from cluster.records import DESIRED_FILE, DesiredCount
+from cluster.session import Cluster
+from cluster.ssh import Host, Output
+from cluster.ssh_keys import ensure_key_pair
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["HeadVMUp", "UpPlan", "VMReport", "down", "down_head", "exec_all", "head_known_hosts", "head_setup",
+           "kept_head", "preempt", "prepare", "running_hosts", "up", "up_head"]
+
+
+@dataclass(frozen=True)
+class VMReport:
+    """What bringing one VM up did."""
+
+    name: str
+    action: str  # created | started | running (already was) | deleted
+    boot: str  # what boot.sh printed (mount and agent lines)
+    zone: str | None = None  # where the VM runs, for providers with zones
+
+
+@dataclass(frozen=True)
+class UpPlan:
+    """What `up` is about to do, known before it creates, starts or deletes anything."""
+
+    create: tuple[str, ...]  # missing VMs
+    start: tuple[str, ...]  # stopped (TERMINATED) VMs
+    keep: tuple[str, ...]  # wanted VMs that exist and are not stopped
+    delete: tuple[str, ...]  # VMs beyond the wanted count
+    remembered: int | None = None  # the count an earlier `fab up --count` left, when it is used
+    configured: int = 0  # `workers` in cluster.toml
+
+    @property
+    def workers(self) -> int:
+        """How many VMs the cluster has once `up` is done."""
+        return len(self.create) + len(self.start) + len(self.keep)
+
+
+def ensure_keys(cluster: Cluster) -> None:
+    """The cluster's two key pairs (laptop -> VMs and head, VMs -> head), made if missing (0600)."""
+    config = cluster.config
+    ensure_key_pair(config.ssh.key, comment=f"spotfan-{config.name}-laptop")
+    ensure_key_pair(config.ssh.worker_key, comment=f"spotfan-{config.name}-worker")
+
+
+def head_setup(cluster: Cluster, *, workers: int | None = None) -> str:
+    """What a real head's administrator runs to jail this cluster's SFTP user and size its sshd
+    for `workers` VMs (default: cluster.toml's) connecting at once (the lab does it itself)."""
+    ensure_keys(cluster)
+    return jail.setup_steps(cluster.config, workers=workers)
+
+
+def up_head(cluster: Cluster, *, workers: int | None = None) -> HeadVMUp | None:
+    """With a provider that makes the head VM: create (or find) it first, and point the cluster at it."""
+    provider = cluster.provider
+    if not isinstance(provider, HeadVM):
+        return None  # the head is an existing host (or the lab's own, started by `prepare`)
+    cost = provider.describe_head_cost()
+    # The head's sshd is sized at its creation for this many VMs connecting at once.
+    location = provider.up_head(jail_steps=head_setup(cluster, workers=workers), port=cluster.config.head.port)
+    cluster.use_head(location)
+    return HeadVMUp(cost=cost, name=location.name, zone=location.zone, address=location.address)
+
+
+@dataclass(frozen=True)
+class HeadVMUp:
+    """What `up_head` did."""
+
+    cost: str  # what the head VM costs per hour, in one line
+    name: str
+    zone: str | None
+    address: str  # the address workers and the laptop reach it at
+
+
+def prepare(cluster: Cluster, *, workers: int | None = None) -> None:
+    """Keys, and where the provider runs the head itself its sshd (sized for `workers` VMs):
+    everything the VMs will need before they exist."""
+    ensure_keys(cluster)
+    _start_head(cluster, workers=cluster.config.workers if workers is None else workers)
+    refresh_known_hosts(cluster, [i.name for i in cluster.provider.list()], require=False)
+
+
+def _start_head(cluster: Cluster, *, workers: int) -> None:
+    provider, config = cluster.provider, cluster.config
+    if isinstance(provider, LocalHead):
+        provider.start_head(share=config.head.share, address=config.head.address, port=config.head.port,
+                            authorized=jail.authorized_keys(config), user=config.head.user, jail=config.head.jail,
+                            workers=workers)
+
+
+def up(cluster: Cluster, *, count: int | None = None,
+       on_plan: Callable[[UpPlan], None] | None = None) -> list[VMReport]:
+    """Make the cluster have `count` (default: last asked, else config) working VMs.
+
+    `on_plan` sees what will be created, started and deleted before anything is. Raises
+    GroupError (its results: a VMReport per working VM, the error of each other one) if
+    any VM does not end up working; those are left stopped or deleted, never billing.
+    """
+    config, provider = cluster.config, cluster.provider
+    prepared = config.workers if count is None else count  # the head's sshd is sized for this many
+    prepare(cluster, workers=prepared)
+    remembered = None
+    if count is None:
+        saved = cluster.share.read_text(DESIRED_FILE)
+        remembered = DesiredCount.from_json(saved, source=DESIRED_FILE).workers if saved else None
+        if remembered is not None and remembered > MAX_WORKERS:
+            raise RecordError(f"refused {DESIRED_FILE} on the share: {remembered} workers, more than "
+                              f"{MAX_WORKERS}; `fab up --count N` writes it again")
+        count = config.workers if remembered is None else remembered
+    cluster.share.write_text(DESIRED_FILE, DesiredCount(count).to_json())
+    if jail.fleet_size(count) != jail.fleet_size(prepared):
+        _start_head(cluster, workers=count)  # sized for the remembered count instead
+    wanted = config.vm_names(count)
+    existing = {i.name: i for i in provider.list()}
+    reports = []
+    extra = sorted(set(existing) - set(wanted))
+    missing = [n for n in wanted if n not in existing]
+    stopped = [n for n in wanted if n in existing and existing[n].status is Status.TERMINATED]
+    if on_plan is not None:
+        keep = [n for n in wanted if n in existing and n not in stopped]
+        on_plan(UpPlan(create=tuple(missing), start=tuple(stopped), keep=tuple(keep), delete=tuple(extra),
+                       remembered=remembered if remembered != config.workers else None,
+                       configured=config.workers))
+    if extra:
+        logger.info("shrinking: deleting %s", ", ".join(extra))
+        provider.delete(extra)
+        reports += [VMReport(name=n, action="deleted", boot="") for n in extra]
+    if missing:
+        logger.info("creating %s", ", ".join(missing))
+        provider.create(missing)
+    if stopped:
+        logger.info("starting %s", ", ".join(stopped))
+        provider.start(stopped)
+    actions = {n: "created" for n in missing} | {n: "started" for n in stopped}
+    instances = [i for i in provider.list() if i.name in set(wanted)]
+    zones = {i.name: i.zone for i in instances}
+    refresh_known_hosts(cluster, [i.name for i in instances])
+    try:
+        boots: dict[str, str | BaseException] = dict(boot(cluster, instances))
+    except GroupError as e:
+        boots = dict(e.results)
+    results = confirm(cluster, boots)
+    results = {n: VMReport(name=n, action=actions.get(n, "running"), boot=r, zone=zones.get(n))
+               if isinstance(r, str) else r for n, r in results.items()}
+    failed = {n: r for n, r in results.items() if isinstance(r, BaseException)}
+    if failed:
+        lines = "\n".join(f"  {n}: {e}" for n, e in sorted(failed.items()))
+        raise GroupError(f"{len(failed)} of {len(wanted)} VMs are not working:\n{lines}", results)
+    return reports + [results[n] for n in wanted]  # type: ignore[misc]
+
+
+def down(cluster: Cluster) -> list[str]:
+    """Delete every VM of the cluster (and stop a head the provider runs itself); verify none is left."""
+    provider = cluster.provider
+    names = [i.name for i in provider.list()]
+    provider.delete(names)
+    left = [i.name for i in provider.list()]
+    if left:
+        raise ProvisionError(f"still present after delete: {', '.join(left)}; run `fab down` again")
+    _forget_count(cluster)
+    if isinstance(provider, LocalHead):
+        provider.stop_head()
+    return names
+
+
+def down_head(cluster: Cluster) -> HeadDeleted | None:
+    """Delete the head VM the provider made (its data stays); None when the head is an existing host."""
+    provider = cluster.provider
+    return provider.delete_head() if isinstance(provider, HeadVM) else None
+
+
+def kept_head(cluster: Cluster) -> str | None:
+    """The name of the head VM `fab down` keeps ("" when none is there); None without a head VM."""
+    provider = cluster.provider
+    if not isinstance(provider, HeadVM):
+        return None
+    vm = provider.head()
+    return vm.name if vm is not None else ""
+
+
+def _forget_count(cluster: Cluster) -> None:
+    """After `fab down`, the next `fab up` follows cluster.toml's `workers` again."""
+    try:
+        cluster.share.open(attempts=1).remove(DESIRED_FILE)
+    except (SSHError, OSError) as e:
+        logger.info("could not forget the worker count on the share (%s); `fab up --count N` sets it", e)
+
+
+def preempt(cluster: Cluster, *, count: int, names: Sequence[str] = ()) -> list[str]:
+    """Kill `count` running VMs (or the named ones) the way a cloud preempts, where the provider can."""
+    provider = cluster.provider
+    if not isinstance(provider, Preemptible):
+        raise ClusterError(f"fab preempt works only with the lab provider, not {cluster.config.provider!r}")
+    running = [i.name for i in provider.list() if i.status is Status.RUNNING]
+    chosen = list(names) if names else random.sample(running, min(count, len(running)))
+    provider.preempt(chosen)
+    return chosen
+
+
+def running_hosts(cluster: Cluster) -> list[Host]:
+    return hosts([i for i in cluster.provider.list() if i.status is Status.RUNNING])
+
+
+def exec_all(cluster: Cluster, command: str) -> dict[str, Output]:
+    """Run `command` on every running VM; GroupError carries each VM's output or error."""
+    return cluster.remote.run(running_hosts(cluster), command)

@@ -1,0 +1,432 @@
+"""The worker agent on one VM: runs the requested `tasks run` processes, reports, marks useful work.
+
+Started by boot.sh after the idle guard (cluster/vm/watchdog.sh) and the mount. It reads
+run requests that `fab run` writes under ROOT/.spotfan/cluster/runs/, keeps one
+`python -m tasks run` per unfinished run going (restarting it, a bounded number of
+times, if it dies while work remains), and writes this VM's heartbeat every
+HEARTBEAT_INTERVAL_S: to SPOTFAN_HOME/heartbeat.json on the VM's own disk always, and to
+ROOT/.spotfan/cluster/vms/NAME.json while the share is alive (so `fab status` can tell a
+dead mount from a dead agent). It does not stop the VM itself: it touches the guard's
+mark (cluster.vm.busy) while a key of this VM runs, and the guard stops an idle VM. A
+dead or missing mount is mounted again with jittered, bounded backoff (cluster.vm.mount),
+and a guard that died is started again. SIGTERM (the guard powering off) ends it after
+a last heartbeat. While it runs tasks it also records this VM's CPU, memory, disk and
+network every few seconds (cluster.vm.recorder), which `fab report` draws.
+
+The files it reads and writes on the share are cluster.records' (runs/, vms/, logs/,
+metrics/), each through its typed record; on the VM's own disk, SPOTFAN_HOME/:
+    heartbeat.json        the same heartbeat, written even while the share is dead
+    busy                  touched while a key of this VM runs: the idle guard's clock (cluster.vm.busy)
+    runs/<id>.state.json  the state file of this VM's `tasks run --state-file` for that run
+    agent.log             everything it logs (the share's copy misses what happened while it was down)
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import logging
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from cluster import records
+from cluster.errors import ClusterError, RecordError
+from cluster.fs import atomic_write
+from cluster.procs import running
+from cluster.records import HEARTBEAT_INTERVAL_S, Heartbeat, RunDone, RunRequest, VmRun
+from cluster.results import counts
+from cluster.vm import busy as useful_work
+from cluster.vm.env import pythonpath
+from cluster.vm.mount import MountWatch
+from cluster.vm.recorder import METRICS_INTERVAL_S, Recorder
+
+logger = logging.getLogger("cluster.agent")
+
+POLL_INTERVAL_S = 1.0
+MOUNT_CHECK_INTERVAL_S = HEARTBEAT_INTERVAL_S  # a dead mount shows in the next heartbeat
+GUARD_CHECK_INTERVAL_S = 30.0  # how often the agent makes sure the idle guard still runs
+STATUS_TIMEOUT_S = 120.0
+MAX_RESTARTS = 5  # per run and boot: a run that keeps dying needs a human
+RESTART_BACKOFF_S = 2.0
+RATE_WINDOW_S = 30.0
+MAX_LIFETIME_S = 7 * 24 * 3600.0  # the loop's outer bound; the idle guard ends the VM far sooner
+FINAL_EXITS = dict(enumerate(records.RESULTS))  # `tasks run` exit codes that end a run: done, failed, spec-error
+
+
+@dataclass
+class RunState:
+    """This VM's part in one run."""
+
+    id: str
+    state: str = "starting"  # running | waiting | queued | done | failed | spec-error | gave-up
+    pid: int | None = None
+    restarts: int = 0
+    exit_code: int | None = None
+    started: float | None = None
+    next_start: float = 0.0  # not before this time (backoff after a crash)
+    spawned: float = 0.0  # monotonic time of the last start of its `tasks run`
+    phase: str | None = None  # what its runner's state file last said (starting, working, waiting, ...)
+    useful: bool = False  # a key of this VM runs for it (see cluster.vm.busy)
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def public(self) -> VmRun:
+        return VmRun(state=self.state, pid=self.pid, restarts=self.restarts, exit_code=self.exit_code,
+                     started=self.started, phase=self.phase, useful=self.useful)
+
+
+@dataclass(frozen=True)
+class Settings:
+    name: str  # the VM's name
+    root: Path  # the mount point of the share: the run root
+    home: Path  # SPOTFAN_HOME on the VM's own disk
+    python: str
+    python_path: str
+    idle_timeout: float  # the guard's; here: how long a starting runner counts as busy
+    workers_per_vm: int
+    agent_id: str = ""  # boot.sh's name for this agent: `fab up` waits for a heartbeat carrying it
+    metrics_interval: float = METRICS_INTERVAL_S  # seconds per metric sample; 0: record none
+
+
+class Agent:
+    """One VM's agent; see the module docstring."""
+
+    def __init__(self, s: Settings) -> None:
+        self.s = s
+        self.runs: dict[str, RunState] = {}
+        self.mount = MountWatch(s.home)
+        self.last_mount_check = 0.0
+        self.last_heartbeat = 0.0
+        self.seq = 0  # heartbeats written: `fab up` sees this agent is alive when it grows
+        self.idle_since = time.monotonic()
+        self.last_guard_check = 0.0
+        self.share_log: logging.Handler | None = None
+        self.reports_state: bool | None = None  # does `tasks run` take --state-file? (asked once)
+        self.stop_asked = False
+        self.log_offsets: dict[Path, int] = {}
+        self.executions: list[tuple[float, int]] = []  # (time, cumulative executions) samples
+        self.total_executions = 0
+        self.hostname = socket.gethostname()
+        self.recorder = Recorder(python=s.python, python_path=s.python_path, home=s.home,
+                                 interval=s.metrics_interval)
+
+    def on_share(self, rel: str) -> Path:
+        """A file of cluster.records' layout, on the mounted share."""
+        return self.s.root / rel
+
+    def loop(self) -> str:
+        """Work until SIGTERM (the guard powering off) or the lifetime bound; return why it ended."""
+        deadline = time.monotonic() + MAX_LIFETIME_S
+        while time.monotonic() < deadline and not self.stop_asked:
+            now = time.monotonic()
+            if now - self.last_mount_check >= MOUNT_CHECK_INTERVAL_S:
+                self._check_mount(now)
+            if self.mount.ok:
+                self._log_to_share()
+                try:
+                    self._step()
+                except OSError as e:  # the share hiccuped: check it again before going on
+                    logger.warning("share error: %s", e)
+                    self.last_mount_check = 0.0
+            busy = self._useful_work()
+            if busy:
+                self.idle_since = now
+                useful_work.mark(self.s.home)
+            self.recorder.keep(busy=any(r.proc is not None for r in self.runs.values()), can_start=self.mount.ok,
+                               to=self.on_share(records.metrics_file(self.hostname)))
+            if now - self.last_guard_check >= GUARD_CHECK_INTERVAL_S:
+                self.last_guard_check = now
+                self._keep_guarded()
+            if now - self.last_heartbeat >= HEARTBEAT_INTERVAL_S:
+                self._heartbeat(self._state(busy))
+            time.sleep(POLL_INTERVAL_S)
+        return "stopped" if self.stop_asked else "max-lifetime"
+
+    def _state(self, busy: bool) -> str:
+        if not self.mount.ok:
+            return "mount-dead"
+        if busy:
+            return "working"
+        waiting = any(r.proc is not None and r.phase == "waiting" for r in self.runs.values())
+        return "waiting" if waiting else "idle"
+
+    def _useful_work(self) -> bool:
+        """Whether a key of this VM runs now (cluster.vm.busy); each run's phase is noted."""
+        now = time.monotonic()
+        for r in self.runs.values():
+            if r.proc is None:
+                r.useful, r.phase = False, None
+                continue
+            if not self.reports_state:  # an engine without --state-file: a live runner is busy
+                r.useful = True
+                continue
+            st = useful_work.read_state(useful_work.state_path(self.s.home, r.id))
+            fresh = st is not None and st.pid == r.pid
+            r.phase = st.phase if fresh and st is not None else "starting"
+            r.useful = useful_work.useful(st, pid=r.pid or -1, started_ago=now - r.spawned,
+                                          grace=self.s.idle_timeout)
+        return any(r.useful for r in self.runs.values())
+
+    # -- runs ---------------------------------------------------------------------------
+
+    def _step(self) -> None:
+        runs_dir = self.on_share(records.RUNS_DIR)
+        try:
+            names = sorted(os.listdir(runs_dir))
+        except FileNotFoundError:
+            names = []
+        except OSError as e:
+            logger.warning("cannot list %s: %s", runs_dir, e)
+            self.mount.ok = False
+            return
+        done = {n[: -len(".done.json")] for n in names if n.endswith(".done.json")}
+        for n in names:
+            rid = n[: -len(".json")]
+            if records.is_request(n) and records.RUN_ID.fullmatch(rid):
+                r = self.runs.setdefault(rid, RunState(id=rid))
+                self._drive(r, finished_elsewhere=rid in done)
+
+    def _drive(self, r: RunState, *, finished_elsewhere: bool) -> None:
+        if r.proc is not None:
+            code = r.proc.poll()
+            if code is None:
+                return
+            r.proc, r.pid, r.exit_code = None, None, code
+            if code in FINAL_EXITS:
+                r.state = FINAL_EXITS[code]
+                logger.info("run %s: tasks run exited %d (%s)", r.id, code, r.state)
+                self._mark_done(r)
+                return
+            r.restarts += 1
+            r.next_start = time.monotonic() + RESTART_BACKOFF_S * r.restarts
+            logger.warning("run %s: tasks run died (exit %s) with work left; restart %d/%d",
+                           r.id, code, r.restarts, MAX_RESTARTS)
+        if r.state in FINAL_EXITS.values() or r.state == "gave-up":
+            return
+        if finished_elsewhere:
+            r.state = "done"
+            return
+        if r.restarts > MAX_RESTARTS:
+            r.state = "gave-up"
+            logger.error("run %s: gave up after %d restarts; see its log", r.id, MAX_RESTARTS)
+            return
+        if time.monotonic() < r.next_start:
+            r.state = "waiting"
+            return
+        self._start(r)
+
+    def _request(self, rid: str) -> RunRequest | None:
+        rel = records.request_file(rid)
+        try:
+            text = records.read_bounded(self.on_share(rel))
+            return None if text is None else RunRequest.from_json(text, source=rel, run_id=rid)
+        except (OSError, RecordError) as e:
+            logger.warning("run %s: unreadable request: %s", rid, e)
+            return None
+
+    def _start(self, r: RunState) -> None:
+        req = self._request(r.id)
+        if req is None:
+            return
+        after = self.runs.get(req.after) if req.after else None
+        if after is not None and after.proc is not None:
+            r.state = "queued"  # it follows a run whose `tasks run` still goes on this VM
+            return
+        workers = req.workers_per_vm or self.s.workers_per_vm
+        argv = [self.s.python, "-m", "tasks", "run", *req.spec_args, *req.run_args,
+                "--root", str(self.s.root), "--workers", str(workers)]
+        if self.reports_state is None:
+            self.reports_state = useful_work.engine_reports_state(
+                self.s.python, env=self._env(), cwd=self.s.home)
+            logger.info("tasks run %s --state-file: %s", "takes" if self.reports_state else "does not take",
+                        "a run is busy while a key of this VM runs" if self.reports_state
+                        else "a live tasks run counts as busy")
+        if self.reports_state:
+            state = useful_work.state_path(self.s.home, r.id)
+            state.parent.mkdir(parents=True, exist_ok=True)
+            state.unlink(missing_ok=True)  # a new runner: nothing its predecessor wrote counts
+            argv += ["--state-file", str(state)]
+        log_dir = self.on_share(records.log_dir(self.s.name))
+        log_dir.mkdir(parents=True, exist_ok=True)
+        out = open(log_dir / f"{r.id}.log", "ab")
+        out.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} {self.s.name}: {shlex.join(argv)}\n".encode())
+        out.flush()
+        r.proc = subprocess.Popen(argv, cwd=self.s.root, env=self._env(), stdin=subprocess.DEVNULL,
+                                  stdout=out, stderr=subprocess.STDOUT)
+        out.close()
+        r.pid, r.state, r.started, r.spawned = r.proc.pid, "running", time.time(), time.monotonic()
+        logger.info("run %s: started tasks run (pid %d, %d workers)", r.id, r.pid, workers)
+
+    def _env(self) -> dict[str, str]:
+        return {**os.environ, "PYTHONPATH": pythonpath(root=str(self.s.root), extra=self.s.python_path)}
+
+    def _mark_done(self, r: RunState) -> None:
+        """Record that the run is over, with the engine's final counts (first agent wins)."""
+        path = self.on_share(records.done_file(r.id))
+        if path.exists():
+            return
+        done = RunDone(id=r.id, result=r.state, exit_code=r.exit_code, vm=self.s.name, time=time.time(),
+                       status=self._engine_counts(r.id))
+        atomic_write(path, done.to_json())
+
+    def _engine_counts(self, rid: str) -> records.EngineCounts | None:
+        req = self._request(rid)
+        if req is None:
+            return None
+        try:
+            out = subprocess.run(
+                [self.s.python, "-m", "tasks", "status", *req.spec_args, "--root", str(self.s.root), "--json"],
+                cwd=self.s.root, capture_output=True, text=True, timeout=STATUS_TIMEOUT_S, env=self._env())
+            return counts(out.stdout, host=self.s.name) if out.returncode == 0 else None
+        except (OSError, subprocess.TimeoutExpired, ClusterError) as e:
+            logger.warning("run %s: tasks status failed: %s", rid, e)
+            return None
+
+
+    # -- health and reporting -----------------------------------------------------------
+
+    def _check_mount(self, now: float) -> None:
+        """`mount.sh check` (cluster.vm.mount): a dead or missing mount is mounted again, with backoff."""
+        self.last_mount_check = now
+        what = self.mount.check(now)
+        if what == "back":
+            self._log_to_share()  # first, so that the share's agent.log says so too
+            logger.info("share usable again (after %d remount(s))", self.mount.back_after)
+        if not self.mount.ok and self.share_log is not None:  # its file is on the dead mount
+            logging.getLogger().removeHandler(self.share_log)
+            try:
+                self.share_log.close()
+            except OSError:
+                pass
+            self.share_log = None
+        if what == "remounted":
+            self.last_mount_check = 0.0  # look again at once
+
+    def _log_to_share(self) -> None:
+        """The agent's log on the share too, once the share is there (never onto a bare mount point)."""
+        if self.share_log is not None:
+            return
+        try:
+            log_dir = self.on_share(records.log_dir(self.s.name))
+            log_dir.mkdir(parents=True, exist_ok=True)
+            self.share_log = logging.FileHandler(log_dir / "agent.log")
+        except OSError as e:
+            logger.warning("no agent log on the share (%s); logging locally only", e)
+            return
+        self.share_log.setFormatter(logging.Formatter(f"%(asctime)s {self.s.name} agent: %(message)s"))
+        logging.getLogger().addHandler(self.share_log)
+        logger.info("started (pid %d, id %s, root %s); logging to the share too", os.getpid(),
+                    self.s.agent_id, self.s.root)
+
+    def _keep_guarded(self) -> None:
+        """The idle guard must run: boot.sh starts it first; if it has died since, start it again."""
+        pidfile = self.s.home / "watchdog.pid"
+        if running(pidfile, "watchdog.sh") is not None:
+            return
+        script = self.s.home / "watchdog.sh"
+        if not script.exists():
+            return
+        logger.warning("the idle guard is not running: starting it again")
+        with open(self.s.home / "watchdog.log", "ab") as log:
+            p = subprocess.Popen(["sh", str(script)], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                 cwd=self.s.home, start_new_session=True)
+        atomic_write(pidfile, f"{p.pid}\n")
+
+    def _rate(self) -> float | None:
+        """Executions per second on this VM over the last RATE_WINDOW_S, from the engine's logs."""
+        for path in (self.s.root / ".spotfan" / "tasks").glob(f"*/log/{self.hostname}-*.jsonl"):
+            try:
+                with open(path, "rb") as f:
+                    f.seek(self.log_offsets.get(path, 0))
+                    chunk = f.read()
+            except OSError:
+                continue
+            self.log_offsets[path] = self.log_offsets.get(path, 0) + len(chunk)
+            self.total_executions += chunk.count(b"\n")
+        now = time.monotonic()
+        self.executions.append((now, self.total_executions))
+        self.executions = [(t, n) for t, n in self.executions if now - t <= RATE_WINDOW_S]
+        (t0, n0), (t1, n1) = self.executions[0], self.executions[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else None
+
+    def _heartbeat(self, state: str) -> None:
+        """This VM's heartbeat: on its own disk always, on the share while the share is alive."""
+        self.last_heartbeat = time.monotonic()
+        self.seq += 1
+        beat = Heartbeat(
+            name=self.s.name, state=state, time=time.time(), agent_id=self.s.agent_id, seq=self.seq,
+            mount=self.mount.state, agent_pid=os.getpid(), idle_for=round(time.monotonic() - self.idle_since, 1),
+            idle_timeout=self.s.idle_timeout, runs={rid: r.public() for rid, r in self.runs.items()})
+        try:
+            atomic_write(self.s.home / records.LOCAL_HEARTBEAT, beat.to_json())
+        except OSError as e:
+            logger.warning("could not write the local heartbeat: %s", e)
+        if not self.mount.ok:
+            return
+        try:
+            rate = self._rate()
+            shared = replace(beat, rate=rate, executions=self.total_executions)
+            atomic_write(self.on_share(records.heartbeat_file(self.s.name)), shared.to_json(), make_parents=True)
+        except OSError as e:
+            logger.warning("could not write heartbeat: %s", e)
+
+    def shut_down(self) -> None:
+        """The guard is powering the VM off: end the recorder, say so once more, and return."""
+        self.recorder.stop()
+        try:
+            reason = (self.s.home / "stopping").read_text().strip()
+        except OSError:
+            reason = ""
+        logger.info("asked to stop (%s): last heartbeat", reason or "SIGTERM")
+        self._heartbeat("stopped-idle" if reason == "idle" else "stopped")
+        for h in logging.getLogger().handlers:
+            h.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--name", required=True)
+    p.add_argument("--root", required=True, type=Path)
+    p.add_argument("--home", required=True, type=Path)
+    p.add_argument("--agent-id", default="", help="boot.sh's name for this agent, in every heartbeat")
+    p.add_argument("--python", required=True)
+    p.add_argument("--python-path", default="")
+    p.add_argument("--idle-timeout", required=True, type=float)
+    p.add_argument("--workers-per-vm", required=True, type=int)
+    p.add_argument("--metrics-interval", type=float, default=METRICS_INTERVAL_S,
+                   help=f"seconds per metric sample while tasks run (default {METRICS_INTERVAL_S:g}; 0: none)")
+    a = p.parse_args(argv)
+    s = Settings(name=a.name, root=a.root, home=a.home, python=a.python, python_path=a.python_path,
+                 idle_timeout=a.idle_timeout, workers_per_vm=a.workers_per_vm, agent_id=a.agent_id,
+                 metrics_interval=a.metrics_interval)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {s.name} agent: %(message)s")
+    # One agent per VM, even if two boots race.
+    lock = open(s.home / "agent.lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        logger.info("another agent holds %s; exiting", s.home / "agent.lock")
+        return 0
+    agent = Agent(s)
+
+    def on_term(signum: int, frame: object) -> None:
+        agent.stop_asked = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    logger.info("started (pid %d, id %s, root %s, idle timeout %.0fs)", os.getpid(), s.agent_id, s.root,
+                s.idle_timeout)
+    try:
+        why = agent.loop()
+        logger.info("loop over (%s)", why)
+    finally:
+        agent.shut_down()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,20 @@
+"""The PYTHONPATH of the Python processes spotfan starts on a VM: the one place it is built.
+
+`tasks run` and the engine's other commands need the run root first (a task module
+shipped to the share is imported from there), then cluster.python_path; the agent's
+metrics recorder and `fab top`'s sampler need no user code, so they get no run root
+(a dead mount must never hang their start).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+def pythonpath(*, root: str | None = None, extra: Iterable[str] | str = ()) -> str:
+    """`root` (if any) then `extra` (cluster.python_path, as a list or already joined), ":"-joined."""
+    parts = [extra] if isinstance(extra, str) else list(extra)
+    seen: list[str] = []
+    for entry in ([root] if root else []) + [p for part in parts for p in part.split(":")]:
+        if entry and entry not in seen:
+            seen.append(entry)
+    return ":".join(seen)
