@@ -4,6 +4,8 @@ Bootstrap = what `fab up` does from no VMs to every VM working: create the VMs (
 keys, namespaces, sshd), write known_hosts, then on all VMs at once wait for SSH, put the
 boot files, mount the share over SSHFS and start the agent. The head is started once
 before timing. Needs root. Usage: python bench/bench_cluster_bootstrap.py [--sizes 1,4,8,16]
+[--octet 0 --port 2399]: every VM address is 127.OCTET.99.N (the head 127.0.0.1:PORT), so
+side-by-side runs need their own --octet and --port.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 STATE = Path("/tmp/spotfan-bench-bootstrap")
 
 
-def write_config(folder: Path, workers: int, kex: str = "") -> Path:
+def write_config(folder: Path, workers: int, kex: str = "", *, octet: int = 99, port: int = 2399) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "cluster.toml"
     path.write_text(f"""
@@ -40,8 +42,10 @@ python_path = ["{REPO}"]
 mount_point = "mnt"
 [head]
 address = "127.0.0.1"
-port = 2399
+port = {port}
 share = "share"
+user = "spotfan-bench{octet}"
+jail = "/srv/spotfan/bench{octet}"
 [ssh]
 key = "keys/laptop"
 worker_key = "keys/worker"
@@ -49,7 +53,7 @@ known_hosts = "keys/known_hosts"
 kex_algorithms = "{kex}"
 [lab]
 state_dir = "state"
-address_prefix = "127.0.99."
+address_prefix = "127.{octet}.99."
 """)
     return path
 
@@ -59,13 +63,16 @@ def main() -> int:
     p.add_argument("--sizes", default="1,4,8,16")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--kex", default="", help='e.g. "curve25519-sha256" (default: OpenSSH\'s own)')
+    p.add_argument("--octet", type=int, default=0, help="VMs on 127.OCTET.99.N (default 0)")
+    p.add_argument("--port", type=int, default=2399, help="the head's port (default 2399)")
     a = p.parse_args()
+    state = STATE.with_name(f"{STATE.name}-{a.octet}")
     sizes = [int(s) for s in a.sizes.split(",")]
-    if (STATE / "cluster.toml").exists():
-        with Cluster(load(STATE / "cluster.toml")) as leftover:
+    if (state / "cluster.toml").exists():
+        with Cluster(load(state / "cluster.toml")) as leftover:
             lifecycle.down(leftover)  # a crashed earlier run's leftovers
-    shutil.rmtree(STATE, ignore_errors=True)
-    config = load(write_config(STATE, 1, a.kex))
+    shutil.rmtree(state, ignore_errors=True)
+    config = load(write_config(state, 1, a.kex, octet=a.octet, port=a.port))
     cluster = Cluster(config)
     lifecycle.prepare(cluster)  # keys and the head, outside the timing
     results: dict[int, list[float]] = {}
@@ -85,7 +92,7 @@ def main() -> int:
     finally:
         lifecycle.down(cluster)
         cluster.close()
-        shutil.rmtree(STATE, ignore_errors=True)
+        shutil.rmtree(state, ignore_errors=True)
     base = statistics.median(results[sizes[0]])
     print(f"lab bootstrap (create + SSH + boot files + SSHFS mount + agent), median of {a.repeat}, "
           f"mount kex: {a.kex or 'OpenSSH default'}:")

@@ -25,7 +25,7 @@ from invoke.program import Program
 from cluster import lifecycle, remote_tasks, runs, show, status as cluster_status, top as cluster_top, watch as watching
 from cluster.config import config_path, load
 from cluster.errors import ClusterError, ConfigError, GroupError, HostKeyError, RecordError, UsageError
-from cluster.providers.base import Priced
+from cluster.providers.base import LocalHead, Priced
 from cluster.session import Cluster
 from cluster.vm.sample import DEFAULT_SECONDS as TOP_SECONDS
 
@@ -123,8 +123,8 @@ def _cost(cluster: Cluster, workers: int) -> str:
     provider, name = cluster.provider, cluster.config.provider
     if isinstance(provider, Priced):
         return provider.describe_cost(workers)
-    return f"{workers} {name} VMs; no cost" + (" (they run on this machine)" if name == "lab" else
-                                              " estimate for this provider")
+    return f"{workers} {name} VMs; no cost" + (" (they run on this machine)" if isinstance(provider, LocalHead)
+                                              else " estimate for this provider")
 
 
 @task(help={"count": "number of worker VMs (default: as last asked, else cluster.toml)",
@@ -136,9 +136,11 @@ def up(c, cluster: Cluster, count=None, json=False):
     cfg = cluster.config
     show.say(f"==> up: cluster {cfg.name} ({cfg.provider}), {'as many VMs as last time' if n is None else f'{n} VMs'}")
     t = time.monotonic()
-    head = lifecycle.up_head(cluster, workers=n)
-    if head is not None:
-        show.say(f"==> up: head VM cost: {head.cost}")
+    head_cost = lifecycle.head_vm_cost(cluster)
+    if head_cost is not None:  # said before the head VM is created
+        show.say(f"==> up: head VM cost: {head_cost}")
+        head = lifecycle.up_head(cluster, workers=n)
+        assert head is not None
         show.say(f"==> up: head VM {head.name} running in {head.zone} at {head.address} (host keys from guest attributes)")
     reports = lifecycle.up(cluster, count=n, on_plan=lambda p: show.plan(p, cost=_cost(cluster, p.workers)))
     show.reports(reports, as_json=json)

@@ -16,7 +16,7 @@ from cluster import jail
 from cluster.boot import boot, confirm, head_known_hosts, hosts, refresh_known_hosts
 from cluster.config import MAX_WORKERS
 from cluster.errors import ClusterError, GroupError, ProvisionError, RecordError, SSHError
-from cluster.providers.base import HeadDeleted, HeadVM, LocalHead, Preemptible, Status
+from cluster.providers.base import HeadDeleted, HeadLocation, HeadVM, LocalHead, Preemptible, Status
 from cluster.records import DESIRED_FILE, DesiredCount
 from cluster.session import Cluster
 from cluster.ssh import Host, Output
@@ -24,7 +24,7 @@ from cluster.ssh_keys import ensure_key_pair
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HeadVMUp", "UpPlan", "VMReport", "down", "down_head", "exec_all", "head_known_hosts", "head_setup",
+__all__ = ["UpPlan", "VMReport", "down", "down_head", "exec_all", "head_known_hosts", "head_setup", "head_vm_cost",
            "kept_head", "preempt", "prepare", "running_hosts", "up", "up_head"]
 
 
@@ -69,26 +69,22 @@ def head_setup(cluster: Cluster, *, workers: int | None = None) -> str:
     return jail.setup_steps(cluster.config, workers=workers)
 
 
-def up_head(cluster: Cluster, *, workers: int | None = None) -> HeadVMUp | None:
-    """With a provider that makes the head VM: create (or find) it first, and point the cluster at it."""
+def head_vm_cost(cluster: Cluster) -> str | None:
+    """What the head VM the provider makes costs per hour, in one line; None when it makes none."""
+    provider = cluster.provider
+    return provider.describe_head_cost() if isinstance(provider, HeadVM) else None
+
+
+def up_head(cluster: Cluster, *, workers: int | None = None) -> HeadLocation | None:
+    """With a provider that makes the head VM: create (or find) it first, and point the cluster at it;
+    None when the head is an existing host (or the lab's own, started by `prepare`)."""
     provider = cluster.provider
     if not isinstance(provider, HeadVM):
-        return None  # the head is an existing host (or the lab's own, started by `prepare`)
-    cost = provider.describe_head_cost()
+        return None
     # The head's sshd is sized at its creation for this many VMs connecting at once.
     location = provider.up_head(jail_steps=head_setup(cluster, workers=workers), port=cluster.config.head.port)
     cluster.use_head(location)
-    return HeadVMUp(cost=cost, name=location.name, zone=location.zone, address=location.address)
-
-
-@dataclass(frozen=True)
-class HeadVMUp:
-    """What `up_head` did."""
-
-    cost: str  # what the head VM costs per hour, in one line
-    name: str
-    zone: str | None
-    address: str  # the address workers and the laptop reach it at
+    return location
 
 
 def prepare(cluster: Cluster, *, workers: int | None = None) -> None:

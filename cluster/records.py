@@ -95,15 +95,16 @@ def is_heartbeat(name: str) -> bool:
     return name.endswith(".json") and not name.startswith(".")
 
 
-def read_bounded(path: Path, *, max_bytes: int = MAX_RECORD_BYTES) -> str | None:
-    """A local record's text (on a VM: from the mounted share or its own disk); None if missing."""
+def read_bounded(path: Path, *, source: str, max_bytes: int = MAX_RECORD_BYTES) -> str | None:
+    """A local record's text (on a VM: from the mounted share or its own disk); None if missing.
+    `source` names it in a refusal (its path under the run root)."""
     try:
         with open(path, "rb") as f:
             data = f.read(max_bytes + 1)
     except FileNotFoundError:
         return None
     if len(data) > max_bytes:
-        raise RecordError(f"refused {path}: more than {max_bytes} bytes")
+        raise RecordError(f"refused {source}: more than {max_bytes} bytes. {SHARE_HINT}")
     return data.decode("utf-8", errors="replace")
 
 

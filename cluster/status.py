@@ -21,6 +21,7 @@ from cluster.records import LOCAL_HEARTBEAT, STALE_S, VMS_DIR, EngineCounts, Hea
 from cluster.remote_tasks import engine_counts
 from cluster.runs import finished, requests
 from cluster.session import Cluster
+from cluster.ssh import Host
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +185,7 @@ def _local_beats(cluster: Cluster, stale: list[Instance]) -> dict[str, Heartbeat
     return found
 
 
-def _run_status(cluster: Cluster, req: RunRequest, running: Sequence[object], beats: dict[str, Heartbeat | None],
+def _run_status(cluster: Cluster, req: RunRequest, running: Sequence[Host], beats: dict[str, Heartbeat | None],
                 *, live: bool, refused: list[str]) -> RunStatus:
     try:
         done = finished(cluster, req.id)
@@ -195,7 +196,7 @@ def _run_status(cluster: Cluster, req: RunRequest, running: Sequence[object], be
     if done is not None:
         counts = done.status
     else:
-        counts = engine_counts(cluster, req.spec_args, running) if live else None  # type: ignore[arg-type]
+        counts = engine_counts(cluster, req.spec_args, running) if live else None
     starts = [b.runs[req.id].started for b in beats.values()
               if b is not None and req.id in b.runs and b.runs[req.id].started is not None]
     return RunStatus(

@@ -221,11 +221,18 @@ class Agent:
         self._start(r)
 
     def _request(self, rid: str) -> RunRequest | None:
+        """The run's request, validated; None (logged) if it cannot be read or is refused."""
         rel = records.request_file(rid)
         try:
-            text = records.read_bounded(self.on_share(rel))
+            text = records.read_bounded(self.on_share(rel), source=rel)
             return None if text is None else RunRequest.from_json(text, source=rel, run_id=rid)
-        except (OSError, RecordError) as e:
+        except RecordError as e:
+            logger.error("run %s: %s", rid, e)
+            r = self.runs.get(rid)
+            if r is not None:
+                r.state = "gave-up"  # a refused request stays refused: never run, logged once
+            return None
+        except OSError as e:
             logger.warning("run %s: unreadable request: %s", rid, e)
             return None
 

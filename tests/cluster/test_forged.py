@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 from cluster.records import CLUSTER_DIR, MAX_RECORD_BYTES
+from cluster.vm.agent import POLL_INTERVAL_S as AGENT_POLL_S
 
 
 def share_file(lab, rel: str) -> Path:
@@ -62,6 +64,12 @@ def test_a_forged_done_record_and_a_huge_request_are_refused_by_name(make_lab):
     # The latest run is not known while a request is refused: no guess, the file is named.
     r = lab.fab("failures")
     assert r.returncode == 2 and "r20990101-000000-0000.json" in r.stderr, r.stdout + r.stderr
+    # The VM's agent reads requests with the same reader: it never runs this one, and says so once.
+    log = lab.share / CLUSTER_DIR / "logs" / lab.config.vm_names()[0] / "agent.log"
+    refusal = "refused .spotfan/cluster/runs/r20990101-000000-0000.json"
+    lab.wait_for("the agent to refuse the request", lambda: refusal in log.read_text(), timeout=30)
+    time.sleep(3 * AGENT_POLL_S)
+    assert log.read_text().count(refusal) == 1
     huge.unlink()
     assert "no failed keys (2 keys)" in lab.fab_ok("failures"), "the run itself is still found"
 
