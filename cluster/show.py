@@ -22,6 +22,7 @@ from cluster.errors import GroupError
 from cluster.lifecycle import UpPlan, VMReport
 from cluster.records import CONTROL
 from cluster.results import FailureReport
+from cluster.ssh import RemoteCommandError
 from cluster.status import ClusterStatus, RunStatus
 from cluster.top import VMTop
 from cluster.vm.verdict import describe
@@ -180,7 +181,7 @@ def outputs(results: Mapping[str, Any], *, as_json: bool) -> None:
     if as_json:
         def one(r: Any) -> dict[str, Any]:
             if isinstance(r, BaseException):
-                o = getattr(r, "output", None)
+                o = r.output if isinstance(r, RemoteCommandError) else None
                 return {"error": str(r), **({"exit_code": o.exit_code, "stdout": o.stdout} if o else {})}
             return {"exit_code": r.exit_code, "stdout": r.stdout, "stderr": r.stderr}
 
@@ -188,10 +189,9 @@ def outputs(results: Mapping[str, Any], *, as_json: bool) -> None:
         return
     for name, r in sorted(results.items()):
         if isinstance(r, BaseException):
-            o = getattr(r, "output", None)
             say(f"==> {name}: FAILED: {r}")
-            if o is not None and o.stdout:
-                sys.stdout.write(o.stdout)
+            if isinstance(r, RemoteCommandError) and r.output.stdout:
+                sys.stdout.write(r.output.stdout)
         else:
             say(f"==> {name}: exit {r.exit_code}")
             sys.stdout.write(r.stdout)

@@ -21,7 +21,7 @@ from cluster.records import LOCAL_HEARTBEAT, STALE_S, VMS_DIR, EngineCounts, Hea
 from cluster.remote_tasks import engine_counts
 from cluster.runs import finished, requests
 from cluster.session import Cluster
-from cluster.ssh import Host
+from cluster.ssh import Host, Output
 
 logger = logging.getLogger(__name__)
 
@@ -170,10 +170,10 @@ def _local_beats(cluster: Cluster, stale: list[Instance]) -> dict[str, Heartbeat
     now = time.time()
     for i in stale:
         out = outs.get(i.name)
-        stdout = getattr(out, "stdout", None) if not isinstance(out, BaseException) else None
-        if not isinstance(stdout, str):
+        if not isinstance(out, Output):
             found[i.name] = "unreachable"
             continue
+        stdout = out.stdout
         try:
             beat: Heartbeat | None = (Heartbeat.from_json(stdout, source=f"{i.name}:{LOCAL_HEARTBEAT}", vm=i.name)
                                       if stdout.strip() else None)
