@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
+from tasks.deathsig import die_with_parent
 from tasks.errors import SpecError
 from tasks.keys import (KEY_FIELDS, SRC_FIELDS, Item, check_template, check_unique,
                         content_hashes, glob_base, glob_sources, render, safe_relpath,
@@ -125,12 +126,17 @@ class FileTask:
     """A task function with its key source and output template; still callable as is."""
 
     def __init__(self, func: Callable[..., Any], source: KeySource, *, name: str | None,
-                 init: Callable[[], Any] | None, fsync: bool) -> None:
+                 init: Callable[[], Any] | None, fsync: bool,
+                 timeout: float | None = None) -> None:
         self.func = func
         self.source = source
         self.name = name or func.__name__
         self.init = init
         self.fsync = fsync
+        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise SpecError(f"@filetask {func.__qualname__}: timeout={timeout!r} must be a number "
+                            "of seconds above 0")
+        self.timeout = float(timeout) if timeout is not None else None
         self.module = func.__module__
         self.qualname = func.__qualname__
         params = inspect.signature(func).parameters
@@ -221,6 +227,7 @@ class CmdTask:
     source: KeySource = field(default_factory=KeySource)
     name: str = ""
     fsync: bool = False
+    timeout: float | None = None  # seconds a key may run (tasks run --timeout overrides)
 
     def __post_init__(self) -> None:
         what = "--cmd"
@@ -264,7 +271,8 @@ class CmdTask:
         quoted = {k: shlex.quote(v) for k, v in values.items()}
         line = render(self.cmd, quoted, what="--cmd")
         proc = subprocess.run(["/bin/sh", "-c", line], cwd=root, stdin=subprocess.DEVNULL,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              preexec_fn=die_with_parent)  # no command outlives its worker
         if proc.returncode != 0:
             err = proc.stderr.decode("utf-8", "replace")[-STDERR_TAIL:]
             raise CommandFailed(proc.returncode, err)
@@ -276,7 +284,8 @@ TaskRef = Union[FuncRef, CmdTask]
 
 def filetask(*, out: str, src: str | None = None, keys: KeysArg = None, key: KeyMode = "path",
              name: str | None = None, init: Callable[[], Any] | None = None,
-             fsync: bool = False) -> Callable[[Callable[..., Any]], FileTask]:
+             fsync: bool = False,
+             timeout: float | None = None) -> Callable[[Callable[..., Any]], FileTask]:
     """Declare a file-keyed task: one output per key, skipped when it exists.
 
     src:   glob of input files relative to the run root (keys are their paths below the
@@ -289,11 +298,13 @@ def filetask(*, out: str, src: str | None = None, keys: KeysArg = None, key: Key
     init:  a top-level function run once per worker process (load a model, open a
            connection); the task receives its result as `ctx`.
     fsync: flush each output to stable storage before publishing it.
+    timeout: seconds one key may run; a key running longer is killed (its worker
+           process) and charged a failed attempt (`tasks run --timeout` overrides).
     """
     source = KeySource(src=src, keys=keys, key=key, out=out)
 
     def wrap(func: Callable[..., Any]) -> FileTask:
-        return FileTask(func, source, name=name, init=init, fsync=fsync)
+        return FileTask(func, source, name=name, init=init, fsync=fsync, timeout=timeout)
 
     return wrap
 

@@ -1,0 +1,106 @@
+"""A runner's picture of a task's claim units: which peers finished or hold (from two
+listings), and which to claim next.
+
+Units to claim are walked in one order that every runner shares (their names, sorted),
+each runner from a random start. A runner that meets a unit a peer holds jumps to the
+middle of the longest stretch of units nobody holds, so runners spread out over the
+units and rarely reach for the same one: a claim seldom finds its unit finished already.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from bisect import bisect_left
+from collections.abc import Iterable
+from pathlib import Path
+
+from tasks.claims import listing, parse_claim_name
+
+VIEW_REFRESH_S = 0.25  # list done/ and claims/ again before claiming, at most this often
+
+
+class UnitView:
+    """Which units peers finished since this run listed the outputs, and which are held,
+    from two listings (`done/`, `claims/`), refreshed at most every VIEW_REFRESH_S."""
+
+    def __init__(self, done_dir: Path, claims_dir: Path, markers_before: set[str]) -> None:
+        self.done_dir = done_dir
+        self.claims_dir = claims_dir
+        self.markers_before = markers_before  # markers older than our output listing: ignored
+        self.finished: set[str] = set()
+        self.held: set[str] = set()
+        self.at = -math.inf
+
+    def refresh(self, *, force: bool = False) -> None:
+        if not force and time.monotonic() - self.at < VIEW_REFRESH_S:
+            return
+        self.finished = listing(self.done_dir) - self.markers_before
+        self.held = {p[0] for p in map(parse_claim_name, listing(self.claims_dir)) if p}
+        self.at = time.monotonic()
+
+
+class UnitRing:
+    """Units still to claim, in the shared order, and where this runner walks."""
+
+    def __init__(self, units: Iterable[str], rng: random.Random) -> None:
+        self.ring = sorted(units)
+        self.index = {u: i for i, u in enumerate(self.ring)}
+        self.todo = list(range(len(self.ring)))  # sorted indices into ring
+        self.pos = rng.randrange(len(self.ring)) if self.ring else 0
+
+    def __bool__(self) -> bool:
+        return bool(self.todo)
+
+    def __len__(self) -> int:
+        return len(self.todo)
+
+    def add(self, unit: str) -> None:
+        i = self.index[unit]
+        at = bisect_left(self.todo, i)
+        if at == len(self.todo) or self.todo[at] != i:
+            self.todo.insert(at, i)
+
+    def discard(self, unit: str) -> None:
+        i = self.index[unit]
+        at = bisect_left(self.todo, i)
+        if at < len(self.todo) and self.todo[at] == i:
+            del self.todo[at]
+
+    def take(self, want: int, held: set[str]) -> tuple[list[str], list[str]]:
+        """Up to `want` units to try next, and the units skipped because they are held."""
+        picked: list[str] = []
+        skipped: list[str] = []
+        jumped = False
+        while len(picked) < want and self.todo:
+            at = bisect_left(self.todo, self.pos) % len(self.todo)
+            i = self.todo.pop(at)
+            unit = self.ring[i]
+            if unit in held:
+                skipped.append(unit)
+                if not jumped:
+                    self.pos = self._middle_of_longest_gap(held)
+                    jumped = True
+                continue
+            picked.append(unit)
+            self.pos = i + 1
+        return picked, skipped
+
+    def _middle_of_longest_gap(self, held: set[str]) -> int:
+        """The ring index in the middle of the longest circular run of units to claim
+        that nobody holds."""
+        free = [unit_i for unit_i in self.todo if self.ring[unit_i] not in held]
+        if not free or len(free) == len(self.todo):
+            return self.pos
+        blocked = [i for i in self.todo if self.ring[i] in held]
+        best_len, best_mid = -1, self.pos
+        # runs of free entries between consecutive blocked ones, circularly
+        n = len(self.todo)
+        where = {v: k for k, v in enumerate(self.todo)}
+        for a, b in zip(blocked, blocked[1:] + blocked[:1]):
+            start, end = where[a] + 1, where[b]
+            length = (end - start) % n if end != start or len(blocked) > 1 else n - 1
+            if length > best_len:
+                best_len = length
+                best_mid = self.todo[(start + length // 2) % n]
+        return best_mid
