@@ -404,13 +404,14 @@ class Dispatch:
     def _wait_for_peers(self) -> bool:
         """Nothing left for us but units live peers hold: look again until they finish
         them or their claims expire (then we take them over). False once the wait has
-        seen no progress for the lease plus the timeout: the keys stay with their peers."""
+        seen no progress for twice the lease plus the timeout (a dead peer's claims have
+        expired by then): the keys stay with their live peers."""
         now = time.monotonic()
         if self.waiting_since is None:
             self.waiting_since = now
             logger.info("waiting for %d unit(s) held by other runners", len(self.deferred))
         self._report(phase="waiting", force=True)
-        bound = self.opts.lease_s + (self.opts.timeout_s or 0.0)
+        bound = 2 * self.opts.lease_s + (self.opts.timeout_s or 0.0)
         if now - self.waiting_since > bound:
             logger.warning("%d key(s) are still held by live runners after %.0fs without "
                            "progress; leaving them to those runners",
