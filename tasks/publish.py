@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Literal
 
 from tasks.errors import EnvironmentFault, PublishError
-from tasks.fs import PublishMethod, renameat2_noreplace
+from tasks.fs import ENV_ERRNOS, PublishMethod, fault, renameat2_noreplace
 
 MAX_TEMP_NAME = 200  # leave room for the prefix within NAME_MAX (255)
 COPY_BLOCK = 1 << 20
@@ -150,14 +150,10 @@ class Publisher:
             except OSError as e:
                 if e.errno in (errno.ENOTEMPTY, errno.EISDIR):
                     return "theirs"
-                if e.errno == errno.EXDEV:
-                    raise PublishError(f"cannot move a temporary to {final}: they are on "
-                                       "different filesystems; keep outputs on the same mount "
-                                       "as the run root") from e
                 if e.errno == errno.EAGAIN and str(e) == "fenced":
                     return "fenced"
                 if e.errno != errno.ENOENT or final.parent.is_dir():
-                    raise
+                    _raise_folder_fault(e, final.parent)
                 final.parent.mkdir(parents=True, exist_ok=True)
         raise PublishError(f"the folder of {final} vanished twice while publishing")
 
@@ -219,7 +215,7 @@ class Publisher:
                 if e.errno in (errno.ENOTEMPTY, errno.EISDIR):
                     return "theirs"
                 if e.errno != errno.ENOENT:
-                    raise
+                    _raise_folder_fault(e, self.root / parent)
                 if self.share_tmp is not None and not self.share_tmp.is_dir():
                     raise lost_temp(self.share_tmp) from e
                 os.close(self._dirs.pop(parent))  # the output folder went away: make it again
@@ -245,6 +241,28 @@ def _rename_absent(tmp: Path, final: Path, fence: Fence) -> None:
     if os.path.lexists(final):
         raise FileExistsError(errno.EEXIST, "exists", str(final))
     os.rename(tmp, final)
+
+
+def _raise_folder_fault(e: OSError, folder: Path) -> None:
+    """Raise why an output folder refuses outputs: the folder's fault, not the key's (the
+    run stops with exit 3), or `e` itself for anything else."""
+    try:
+        read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    if read_only or e.errno == errno.EROFS:
+        raise fault(errno.EROFS, folder) from e
+    if e.errno in ENV_ERRNOS:
+        raise fault(e.errno, folder) from e
+    if e.errno == errno.EXDEV:
+        raise EnvironmentFault(f"cannot move outputs into {folder}: it is on another filesystem "
+                                "than the run root; keep outputs on the run root's mount and run "
+                               "the same command again; no key was charged an attempt") from e
+    if e.errno in (errno.EACCES, errno.EPERM):
+        raise EnvironmentFault(f"cannot write outputs into {folder}: {e.strerror}; make it "
+                               "writable and run the same command again; no key was charged "
+                               "an attempt") from e
+    raise e
 
 
 def lost_temp(folder: Path) -> EnvironmentFault:
