@@ -79,6 +79,49 @@ def listing(folder: Path) -> set[str]:
         return set()
 
 
+class Folder:
+    """A folder used through one open descriptor, opened on first use: over SSHFS with
+    caching off every path component is a lookup round trip, a name in an open folder
+    is one."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+        self._lock = threading.Lock()
+
+    def fd(self) -> int:
+        with self._lock:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+            return self._fd
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+    def open(self, name: str, flags: int) -> int:
+        return os.open(name, flags, 0o644, dir_fd=self.fd())
+
+    def stat(self, name: str) -> os.stat_result:
+        return os.stat(name, dir_fd=self.fd(), follow_symlinks=False)
+
+    def exists(self, name: str) -> bool:
+        try:
+            self.stat(name)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def unlink(self, name: str) -> None:
+        os.unlink(name, dir_fd=self.fd())
+
+    def names(self) -> set[str]:
+        # By path: SSHFS cannot rewind a folder descriptor (a second listing is empty).
+        return listing(self.path)
+
+
 class Claims:
     """The claims one `run` process holds on one task's units."""
 
@@ -86,6 +129,8 @@ class Claims:
                  pipelined: bool) -> None:
         self.dir = claims_dir
         self.done_dir = done_dir
+        self.folder = Folder(claims_dir)
+        self.done = Folder(done_dir)
         self.lease_s = lease_s
         self.clock = clock
         self.pipelined = pipelined
@@ -126,7 +171,7 @@ class Claims:
             fd = self._create(path)
             if fd is None:
                 try:
-                    st = path.stat()
+                    st = self.folder.stat(path.name)
                 except FileNotFoundError:
                     fd = self._create(path)  # released between our create and our stat
                     if fd is None:
@@ -139,7 +184,7 @@ class Claims:
                                 "host is gone: taking over", path.name, age, self.lease_s)
                     continue
             held = Held(unit, path, gen, fd, time.monotonic())
-            return held, os.path.lexists(self.done_dir / unit)
+            return held, self.done.exists(unit)
         logger.warning("claim unit %s was taken over %d times; leaving it for this run",
                        unit, MAX_GENERATIONS)
         return None
@@ -149,7 +194,7 @@ class Claims:
         refusal: OSError | None = None
         for _ in range(EPERM_RETRIES):
             try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                fd = self.folder.open(path.name, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
                 break
             except FileExistsError:
                 return None
@@ -157,7 +202,7 @@ class Claims:
                 # SSHFS reports a lost exclusive create as EPERM. The winner may even have
                 # released the claim again before we look, so a missing file is not yet a
                 # real refusal: only an EPERM that repeats with no file there is.
-                if os.path.lexists(path):
+                if self.folder.exists(path.name):
                     return None
                 refusal = e
             except OSError as e:
@@ -196,6 +241,10 @@ class Claims:
     def release_all(self) -> None:
         self.release(list(self._held), done=False)
 
+    def close(self) -> None:
+        self.folder.close()
+        self.done.close()
+
     def _release_one(self, held: Held, done: bool) -> None:
         try:
             os.close(held.fd)
@@ -203,7 +252,7 @@ class Claims:
             pass
         if done:
             try:
-                os.close(os.open(self.done_dir / held.unit, os.O_CREAT | os.O_WRONLY, 0o644))
+                os.close(self.done.open(held.unit, os.O_CREAT | os.O_WRONLY))
             except OSError as e:
                 logger.warning("could not mark unit %s done: %s", held.unit, e)
         if time.monotonic() - held.touched > self.lease_s * LOST_FRACTION:
@@ -214,7 +263,7 @@ class Claims:
             return
         for gen in range(held.generation + 1):
             try:
-                generation_path(self.dir, held.unit, gen).unlink()
+                self.folder.unlink(generation_path(self.dir, held.unit, gen).name)
             except FileNotFoundError:
                 pass
 

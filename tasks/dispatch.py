@@ -256,6 +256,8 @@ class Dispatch:
                 self.ready.extend(keys)
         if finished_by_peer:
             self.claims.release(finished_by_peer, done=False)
+            self.view.refresh(force=True)
+            self.order.jump(self.view.held)
         if check:
             there = self.claims.map(lambda it: os.path.lexists(self.root / it.out), check)
             for it, exists in zip(check, there):

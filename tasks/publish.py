@@ -20,6 +20,7 @@ import errno
 import itertools
 import os
 import shutil
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +101,7 @@ class Publisher:
         self.fsync = fsync
         self._tmp_fd: int | None = None
         self._dirs: dict[str, int] = {}
+        self._lock = threading.Lock()  # publishes may run in threads
 
     def open(self) -> None:
         if self.share_tmp is not None:
@@ -218,11 +220,18 @@ class Publisher:
                     _raise_folder_fault(e, self.root / parent)
                 if self.share_tmp is not None and not self.share_tmp.is_dir():
                     raise lost_temp(self.share_tmp) from e
-                os.close(self._dirs.pop(parent))  # the output folder went away: make it again
+                with self._lock:
+                    gone = self._dirs.pop(parent, None)
+                if gone is not None:
+                    os.close(gone)  # the output folder went away: make it again
                 (self.root / parent).mkdir(parents=True, exist_ok=True)
         raise PublishError(f"the folder {self.root / parent} vanished twice while publishing")
 
     def _dir_fd(self, parent: str) -> int:
+        with self._lock:
+            return self._open_dir(parent)
+
+    def _open_dir(self, parent: str) -> int:
         fd = self._dirs.get(parent)
         if fd is None:
             path = self.root / parent if parent else self.root

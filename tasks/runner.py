@@ -13,6 +13,7 @@ import random
 import resource
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -151,6 +152,8 @@ def run_with(task: Task, root: Path, opts: RunOptions) -> RunReport:
     owner = Owner(layout, OwnerRecord(owner_id, stamp.host, stamp.pid, stamp.started, task.name,
                                       workers, time.time()), clock)
     network = is_network(root)
+    if network:
+        _search_root_last(root)
     staging = Path(tempfile.gettempdir()) / f"{STAGING_PREFIX}{owner_id}" if network else owner.tmp
     state = StateFile(opts.state_file, task=task.name, total=len(items)) if opts.state_file else None
     old_term = _raise_on_sigterm()
@@ -168,7 +171,7 @@ def run_with(task: Task, root: Path, opts: RunOptions) -> RunReport:
                 task=task.name)))
         sweep(layout, lease_s=plan.lease_s, clock=clock, done_units=set(), me=owner_id)
         if network:
-            _sweep_staging()
+            _sweep_staging(owner_id)
             staging.mkdir(parents=True)
         method = probe_publish(owner.tmp)
         unit_of = {it.key: plan.unit(it.key) for it in pending}
@@ -180,7 +183,7 @@ def run_with(task: Task, root: Path, opts: RunOptions) -> RunReport:
                     start_method=opts.start_method, timeout_s=timeout_s)
         dispatch = Dispatch(
             root=root, pending=pending, unit_of=unit_of, done=done, attempts=attempts,
-            report=report, claims=claims, view=UnitView(layout.done, layout.claims, markers_before),
+            report=report, claims=claims, view=UnitView(claims.done, claims.folder, markers_before),
             pool=pool, store=store, log=log, owner=owner_id, started=started,
             rng=random.Random(opts.seed),
             opts=DispatchOptions(workers=workers, max_attempts=opts.max_attempts,
@@ -197,6 +200,7 @@ def run_with(task: Task, root: Path, opts: RunOptions) -> RunReport:
     finally:
         if claims is not None:
             claims.release_all()
+            claims.close()
         log.close()
         owner.close()
         if network:
@@ -243,13 +247,29 @@ def _sweep_stale_claims(layout: Layout, claims: Claims | None, finished: set[str
         logger.warning("could not sweep stale claims: %s", e)
 
 
-def _sweep_staging() -> None:
-    """Local staging folders of runners on this host that are gone (killed, preempted)."""
-    base = Path(tempfile.gettempdir())
-    for p in base.glob(f"{STAGING_PREFIX}*"):
+def _sweep_staging(owner_id: str) -> None:
+    """Local staging folders of runners on this host that are gone (killed, preempted);
+    only this host's (by name: machines may share a /tmp, as lab VMs do)."""
+    host = owner_id.rsplit("-", 2)[0]
+    for p in Path(tempfile.gettempdir()).glob(f"{STAGING_PREFIX}{host}-*"):
         parts = p.name[len(STAGING_PREFIX):].rsplit("-", 2)
-        if len(parts) == 3 and parts[1].isdigit() and not _alive(int(parts[1])):
+        if len(parts) == 3 and parts[0] == host and parts[1].isdigit() and not _alive(int(parts[1])):
             shutil.rmtree(p, ignore_errors=True)
+
+
+def _search_root_last(root: Path) -> None:
+    """On a network root every import would first look in the root (the current folder
+    of `python -m`), each lookup a round trip, in the runner and in every worker: search
+    it last. The task's own module is already imported; its worker imports still find it."""
+    here = [p for p in sys.path if p in ("", ".") or _under(Path(p or "."), root)]
+    sys.path[:] = [p for p in sys.path if p not in here] + here
+
+
+def _under(path: Path, root: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(root)
+    except OSError:
+        return False
 
 
 def _alive(pid: int) -> bool:

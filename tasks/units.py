@@ -13,9 +13,8 @@ import random
 import time
 from bisect import bisect_left
 from collections.abc import Iterable
-from pathlib import Path
 
-from tasks.claims import listing, parse_claim_name
+from tasks.claims import Folder, parse_claim_name
 
 VIEW_REFRESH_S = 0.25  # list done/ and claims/ again before claiming, at most this often
 
@@ -24,9 +23,9 @@ class UnitView:
     """Which units peers finished since this run listed the outputs, and which are held,
     from two listings (`done/`, `claims/`), refreshed at most every VIEW_REFRESH_S."""
 
-    def __init__(self, done_dir: Path, claims_dir: Path, markers_before: set[str]) -> None:
-        self.done_dir = done_dir
-        self.claims_dir = claims_dir
+    def __init__(self, done: Folder, claims: Folder, markers_before: set[str]) -> None:
+        self.done = done
+        self.claims = claims
         self.markers_before = markers_before  # markers older than our output listing: ignored
         self.finished: set[str] = set()
         self.held: set[str] = set()
@@ -35,8 +34,8 @@ class UnitView:
     def refresh(self, *, force: bool = False) -> None:
         if not force and time.monotonic() - self.at < VIEW_REFRESH_S:
             return
-        self.finished = listing(self.done_dir) - self.markers_before
-        self.held = {p[0] for p in map(parse_claim_name, listing(self.claims_dir)) if p}
+        self.finished = self.done.names() - self.markers_before
+        self.held = {p[0] for p in map(parse_claim_name, self.claims.names()) if p}
         self.at = time.monotonic()
 
 
@@ -86,21 +85,27 @@ class UnitRing:
             self.pos = i + 1
         return picked, skipped
 
+    def jump(self, held: set[str]) -> None:
+        """Walk on from the middle of the longest stretch nobody holds (after meeting a
+        unit a peer just finished: that peer walks the same way, just ahead)."""
+        self.pos = self._middle_of_longest_gap(held)
+
     def _middle_of_longest_gap(self, held: set[str]) -> int:
         """The ring index in the middle of the longest circular run of units to claim
-        that nobody holds."""
-        free = [unit_i for unit_i in self.todo if self.ring[unit_i] not in held]
-        if not free or len(free) == len(self.todo):
+        between two units someone holds (where runners are working now)."""
+        blockers = {self.index[u] for u in held if u in self.index}
+        if not blockers or not self.todo:
             return self.pos
-        blocked = [i for i in self.todo if self.ring[i] in held]
-        best_len, best_mid = -1, self.pos
-        # runs of free entries between consecutive blocked ones, circularly
-        n = len(self.todo)
-        where = {v: k for k, v in enumerate(self.todo)}
-        for a, b in zip(blocked, blocked[1:] + blocked[:1]):
-            start, end = where[a] + 1, where[b]
-            length = (end - start) % n if end != start or len(blocked) > 1 else n - 1
-            if length > best_len:
-                best_len = length
-                best_mid = self.todo[(start + length // 2) % n]
+        merged = sorted(set(self.todo) | blockers)
+        n = len(merged)
+        first = next(k for k, i in enumerate(merged) if i in blockers)
+        best_len, best_mid, run = 0, self.pos, []
+        for step in range(1, n + 1):  # once around, starting after a blocker
+            i = merged[(first + step) % n]
+            if i in blockers:
+                if len(run) > best_len:
+                    best_len, best_mid = len(run), run[len(run) // 2]
+                run = []
+            else:
+                run.append(i)
         return best_mid

@@ -1,7 +1,9 @@
 """What runs inside each pool worker: load the task once, then run chunks of items.
 
 A chunk's items are run one after another; each returns an `Outcome`, and one failing
-item never stops the rest of its chunk. Before each item the worker writes what it runs
+item never stops the rest of its chunk. On a network root a key's publish (a few round
+trips) goes on in a thread while the next key runs, so several requests are in flight
+on the one SSHFS connection. Before each item the worker writes what it runs
 and since when into its slot of a shared array, so the runner can stop a key that runs
 past `--timeout` (by killing this process) and know which key it was.
 """
@@ -11,6 +13,7 @@ import errno
 import os
 import time
 import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,8 @@ from tasks.spec import CommandFailed, Task, TaskRef
 TRACEBACK_TAIL = 8000  # characters of a traceback kept in a failure record
 FULL_BELOW_BYTES = 64 * 1024  # a failed key on a disk with less free space: out of space
 SLOT_FIELDS = 4  # per worker in the shared slots array: pid, chunk id, index, start
+PUBLISH_THREADS = 4  # on a network root, publishes in flight per worker (pipelined requests)
+PUBLISH_INFLIGHT = 16  # finished keys waiting to be published, at most, per worker
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,7 @@ class _State:
     ctx: Any
     slots: Any  # multiprocessing RawArray of SLOT_FIELDS doubles per worker, or None
     slot: int  # this worker's slot
+    publishing: ThreadPoolExecutor | None  # network root: publishes overlap the next keys
 
 
 _state: _State | None = None
@@ -96,7 +102,9 @@ def init_worker(setup: WorkerSetup, slots: Any = None, slot_lock: Any = None,
     share_tmp = Path(setup.share_tmp) if setup.share_tmp else None
     publisher = Publisher(Path(setup.root), method=setup.method, share_tmp=share_tmp,
                           fsync=setup.fsync or task.fsync)
-    _state = _State(task, Path(setup.root), Path(setup.staging), publisher, task.open(), slots, slot)
+    publishing = ThreadPoolExecutor(PUBLISH_THREADS) if share_tmp is not None else None
+    _state = _State(task, Path(setup.root), Path(setup.staging), publisher, task.open(), slots,
+                    slot, publishing)
 
 
 def run_chunk(chunk: Chunk) -> list[Outcome]:
@@ -106,15 +114,26 @@ def run_chunk(chunk: Chunk) -> list[Outcome]:
         state.publisher.open()
     except EnvironmentFault as e:
         return [Outcome(it.key, False, time.time(), 0.0, str(e), env=str(e)) for it in chunk.items]
+    out: list[Outcome | Future[Outcome]] = []
     try:
-        out = []
         for i, (item, fence) in enumerate(zip(chunk.items, chunk.fences)):
             _mark(state, chunk.id, i)
             out.append(run_one(state, item, fence))
-        return out
+            if state.publishing is not None:
+                _bound_inflight(out)
+        return [o if isinstance(o, Outcome) else o.result() for o in out]
     finally:
+        for o in out:  # none may publish after the chunk is over
+            if not isinstance(o, Outcome):
+                o.exception()
         _mark(state, 0, 0, idle=True)
         state.publisher.close()
+
+
+def _bound_inflight(out: list[Outcome | Future[Outcome]]) -> None:
+    pending = [o for o in out if not isinstance(o, Outcome) and not o.done()]
+    if len(pending) > PUBLISH_INFLIGHT:
+        pending[0].exception()  # wait for the oldest
 
 
 def _mark(state: _State, chunk_id: int, index: int, idle: bool = False) -> None:
@@ -128,7 +147,8 @@ def _mark(state: _State, chunk_id: int, index: int, idle: bool = False) -> None:
         state.slots[base + 3] = time.monotonic()
 
 
-def run_one(state: _State, item: Item, fence: Fence) -> Outcome:
+def run_one(state: _State, item: Item, fence: Fence) -> Outcome | Future[Outcome]:
+    """Run one key; its publish goes on in the background on a network root."""
     tmp = temp_path(state.staging, item.out)
     started = time.time()
     t0 = time.perf_counter()
@@ -136,26 +156,41 @@ def run_one(state: _State, item: Item, fence: Fence) -> Outcome:
         if state.task.is_dir:
             tmp.mkdir()
         state.task.execute(item, tmp, state.root, state.ctx)
+    except BaseException as e:
+        if not isinstance(e, Exception | SystemExit):
+            raise
+        return _failed(state, item, tmp, started, time.perf_counter() - t0, e)
+    seconds = time.perf_counter() - t0
+    if state.publishing is not None:
+        return state.publishing.submit(_publish, state, item, fence, tmp, started, seconds)
+    return _publish(state, item, fence, tmp, started, seconds)
+
+
+def _publish(state: _State, item: Item, fence: Fence, tmp: Path, started: float,
+             seconds: float) -> Outcome:
+    try:
         put = state.publisher.publish(tmp, item.out, is_dir=state.task.is_dir, fence=fence)
-        return Outcome(item.key, put != "fenced", started, time.perf_counter() - t0, published=put)
-    except EnvironmentFault as e:
-        discard(tmp)
-        return Outcome(item.key, False, started, time.perf_counter() - t0, str(e), env=str(e))
-    except CommandFailed as e:
-        discard(tmp)
-        env = _disk_full(state)
-        return Outcome(item.key, False, started, time.perf_counter() - t0,
-                       f"exit status {e.returncode}", e.stderr, env=env)
-    except (Exception, SystemExit) as e:  # user code may raise anything; record, go on
-        discard(tmp)
-        seconds = time.perf_counter() - t0
-        line = f"{type(e).__name__}: {e}".splitlines()[0] if str(e) else type(e).__name__
-        code = env_errno(e)
-        env = str(fault(code, state.root)) if code is not None else _disk_full(state)
-        if not env and not state.staging.is_dir():
-            env = f"the temporary folder {state.staging} vanished; run the same command again"
-        return Outcome(item.key, False, started, seconds, line,
-                       traceback.format_exc()[-TRACEBACK_TAIL:], env=env)
+        return Outcome(item.key, put != "fenced", started, seconds, published=put)
+    except Exception as e:
+        return _failed(state, item, tmp, started, seconds, e)
+
+
+def _failed(state: _State, item: Item, tmp: Path, started: float, seconds: float,
+            e: BaseException) -> Outcome:
+    discard(tmp)
+    if isinstance(e, EnvironmentFault):
+        return Outcome(item.key, False, started, seconds, str(e), env=str(e))
+    if isinstance(e, CommandFailed):
+        return Outcome(item.key, False, started, seconds, f"exit status {e.returncode}",
+                       e.stderr, env=_disk_full(state))
+    # user code may raise anything: record it, go on
+    line = f"{type(e).__name__}: {e}".splitlines()[0] if str(e) else type(e).__name__
+    code = env_errno(e)
+    env = str(fault(code, state.root)) if code is not None else _disk_full(state)
+    if not env and not state.staging.is_dir():
+        env = f"the temporary folder {state.staging} vanished; run the same command again"
+    detail = "".join(traceback.format_exception(e))[-TRACEBACK_TAIL:]
+    return Outcome(item.key, False, started, seconds, line, detail, env=env)
 
 
 def _disk_full(state: _State) -> str:
