@@ -11,8 +11,8 @@ import hashlib
 import string
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import NamedTuple
 
 from tasks.errors import OutputCollision, SpecError, UnsafePath
 from tasks.layout import BOOKKEEPING_DIR
@@ -26,9 +26,9 @@ HASH_LEN = 16  # hex digits of sha256 kept for a content-hash key
 SHOWN_EXAMPLES = 3  # how many offending keys an error message lists
 
 
-@dataclass(frozen=True)
-class Item:
-    """One unit of work."""
+class Item(NamedTuple):
+    """One unit of work. A NamedTuple, not a dataclass: a million of them are made at
+    every start, and a tuple is built in C at a third of the cost and half the memory."""
 
     key: str  # the task's key for this item
     src: str | None  # source path relative to the root, or None for keys= tasks
@@ -66,6 +66,10 @@ def check_template(template: str, allowed: frozenset[str], *, what: str, hint: s
 
 def safe_relpath(path: str, *, what: str) -> str:
     """Normalise a root-relative path, refusing anything that could leave the root."""
+    parts = path.split("/")
+    if ("\0" not in path and parts[0] not in ("", BOOKKEEPING_DIR)
+            and "" not in parts and "." not in parts and ".." not in parts):
+        return path  # already normal and safe: the common case, without PurePosixPath
     if not path or path in (".", "./"):
         raise UnsafePath(f"{what} is empty; give every key a non-empty path under the root")
     if "\0" in path:
@@ -157,3 +161,34 @@ def check_unique(items: Iterable[Item]) -> list[Item]:
                               "Put a placeholder that differs per key in the output template, "
                               "e.g. {key} or {parent}/{stem}")
     return out
+
+
+def key_items(template: str, keys: list[str]) -> list[Item]:
+    """The items of a keys= task: output paths rendered, checked and unique. A template
+    whose one placeholder is a plain {key} renders by concatenation; a key without "/"
+    then changes one path component only, which alone needs checking, and outputs that
+    are already normal paths cannot collide (the key is the only varying part): the
+    common case, cheap for a million keys. (An item's fields are just its key.)"""
+    pre, sep, post = template.partition("{key}")
+    simple = bool(sep) and not any(c in pre + post for c in "{}\0")
+    pre_parts, post_parts = pre.split("/"), post.split("/")
+    left, right = pre_parts[-1], post_parts[0]
+    first = len(pre_parts) == 1  # the key's component is the path's first
+    fixed = pre_parts[:-1] + post_parts[1:]
+    fast = simple and not any(p in ("", ".", "..") for p in fixed) and (
+        first or pre_parts[0] != BOOKKEEPING_DIR)
+    items: list[Item] = []
+    normalised = not simple
+    for key in keys:
+        if not isinstance(key, str) or not key:
+            raise SpecError(f"keys must be non-empty strings, got {key!r}; convert with str()")
+        if fast and "/" not in key and "\0" not in key:
+            part = left + key + right if left or right else key
+            if part not in (".", "..") and not (first and part == BOOKKEEPING_DIR):
+                items.append(Item(key, None, pre + key + post))
+                continue
+        raw = pre + key + post if simple else render(template, {"key": key})
+        out = safe_relpath(raw, what=f"output path for key {key!r}")
+        normalised = normalised or out != raw
+        items.append(Item(key, None, out))
+    return check_unique(items) if normalised else items

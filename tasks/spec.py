@@ -27,8 +27,8 @@ from typing import Any, Literal, Union
 from tasks.deathsig import die_with_parent
 from tasks.errors import SpecError
 from tasks.keys import (KEY_FIELDS, SRC_FIELDS, Item, check_template, check_unique,
-                        content_hashes, glob_base, glob_sources, render, safe_relpath,
-                        src_fields, template_fields)
+                        content_hashes, glob_base, glob_sources, key_items, render,
+                        safe_relpath, src_fields, template_fields)
 
 KeyMode = Union[Literal["path", "stem", "hash"], Callable[[str], str]]
 KeysArg = Union[Iterable[str], Callable[[], Iterable[str]], None]
@@ -113,12 +113,7 @@ class KeySource:
             keys = list(dict.fromkeys(raw))  # keep order, drop repeats
             if not keys:
                 raise SpecError("keys= produced no keys; check the function or list it names")
-            for key in keys:
-                if not isinstance(key, str) or not key:
-                    raise SpecError(f"keys must be non-empty strings, got {key!r}; convert with str()")
-                out = safe_relpath(render(template, {"key": key}),
-                                   what=f"output path for key {key!r}")
-                items.append(Item(key, None, out, (("key", key),)))
+            return key_items(template, keys)
         return check_unique(items)
 
 
@@ -264,7 +259,7 @@ class CmdTask:
         return None
 
     def execute(self, item: Item, out: Path, root: Path, ctx: Any) -> None:
-        values = dict(item.fields)
+        values = dict(item.fields) if item.fields else {"key": item.key}
         if item.src is not None:
             values["src"] = str(root / item.src)
         values["out"] = str(out)
