@@ -32,6 +32,7 @@ CLAIM_THREADS = 16  # concurrent claim round trips on a network filesystem
 REFRESH_FRACTION = 0.25  # refresh a claim once it is this fraction of the lease old
 LOST_FRACTION = 0.8  # no refresh for this fraction of the lease: a peer may have taken it
 EPERM_RETRIES = 5  # EPERM with no file there, this many times in a row, is a real refusal
+LOST_CHECK_S = 0.1  # held claims are looked over for lost ones at most this often
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -137,6 +138,7 @@ class Claims:
         self.stamp = Stamp.mine().to_json().encode()  # written into each claim: who holds it
         self._held: dict[str, Held] = {}
         self._lost: list[str] = []  # units whose claim expired while held, not yet reported
+        self._checked = 0.0  # time.monotonic() of the last check_lost
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -271,7 +273,11 @@ class Claims:
     def check_lost(self) -> None:
         """Drop claims not refreshed for most of the lease (this process was frozen, or
         the mount hung): a peer may hold them now. They are reported by take_lost()."""
-        limit = time.monotonic() - self.lease_s * LOST_FRACTION
+        now = time.monotonic()
+        if now - self._checked < LOST_CHECK_S:
+            return
+        self._checked = now
+        limit = now - self.lease_s * LOST_FRACTION
         with self._lock:
             lost = [h for h in self._held.values() if h.touched < limit]
             for h in lost:

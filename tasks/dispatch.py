@@ -91,6 +91,7 @@ class Dispatch:
         self.open: dict[str, list[Item]] = {}  # unclaimed units and their pending keys
         for it in pending:
             self.open.setdefault(unit_of[it.key], []).append(it)
+        self.open_keys = len(pending)  # keys in self.open
         self.order = UnitRing(self.open, rng)  # units to claim, walked in the shared order
         self.deferred: set[str] = set()  # units live peers hold: looked at again at the end
         self.held: dict[str, dict[str, Item]] = {}  # our units -> their unsettled keys
@@ -157,7 +158,7 @@ class Dispatch:
                     return
                 batch = [self.isolate.popleft()]
             else:
-                left = len(self.ready) + sum(map(len, self.open.values()))
+                left = len(self.ready) + self.open_keys
                 n = self.sizer.size(left)
                 if self.opts.limit is not None:
                     n = min(n, self.opts.limit - self.dispatched)
@@ -199,7 +200,7 @@ class Dispatch:
         self._settle_finished_units(self.view.finished)
         got = 0
         while got < n and self.order:
-            per_unit = max(1.0, sum(map(len, self.open.values())) / max(1, len(self.open)))
+            per_unit = max(1.0, self.open_keys / max(1, len(self.open)))
             want = max(1, math.ceil((n - got) / per_unit))
             units, held = self.order.take(want, self.view.held)
             self.deferred.update(held)
@@ -215,6 +216,7 @@ class Dispatch:
         finished_by_peer = []
         for w in won:
             keys = self.open.pop(w.unit)
+            self.open_keys -= len(keys)
             self.deferred.discard(w.unit)
             if w.marked_done and w.unit not in self.view.markers_before:
                 finished_by_peer.append(w.unit)  # a peer finished it since our listing
@@ -243,6 +245,7 @@ class Dispatch:
     def _settle_finished_units(self, units: Iterable[str]) -> None:
         for u in [u for u in units if u in self.open]:
             keys = self.open.pop(u)
+            self.open_keys -= len(keys)
             self.order.discard(u)
             self.deferred.discard(u)
             self.peer_settled.update(it.key for it in keys)
@@ -267,6 +270,7 @@ class Dispatch:
             keys = self.held.pop(unit, None)
             if keys:
                 self.open[unit] = list(keys.values())
+                self.open_keys += len(keys)
                 self.deferred.add(unit)
 
     # -- outcomes ----------------------------------------------------------------------

@@ -12,7 +12,6 @@ import string
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
-from typing import NamedTuple
 
 from tasks.errors import OutputCollision, SpecError, UnsafePath
 from tasks.layout import BOOKKEEPING_DIR
@@ -26,14 +25,48 @@ HASH_LEN = 16  # hex digits of sha256 kept for a content-hash key
 SHOWN_EXAMPLES = 3  # how many offending keys an error message lists
 
 
-class Item(NamedTuple):
-    """One unit of work. A NamedTuple, not a dataclass: a million of them are made at
-    every start, and a tuple is built in C at a third of the cost and half the memory."""
+class Item:
+    """One unit of work: a key, its source and its output path (all root-relative).
 
+    Immutable. Small, because a million are made at every start: for a keys= task whose
+    template is `PRE{key}POST` the output path is not stored but built on access from a
+    (PRE, POST) pair shared by every item."""
+
+    __slots__ = ("key", "src", "_out", "fields")
     key: str  # the task's key for this item
     src: str | None  # source path relative to the root, or None for keys= tasks
-    out: str  # final output path relative to the root (no trailing slash)
-    fields: tuple[tuple[str, str], ...] = ()  # placeholder values, for --cmd rendering
+    fields: tuple[tuple[str, str], ...]  # placeholder values, for --cmd rendering
+
+    def __init__(self, key: str, src: str | None, out: str | tuple[str, str],
+                 fields: tuple[tuple[str, str], ...] = ()) -> None:
+        object.__setattr__(self, "key", key)
+        object.__setattr__(self, "src", src)
+        object.__setattr__(self, "_out", out)
+        object.__setattr__(self, "fields", fields)
+
+    @property
+    def out(self) -> str:
+        """The final output path relative to the root (no trailing slash)."""
+        o = self._out
+        return o if isinstance(o, str) else o[0] + self.key + o[1]
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"Item is immutable (tried to set {name})")
+
+    def __reduce__(self) -> tuple[type, tuple[object, ...]]:
+        return Item, (self.key, self.src, self._out, self.fields)
+
+    def _tuple(self) -> tuple[object, ...]:
+        return self.key, self.src, self.out, self.fields
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Item) and self._tuple() == other._tuple()
+
+    def __hash__(self) -> int:
+        return hash(self._tuple())
+
+    def __repr__(self) -> str:
+        return f"Item(key={self.key!r}, src={self.src!r}, out={self.out!r})"
 
 
 def template_fields(template: str, *, what: str) -> set[str]:
@@ -179,13 +212,14 @@ def key_items(template: str, keys: list[str]) -> list[Item]:
         first or pre_parts[0] != BOOKKEEPING_DIR)
     items: list[Item] = []
     normalised = not simple
+    shared = (pre, post)  # every fast item builds its path from this one pair
     for key in keys:
         if not isinstance(key, str) or not key:
             raise SpecError(f"keys must be non-empty strings, got {key!r}; convert with str()")
         if fast and "/" not in key and "\0" not in key:
             part = left + key + right if left or right else key
             if part not in (".", "..") and not (first and part == BOOKKEEPING_DIR):
-                items.append(Item(key, None, pre + key + post))
+                items.append(Item(key, None, shared))
                 continue
         raw = pre + key + post if simple else render(template, {"key": key})
         out = safe_relpath(raw, what=f"output path for key {key!r}")

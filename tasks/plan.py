@@ -5,6 +5,7 @@ later runner adopts it, so no runner can steal a live claim with a shorter `--le
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import math
@@ -40,8 +41,13 @@ class Plan:
     created: float = 0.0  # seconds since the epoch, by the writer's clock (for people)
 
     def unit(self, key: str) -> str:
-        """The claim unit of a key: a short hex name, the same on every machine."""
-        return f"{zlib.crc32(key.encode('utf-8', 'surrogatepass')) % self.units:04x}"
+        """The claim unit of a key: a short hex name, the same on every machine (one
+        string per unit, shared by all its keys: a million keys hold 16,384 names)."""
+        return self._names[zlib.crc32(key.encode("utf-8", "surrogatepass")) % self.units]
+
+    @functools.cached_property
+    def _names(self) -> list[str]:
+        return [f"{u:04x}" for u in range(self.units)]
 
     @classmethod
     def for_total(cls, total: int, lease_s: float) -> "Plan":

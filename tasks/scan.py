@@ -18,7 +18,7 @@ def scan_done(root: Path, items: Sequence[Item]) -> set[str]:
     folders = {it.out.rpartition("/")[0] for it in items}
     if len(folders) == 1:  # the common case, in set comprehensions (a million keys)
         parent = folders.pop()
-        try:
+        try:  # scandir, not listdir: no list of a million names beside the set
             with os.scandir(root / parent if parent else root) as entries:
                 names = {e.name for e in entries}
         except (FileNotFoundError, NotADirectoryError):
