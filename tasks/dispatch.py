@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 CHUNKS_PER_WORKER = 2  # chunks in flight per worker: one running, one queued
 PREFETCH_BELOW_S = 1.0  # queue a second chunk per worker only for tasks quicker than this
+MAX_UNITS_PER_CLAIM = 8  # units claimed per look at the listings (a fresh look, each batch)
 POLL_S = 1.0  # the loop looks at the pool, timeouts, progress at least this often
 TAIL_POLL_S = 1.0  # how often to look again at units that live peers hold
 MAX_STARTUP_FAILURES = 3  # pools that die before finishing any chunk before we give up
@@ -196,12 +197,12 @@ class Dispatch:
     # -- claims ------------------------------------------------------------------------
     def _claim(self, n: int) -> None:
         """Claim units until `n` more keys are ready (or no unit is left to try)."""
-        self.view.refresh()
-        self._settle_finished_units(self.view.finished)
         got = 0
         while got < n and self.order:
+            self.view.refresh()  # fresh before each batch: a stale view claims finished units
+            self._settle_finished_units(self.view.take_new())
             per_unit = max(1.0, self.open_keys / max(1, len(self.open)))
-            want = max(1, math.ceil((n - got) / per_unit))
+            want = min(MAX_UNITS_PER_CLAIM, max(1, math.ceil((n - got) / per_unit)))
             units, held = self.order.take(want, self.view.held)
             self.deferred.update(held)
             got += self._take(units)
@@ -220,6 +221,8 @@ class Dispatch:
             self.deferred.discard(w.unit)
             if w.marked_done and w.unit not in self.view.markers_before:
                 finished_by_peer.append(w.unit)  # a peer finished it since our listing
+                logger.info("unit %s: finished by a peer after our look at done/ (%.2fs ago)",
+                            w.unit, time.monotonic() - self.view.at)
                 self.report.by_peers += len(keys)
                 self.peer_settled.update(it.key for it in keys)
                 continue
@@ -287,6 +290,7 @@ class Dispatch:
                     self.report.succeeded += 1
                 else:
                     self.report.by_peers += 1
+                    logger.info("key %r: a peer published it first", o.key)
                 if o.key in self.attempts:
                     self.store.clear([o.key])
                 self._settle(o.key, done=True)

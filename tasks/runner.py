@@ -207,7 +207,9 @@ def run_with(task: Task, root: Path, opts: RunOptions) -> RunReport:
             shutil.rmtree(staging, ignore_errors=True)
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
-        if state is not None:
+        if state is not None:  # the runner is gone, however it ended
+            state.update(phase="finished", done=len(done), failed=len(report.failed),
+                         running=[], waiting=[])
             state.__exit__(None, None, None)
     assert dispatch is not None
     _finish(report, dispatch, layout, len(items))

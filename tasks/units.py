@@ -16,7 +16,9 @@ from collections.abc import Iterable
 
 from tasks.claims import Folder, parse_claim_name
 
-VIEW_REFRESH_S = 0.25  # list done/ and claims/ again before claiming, at most this often
+VIEW_REFRESH_S = 0.05  # list done/ and claims/ again before claiming, at most this often,
+VIEW_REFRESH_PER_NAME_S = 1e-4  # ... plus this per name listed (a listing of 100 names is
+#                                 one round trip over SSHFS: big listings are looked at less)
 
 
 class UnitView:
@@ -28,15 +30,28 @@ class UnitView:
         self.claims = claims
         self.markers_before = markers_before  # markers older than our output listing: ignored
         self.finished: set[str] = set()
+        self.new: set[str] = set()  # finished since take_new() was last called
         self.held: set[str] = set()
         self.at = -math.inf
+        self.interval = VIEW_REFRESH_S
 
     def refresh(self, *, force: bool = False) -> None:
-        if not force and time.monotonic() - self.at < VIEW_REFRESH_S:
+        if not force and time.monotonic() - self.at < self.interval:
             return
-        self.finished = self.done.names() - self.markers_before
-        self.held = {p[0] for p in map(parse_claim_name, self.claims.names()) if p}
+        # claims/ before done/: a peer marks a unit done before it drops the claim, so a
+        # unit missing from both listings was not finished before the first one.
+        claims = self.claims.names()
+        names = self.done.names()
+        self.held = {p[0] for p in map(parse_claim_name, claims) if p}
+        finished = names - self.markers_before
+        self.new |= finished - self.finished
+        self.finished = finished
         self.at = time.monotonic()
+        self.interval = VIEW_REFRESH_S + (len(names) + len(claims)) * VIEW_REFRESH_PER_NAME_S
+
+    def take_new(self) -> set[str]:
+        new, self.new = self.new, set()
+        return new
 
 
 class UnitRing:

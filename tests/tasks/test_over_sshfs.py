@@ -50,4 +50,7 @@ def test_two_machines_share_the_work_over_sshfs(two_machines, task: str, n: int)
     assert twice == 0
     reports = [json.loads(o[0].strip().splitlines()[-1]) for o in outs]
     assert sum(r["succeeded"] for r in reports) == n
+    peers = sum(r["by_peers"] for r in reports)
+    print(f"{task}: keys claimed but found done by a peer: {peers}")
+    assert peers <= n // 100, f"{peers} of {n} keys claimed but found done by a peer (goal < 1%)"
     assert list((share / f".spotfan/tasks/{task}/claims").iterdir()) == []
