@@ -26,6 +26,8 @@ DEFAULT_LEASE_S = 120.0  # a claim not refreshed this long belongs to a dead (or
 MIN_LEASE_S = 5.0
 MAX_LEASE_S = 7 * 86400.0
 KEYS_PER_UNIT = 16  # keys per claim unit: one claim and one done marker per this many keys
+MIN_UNITS = 256  # ... but at least this many units (or one per key): few slow keys must
+#                  still spread over every VM, and the last unit claimed stays short
 MAX_UNITS = 16384  # so a listing of claims/ or done/ stays a few hundred round trips
 PLAN_READ_TRIES = 20  # a plan another runner is writing this instant: read again
 PLAN_READ_WAIT_S = 0.05
@@ -51,7 +53,7 @@ class Plan:
 
     @classmethod
     def for_total(cls, total: int, lease_s: float) -> "Plan":
-        units = min(MAX_UNITS, max(1, math.ceil(total / KEYS_PER_UNIT)))
+        units = min(MAX_UNITS, max(1, math.ceil(total / KEYS_PER_UNIT), min(total, MIN_UNITS)))
         return cls(units, lease_s, PLAN_VERSION, time.time())
 
     def to_json(self) -> bytes:

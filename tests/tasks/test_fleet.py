@@ -19,6 +19,7 @@ import psutil
 import pytest
 
 from tasks.records import read_logs
+from tests.tasks.two_mounts import two_machines  # noqa: F401 (a fixture)
 from tasks.runstate import RunState
 
 DEADLINE_S = 180  # every wait in these tests ends by then

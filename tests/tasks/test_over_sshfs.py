@@ -11,6 +11,7 @@ from collections import Counter
 import pytest
 
 from tasks.records import read_logs
+from tests.tasks.two_mounts import two_machines  # noqa: F401 (a fixture)
 
 TASKS = """
 import time

@@ -243,7 +243,7 @@ def test_limit_and_status_show_live_claims(tmp_path: Path, write_module) -> None
     proc = run_cli(["run", "t:slow", "--limit", "2", "--workers", "1"], tmp_path)
     assert proc.returncode == 0 and summary(proc)["succeeded"] == 2
     (tmp_path / "go-slow").write_text("1")
-    # the 6 keys are one claim unit (plan.KEYS_PER_UNIT): the runner holds all 4 left
+    # one worker holds two claims (6 keys: a unit per key): the key it runs and the next one
     runner = subprocess.Popen([sys.executable, "-m", "tasks", "run", "t:slow", "--workers", "1"],
                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
@@ -252,10 +252,10 @@ def test_limit_and_status_show_live_claims(tmp_path: Path, write_module) -> None
         st: dict = {}
         while time.monotonic() < deadline:
             st = json.loads(run_cli(["status", "t:slow", "--json"], tmp_path).stdout)
-            if st["running"] == 4:
+            if st["running"] == 2:
                 break
             time.sleep(0.3)
-        assert (st["total"], st["done"], st["running"], st["pending"]) == (6, 2, 4, 0)
+        assert (st["total"], st["done"], st["running"], st["pending"]) == (6, 2, 2, 2)
         assert len(st["owners"]) == 1
     finally:
         os.killpg(runner.pid, 9)

@@ -1,4 +1,7 @@
-"""Fixtures for the tasks tests: real SSHFS mounts of one share served by a real sshd."""
+"""The two-machines fixture: real SSHFS mounts of one share served by a real sshd.
+
+(Not a conftest.py: tests/cluster imports its own conftest by that bare name.)
+"""
 from __future__ import annotations
 
 import os
