@@ -182,8 +182,8 @@ def head_cpu(config) -> float:  # type: ignore[no-untyped-def]
     total = 0.0
     for p in psutil.process_iter(["cmdline"]):
         try:
-            if p.info["cmdline"] and p.info["cmdline"][0].endswith("sshd") and \
-                    any(marker in a for a in p.info["cmdline"]):
+            line = " ".join(p.info["cmdline"] or [])  # sshd retitles itself "sshd: ... [listener]"
+            if "sshd" in line.split(" ", 1)[0] and marker in line and "listener" in line:
                 for q in [p, *p.children(recursive=True)]:
                     t = q.cpu_times()
                     total += t.user + t.system
