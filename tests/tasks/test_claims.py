@@ -123,3 +123,18 @@ def test_claim_of_a_dead_process_on_this_host_is_taken_back_at_once(tmp_path: Pa
     won, busy = taker.acquire(UNITS[:3])
     assert _units(won) == UNITS[:3] and not busy
     assert all(generation_path(tmp_path, u, 1).exists() for u in UNITS[:3])
+
+
+def test_a_runner_that_meets_a_held_unit_jumps_to_the_middle_of_the_longest_free_stretch() -> None:
+    import random
+
+    from tasks.units import UnitRing
+
+    ring = UnitRing([f"{i:04x}" for i in range(20)], random.Random(7))
+    ring.pos = 2
+    held = {"0002", "000a"}  # two peers work at units 2 and 10
+    picked, skipped = ring.take(3, held)
+    assert skipped == ["0002"], "the held unit is left for the end"
+    assert picked == ["0010", "0011", "0012"], "the longest free stretch is 11..1; its middle 16"
+    ring.jump({"0003", "0013"})
+    assert ring.pos == 10  # the stretch after 3 is 4..15 (16-18 are taken): its middle
