@@ -69,6 +69,15 @@ class Item:
         return f"Item(key={self.key!r}, src={self.src!r}, out={self.out!r})"
 
 
+def shared_template(items: Sequence[Item]) -> tuple[str, str] | None:
+    """(PRE, POST) if every item's output is PRE + key + POST from one shared pair (see
+    key_items), so callers can work on keys without building a million paths; else None."""
+    if not items or isinstance(items[0]._out, str):
+        return None
+    first = items[0]._out
+    return first if all(it._out is first for it in items) else None  # type: ignore[return-value]
+
+
 def template_fields(template: str, *, what: str) -> set[str]:
     """The placeholder names used in a template; SpecError if it cannot be parsed."""
     names: set[str] = set()

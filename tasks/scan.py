@@ -10,19 +10,21 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from tasks.keys import Item
+from tasks.keys import Item, shared_template
 
 
 def scan_done(root: Path, items: Sequence[Item]) -> set[str]:
     """Keys whose output exists at its final path."""
+    pair = shared_template(items)
+    if pair is not None and "/" not in pair[1]:  # PRE{key}POST, a key without "/": one folder
+        parent, _, left = pair[0].rpartition("/")
+        names = _names(root / parent if parent else root)
+        post = pair[1]
+        return {it.key for it in items if left + it.key + post in names}
     folders = {it.out.rpartition("/")[0] for it in items}
     if len(folders) == 1:  # the common case, in set comprehensions (a million keys)
         parent = folders.pop()
-        try:  # scandir, not listdir: no list of a million names beside the set
-            with os.scandir(root / parent if parent else root) as entries:
-                names = {e.name for e in entries}
-        except (FileNotFoundError, NotADirectoryError):
-            return set()
+        names = _names(root / parent if parent else root)
         cut = len(parent) + 1 if parent else 0
         return {it.key for it in items if it.out[cut:] in names}
     by_dir: dict[str, list[Item]] = defaultdict(list)
@@ -39,3 +41,12 @@ def scan_done(root: Path, items: Sequence[Item]) -> set[str]:
             if item.out.rpartition("/")[2] in names:
                 done.add(item.key)
     return done
+
+
+def _names(folder: Path) -> set[str]:
+    """Names in a folder; scandir, not listdir: no list of a million names beside the set."""
+    try:
+        with os.scandir(folder) as entries:
+            return {e.name for e in entries}
+    except (FileNotFoundError, NotADirectoryError):
+        return set()

@@ -237,7 +237,7 @@ def test_limit_and_status_show_live_claims(tmp_path: Path, write_module) -> None
         @filetask(keys=[f"k{i}" for i in range(6)], out="out/{key}")
         def slow(key: str, out: Path) -> None:
             if Path("go-slow").exists():
-                time.sleep(30)
+                time.sleep(300)  # killed at the end of the test
             out.write_text(key)
     """)
     proc = run_cli(["run", "t:slow", "--limit", "2", "--workers", "1"], tmp_path)
@@ -248,7 +248,7 @@ def test_limit_and_status_show_live_claims(tmp_path: Path, write_module) -> None
                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 90  # generous: the machine may be busy
         st: dict = {}
         while time.monotonic() < deadline:
             st = json.loads(run_cli(["status", "t:slow", "--json"], tmp_path).stdout)
