@@ -26,7 +26,7 @@ DEFAULT_LEASE_S = 120.0  # a claim not refreshed this long belongs to a dead (or
 MIN_LEASE_S = 5.0
 MAX_LEASE_S = 7 * 86400.0
 KEYS_PER_UNIT = 16  # keys per claim unit: one claim and one done marker per this many keys
-MIN_UNITS = 256  # ... but at least this many units (or one per key): few slow keys must
+MIN_UNITS = 256  # ... but at least this many units (or as many as keys): few slow keys must
 #                  still spread over every VM, and the last unit claimed stays short
 MAX_UNITS = 16384  # so a listing of claims/ or done/ stays a few hundred round trips
 PLAN_READ_TRIES = 20  # a plan another runner is writing this instant: read again
