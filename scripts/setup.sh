@@ -2,7 +2,7 @@
 # Installs: openssh-server and sshfs (the lab cluster), fuse3, GNU parallel (benchmarks),
 # strace (syscall counts in benchmarks); a venv at .venv with spotfan and its test extras.
 VENV="${SPOTFAN_VENV:-$PWD/.venv}"
-PACKAGES=(openssh-server openssh-client sshfs fuse3 parallel strace psmisc procps iproute2 util-linux)
+PACKAGES=(openssh-server openssh-client sshfs fuse3 parallel strace psmisc procps iproute2 util-linux faketime)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

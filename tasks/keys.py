@@ -38,15 +38,59 @@ PATH_MAX = 4096  # bytes in a whole path, its terminating NUL included (Linux)
 TEMP_PATH_RESERVE = 320
 
 
-@dataclass(frozen=True)
 class Item:
-    """One unit of work."""
+    """One unit of work: a key, its source and its output path (all root-relative).
 
+    Immutable. Small, because a million are made at every start: for a keys= task whose
+    template is `PRE{key}POST` the output path is not stored but built on access from a
+    (PRE, POST) pair shared by every item."""
+
+    __slots__ = ("key", "src", "_out", "fields", "is_dir")
     key: str  # the task's key for this item
     src: str | None  # source path relative to the root, or None for keys= tasks
-    out: str  # final output path relative to the root (no trailing slash)
-    fields: tuple[tuple[str, str], ...] = ()  # placeholder values, for --cmd rendering
-    is_dir: bool = False  # the output is a directory (the template ends in "/")
+    fields: tuple[tuple[str, str], ...]  # placeholder values, for --cmd rendering
+    is_dir: bool  # the output is a directory (the template ends in "/")
+
+    def __init__(self, key: str, src: str | None, out: str | tuple[str, str],
+                 fields: tuple[tuple[str, str], ...] = (), is_dir: bool = False) -> None:
+        object.__setattr__(self, "key", key)
+        object.__setattr__(self, "src", src)
+        object.__setattr__(self, "_out", out)
+        object.__setattr__(self, "fields", fields)
+        object.__setattr__(self, "is_dir", is_dir)
+
+    @property
+    def out(self) -> str:
+        """The final output path relative to the root (no trailing slash)."""
+        o = self._out
+        return o if isinstance(o, str) else o[0] + self.key + o[1]
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"Item is immutable (tried to set {name})")
+
+    def __reduce__(self) -> tuple[type, tuple[object, ...]]:
+        return Item, (self.key, self.src, self._out, self.fields, self.is_dir)
+
+    def _tuple(self) -> tuple[object, ...]:
+        return self.key, self.src, self.out, self.fields, self.is_dir
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Item) and self._tuple() == other._tuple()
+
+    def __hash__(self) -> int:
+        return hash(self._tuple())
+
+    def __repr__(self) -> str:
+        return f"Item(key={self.key!r}, src={self.src!r}, out={self.out!r})"
+
+
+def shared_template(items: Sequence[Item]) -> tuple[str, str] | None:
+    """(PRE, POST) if every item's output is PRE + key + POST from one shared pair (see
+    key_items), so callers can work on keys without building a million paths; else None."""
+    if not items or isinstance(items[0]._out, str):
+        return None
+    first = items[0]._out
+    return first if all(it._out is first for it in items) else None  # type: ignore[return-value]
 
 
 def name_problem(name: str, *, name_max: int = NAME_MAX) -> str | None:
@@ -116,6 +160,10 @@ def check_name(name: str, *, what: str) -> str:
 
 def safe_relpath(path: str, *, what: str) -> str:
     """`path`, normalised, if it stays under the root; UnsafePath otherwise."""
+    parts = path.split("/")
+    if ("\0" not in path and parts[0] not in ("", BOOKKEEPING_DIR) and "" not in parts
+            and "." not in parts and ".." not in parts and len(path) <= NAME_MAX // 4):
+        return path  # already normal and safe, each part short: the common case, cheap
     why = path_problem(path)
     if why is not None:
         raise UnsafePath(f"{what} {shown(path)} {why}")
@@ -407,3 +455,45 @@ def unsafe_outputs(bad: Sequence[tuple[str, str, str]]) -> UnsafePath:
 def _few(offenders: Sequence[str]) -> str:
     more = len(offenders) - SHOWN_EXAMPLES
     return "; ".join(offenders[:SHOWN_EXAMPLES]) + (f" (and {more} more)" if more > 0 else "")
+
+
+def key_items(template: str, keys: list[str], *, limits: Limits, is_dir: bool,
+              unsafe: list[tuple[str, str, str]]) -> tuple[list[Item], bool]:
+    """The items of a keys= task, and whether they may collide or nest (then the caller
+    checks). A template whose one placeholder is a plain {key} renders by concatenation; a
+    key without "/" then changes one path component only, which alone needs checking, and
+    such outputs cannot collide or nest (the key is the only varying part): the common
+    case, cheap for a million keys. Keys whose output cannot be used go to `unsafe` as
+    (key, output, why), so the caller names them all at once."""
+    pre, sep, post = template.partition("{key}")
+    simple = bool(sep) and not any(c in pre + post for c in "{}\0")
+    pre_parts, post_parts = pre.split("/"), post.split("/")
+    left, right = pre_parts[-1], post_parts[0]
+    first = len(pre_parts) == 1  # the key's component is the path's first
+    fixed = pre_parts[:-1] + post_parts[1:]
+    fast = simple and not any(p in ("", ".", "..") for p in fixed) and (
+        first or pre_parts[0] != BOOKKEEPING_DIR)
+    # Bytes the fixed parts take; a fast key's output fits if its own component does too.
+    fixed_bytes = len(os.fsencode(pre + post)) - len(os.fsencode(left + right)) if fast else 0
+    items: list[Item] = []
+    checked = False  # some item went the slow way: the caller checks uniqueness and nesting
+    shared = (pre, post)  # every fast item builds its path from this one pair
+    for key in keys:
+        if not isinstance(key, str) or not key:
+            raise SpecError(f"keys must be non-empty strings, got {key!r}; convert with str()")
+        if fast and "/" not in key and "\0" not in key:
+            part = left + key + right if left or right else key
+            size = len(part) if part.isascii() else len(os.fsencode(part))
+            if (part not in (".", "..") and not (first and part == BOOKKEEPING_DIR)
+                    and size <= limits.name_max
+                    and fixed_bytes + size <= limits.room):
+                items.append(Item(key, None, shared, (), is_dir))
+                continue
+        checked = True
+        out = pre + key + post if simple else render(template, {"key": key})
+        why = limits.problem(out)
+        if why is not None:
+            unsafe.append((key, out, why))
+        else:
+            items.append(Item(key, None, normal(out), (("key", key),), is_dir))
+    return items, checked
