@@ -21,8 +21,8 @@ pytest.importorskip("google.cloud.storage", reason="google-cloud-storage is not 
 pytest.importorskip("boto3", reason="boto3 is not installed (pip install -e '.[test]')")
 pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install -e '.[test]')")
 
-from gcs_emulator import GcsEmulator  # noqa: E402
-from s3_fault_proxy import S3FaultProxy  # noqa: E402
+from .gcs_emulator import GcsEmulator  # noqa: E402
+from .s3_fault_proxy import S3FaultProxy  # noqa: E402
 
 S3_REGION = "us-east-1"
 S3_ACCESS_KEY = "testing"  # moto accepts any key; real ones never reach a test
@@ -107,7 +107,7 @@ def gcs_bucket(gcs_server: GcsEmulator) -> str:
 
 
 @pytest.fixture
-def gcs_client(gcs_server: GcsEmulator) -> Any:
+def gcs_client(gcs_server: GcsEmulator) -> Iterator[Any]:
     """A real google-cloud-storage client bound to the emulator, with anonymous credentials."""
     from google.auth.credentials import AnonymousCredentials
     from google.cloud import storage

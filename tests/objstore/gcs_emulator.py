@@ -64,9 +64,9 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-import gcs_wire as wire
-from gcs_wire import Reply, StoredObject
-from objstore_server import Delay, Fault, FaultPlan, LoopbackServer, Match, Recorded, RequestLog, read_body
+from . import gcs_wire as wire
+from .gcs_wire import Reply, StoredObject
+from .loopback import Delay, Fault, FaultPlan, LoopbackServer, Match, Recorded, RequestLog, read_body
 
 LIST_PAGE_MAX = 1000  # GCS answers at most this many entries per list page
 DEFAULT_PROJECT = "spotfan-test"

@@ -30,7 +30,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 from xml.sax.saxutils import escape
 
-from objstore_server import Delay, Fault, FaultPlan, LoopbackServer, Match, Recorded, RequestLog, read_body
+from .loopback import Delay, Fault, FaultPlan, LoopbackServer, Match, Recorded, RequestLog, read_body
 
 UPSTREAM_TIMEOUT_S = 60.0  # the longest one forwarded request may take at moto
 DEFAULT_PRINCIPAL = "arn:aws:iam::123456789012:user/spotfan-worker"

@@ -17,7 +17,7 @@ from google.api_core import exceptions as gexc
 from google.api_core.exceptions import RetryError
 from google.cloud.storage.retry import DEFAULT_RETRY
 
-from gcs_emulator import LIST_PAGE_MAX, GcsEmulator
+from .gcs_emulator import LIST_PAGE_MAX, GcsEmulator
 
 RACERS = 8  # threads racing one create
 RACE_ROUNDS = 10

@@ -21,6 +21,8 @@ import pytest
 from moto.core.models import DEFAULT_ACCOUNT_ID
 from moto.s3.models import S3Backend, s3_backends
 
+from .s3_fault_proxy import S3FaultProxy
+
 RACERS = 8  # threads racing one create
 RACE_ROUNDS = 5
 GAP_RACERS = 3
@@ -322,8 +324,6 @@ def test_a_child_process_reaches_the_proxy_with_env_alone(s3_server, s3_bucket):
 
 
 def test_the_proxy_forwards_only_to_loopback():
-    from s3_fault_proxy import S3FaultProxy
-
     for upstream in ("http://10.0.0.1:5000", "http://localhost:5000", "https://127.0.0.1:5000", "http://127.0.0.1"):
         with pytest.raises(ValueError, match="only to http://127.0.0.1:PORT"):
             S3FaultProxy(upstream=upstream)
