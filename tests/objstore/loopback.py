@@ -1,8 +1,8 @@
 """What the GCS emulator and the S3 fault proxy share: serving, request log, fault plan.
 
-Both servers listen on 127.0.0.1 only (an ephemeral port), classify every request into a *kind* (`objects.insert`, `PutObject`, ...),
-record it, and before answering ask their `FaultPlan` whether to delay it and whether
-to fail it. A fault fails the next N matching requests with a status; with
+Both servers listen on 127.0.0.1 only (an ephemeral port), classify every request into
+a *kind* (`objects.insert`, `PutObject`, ...), record it, and before answering ask their
+`FaultPlan` whether to delay it and whether to fail it. A fault fails the next N matching requests with a status; with
 `after_apply=True` the server first carries the request out and then answers with the
 error, which is how a response lost on the way back looks to a client (it retries a
 write that already happened).
