@@ -220,6 +220,12 @@ class Claims:
             os.write(fd, self.stamp)
         except OSError as e:
             os.close(fd)
+            # An empty claim we made would look like a live peer's to every runner until
+            # the lease ran out (a full disk fails the write after the create succeeded)
+            try:
+                self.folder.unlink(path.name)
+            except OSError:
+                pass
             if e.errno in ENV_ERRNOS:
                 raise fault(e.errno, self.dir) from e
             raise

@@ -143,7 +143,7 @@ class Publisher:
         return put
 
     def _retry_parent(self, final: Path, put: Callable[[], object]) -> Published:
-        for _ in range(2):
+        for _ in range(3):
             try:
                 put()
                 return "ours"
@@ -154,10 +154,13 @@ class Publisher:
                     return "theirs"
                 if e.errno == errno.EAGAIN and str(e) == "fenced":
                     return "fenced"
-                if e.errno != errno.ENOENT or final.parent.is_dir():
+                if e.errno != errno.ENOENT:
                     _raise_folder_fault(e, final.parent)
+                # The output's folder is missing, or was missing: a peer worker may have
+                # made it between our attempt and now, so ENOENT with the folder there is
+                # no fault yet. Make it (if needed) and try again.
                 final.parent.mkdir(parents=True, exist_ok=True)
-        raise PublishError(f"the folder of {final} vanished twice while publishing")
+        raise PublishError(f"the folder of {final} vanished three times while publishing")
 
     # -- network root: copy into the share, link or rename into place ------------------
     def _via_share(self, tmp: Path, out: str, *, is_dir: bool, fence: Fence) -> Published:

@@ -1,12 +1,17 @@
 """Claims: exclusive among live workers, taken over when stale, by one taker only."""
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
+import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from tasks.claims import Claims, generation_path, live_claims
+from tasks.errors import EnvironmentFault
 from tasks.fs import FsClock
 
 UNITS = [f"{i:04x}" for i in range(300)]
@@ -138,3 +143,30 @@ def test_a_runner_that_meets_a_held_unit_jumps_to_the_middle_of_the_longest_free
     assert picked == ["0010", "0011", "0012"], "the longest free stretch is 11..1; its middle 16"
     ring.jump({"0003", "0013"})
     assert ring.pos == 10  # the stretch after 3 is 4..15 (16-18 are taken): its middle
+
+
+def test_a_claim_the_full_disk_cannot_hold_is_not_left_behind(tmp_path: Path) -> None:
+    """On a full disk the exclusive create succeeds (an inode) and the write of the claim's
+    body fails: the empty file must go, or every runner takes it for a live peer's claim."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], check=True)
+    try:
+        claims = _claims(disk, 60)
+        fd = os.open(disk / "ballast", os.O_WRONLY | os.O_CREAT)
+        with contextlib.suppress(OSError):  # every block, nothing left for a body
+            while os.write(fd, b"\0" * 4096):
+                pass
+        os.close(fd)
+        with pytest.raises(EnvironmentFault, match="no space left"):
+            claims.acquire(["0001"])
+        assert not (disk / "0001").exists()
+        (disk / "ballast").unlink()
+        won, busy = claims.acquire(["0001"])
+        assert _units(won) == ["0001"] and busy == []
+        claims.release_all()
+        claims.close()
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

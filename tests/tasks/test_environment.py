@@ -54,6 +54,9 @@ def test_a_full_disk_stops_the_run_charges_nothing_and_the_rerun_finishes(small_
     assert "no space left on the device" in proc.stderr
     assert "no key was charged an attempt" in proc.stderr
     assert list((small_disk / ".spotfan/tasks/big/failed").iterdir()) == []
+    # no claim is left behind, not even one whose body the full disk refused (an empty
+    # claim looks like a live peer's to the rerun until the lease runs out)
+    assert list((small_disk / ".spotfan/tasks/big/claims").iterdir()) == []
     done_before = len(os.listdir(small_disk / "out"))
     assert done_before < 20, "the disk never filled up: the test proved nothing"
     ballast.unlink()

@@ -243,8 +243,9 @@ def test_limit_and_status_show_live_claims(tmp_path: Path, write_module) -> None
     proc = run_cli(["run", "t:slow", "--limit", "2", "--workers", "1"], tmp_path)
     assert proc.returncode == 0 and summary(proc)["succeeded"] == 2
     (tmp_path / "go-slow").write_text("1")
-    # one worker holds two claims (units: crc32(key) % 6, so a unit may hold two keys): the
-    # unit of the key it runs and of the next one queued for it
+    # one worker holds the claim of the unit whose key it runs and of the next one queued for
+    # it: two keys. Units are crc32(key) % 6 and k0, k2 share unit 3, so when the first run did
+    # neither, those two keys may be one claim file.
     runner = subprocess.Popen([sys.executable, "-m", "tasks", "run", "t:slow", "--workers", "1"],
                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
@@ -254,10 +255,10 @@ def test_limit_and_status_show_live_claims(tmp_path: Path, write_module) -> None
         while time.monotonic() < deadline:
             st = json.loads(run_cli(["status", "t:slow", "--json"], tmp_path).stdout)
             claims = list((tmp_path / ".spotfan/tasks/slow/claims").glob("*"))
-            if len(claims) == 2 and st["running"] >= 2:
+            if st["running"] >= 2:
                 break
             time.sleep(0.3)
-        assert len(claims) == 2, claims
+        assert 1 <= len(claims) <= 2, claims
         assert (st["total"], st["done"]) == (6, 2)
         assert st["running"] >= 2 and st["running"] + st["pending"] == 4, st
         assert len(st["owners"]) == 1
