@@ -3,7 +3,7 @@
 # strace (syscall counts in benchmarks); a venv at .venv with spotfan (editable), its GCE
 # extra (the tests drive the real Compute client against a local emulator) and its test extras.
 VENV="${SPOTFAN_VENV:-$PWD/.venv}"
-PACKAGES=(openssh-server openssh-client sshfs fuse3 parallel strace psmisc procps iproute2 util-linux)
+PACKAGES=(openssh-server openssh-client sshfs fuse3 parallel strace psmisc procps iproute2 util-linux faketime)
 
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -30,7 +30,7 @@ if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
     # pip's own chatter goes to a log; on failure its end is shown with where the rest is.
     log="$VENV/pip-install.log"
     if ! { "$VENV/bin/python" -m pip install -q --upgrade pip &&
-           "$VENV/bin/python" -m pip install -q -e ".[gce,test]"; } >"$log" 2>&1; then
+           "$VENV/bin/python" -m pip install -q -e ".[test]"; } >"$log" 2>&1; then
         tail -n 30 "$log" >&2
         echo "error: installing spotfan into $VENV failed (full log: $log); fix the cause and run again" >&2
         exit 1

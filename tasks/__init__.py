@@ -3,12 +3,14 @@
 The whole contract: a key is done if and only if its output exists at its final path,
 and only a rename puts it there.
 """
-from tasks.errors import (ClaimError, OutputCollision, PublishError, SpecError, TaskError,
-                          UnsafePath)
-from tasks.runner import RunReport, Snapshot, run
+from tasks.errors import (ClaimError, EnvironmentFault, OutputCollision, PublishError, RootError,
+                          SpecError, TaskError, UnsafePath)
+from tasks.dispatch import RunReport
+from tasks.progress import Snapshot
+from tasks.runner import run
 from tasks.spec import CmdTask, FileTask, KeySource, filetask, load_spec
 from tasks.status import TaskStatus, status
 
 __all__ = ["filetask", "run", "status", "load_spec", "FileTask", "CmdTask", "KeySource",
            "RunReport", "Snapshot", "TaskStatus", "TaskError", "SpecError", "OutputCollision",
-           "UnsafePath", "ClaimError", "PublishError"]
+           "UnsafePath", "ClaimError", "PublishError", "RootError", "EnvironmentFault"]

@@ -12,6 +12,8 @@ logger = logging.getLogger(__name__)
 
 MIN_LEASE_S = 5.0  # shorter, and a claim could expire between two refreshes of a live worker
 MAX_LEASE_S = 86400.0  # longer, and a dead VM's claims would hold its keys for over a day
+MIN_TIMEOUT_S = 0.1  # --timeout: a key's longest run; shorter is no real task
+MAX_TIMEOUT_S = 30 * 86400.0
 MAX_ATTEMPTS_LIMIT = 100  # a key that failed this often is broken, not flaky
 MAX_LIMIT = 10**9  # --limit: more keys than one run can list
 MAX_CHUNK_SIZE = 100_000  # a fixed --chunk-size: keys one worker holds at once

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from tasks.bounds import (MAX_ATTEMPTS_LIMIT, MAX_CHUNK_SIZE, MAX_LEASE_S, MAX_LIMIT,
-                          MAX_READ_WORKERS, MIN_LEASE_S, WORKERS_PER_CPU_MAX, count_problem,
-                          seconds_problem)
-from tasks.errors import ClaimError, SpecError, TaskError
+                          MAX_READ_WORKERS, MAX_TIMEOUT_S, MIN_LEASE_S, MIN_TIMEOUT_S,
+                          WORKERS_PER_CPU_MAX, count_problem, seconds_problem)
+from tasks.errors import RootError, SpecError, TaskError
 from tasks.failures import EXAMPLE_KEYS, FailureReport, failures, retry
 from tasks.layout import Layout
 from tasks.progress import make_progress
@@ -80,9 +80,9 @@ def _spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--key", default="path", choices=["path", "stem", "hash"],
                    help="for --cmd --src: key of a source (default: path; hash = content hash)")
     p.add_argument("--name", help="for --cmd: the task's name (default: derived from the command)")
-    p.add_argument("--lease", type=_seconds(MIN_LEASE_S, MAX_LEASE_S), default=DEFAULT_LEASE_S,
-                   metavar="SECONDS",
-                   help=f"a claim not refreshed this long is taken over (default {DEFAULT_LEASE_S:.0f})")
+    p.add_argument("--lease", type=_seconds(MIN_LEASE_S, MAX_LEASE_S), metavar="SECONDS",
+                   help=f"a claim not refreshed this long is taken over (default {DEFAULT_LEASE_S:.0f}); "
+                        "the first runner fixes it in the task's plan, later runners adopt that")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keys per chunk (default: adaptive, from measured task time)")
     r.add_argument("--start-method", choices=START_METHODS, default="forkserver",
                    help="how worker processes start (default forkserver)")
+    r.add_argument("--timeout", type=_seconds(MIN_TIMEOUT_S, MAX_TIMEOUT_S), metavar="SECONDS",
+                   help="stop a key running longer (its worker is killed) and count a failed "
+                        "attempt (default: the task's timeout=, else none)")
+    r.add_argument("--state-file", type=Path, metavar="PATH",
+                   help="keep a JSON state of this runner in PATH (on a local disk), rewritten "
+                        "at least every 2 s and at exit")
     s = sub.add_parser("status", help="count done, failed, running and pending keys")
     _spec_args(s)
     s.add_argument("--json", action="store_true", help="print one JSON object")
@@ -176,13 +182,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                          max_attempts=args.max_attempts, lease_s=args.lease, limit=args.limit,
                          retry_failed=args.retry_failed, fsync=args.fsync,
                          chunk_size=args.chunk_size, start_method=args.start_method,
+                         timeout_s=args.timeout, state_file=args.state_file,
                          progress=progress)
         finally:
             progress.close()
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except (ClaimError, OSError) as e:
+    except (RootError, OSError) as e:
         # The root itself could not be used (a dead mount, a full disk, no permission):
         # nothing is wrong with the keys, so this is not "failed" (1); try again later.
         print(f"error: the run root could not be used: {e}. Nothing is lost: fix it (on a "

@@ -31,10 +31,10 @@ from typing import Any, Literal, Union
 import numpy as np
 import pandas as pd
 
-from tasks.claims import network_filesystem
+from tasks.fs import is_network as network_filesystem
 from tasks.errors import CollectError, SpecError, Unreadable
 from tasks.keys import Item
-from tasks.runner import ProgressFn, Snapshot
+from tasks.progress import ProgressFn, Snapshot
 from tasks.scan import scan_done
 from tasks.spec import Task
 

@@ -4,13 +4,16 @@
      +-- SpecError             the task spec is wrong; found before any work starts
      |    +-- OutputCollision  two keys map to one output path
      |    +-- UnsafePath       a key or template would read or write outside the root
-     +-- ClaimError            the claim directory cannot be used (permissions, dead mount)
+     +-- RootError             the run root cannot be used: exit 3, fix it and run again
+     |    +-- ClaimError       the claim directory cannot be used (permissions, dead mount)
+     |    +-- PlanError        plan.json is damaged while a live runner holds the task
+     |    +-- EnvironmentFault out of space, read-only, dead mount, I/O error, lost temp folder
      +-- PublishError          a finished temporary could not be moved to its final path
      +-- CollectError          outputs could not be read into one table, or it could not be written
      +-- ReportError           a run report cannot be drawn (nothing logged yet)
 
 Every message says what happened and how to fix it. The command line (tasks/cli.py)
-decides how errors look and which exit code they carry (2 for SpecError).
+decides how errors look and which exit code they carry (2 for SpecError, 3 for RootError).
 """
 from __future__ import annotations
 
@@ -34,8 +37,21 @@ class UnsafePath(SpecError):
     """A key, source or output template would reach outside the run root."""
 
 
-class ClaimError(TaskError):
+class RootError(TaskError):
+    """The run root (or the disk under it) cannot be used; no key is charged for it."""
+
+
+class ClaimError(RootError):
     """The claim directory under the root cannot be used."""
+
+
+class PlanError(RootError):
+    """A task's plan.json is damaged and a live runner may still rely on it."""
+
+
+class EnvironmentFault(RootError):
+    """The environment failed under a key (full disk, read-only folder, dead mount, I/O
+    error, a vanished temporary folder): the run stops and the key is not charged."""
 
 
 class PublishError(TaskError):

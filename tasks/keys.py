@@ -8,16 +8,11 @@ names, each component of an output or source path) goes through it.
 """
 from __future__ import annotations
 
-import fnmatch
-import glob
-import hashlib
 import os
-import re
 import string
-from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from tasks.errors import OutputCollision, SpecError, UnsafePath
 from tasks.layout import BOOKKEEPING_DIR
@@ -25,9 +20,6 @@ from tasks.layout import BOOKKEEPING_DIR
 # Placeholders an output template may use, by where the keys come from.
 SRC_FIELDS = frozenset({"key", "src", "stem", "name", "suffix", "parent"})
 KEY_FIELDS = frozenset({"key"})
-HASH_THREADS = 8  # parallel readers for content-hash keys (I/O bound, hashlib drops the GIL)
-HASH_CHUNK = 1 << 20
-HASH_LEN = 16  # hex digits of sha256 kept for a content-hash key
 SHOWN_EXAMPLES = 3  # how many offending keys an error message lists
 SHOWN_NAME = 60  # characters of an over-long name or key shown in a message
 NAME_MAX = 255  # bytes in one file name (Linux filesystems; used where pathconf cannot say)
@@ -38,15 +30,59 @@ PATH_MAX = 4096  # bytes in a whole path, its terminating NUL included (Linux)
 TEMP_PATH_RESERVE = 320
 
 
-@dataclass(frozen=True)
 class Item:
-    """One unit of work."""
+    """One unit of work: a key, its source and its output path (all root-relative).
 
+    Immutable. Small, because a million are made at every start: for a keys= task whose
+    template is `PRE{key}POST` the output path is not stored but built on access from a
+    (PRE, POST) pair shared by every item."""
+
+    __slots__ = ("key", "src", "_out", "fields", "is_dir")
     key: str  # the task's key for this item
     src: str | None  # source path relative to the root, or None for keys= tasks
-    out: str  # final output path relative to the root (no trailing slash)
-    fields: tuple[tuple[str, str], ...] = ()  # placeholder values, for --cmd rendering
-    is_dir: bool = False  # the output is a directory (the template ends in "/")
+    fields: tuple[tuple[str, str], ...]  # placeholder values, for --cmd rendering
+    is_dir: bool  # the output is a directory (the template ends in "/")
+
+    def __init__(self, key: str, src: str | None, out: str | tuple[str, str],
+                 fields: tuple[tuple[str, str], ...] = (), is_dir: bool = False) -> None:
+        object.__setattr__(self, "key", key)
+        object.__setattr__(self, "src", src)
+        object.__setattr__(self, "_out", out)
+        object.__setattr__(self, "fields", fields)
+        object.__setattr__(self, "is_dir", is_dir)
+
+    @property
+    def out(self) -> str:
+        """The final output path relative to the root (no trailing slash)."""
+        o = self._out
+        return o if isinstance(o, str) else o[0] + self.key + o[1]
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"Item is immutable (tried to set {name})")
+
+    def __reduce__(self) -> tuple[type, tuple[object, ...]]:
+        return Item, (self.key, self.src, self._out, self.fields, self.is_dir)
+
+    def _tuple(self) -> tuple[object, ...]:
+        return self.key, self.src, self.out, self.fields, self.is_dir
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Item) and self._tuple() == other._tuple()
+
+    def __hash__(self) -> int:
+        return hash(self._tuple())
+
+    def __repr__(self) -> str:
+        return f"Item(key={self.key!r}, src={self.src!r}, out={self.out!r})"
+
+
+def shared_template(items: Sequence[Item]) -> tuple[str, str] | None:
+    """(PRE, POST) if every item's output is PRE + key + POST from one shared pair (see
+    key_items), so callers can work on keys without building a million paths; else None."""
+    if not items or isinstance(items[0]._out, str):
+        return None
+    first = items[0]._out
+    return first if all(it._out is first for it in items) else None  # type: ignore[return-value]
 
 
 def name_problem(name: str, *, name_max: int = NAME_MAX) -> str | None:
@@ -116,6 +152,10 @@ def check_name(name: str, *, what: str) -> str:
 
 def safe_relpath(path: str, *, what: str) -> str:
     """`path`, normalised, if it stays under the root; UnsafePath otherwise."""
+    parts = path.split("/")
+    if ("\0" not in path and parts[0] not in ("", BOOKKEEPING_DIR) and "" not in parts
+            and "." not in parts and ".." not in parts and len(path) <= NAME_MAX // 4):
+        return path  # already normal and safe, each part short: the common case, cheap
     why = path_problem(path)
     if why is not None:
         raise UnsafePath(f"{what} {shown(path)} {why}")
@@ -183,144 +223,6 @@ def render(template: str, fields: dict[str, str], *, what: str = "output templat
     except (KeyError, IndexError, ValueError) as e:
         raise SpecError(f"{what} {template!r} cannot be rendered for key "
                         f"{fields.get('key')!r}: {e}") from e
-
-
-def glob_base(pattern: str) -> str:
-    """The leading folders of a glob that hold no wildcard: keys are relative to them."""
-    parts = normal(relative(pattern)).split("/")
-    base: list[str] = []
-    for part in parts[:-1]:
-        if glob.has_magic(part):
-            break
-        base.append(part)
-    return "/".join(base)
-
-
-@dataclass(frozen=True)
-class Sources:
-    """What a source glob matched: its files, and how many folders it matched (not inputs)."""
-
-    files: list[str]  # root-relative paths of matched files, sorted
-    folders: int  # matched folders, skipped as inputs
-
-
-def glob_sources(root: Path, pattern: str) -> Sources:
-    """Files matching `pattern` under root, like `glob.glob(pattern, recursive=True)`; folders
-    it matches are skipped, not inputs.
-
-    Each folder is listed once (`os.scandir`) and whether an entry is a folder comes from
-    that listing (d_type), never from a stat per match: over SSHFS each stat is a network
-    round trip. Only a symlink costs a stat (to see what it points to). Like `glob`, `*`
-    and `**` skip names that start with "."; unlike it, `**` does not descend into
-    symlinked folders (a symlink loop would never end).
-    """
-    pattern = safe_relpath(relative(pattern), what="source glob")
-    parts: list[str] = []
-    for part in pattern.split("/"):
-        if not (part == "**" and parts and parts[-1] == "**"):  # a/**/**/b is a/**/b
-            parts.append(part)
-    walk = _Walk(str(root))
-    files = sorted(walk.match("", parts, None))
-    return Sources(files, walk.folders)
-
-
-class _Walk:
-    """One glob's walk over the root: one listing per folder, entry types from the listing."""
-
-    def __init__(self, root: str) -> None:
-        self.root = root
-        self.folders = 0  # matched folders skipped as inputs
-
-    def listing(self, folder: str) -> list[os.DirEntry[str]]:
-        try:
-            with os.scandir(os.path.join(self.root, folder) if folder else self.root) as it:
-                return list(it)
-        except (FileNotFoundError, NotADirectoryError):
-            return []  # glob's rule: a folder that is not there matches nothing
-
-    def match(self, folder: str, parts: list[str],
-              entries: list[os.DirEntry[str]] | None) -> Iterator[str]:
-        """Root-relative paths of files under `folder` that match `parts` ("**" included);
-        `entries` is the folder's listing when the caller already has it."""
-        part, rest = parts[0], parts[1:]
-        join = (lambda name: f"{folder}/{name}") if folder else (lambda name: name)
-        if part == "**":
-            entries = self.listing(folder) if entries is None else entries
-            if rest:
-                yield from self.match(folder, rest, entries)  # "**" as zero folders
-            else:
-                yield from (join(e.name) for e in entries
-                            if not e.name.startswith(".") and not _is_folder(e, self))
-            for e in entries:
-                if not e.name.startswith(".") and e.is_dir(follow_symlinks=False):
-                    yield from self.match(join(e.name), parts, None)
-            return
-        if not glob.has_magic(part):
-            if rest:
-                yield from self.match(join(part), rest, None)  # listed when a wildcard needs it
-                return
-            if entries is not None:
-                found = [e for e in entries if e.name == part]
-                if found and not _is_folder(found[0], self):
-                    yield join(part)
-                return
-            path = os.path.join(self.root, join(part))
-            if os.path.isdir(path):
-                self.folders += 1
-            elif os.path.lexists(path):
-                yield join(part)
-            return
-        matches = re.compile(fnmatch.translate(part)).match
-        hidden_ok = part.startswith(".")
-        entries = self.listing(folder) if entries is None else entries
-        for e in entries:
-            if (hidden_ok or not e.name.startswith(".")) and matches(e.name):
-                if rest:
-                    if e.is_dir():
-                        yield from self.match(join(e.name), rest, None)
-                elif not _is_folder(e, self):
-                    yield join(e.name)
-
-
-def _is_folder(entry: os.DirEntry[str], walk: _Walk) -> bool:
-    """Whether a matched entry is a folder (counted as skipped); a symlink is judged by
-    what it points to, so a link to a file is an input."""
-    try:
-        folder = entry.is_dir()
-    except OSError:
-        folder = False  # a broken link: an input, as glob returns it (its task will say why)
-    if folder:
-        walk.folders += 1
-    return folder
-
-
-def src_fields(src: str, base: str) -> dict[str, str]:
-    """Placeholder values for one source file."""
-    rel = src[len(base) + 1:] if base and src.startswith(base + "/") else src
-    p = PurePosixPath(rel)
-    parent = str(p.parent)
-    return {
-        "src": src,
-        "stem": p.stem,
-        "name": p.name,
-        "suffix": p.suffix,
-        "parent": "" if parent == "." else parent,
-        "rel": rel,
-    }
-
-
-def content_hashes(root: Path, srcs: Sequence[str]) -> list[str]:
-    """A short sha256 of each source's bytes, read in parallel."""
-
-    def one(src: str) -> str:
-        h = hashlib.sha256()
-        with open(root / src, "rb") as f:
-            while chunk := f.read(HASH_CHUNK):
-                h.update(chunk)
-        return h.hexdigest()[:HASH_LEN]
-
-    with ThreadPoolExecutor(HASH_THREADS) as pool:
-        return list(pool.map(one, srcs))
 
 
 def check_unique(items: Iterable[Item]) -> list[Item]:
@@ -407,3 +309,45 @@ def unsafe_outputs(bad: Sequence[tuple[str, str, str]]) -> UnsafePath:
 def _few(offenders: Sequence[str]) -> str:
     more = len(offenders) - SHOWN_EXAMPLES
     return "; ".join(offenders[:SHOWN_EXAMPLES]) + (f" (and {more} more)" if more > 0 else "")
+
+
+def key_items(template: str, keys: list[str], *, limits: Limits, is_dir: bool,
+              unsafe: list[tuple[str, str, str]]) -> tuple[list[Item], bool]:
+    """The items of a keys= task, and whether they may collide or nest (then the caller
+    checks). A template whose one placeholder is a plain {key} renders by concatenation; a
+    key without "/" then changes one path component only, which alone needs checking, and
+    such outputs cannot collide or nest (the key is the only varying part): the common
+    case, cheap for a million keys. Keys whose output cannot be used go to `unsafe` as
+    (key, output, why), so the caller names them all at once."""
+    pre, sep, post = template.partition("{key}")
+    simple = bool(sep) and not any(c in pre + post for c in "{}\0")
+    pre_parts, post_parts = pre.split("/"), post.split("/")
+    left, right = pre_parts[-1], post_parts[0]
+    first = len(pre_parts) == 1  # the key's component is the path's first
+    fixed = pre_parts[:-1] + post_parts[1:]
+    fast = simple and not any(p in ("", ".", "..") for p in fixed) and (
+        first or pre_parts[0] != BOOKKEEPING_DIR)
+    # Bytes the fixed parts take; a fast key's output fits if its own component does too.
+    fixed_bytes = len(os.fsencode(pre + post)) - len(os.fsencode(left + right)) if fast else 0
+    items: list[Item] = []
+    checked = False  # some item went the slow way: the caller checks uniqueness and nesting
+    shared = (pre, post)  # every fast item builds its path from this one pair
+    for key in keys:
+        if not isinstance(key, str) or not key:
+            raise SpecError(f"keys must be non-empty strings, got {key!r}; convert with str()")
+        if fast and "/" not in key and "\0" not in key:
+            part = left + key + right if left or right else key
+            size = len(part) if part.isascii() else len(os.fsencode(part))
+            if (part not in (".", "..") and not (first and part == BOOKKEEPING_DIR)
+                    and size <= limits.name_max
+                    and fixed_bytes + size <= limits.room):
+                items.append(Item(key, None, shared, (), is_dir))
+                continue
+        checked = True
+        out = pre + key + post if simple else render(template, {"key": key})
+        why = limits.problem(out)
+        if why is not None:
+            unsafe.append((key, out, why))
+        else:
+            items.append(Item(key, None, normal(out), (("key", key),), is_dir))
+    return items, checked

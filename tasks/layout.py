@@ -2,8 +2,10 @@
 
     ROOT/.spotfan/
         owners/<owner>.json          one per live `run` process; its mtime is the heartbeat
-        tmp/<owner>/                 temporaries being written by that process's workers
-        tasks/<task>/claims/<id>     a claim on one key (exclusive create), mtime = heartbeat
+        tmp/<owner>/                 temporaries being published by that process's workers
+        tasks/<task>/plan.json       claim units and the lease, fixed by the first runner
+        tasks/<task>/claims/<unit>[.n]  a claim on one unit of keys (exclusive create)
+        tasks/<task>/done/<unit>     a unit some runner finished (every key settled)
         tasks/<task>/failed/<id>.json  the last failure of a key: attempts, error, traceback
         tasks/<task>/log/<owner>.jsonl  one line per execution, for audits and reports
 
@@ -61,6 +63,14 @@ class Layout:
         return self.task_dir / "claims"
 
     @property
+    def done(self) -> Path:
+        return self.task_dir / "done"
+
+    @property
+    def plan(self) -> Path:
+        return self.task_dir / "plan.json"
+
+    @property
     def failed(self) -> Path:
         return self.task_dir / "failed"
 
@@ -75,5 +85,5 @@ class Layout:
         return self.tmp / owner
 
     def ensure(self) -> None:
-        for d in (self.owners, self.tmp, self.claims, self.failed, self.log):
+        for d in (self.owners, self.tmp, self.claims, self.done, self.failed, self.log):
             d.mkdir(parents=True, exist_ok=True)

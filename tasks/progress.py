@@ -1,13 +1,35 @@
-"""Showing progress: a live bar on a terminal, plain log lines everywhere else."""
+"""Progress of a run: the Snapshot the runner reports, shown as a live bar on a terminal
+and as plain log lines everywhere else."""
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TextIO
 
-from tasks.runner import Snapshot
-
 PLAIN_EVERY_S = 10.0  # a plain progress line at most this often
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Progress of a run, as shown to the user."""
+
+    task: str  # the task's name
+    total: int  # keys in the task
+    done: int  # keys whose output exists (before this run or by it)
+    failed: int  # keys that reached --max-attempts
+    running: int  # keys in flight in this process
+    rate: float  # keys finished per second over the last minute
+    elapsed: float  # seconds since this run started
+
+    @property
+    def eta(self) -> float | None:
+        left = self.total - self.done - self.failed
+        return left / self.rate if self.rate > 0 else None
+
+
+ProgressFn = Callable[[Snapshot], None]
 
 
 def fmt_eta(seconds: float | None) -> str:

@@ -1,4 +1,5 @@
-"""Failure records and the per-execution log, both plain files under `.spotfan/tasks/<task>/`.
+"""Typed bookkeeping files: failure records, the per-execution log, owner files and the
+holder stamp in a claim, all plain files under `.spotfan/`.
 
 A failure record (`failed/<id>.json`) holds a key's latest error, its traceback or
 stderr, and how many attempts failed; `gave_up` marks a key that reached
@@ -16,7 +17,78 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import psutil
+
+from tasks.fs import atomic_write
 from tasks.layout import key_id
+
+PID_START_SLACK_S = 1.0  # process start times read twice may differ by rounding
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """Who holds a claim: enough to tell, on the same host, that the holder is gone."""
+
+    host: str  # socket.gethostname() of the holder (a lab VM has its own)
+    pid: int  # the holder's process id, in its own PID namespace
+    started: float  # the holder's process start time, so a reused pid is not mistaken
+
+    @classmethod
+    def mine(cls) -> "Stamp":
+        return cls(socket.gethostname(), os.getpid(), psutil.Process().create_time())
+
+    def to_json(self) -> str:
+        return json.dumps({"host": self.host, "pid": self.pid, "started": self.started})
+
+    @classmethod
+    def from_json(cls, text: str) -> "Stamp | None":
+        try:
+            d = json.loads(text)
+            return cls(str(d["host"]), int(d["pid"]), float(d["started"]))
+        except (ValueError, KeyError, TypeError):
+            return None  # empty (holder died between create and write) or foreign
+
+    def gone(self) -> bool:
+        """True if this holder ran on this host and its process is gone (or its pid now
+        belongs to another process). Holders on other hosts are never judged gone here."""
+        if self.host != socket.gethostname():
+            return False
+        try:
+            return abs(psutil.Process(self.pid).create_time() - self.started) > PID_START_SLACK_S
+        except psutil.NoSuchProcess:
+            return True
+        except psutil.Error:
+            return False
+
+
+@dataclass(frozen=True)
+class OwnerRecord:
+    """`owners/<owner>.json`: one live `run` process. Its mtime is its heartbeat, on the
+    filesystem's clock (a rewrite of its first byte, never utime)."""
+
+    owner: str  # host-pid-random
+    host: str  # machine it runs on
+    pid: int  # its process id there
+    pid_started: float  # the process's start time (with host and pid: is it gone?)
+    task: str  # the task it runs
+    workers: int  # its pool size
+    started: float  # seconds since the epoch, by its own clock
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self)).encode()  # starts with "{": the heartbeat byte
+
+    @classmethod
+    def from_json(cls, text: str) -> "OwnerRecord | None":
+        try:
+            d = json.loads(text)
+            return cls(str(d["owner"]), str(d["host"]), int(d["pid"]), float(d["pid_started"]),
+                       str(d["task"]), int(d["workers"]), float(d["started"]))
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    @property
+    def stamp(self) -> Stamp:
+        return Stamp(self.host, self.pid, self.pid_started)
 
 
 @dataclass(frozen=True)
@@ -62,10 +134,7 @@ class FailureStore:
         return found
 
     def record(self, failure: Failure) -> None:
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.tmp_dir / f"failure-{key_id(failure.key)}.json"
-        tmp.write_text(json.dumps(asdict(failure)), encoding="utf-8")
-        os.rename(tmp, self.dir / f"{key_id(failure.key)}.json")
+        atomic_write(self.dir / f"{key_id(failure.key)}.json", json.dumps(asdict(failure)).encode())
 
     def clear(self, keys: Iterable[str]) -> None:
         for key in keys:

@@ -25,11 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
+from tasks.bounds import MAX_TIMEOUT_S
+from tasks.deathsig import die_with_parent
 from tasks.errors import SpecError, UnsafePath
 from tasks.keys import (KEY_FIELDS, SRC_FIELDS, Item, Limits, check_name, check_nesting,
-                        check_template, check_unique, content_hashes, glob_base, glob_sources,
-                        normal, path_problem, relative, render, safe_relpath, src_fields,
-                        template_fields, unsafe_outputs)
+                        check_template, check_unique, key_items, normal, path_problem,
+                        relative, render, safe_relpath, template_fields, unsafe_outputs)
+from tasks.sources import content_hashes, glob_base, glob_sources, src_fields
 
 KeyMode = Union[Literal["path", "stem", "hash"], Callable[[str], str]]
 KeysArg = Union[Iterable[str], Callable[[], Iterable[str]], None]
@@ -144,10 +146,11 @@ class KeySource:
             keys = list(dict.fromkeys(raw))  # keep order, drop repeats
             if not keys:
                 raise SpecError("keys= produced no keys; check the function or list it names")
-            for key in keys:
-                if not isinstance(key, str) or not key:
-                    raise SpecError(f"keys must be non-empty strings, got {key!r}; convert with str()")
-                add(key, None, {"key": key})
+            items, checked = key_items(template, keys, limits=limits, is_dir=is_dir,
+                                       unsafe=unsafe)
+            if unsafe:
+                raise unsafe_outputs(unsafe)
+            return check_nesting(check_unique(items)) if checked else items
         if unsafe:
             raise unsafe_outputs(unsafe)
         return check_nesting(check_unique(items))
@@ -157,7 +160,8 @@ class FileTask:
     """A task function with its key source and output template; still callable as is."""
 
     def __init__(self, func: Callable[..., Any], source: KeySource, *, name: str | None,
-                 init: Callable[[], Any] | None, fsync: bool) -> None:
+                 init: Callable[[], Any] | None, fsync: bool,
+                 timeout: float | None = None) -> None:
         self.func = func
         self.source = source
         self.init = init
@@ -165,6 +169,11 @@ class FileTask:
         self.module = func.__module__
         self.qualname = func.__qualname__
         self.name = check_name(name or func.__name__, what=f"@filetask {self.qualname}: task name")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not 0 < timeout <= MAX_TIMEOUT_S or timeout != timeout):
+            raise SpecError(f"@filetask {self.qualname}: timeout={timeout!r} must be a number "
+                            f"of seconds above 0 and at most {MAX_TIMEOUT_S:g}")
+        self.timeout = float(timeout) if timeout is not None else None
         self._params = _task_params(func, self.qualname, has_src=source.src is not None)
         source.validate(what=f"@filetask {self.qualname}")
         functools.update_wrapper(self, func)
@@ -295,6 +304,7 @@ class CmdTask:
     source: KeySource = field(default_factory=KeySource)
     name: str = ""
     fsync: bool = False
+    timeout: float | None = None  # seconds a key may run (tasks run --timeout overrides)
 
     def __post_init__(self) -> None:
         what = "--cmd"
@@ -332,14 +342,15 @@ class CmdTask:
         return None
 
     def execute(self, item: Item, out: Path, root: Path, ctx: Any) -> None:
-        values = dict(item.fields)
+        values = dict(item.fields) if item.fields else {"key": item.key}
         if item.src is not None:
             values["src"] = str(root / item.src)
         values["out"] = str(out)
         quoted = {k: shlex.quote(v) for k, v in values.items()}
         line = render(self.cmd, quoted, what="--cmd")
         proc = subprocess.run(["/bin/sh", "-c", line], cwd=root, stdin=subprocess.DEVNULL,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              preexec_fn=die_with_parent)  # no command outlives its worker
         if proc.returncode != 0:
             err = proc.stderr.decode("utf-8", "replace")[-STDERR_TAIL:]
             raise CommandFailed(proc.returncode, err)
@@ -351,7 +362,8 @@ TaskRef = Union[FuncRef, CmdTask]
 
 def filetask(*, out: str, src: str | None = None, keys: KeysArg = None, key: KeyMode = "path",
              name: str | None = None, init: Callable[[], Any] | None = None,
-             fsync: bool = False) -> Callable[[Callable[..., Any]], FileTask]:
+             fsync: bool = False,
+             timeout: float | None = None) -> Callable[[Callable[..., Any]], FileTask]:
     """Declare a file-keyed task: one output per key, skipped when it exists.
 
     src:   glob of input files relative to the run root (keys are their paths below the
@@ -364,11 +376,13 @@ def filetask(*, out: str, src: str | None = None, keys: KeysArg = None, key: Key
     init:  a top-level function run once per worker process (load a model, open a
            connection); the task receives its result as `ctx`.
     fsync: flush each output to stable storage before publishing it.
+    timeout: seconds one key may run; a key running longer is killed (its worker
+           process) and charged a failed attempt (`tasks run --timeout` overrides).
     """
     source = KeySource(src=src, keys=keys, key=key, out=out)
 
     def wrap(func: Callable[..., Any]) -> FileTask:
-        return FileTask(func, source, name=name, init=init, fsync=fsync)
+        return FileTask(func, source, name=name, init=init, fsync=fsync, timeout=timeout)
 
     return wrap
 

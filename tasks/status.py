@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tasks.claims import ClaimPlan, live_claims
+from tasks.claims import live_claims
+from tasks.fs import FsClock
 from tasks.layout import Layout
+from tasks.owners import live_owners
+from tasks.plan import DEFAULT_LEASE_S, Plan
 from tasks.records import FailureStore
-from tasks.runner import DEFAULT_LEASE_S
 from tasks.scan import scan_done
 from tasks.spec import Task
 
@@ -44,41 +45,52 @@ class TaskStatus:
         return json.dumps(asdict(self))
 
 
-def status(task: Task, *, root: str | Path = ".", lease_s: float = DEFAULT_LEASE_S) -> TaskStatus:
+def status(task: Task, *, root: str | Path = ".", lease_s: float | None = None) -> TaskStatus:
+    """Counts from one listing per output folder, the claims and the failure records. Ages
+    are judged on the filesystem's clock and by the lease in the task's plan (`lease_s`
+    only when there is no plan yet)."""
     root = Path(root).resolve()
     layout = Layout(root, task.name)
     items = task.items(root)
     done = scan_done(root, items)
     failures = FailureStore(layout.failed, layout.tmp).load()
     keys = {it.key for it in items}
-    live_units = set(live_claims(layout.claims, lease_s=lease_s))
+    plan = _plan(layout)
+    lease = plan.lease_s if plan is not None else (lease_s or DEFAULT_LEASE_S)
+    clock = _clock(layout)
+    live_units = set(live_claims(layout.claims, lease_s=lease, clock=clock)) if plan else set()
     live: set[str] = set()
-    if live_units:
-        plan = ClaimPlan.load_or_create(layout.task_dir, len(items))
-        live = {it.key for it in items if plan.unit(it.key) in live_units}
+    if live_units and plan is not None:
+        live = {it.key for it in items if it.key not in done and plan.unit(it.key) in live_units}
     failed = {k for k, f in failures.items() if f.gave_up and k not in done and k in keys}
     running = live - done - failed
     retrying = {k for k, f in failures.items() if not f.gave_up and k not in done and k in keys}
+    owners = [Owner(o.record.owner, o.record.host, o.record.pid, o.record.task, o.age)
+              for o in live_owners(layout, lease_s=lease, clock=clock, task=task.name)]
     return TaskStatus(task.name, str(root), len(items), len(done), len(failed), len(running),
-                      len(items) - len(done) - len(failed) - len(running), len(retrying),
-                      live_owners(layout, task.name, lease_s))
+                      len(items) - len(done) - len(failed) - len(running), len(retrying), owners)
 
 
-def live_owners(layout: Layout, task: str, lease_s: float) -> list[Owner]:
-    owners: list[Owner] = []
-    now = time.time()
+def _plan(layout: Layout) -> Plan | None:
     try:
-        entries = list(os.scandir(layout.owners))
-    except FileNotFoundError:
-        return owners
-    for entry in entries:
+        return Plan.from_json(layout.plan.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # no run yet, or a damaged plan (the next run repairs or names it)
+
+
+def _clock(layout: Layout) -> FsClock:
+    """The filesystem's clock, from a probe file written under .spotfan/tmp/ (this
+    machine's clock if the root is read-only)."""
+    clock = FsClock()
+    probe = layout.tmp / f".status-{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_CREAT | os.O_WRONLY, 0o644)
         try:
-            age = now - entry.stat().st_mtime
-            if age >= lease_s:
-                continue
-            data = json.loads(Path(entry.path).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if data.get("task") == task:
-            owners.append(Owner(data["owner"], data["host"], data["pid"], task, round(age, 1)))
-    return sorted(owners, key=lambda o: o.owner)
+            os.write(fd, b"{")
+            clock.sync(fd, b"{", probe)
+        finally:
+            os.close(fd)
+            probe.unlink(missing_ok=True)
+    except OSError:
+        pass
+    return clock

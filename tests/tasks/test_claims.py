@@ -1,22 +1,36 @@
 """Claims: exclusive among live workers, taken over when stale, by one taker only."""
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
+import subprocess
 import time
 from pathlib import Path
 
-from tasks.claims import ClaimPlan, Claims, generation_path, live_claims
-from tasks.layout import key_id
+import pytest
 
-UNITS = [key_id(f"key {i}") for i in range(300)]
+from tasks.claims import Claims, generation_path, live_claims
+from tasks.errors import EnvironmentFault
+from tasks.fs import FsClock
+
+UNITS = [f"{i:04x}" for i in range(300)]
+
+
+def _claims(d: Path, lease_s: float, pipelined: bool = False) -> Claims:
+    (d / "done").mkdir(exist_ok=True)
+    return Claims(d, d / "done", lease_s=lease_s, clock=FsClock(), pipelined=pipelined)
+
+
+def _units(won) -> list[str]:
+    return [w.unit for w in won]
 
 
 def _grab(claims_dir: str, barrier, queue) -> None:  # runs in a child process
-    claims = Claims(Path(claims_dir), lease_s=60, pipelined=False)
+    claims = _claims(Path(claims_dir), 60)
     barrier.wait()
     won, _ = claims.acquire(UNITS)
-    queue.put(won)
+    queue.put(_units(won))
 
 
 def test_each_key_is_won_by_exactly_one_of_many_processes(tmp_path: Path) -> None:
@@ -33,7 +47,7 @@ def test_each_key_is_won_by_exactly_one_of_many_processes(tmp_path: Path) -> Non
 
 
 def _take_over(claims_dir: str, barrier, queue) -> None:
-    claims = Claims(Path(claims_dir), lease_s=5, pipelined=False)
+    claims = _claims(Path(claims_dir), 5)
     barrier.wait()
     won, busy = claims.acquire(UNITS[:1])
     queue.put(len(won))
@@ -59,43 +73,36 @@ def test_stale_claim_is_taken_over_by_one_taker_only(tmp_path: Path) -> None:
 
 
 def test_live_claim_is_respected_and_release_frees_it(tmp_path: Path) -> None:
-    a = Claims(tmp_path, lease_s=60, pipelined=False)
-    b = Claims(tmp_path, lease_s=60, pipelined=True)
+    a = _claims(tmp_path, 60)
+    b = _claims(tmp_path, 60, pipelined=True)
     won, _ = a.acquire(UNITS[:10])
     assert len(won) == 10
     won_b, busy_b = b.acquire(UNITS[:20])
-    assert busy_b == UNITS[:10] and won_b == UNITS[10:20]
-    assert len(live_claims(tmp_path, lease_s=60)) == 20
-    a.release(UNITS[:10])
+    assert busy_b == UNITS[:10] and _units(won_b) == UNITS[10:20]
+    assert len(live_claims(tmp_path, lease_s=60, clock=FsClock())) == 20
+    a.release(UNITS[:10], done=True)
+    assert sorted(os.listdir(tmp_path / "done")) == UNITS[:10], "finished units are marked"
     won_b2, busy_b2 = b.acquire(UNITS[:10])
-    assert won_b2 == UNITS[:10] and not busy_b2
+    assert _units(won_b2) == UNITS[:10] and not busy_b2
+    assert all(w.marked_done for w in won_b2), "the winner sees the marker"
 
 
 def test_a_zombie_does_not_free_a_unit_someone_took_over(tmp_path: Path) -> None:
-    zombie = Claims(tmp_path, lease_s=5, pipelined=False)
+    zombie = _claims(tmp_path, 5)
     zombie.acquire(UNITS[:1])
     path = generation_path(tmp_path, UNITS[0], 0)
     os.utime(path, (time.time() - 60, time.time() - 60))
     zombie._held[UNITS[0]].touched -= 60  # it was stopped for a minute: no heartbeat
-    taker = Claims(tmp_path, lease_s=5, pipelined=False)
+    taker = _claims(tmp_path, 5)
     won, _ = taker.acquire(UNITS[:1])
-    assert won and generation_path(tmp_path, UNITS[0], 1).exists()
-    zombie.release(UNITS[:1])  # wakes up and finishes
+    assert won and won[0].generation == 1 and generation_path(tmp_path, UNITS[0], 1).exists()
+    assert not zombie.held(UNITS[0]), "the zombie knows its claim may be gone"
+    assert zombie.take_lost() == UNITS[:1]
+    zombie.release(UNITS[:1], done=False)  # wakes up and finishes
     assert path.exists(), "the zombie must not remove generation 0 while generation 1 lives"
-    newcomer = Claims(tmp_path, lease_s=5, pipelined=False)
+    newcomer = _claims(tmp_path, 5)
     won_n, busy_n = newcomer.acquire(UNITS[:1])
     assert not won_n and busy_n
-
-
-def test_plan_groups_many_keys_and_is_the_same_for_every_runner(tmp_path: Path) -> None:
-    small = ClaimPlan.for_total(100)
-    assert small.unit("a") == key_id("a")  # few keys: one claim per key
-    first = ClaimPlan.load_or_create(tmp_path, 100_000)
-    assert first.prefix == 3 and len(first.unit("a")) == 3
-    # a later runner that sees a different key count still uses the stored plan
-    assert ClaimPlan.load_or_create(tmp_path, 10) == first
-    units = {first.unit(f"k{i}") for i in range(100_000)}
-    assert len(units) == 4096
 
 
 def test_claim_of_a_dead_process_on_this_host_is_taken_back_at_once(tmp_path: Path) -> None:
@@ -103,18 +110,63 @@ def test_claim_of_a_dead_process_on_this_host_is_taken_back_at_once(tmp_path: Pa
     import signal
     import subprocess
     import sys
+    (tmp_path / "done").mkdir()
     code = ("import sys, time; from pathlib import Path; from tasks.claims import Claims; "
-            f"c = Claims(Path({str(tmp_path)!r}), lease_s=600, pipelined=False); "
-            f"print(c.acquire({UNITS[:3]!r})[0], flush=True); time.sleep(600)")
+            "from tasks.fs import FsClock; "
+            f"c = Claims(Path({str(tmp_path)!r}), Path({str(tmp_path / 'done')!r}), lease_s=600, "
+            "clock=FsClock(), pipelined=False); "
+            f"print([w.unit for w in c.acquire({UNITS[:3]!r})[0]], flush=True); time.sleep(600)")
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == repr(UNITS[:3])
-        live = Claims(tmp_path, lease_s=600, pipelined=False)
+        live = _claims(tmp_path, 600)
         assert live.acquire(UNITS[:3]) == ([], UNITS[:3]), "a live holder keeps its claims"
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    taker = Claims(tmp_path, lease_s=600, pipelined=False)
+    taker = _claims(tmp_path, 600)
     won, busy = taker.acquire(UNITS[:3])
-    assert won == UNITS[:3] and not busy
+    assert _units(won) == UNITS[:3] and not busy
     assert all(generation_path(tmp_path, u, 1).exists() for u in UNITS[:3])
+
+
+def test_a_runner_that_meets_a_held_unit_jumps_to_the_middle_of_the_longest_free_stretch() -> None:
+    import random
+
+    from tasks.units import UnitRing
+
+    ring = UnitRing([f"{i:04x}" for i in range(20)], random.Random(7))
+    ring.pos = 2
+    held = {"0002", "000a"}  # two peers work at units 2 and 10
+    picked, skipped = ring.take(3, held)
+    assert skipped == ["0002"], "the held unit is left for the end"
+    assert picked == ["0010", "0011", "0012"], "the longest free stretch is 11..1; its middle 16"
+    ring.jump({"0003", "0013"})
+    assert ring.pos == 10  # the stretch after 3 is 4..15 (16-18 are taken): its middle
+
+
+def test_a_claim_the_full_disk_cannot_hold_is_not_left_behind(tmp_path: Path) -> None:
+    """On a full disk the exclusive create succeeds (an inode) and the write of the claim's
+    body fails: the empty file must go, or every runner takes it for a live peer's claim."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], check=True)
+    try:
+        claims = _claims(disk, 60)
+        fd = os.open(disk / "ballast", os.O_WRONLY | os.O_CREAT)
+        with contextlib.suppress(OSError):  # every block, nothing left for a body
+            while os.write(fd, b"\0" * 4096):
+                pass
+        os.close(fd)
+        with pytest.raises(EnvironmentFault, match="no space left"):
+            claims.acquire(["0001"])
+        assert not (disk / "0001").exists()
+        (disk / "ballast").unlink()
+        won, busy = claims.acquire(["0001"])
+        assert _units(won) == ["0001"] and busy == []
+        claims.release_all()
+        claims.close()
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -4,23 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import time
 from collections import Counter
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from tasks.records import read_logs
-
-# The options the cluster mounts with (scripts/mount.sh): no caching, so claims work.
-FUSE_OPTS = ("reconnect,ServerAliveInterval=15,ServerAliveCountMax=3,dir_cache=no,"
-             "attr_timeout=0,entry_timeout=0,negative_timeout=0")
-SSHD_START_TIMEOUT_S = 10
+from tests.tasks.two_mounts import two_machines  # noqa: F401 (a fixture)
 
 TASKS = """
 import time
@@ -36,82 +27,6 @@ def per_key(key: str, out: Path) -> None:
 def units(key: str, out: Path) -> None:
     out.write_text(key)
 """
-
-
-def _why_not() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root to run sshd and mount FUSE"
-    for tool in ("sshfs", "fusermount3", "ssh-keygen"):
-        if not shutil.which(tool):
-            return f"needs {tool} (apt-get install sshfs openssh-client)"
-    if not os.access("/usr/sbin/sshd", os.X_OK) or not os.path.exists("/dev/fuse"):
-        return "needs /usr/sbin/sshd and /dev/fuse (apt-get install openssh-server fuse3)"
-    return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def two_machines(tmp_path_factory) -> Iterator[tuple[Path, Path, Path]]:
-    """(share, mount_a, mount_b): one directory served by sshd, mounted twice."""
-    reason = _why_not()
-    if reason:
-        pytest.skip(reason)
-    base = tmp_path_factory.mktemp("sshfs")
-    share, keys = base / "share", base / "keys"
-    share.mkdir()
-    keys.mkdir(mode=0o700)
-    for name in ("host", "client"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / name)],
-                       check=True)
-    (keys / "authorized_keys").write_text((keys / "client.pub").read_text())
-    port = _free_port()
-    (keys / "known_hosts").write_text(
-        f"[127.0.0.1]:{port} {' '.join((keys / 'host.pub').read_text().split()[:2])}\n")
-    (base / "sshd_config").write_text(
-        f"ListenAddress 127.0.0.1:{port}\nHostKey {keys / 'host'}\n"
-        f"AuthorizedKeysFile {keys / 'authorized_keys'}\nPasswordAuthentication no\n"
-        "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nStrictModes no\n"
-        "PidFile none\nSubsystem sftp internal-sftp\n")
-    Path("/run/sshd").mkdir(exist_ok=True)
-    sshd = subprocess.Popen(["/usr/sbin/sshd", "-D", "-f", str(base / "sshd_config"),
-                             "-E", str(base / "sshd.log")])
-    mounts: list[Path] = []
-    sshfs: list[subprocess.Popen] = []
-    try:
-        deadline = time.monotonic() + SSHD_START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.05)
-        for name in ("a", "b"):
-            m = base / f"mount-{name}"
-            m.mkdir()
-            sshfs.append(subprocess.Popen(
-                ["sshfs", "-f", "-o", FUSE_OPTS, "-o",
-                 f"port={port},IdentityFile={keys / 'client'},IdentitiesOnly=yes,BatchMode=yes,"
-                 f"StrictHostKeyChecking=yes,UserKnownHostsFile={keys / 'known_hosts'}",
-                 "-o", "ssh_command=ssh -F none", f"root@127.0.0.1:{share}", str(m)]))
-            mounts.append(m)
-        for m in mounts:
-            deadline = time.monotonic() + SSHD_START_TIMEOUT_S
-            while not os.path.ismount(m) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert os.path.ismount(m), f"sshfs did not mount {m}; see {base / 'sshd.log'}"
-        yield share, mounts[0], mounts[1]
-    finally:
-        for p in sshfs:
-            p.kill()
-            p.wait()
-        for m in mounts:
-            subprocess.run(["fusermount3", "-u", "-z", str(m)], capture_output=True)
-        sshd.kill()
-        sshd.wait()
 
 
 @pytest.mark.parametrize("task, n", [("per_key", 300), ("units", 5000)])
@@ -136,4 +51,9 @@ def test_two_machines_share_the_work_over_sshfs(two_machines, task: str, n: int)
     assert twice == 0
     reports = [json.loads(o[0].strip().splitlines()[-1]) for o in outs]
     assert sum(r["succeeded"] for r in reports) == n
+    peers = sum(r["by_peers"] for r in reports)
+    print(f"{task}: keys claimed but found done by a peer: {peers}")
+    # The goal (under 1%) is measured by bench/bench_fleet.py on a quiet machine; this bound
+    # holds on a busy one too and still fails the old design (over half the keys).
+    assert peers <= n // 20, f"{peers} of {n} keys claimed but found done by a peer (bound 5%)"
     assert list((share / f".spotfan/tasks/{task}/claims").iterdir()) == []

@@ -1,0 +1,284 @@
+"""spotfan on a lab cluster versus the naive loop, side by side on one share (caching off).
+
+Brings up a lab cluster (the head's sshd on loopback, each VM mounting the share with
+scripts/mount.sh's options), then, with the same VMs and workers for both contenders:
+  1. tiny keys (read the input, write ~100 bytes), --keys sizes: `python -m tasks run`
+     on every VM at once, against the seed's naive loop on every VM (list, shuffle,
+     exists(), write in place); medians of --rounds, contenders alternated per round;
+  2. one extra round of each over a second mount made with sshfs's `sshfs_debug`, whose
+     request log gives SFTP requests per key;
+  3. --slow-keys of --slow-ms each (sleep) with spotfan: wall time against the ideal
+     (keys x ms / workers) and the tail (first VM done to last VM done);
+  4. --curve: tiny keys on 1, 2, 4, ... VMs: keys/s, machine CPU, the head's CPU.
+Lab VMs share this machine's cores; on a cloud each VM has its own. Needs root.
+Usage: python bench/bench_fleet.py [--vms 4] [--keys 4000,20000] [--rounds 3] ...
+The lab uses 127.$SPOTFAN_TEST_OCTET.0.x and head port $SPOTFAN_TEST_PORT_BASE + 90.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import statistics
+import sys
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from cluster import bootstrap  # noqa: E402
+from cluster.config import load  # noqa: E402
+from cluster.ssh import Remote  # noqa: E402
+
+OCTET = int(os.environ.get("SPOTFAN_TEST_OCTET", "61"))
+PORT = int(os.environ.get("SPOTFAN_TEST_PORT_BASE", "31000")) + 90
+STATE = Path(f"/tmp/spotfan-bench-fleet-{OCTET}")
+RUN_TIMEOUT_S = 1800  # one contender on one VM
+DEBUG_MOUNT = """
+set -eu
+. "$SPOTFAN_HOME/boot.env"
+eval "$(grep -E '^(FUSE_OPTS|SSH_OPTS)=' "$SPOTFAN_HOME/mount.sh")"
+D="$SPOTFAN_HOME/dbg"; L="$SPOTFAN_HOME/sshfs-debug.log"
+mkdir -p "$D"
+setsid sshfs -f -o "$FUSE_OPTS,sshfs_debug" -o "$SSH_OPTS" -o "ssh_command=ssh -F none" \\
+    "$SPOTFAN_HEAD_USER@$SPOTFAN_HEAD_ADDRESS:$SPOTFAN_SHARE" "$D" </dev/null >/dev/null 2>"$L" &
+P=$!
+i=0; while ! mountpoint -q "$D" && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+cd "$D"
+{run} >"$SPOTFAN_HOME/dbg-run.out"
+cd /
+fusermount3 -u "$D" || fusermount3 -u -z "$D"
+kill $P 2>/dev/null || true
+grep -E '^\[[0-9]+\] +[A-Z_]+ *$' "$L" | awk '{print "REQ", $2}' | sort | uniq -c
+"""
+
+
+def write_config(vms: int, workers: int) -> Path:
+    STATE.mkdir(parents=True, exist_ok=True)
+    path = STATE / "cluster.toml"
+    path.write_text(f"""
+[cluster]
+name = "fleet{OCTET}"
+provider = "lab"
+workers = {vms}
+workers_per_vm = {workers}
+idle_timeout = 7200
+python = "{sys.executable}"
+python_path = ["{REPO}"]
+mount_point = "mnt"
+[head]
+address = "127.0.0.1"
+port = {PORT}
+share = "share"
+user = "sf{OCTET}-fleet"
+jail = "/srv/spotfan-bench/{OCTET}/fleet"
+[ssh]
+key = "keys/laptop"
+worker_key = "keys/worker"
+known_hosts = "keys/known_hosts"
+command_timeout = {RUN_TIMEOUT_S}
+[lab]
+state_dir = "state"
+address_prefix = "127.{OCTET}.0."
+""")
+    return path
+
+
+class Fleet:
+    """The lab VMs with one open SSH connection each, and the share seen from the head."""
+
+    def __init__(self, config, vms: int) -> None:  # type: ignore[no-untyped-def]
+        self.config = config
+        self.share = config.head.share
+        self.remote = Remote.from_config(config)
+        self.hosts = sorted(bootstrap.running_hosts(config), key=lambda h: h.name)[:vms]
+        self.conns = [self.remote.open(h) for h in self.hosts]
+
+    def close(self) -> None:
+        for c in self.conns:
+            c.close()
+
+    def run_all(self, n: int, command: str) -> list[tuple[float, str]]:
+        """`command` on the first n VMs at once: (seconds from the common start, stdout)."""
+        start = threading.Barrier(n + 1)
+        t0: list[float] = []
+
+        def one(i: int) -> tuple[float, str]:
+            start.wait()
+            out = self.remote.run_on(self.conns[i], self.hosts[i], command, timeout=RUN_TIMEOUT_S)
+            return time.perf_counter() - t0[0], out.stdout
+
+        with ThreadPoolExecutor(n) as pool:
+            futs = [pool.submit(one, i) for i in range(n)]
+            t0.append(time.perf_counter())
+            start.wait()
+            return [f.result() for f in futs]
+
+
+def prepare_inputs(share: Path, n: int) -> str:
+    folder = f"in-{n}"
+    if not (share / folder).is_dir() or len(os.listdir(share / folder)) != n:
+        shutil.rmtree(share / folder, ignore_errors=True)
+        (share / folder).mkdir()
+        for i in range(n):
+            (share / folder / f"k{i:06d}.txt").write_bytes(f"{i:010d}".encode())
+    return folder
+
+
+def clean(share: Path) -> None:
+    for name in ("out", ".spotfan/tasks", ".spotfan/tmp"):
+        shutil.rmtree(share / name, ignore_errors=True)
+
+
+def commands(folder: str, workers: int, sleep_ms: float = 0) -> dict[str, str]:
+    env = f"BENCH_IN={folder} BENCH_OUT=out BENCH_SLEEP_MS={sleep_ms:g}"
+    py = shlex.quote(sys.executable)
+    return {"spotfan": f"{env} {py} -m tasks run fleet_task:tiny --workers {workers}",
+            "naive": f"{env} {py} fleet_task.py . {workers}"}
+
+
+def one_round(fleet: Fleet, n_vms: int, name: str, cmd: str, keys: int) -> dict[str, float]:
+    clean(fleet.share)
+    mnt = shlex.quote(fleet.config.mount_point)
+    results = fleet.run_all(n_vms, f"cd {mnt} && {cmd}")
+    wall = max(t for t, _ in results)
+    first = min(t for t, _ in results)
+    outs = [json.loads(o.strip().splitlines()[-1]) for _, o in results]
+    got = len(os.listdir(fleet.share / "out"))
+    assert got == keys, f"{name}: {got} outputs of {keys}"
+    row = {"wall": wall, "tail": wall - first}
+    if name == "spotfan":
+        row["by_peers"] = sum(o["by_peers"] for o in outs)
+        row["succeeded"] = sum(o["succeeded"] for o in outs)
+    else:
+        row["twice"] = sum(o["wrote"] for o in outs) - keys
+    return row
+
+
+def count_requests(fleet: Fleet, n_vms: int, cmd: str, keys: int) -> tuple[int, Counter]:
+    clean(fleet.share)
+    script = DEBUG_MOUNT.replace("{run}", cmd)
+    total: Counter = Counter()
+    for _, out in fleet.run_all(n_vms, f"sh -c {shlex.quote(script)}"):
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) == 3 and parts[1] == "REQ":
+                total[parts[2]] += int(parts[0])
+    assert len(os.listdir(fleet.share / "out")) == keys
+    return sum(total.values()), total
+
+
+def head_cpu(config) -> float:  # type: ignore[no-untyped-def]
+    """CPU seconds so far of the head's sshd and everything under it (sessions, sftp)."""
+    marker = str(config.lab.state_dir)
+    total = 0.0
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            line = " ".join(p.info["cmdline"] or [])  # sshd retitles itself "sshd: ... [listener]"
+            if "sshd" in line.split(" ", 1)[0] and marker in line and "listener" in line:
+                for q in [p, *p.children(recursive=True)]:
+                    t = q.cpu_times()
+                    total += t.user + t.system
+        except psutil.Error:
+            continue
+    return total
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--vms", type=int, default=4)
+    p.add_argument("--workers-per-vm", type=int, default=2)
+    p.add_argument("--keys", default="4000,20000", help="tiny-key sizes, comma-separated")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--count-requests", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--slow-keys", type=int, default=2000)
+    p.add_argument("--slow-ms", type=float, default=50)
+    p.add_argument("--curve", default="1,2,4,8,16", help="VM counts for the curve ('' for none)")
+    p.add_argument("--curve-keys", type=int, default=4000)
+    a = p.parse_args()
+    sizes = [int(s) for s in a.keys.split(",") if s]
+    curve = [int(s) for s in a.curve.split(",") if s]
+    most = max([a.vms, *curve])
+    if (STATE / "cluster.toml").exists():
+        bootstrap.down(load(STATE / "cluster.toml"))
+    shutil.rmtree(STATE, ignore_errors=True)
+    config = load(write_config(most, a.workers_per_vm))
+    w = a.workers_per_vm
+    try:
+        bootstrap.up(config)
+        share = config.head.share
+        shutil.copy(REPO / "bench/fleet_task.py", share / "fleet_task.py")
+        fleet = Fleet(config, most)
+        print(f"lab cluster: {a.vms} VMs x {w} workers, one head (sshd on loopback), SSHFS with "
+              "caching off; this machine has", psutil.cpu_count(), "cores for everything")
+        for n in sizes:
+            folder = prepare_inputs(share, n)
+            cmds = commands(folder, w)
+            rows: dict[str, list[dict[str, float]]] = {"spotfan": [], "naive": []}
+            for r in range(a.rounds):
+                order = ["spotfan", "naive"] if r % 2 == 0 else ["naive", "spotfan"]
+                for name in order:
+                    rows[name].append(one_round(fleet, a.vms, name, cmds[name], n))
+            med = {k: statistics.median(x["wall"] for x in v) for k, v in rows.items()}
+            print(f"\n{n} tiny keys on {a.vms} VMs x {w} workers, median of {a.rounds} rounds:")
+            for name in ("spotfan", "naive"):
+                walls = ", ".join(f"{x['wall']:.2f}" for x in rows[name])
+                extra = (f"claimed but found done by a peer: {max(x['by_peers'] for x in rows[name]):.0f}"
+                         f" ({100 * max(x['by_peers'] for x in rows[name]) / n:.2f}%, max of rounds)"
+                         if name == "spotfan" else
+                         f"keys written twice: {min(x['twice'] for x in rows[name]):.0f}-"
+                         f"{max(x['twice'] for x in rows[name]):.0f}")
+                print(f"  {name:8s} {med[name]:7.2f} s  {n / med[name]:7.0f} keys/s  (rounds {walls}); {extra}")
+            ratio = med["naive"] / med["spotfan"]
+            print(f"  -> spotfan is {ratio:.2f}x the naive loop (goal >= 2x: "
+                  f"{'met' if ratio >= 2 else 'NOT met'}; 3x: {'met' if ratio >= 3 else 'not met'})")
+            if a.count_requests:
+                for name in ("spotfan", "naive"):
+                    total, kinds = count_requests(fleet, a.vms, cmds[name], n)
+                    top = ", ".join(f"{k} {v / n:.1f}" for k, v in kinds.most_common(6))
+                    print(f"  SFTP requests per key, {name}: {total / n:.1f}  ({top})")
+        if a.slow_keys:
+            folder = prepare_inputs(share, a.slow_keys)
+            cmd = commands(folder, w, a.slow_ms)["spotfan"]
+            rows_s = [one_round(fleet, a.vms, "spotfan", cmd, a.slow_keys) for _ in range(a.rounds)]
+            ideal = a.slow_keys * a.slow_ms / 1000 / (a.vms * w)
+            wall = statistics.median(x["wall"] for x in rows_s)
+            tail = statistics.median(x["tail"] for x in rows_s)
+            print(f"\n{a.slow_keys} keys of {a.slow_ms:g} ms on {a.vms} VMs x {w} workers, median of "
+                  f"{a.rounds}: {wall:.2f} s against ideal {ideal:.2f} s = {wall / ideal:.2f}x "
+                  f"(goal <= 1.1x: {'met' if wall / ideal <= 1.1 else 'NOT met'}); tail (first VM "
+                  f"done to last VM done) {tail:.2f} s; rounds "
+                  + ", ".join(f"{x['wall']:.2f}" for x in rows_s))
+        if curve:
+            folder = prepare_inputs(share, a.curve_keys)
+            cmd = commands(folder, w)["spotfan"]
+            print(f"\ncurve: {a.curve_keys} tiny keys, spotfan, {w} workers per VM, median of {a.rounds}:")
+            for n_vms in curve:
+                walls, busy, head = [], [], []
+                for _ in range(a.rounds):
+                    cpu0, h0 = psutil.cpu_times(), head_cpu(config)
+                    walls.append(one_round(fleet, n_vms, "spotfan", cmd, a.curve_keys)["wall"])
+                    cpu1, h1 = psutil.cpu_times(), head_cpu(config)
+                    used = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
+                    busy.append(used / ((psutil.cpu_count() or 1) * walls[-1]))
+                    head.append((h1 - h0) / walls[-1])
+                m = statistics.median(walls)
+                print(f"  {n_vms:3d} VMs: {m:6.2f} s  {a.curve_keys / m:6.0f} keys/s  machine CPU "
+                      f"{statistics.median(busy):.0%} busy, head sshd+sftp {statistics.median(head):.2f} cores")
+        fleet.close()
+    finally:
+        bootstrap.down(config)
+        shutil.rmtree(STATE, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

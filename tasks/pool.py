@@ -1,0 +1,137 @@
+"""The worker pool of one run: start it, kill it, rebuild it after a worker dies, and stop
+keys that run past their timeout.
+
+Every process of the pool dies with the runner: the forkserver imports
+`tasks.forkserver_init` (PR_SET_PDEATHSIG) and each worker sets it in its initializer, so a
+SIGKILL of the runner alone leaves nothing behind to publish. Workers report what they
+run in a shared array of slots (see worker.py); a key running past the timeout gets its
+worker SIGKILLed, which breaks the pool, and the runner rebuilds it as for any death.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import time
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import psutil
+
+from tasks import worker
+from tasks.worker import SLOT_FIELDS, Chunk, Outcome, WorkerSetup
+
+logger = logging.getLogger(__name__)
+
+START_METHODS = ("forkserver", "spawn", "fork")
+KILL_WAIT_S = 5.0  # how long to wait for killed workers to be reaped
+FORKSERVER_PRELOAD = ["__main__", "tasks.forkserver_init"]
+
+
+@dataclass(frozen=True)
+class Overdue:
+    """A key that ran past the timeout; its worker was killed."""
+
+    chunk_id: int  # the chunk it was in
+    index: int  # its place in that chunk
+    seconds: float  # how long it had run
+
+
+class Pool:
+    """One executor at a time; `rebuild()` replaces a broken one."""
+
+    def __init__(self, setup: WorkerSetup, *, executor: Literal["process", "thread"],
+                 workers: int, start_method: str, timeout_s: float | None) -> None:
+        self.setup = setup
+        self.executor = executor
+        self.workers = workers
+        self.start_method = start_method
+        self.timeout_s = timeout_s
+        self._pool: Executor | None = None
+        self._slots: Any = None
+        # Keep dead pools referenced: on CPython 3.11 a broken ProcessPoolExecutor's pipes
+        # can be closed twice, the second time by the garbage collector, by which time the
+        # fd number may belong to the new pool (seen here as EBADF on spawn).
+        self._dead: list[Executor] = []
+        self._killed: list[Overdue] = []
+
+    def start(self) -> None:
+        if self.executor == "thread":
+            worker.init_worker(self.setup, process=False)
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="spotfan-task")
+            return
+        ctx = multiprocessing.get_context(self.start_method)
+        if self.start_method == "forkserver":
+            ctx.set_forkserver_preload(FORKSERVER_PRELOAD)  # taken when the forkserver starts
+        args: tuple[Any, ...] = (self.setup,)
+        if self.timeout_s is not None:
+            self._slots = ctx.RawArray("d", SLOT_FIELDS * self.workers)
+            args = (self.setup, self._slots, ctx.Lock(), ctx.RawValue("l", 0))
+        self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx,
+                                         initializer=worker.init_worker, initargs=args)
+
+    def submit(self, chunk: Chunk) -> "Future[list[Outcome]]":
+        assert self._pool is not None
+        return self._pool.submit(worker.run_chunk, chunk)
+
+    def rebuild(self) -> None:
+        """Replace a broken pool (its workers killed first) with a fresh one."""
+        if self._pool is not None:
+            self._dead.append(self._pool)
+        self.shutdown(kill=True)
+        self.start()
+
+    def shutdown(self, *, kill: bool = False) -> None:
+        if self._pool is None:
+            return
+        if kill and isinstance(self._pool, ProcessPoolExecutor):
+            _kill_workers(self._pool)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool = None
+
+    def stop_overdue(self) -> list[Overdue]:
+        """Kill the workers of keys running past the timeout; returns those keys."""
+        if self._slots is None or self.timeout_s is None:
+            return []
+        now = time.monotonic()
+        found = []
+        for base in range(0, len(self._slots), SLOT_FIELDS):
+            pid, chunk_id, index, start = self._slots[base:base + SLOT_FIELDS]
+            if start and now - start > self.timeout_s and pid:
+                self._slots[base + 3] = 0.0
+                try:
+                    os.kill(int(pid), 9)
+                except ProcessLookupError:
+                    continue
+                found.append(Overdue(int(chunk_id), int(index), now - start))
+                logger.warning("a key ran %.0fs, past --timeout %gs: killed its worker (pid %d)",
+                               now - start, self.timeout_s, int(pid))
+        self._killed.extend(found)
+        return found
+
+    def take_killed(self) -> list[Overdue]:
+        found, self._killed = self._killed, []
+        return found
+
+
+def _kill_workers(pool: ProcessPoolExecutor) -> None:
+    """Kill a pool's worker processes and what they started, by pid. Never the forkserver
+    or the resource tracker: multiprocessing needs those for the next pool."""
+    # ProcessPoolExecutor has no public way to name its processes; _processes has held
+    # {pid: Process} since Python 3.2.
+    pids = list(getattr(pool, "_processes", None) or {})
+    procs: list[psutil.Process] = []
+    for pid in pids:
+        try:
+            p = psutil.Process(pid)
+            procs.extend(p.children(recursive=True))
+            procs.append(p)
+        except psutil.Error:
+            continue
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=KILL_WAIT_S)
