@@ -1,8 +1,8 @@
 """Whether a recorded pid is still the process spotfan started: the one identity check before a signal.
 
 A pid alone is not a process: once it exits, the kernel may give its number to another.
-A `ProcRecord` keeps the start time with the pid (psutil's create_time), so a recycled
-pid is never signalled; `running` checks a pid file that a shell script wrote (a shell
+A `ProcRecord` keeps the start time with the pid (tasks.procs, the one identity check),
+so a recycled pid is never signalled; `running` checks a pid file that a shell script wrote (a shell
 cannot record a start time) by the command line that process must have.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 
-START_SLACK_S = 0.01  # create_time read twice for one process agrees to far better than this
+from tasks.procs import find_process, start_time
 
 
 @dataclass(frozen=True)
@@ -25,16 +25,13 @@ class ProcRecord:
     def process(self) -> psutil.Process | None:
         """The live process, or None if it exited (or its pid now belongs to someone else)."""
         try:
-            p = psutil.Process(self.pid)
-            if abs(p.create_time() - self.started) > START_SLACK_S or p.status() == psutil.STATUS_ZOMBIE:
-                return None
-            return p
+            return find_process(self.pid, self.started)
         except psutil.Error:
             return None
 
     @classmethod
     def of(cls, pid: int) -> ProcRecord:
-        return cls(pid=pid, started=psutil.Process(pid).create_time())
+        return cls(pid=pid, started=start_time(pid))
 
 
 def running(pid_file: Path, command: str) -> int | None:

@@ -7,7 +7,6 @@ records the laptop and the VMs write there, each read back by a validating reade
         runs/<id>.done.json       RunDone: the run is over, with the engine's counts (the first agent)
         vms/<name>.json           Heartbeat: one VM's agent, every few seconds (that agent)
         logs/<name>/<id>.log      output of that VM's `tasks run` for the run; agent.log
-        metrics/<host>.jsonl      one metric sample per line while tasks run (cluster.vm.sample)
         collect/                  tables `fab collect` has a VM write, downloaded, then removed
     SPOTFAN_HOME/heartbeat.json   the same Heartbeat on the VM's own disk, written even while the share is dead
 
@@ -28,12 +27,12 @@ from typing import Any
 
 from cluster.errors import ClusterError, RecordError
 from tasks.keys import name_problem
+from tasks.layout import METRICS_DIR
 
 CLUSTER_DIR = ".spotfan/cluster"
 RUNS_DIR = f"{CLUSTER_DIR}/runs"
 VMS_DIR = f"{CLUSTER_DIR}/vms"
 LOGS_DIR = f"{CLUSTER_DIR}/logs"
-METRICS_DIR = f"{CLUSTER_DIR}/metrics"
 COLLECT_DIR = f"{CLUSTER_DIR}/collect"
 DESIRED_FILE = f"{CLUSTER_DIR}/cluster.json"
 LOCAL_HEARTBEAT = "heartbeat.json"  # in SPOTFAN_HOME on the VM's own disk
@@ -268,34 +267,6 @@ class Heartbeat:
             rate=f.number("rate", 0, 1e9, optional=True), executions=f.whole("executions", 0, MAX_COUNT, optional=True),
             runs={rid: VmRun.from_mapping(r, source=f"{source}: runs[{rid}]") for rid, r in runs.items()},
         )
-
-
-@dataclass(frozen=True)
-class MetricSample:
-    """One line of a host's metrics file (metrics/<host>.jsonl) while it runs tasks; tasks/report.py draws
-    them (it needs "t" and "cpu", and uses "iowait")."""
-
-    t: float  # end of the sample, epoch seconds
-    host: str  # socket.gethostname(), as in the tasks' execution logs
-    seconds: float  # length of the sample
-    cpu: float  # busy percent of the whole machine (0-100)
-    cpu_per_core: list[float]  # busy percent per logical CPU
-    iowait: float  # percent
-    steal: float  # percent
-    load1: float  # load average over a minute
-    mem_used: int  # bytes
-    mem_available: int  # bytes
-    swap_used: int  # bytes
-    disk_read_bps: float  # bytes per second, all disks
-    disk_write_bps: float
-    net_recv_bps: float  # bytes per second, all interfaces but loopback
-    net_sent_bps: float
-    workers: int  # the worker's processes
-    workers_cpu: float  # their CPU, percent of one core
-    workers_rss: int  # their resident memory, bytes
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
 
 
 def _option(args: Sequence[str], flag: str) -> str | None:

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from cluster.errors import ClusterError, ConfigError
-from cluster.fs import atomic_write
+from tasks.fs import atomic_write
 
 KEYGEN_TIMEOUT_S = 30
 

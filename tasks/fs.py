@@ -13,6 +13,7 @@ import ctypes
 import errno
 import os
 import secrets
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,17 +112,28 @@ def probe_publish(folder: Path) -> PublishMethod:
                 pass
 
 
-def atomic_write(path: Path, data: bytes, *, fsync: bool = False) -> None:
-    """Write a whole file or nothing: a temporary beside it, closed, renamed into place.
-    Every bookkeeping file the engine writes goes through here."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(3)}.tmp")
+def atomic_write(path: Path, data: bytes | str, *, mode: int = 0o644, fsync: bool = False,
+                 make_parents: bool = False) -> None:
+    """Write a whole file or nothing: a temporary beside it, closed (and fsynced), chmod,
+    renamed into place. A reader never sees half a file under its final name, and a crash
+    leaves at most a hidden `.NAME.*.tmp`. The one atomic write of both packages: every
+    bookkeeping file of the engine and every local file of the cluster layer goes through
+    here. The temporary's name is unique across machines and processes (lab VMs on one
+    share may share pids)."""
+    if make_parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    host = socket.gethostname().replace("/", "_")[:40]
+    tmp = path.with_name(f".{path.name}.{host}.{os.getpid()}.{secrets.token_hex(3)}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())
-        os.rename(tmp, path)
+        os.chmod(tmp, mode)  # the umask may have taken bits off
+        os.replace(tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)

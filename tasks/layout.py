@@ -8,6 +8,8 @@
         tasks/<task>/done/<unit>     a unit some runner finished (every key settled)
         tasks/<task>/failed/<id>.json  the last failure of a key: attempts, error, traceback
         tasks/<task>/log/<owner>.jsonl  one line per execution, for audits and reports
+        metrics/<host>.jsonl         one MetricSample per line, if hosts record them (on a
+                                     cluster each VM's agent does); `tasks report` draws them
 
 Nothing else outside the outputs themselves is ever written; deleting `.spotfan/` loses
 only bookkeeping (claims, failure history, logs), never an output.
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 BOOKKEEPING_DIR = ".spotfan"
+METRICS_DIR = f"{BOOKKEEPING_DIR}/metrics"  # relative to the run root: <host>.jsonl per host
 
 
 def key_id(key: str) -> str:

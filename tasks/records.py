@@ -21,8 +21,8 @@ import psutil
 
 from tasks.fs import atomic_write
 from tasks.layout import key_id
+from tasks.procs import find_process, start_time
 
-PID_START_SLACK_S = 1.0  # process start times read twice may differ by rounding
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class Stamp:
 
     @classmethod
     def mine(cls) -> "Stamp":
-        return cls(socket.gethostname(), os.getpid(), psutil.Process().create_time())
+        return cls(socket.gethostname(), os.getpid(), start_time(os.getpid()))
 
     def to_json(self) -> str:
         return json.dumps({"host": self.host, "pid": self.pid, "started": self.started})
@@ -54,11 +54,9 @@ class Stamp:
         if self.host != socket.gethostname():
             return False
         try:
-            return abs(psutil.Process(self.pid).create_time() - self.started) > PID_START_SLACK_S
-        except psutil.NoSuchProcess:
-            return True
+            return find_process(self.pid, self.started) is None
         except psutil.Error:
-            return False
+            return False  # not ours to look at: it may well be alive
 
 
 @dataclass(frozen=True)
@@ -198,3 +196,32 @@ def read_logs(log_dir: Path) -> Iterator[dict[str, Any]]:
 
 def now() -> float:
     return time.time()
+
+
+@dataclass(frozen=True)
+class MetricSample:
+    """One line of a host's metrics file (`.spotfan/metrics/<host>.jsonl`, see layout.py) while
+    it runs tasks: a cluster VM's sampler writes them, `tasks report` draws them (it needs "t"
+    and "cpu", and uses "iowait"; other lines are skipped, the file may be torn or forged)."""
+
+    t: float  # end of the sample, epoch seconds
+    host: str  # socket.gethostname(), as in the tasks' execution logs
+    seconds: float  # length of the sample
+    cpu: float  # busy percent of the whole machine (0-100)
+    cpu_per_core: list[float]  # busy percent per logical CPU
+    iowait: float  # percent
+    steal: float  # percent
+    load1: float  # load average over a minute
+    mem_used: int  # bytes
+    mem_available: int  # bytes
+    swap_used: int  # bytes
+    disk_read_bps: float  # bytes per second, all disks
+    disk_write_bps: float
+    net_recv_bps: float  # bytes per second, all interfaces but loopback
+    net_sent_bps: float
+    workers: int  # the worker's processes
+    workers_cpu: float  # their CPU, percent of one core
+    workers_rss: int  # their resident memory, bytes
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))

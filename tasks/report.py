@@ -4,10 +4,10 @@ and an HTML page in the task's bookkeeping folder (`.spotfan/tasks/<task>/report
 Reads only files under the root, so it works while the run goes on:
   - the execution logs, `.spotfan/tasks/<task>/log/*.jsonl`, one row per execution:
     {"key", "start", "seconds", "ok", "dup", "owner", "host"};
-  - metric samples, if workers record them, `.spotfan/cluster/metrics/<host>.jsonl`: one
-    JSON object per line with at least "t" (seconds since the epoch, end of the sample)
-    and "cpu" (busy percent of the whole machine, 0-100); "iowait" (percent) is used
-    when present. `cluster/top.py`'s `record()` writes this format.
+  - metric samples, if hosts record them, `.spotfan/metrics/<host>.jsonl`: one
+    `records.MetricSample` per line, of which "t" (seconds since the epoch, end of the
+    sample) and "cpu" (busy percent of the whole machine, 0-100) are needed and "iowait"
+    (percent) is used when present.
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import base64
 import html
 import io
 import logging
-import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -25,12 +24,12 @@ from typing import Any
 import numpy as np
 
 from tasks.errors import ReportError
-from tasks.layout import BOOKKEEPING_DIR, Layout
+from tasks.fs import atomic_write
+from tasks.layout import METRICS_DIR, Layout
 from tasks.records import read_jsonl, read_logs
 
 logger = logging.getLogger(__name__)
 
-METRICS_DIR = Path(BOOKKEEPING_DIR) / "cluster" / "metrics"  # relative to the run root
 METRICS_MARGIN_S = 60.0  # metric samples this close to the run are read (the plot shows the run)
 MAX_POINTS = 2000  # points per drawn line; longer series are thinned evenly
 METRICS_GAP_FACTOR = 3.0  # samples further apart than this many typical intervals: a gap
@@ -89,10 +88,10 @@ def write_report(task: str, *, root: str | Path = ".") -> Report:
     png_bytes = _draw(task, rows, metrics, start, end, hosts)
     png = layout.task_dir / "report.png"
     page = layout.task_dir / "report.html"
-    _atomic_write(png, png_bytes)
+    atomic_write(png, png_bytes, make_parents=True)
     report = Report(task, png, page, start, end, sum(h.tasks for h in hosts),
                     sum(h.failures for h in hosts), tuple(hosts))
-    _atomic_write(page, _html(report, root, png_bytes, bool(metrics)).encode("utf-8"))
+    atomic_write(page, _html(report, root, png_bytes, bool(metrics)).encode("utf-8"), make_parents=True)
     logger.info("report of %s: %s, %s", task, png, page)
     return report
 
@@ -209,7 +208,7 @@ def _draw(task: str, rows: list[dict[str, Any]], metrics: dict[str, list[dict[st
                         else None, ms=4, label=h)
     else:
         ax_cpu.text(0.5, 0.5, "no metric samples recorded\n(workers record them with "
-                    "cluster.top record into .spotfan/cluster/metrics/)",
+                    "a sampler such as cluster.vm.top record into .spotfan/metrics/)",
                     ha="center", va="center", transform=ax_cpu.transAxes, color="gray")
     ax_cpu.set_xlabel(f"time since the first task started ({unit})")
     for ax in (ax_all, ax_host, ax_cpu):
@@ -289,13 +288,3 @@ img {{ max-width: 100%; }}
 {note}
 </body></html>
 """
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

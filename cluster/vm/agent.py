@@ -37,7 +37,7 @@ from pathlib import Path
 
 from cluster import records
 from cluster.errors import ClusterError, RecordError
-from cluster.fs import atomic_write
+from tasks.fs import atomic_write
 from cluster.procs import running
 from cluster.records import HEARTBEAT_INTERVAL_S, Heartbeat, RunDone, RunRequest, VmRun
 from cluster.results import counts

@@ -3,7 +3,7 @@
 The worker's processes are every `python -m tasks run` process and its descendants
 (pool processes, the programs they start), less multiprocessing's own helpers. A
 sample travels as JSON (`fab top` reads what `python -m cluster.vm.top --json` prints,
-as untrusted input) and as one line of a metrics file (cluster.records.MetricSample).
+as untrusted input) and as one line of a metrics file (tasks.records.MetricSample).
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from typing import Any
 import psutil
 
 from cluster.errors import ResultError
-from cluster.records import Fields, MetricSample
+from cluster.records import Fields
+from tasks.records import MetricSample
 
 DEFAULT_SECONDS = 3.0
 MAX_SECONDS = 600.0  # one sample never takes longer than this

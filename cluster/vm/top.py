@@ -4,8 +4,8 @@ every few seconds appended to a file.
     python -m cluster.vm.top --seconds 3 --json               # what `fab top` runs on every VM
     python -m cluster.vm.top record --to FILE --interval 5    # what the worker agent runs
 
-`record` appends one cluster.records.MetricSample per line to FILE, normally
-ROOT/.spotfan/cluster/metrics/<host>.jsonl, which tasks/report.py draws.
+`record` appends one tasks.records.MetricSample per line to FILE, normally
+ROOT/.spotfan/metrics/<host>.jsonl, which tasks/report.py draws.
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command")
     rec = sub.add_parser("record", help="append a metric sample every --interval seconds")
     rec.add_argument("--to", required=True, help="file to append to, e.g. "
-                     "ROOT/.spotfan/cluster/metrics/$(hostname).jsonl")
+                     "ROOT/.spotfan/metrics/$(hostname).jsonl")
     rec.add_argument("--interval", type=float, default=5.0, help="seconds per sample (default 5)")
     rec.add_argument("--for", dest="duration", type=float,
                      help="stop after this many seconds (default: until SIGTERM or Ctrl-C)")

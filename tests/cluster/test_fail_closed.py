@@ -144,7 +144,7 @@ def test_a_vm_whose_agent_died_for_good_stops_itself_though_a_key_still_runs(mak
     lab.fab_ok("up")
     vm = lab.config.vm_names()[0]
     lab.fab_ok("run", "sleep 600 && cp {src} {out}", "--src", "in/*.txt", "--out", "out/{stem}.txt")
-    lab.wait_for("the key to run", lambda: any("sleep 600" in cmdline(p)
+    lab.wait_for("the key to run", lambda: any(cmdline(p) == "sleep 600"
                                                for p in lab.provider.processes(vm)), timeout=60)
     time.sleep(IDLE_S + 5)
     assert lab.statuses() == {vm: "RUNNING"}, "a VM whose key runs is busy, not idle"
@@ -329,7 +329,8 @@ def test_a_vm_that_only_waits_on_a_peers_key_stops_itself(make_lab):
     lab.fab_ok("run", "sleep 180 && cp {src} {out}", "--src", "in/*.txt", "--out", "out/{stem}.txt")
     running = {}
     lab.wait_for("one VM to run the key", lambda: running.update(
-        {n: any("sleep 180" in cmdline(p) for p in lab.provider.processes(n)) for n in lab.config.vm_names()})
+        # the key's own `sleep`: every VM's `tasks run --cmd 'sleep 180 && ...'` has the words too
+        {n: any(cmdline(p) == "sleep 180" for p in lab.provider.processes(n)) for n in lab.config.vm_names()})
         or any(running.values()), timeout=60)
     worker = next(n for n, r in running.items() if r)
     waiter = next(n for n in lab.config.vm_names() if n != worker)

@@ -9,7 +9,8 @@ import pytest
 
 from cluster import records, results
 from cluster.errors import RecordError, ResultError
-from cluster.records import DesiredCount, Heartbeat, MetricSample, RunDone, RunRequest, VmRun
+from cluster.records import DesiredCount, Heartbeat, RunDone, RunRequest, VmRun
+from tasks.records import MetricSample
 from tasks.report import read_metrics
 
 RID = "r20250101-120000-ab12"

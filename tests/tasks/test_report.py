@@ -43,7 +43,7 @@ def test_report_of_a_real_run(tmp_path: Path, write_module) -> None:
 def test_report_per_host_with_metric_samples(tmp_path: Path) -> None:
     t0 = 1_700_000_000.0
     log = tmp_path / ".spotfan/tasks/feat/log"
-    metrics = tmp_path / ".spotfan/cluster/metrics"
+    metrics = tmp_path / ".spotfan/metrics"
     log.mkdir(parents=True)
     metrics.mkdir(parents=True)
     for h, (n, every) in enumerate([(120, 1.0), (60, 2.0), (20, 1.0)]):  # vm-2 stops early

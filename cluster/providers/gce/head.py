@@ -16,7 +16,7 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from cluster.errors import ConfigError, ProvisionError
-from cluster.fs import atomic_write
+from tasks.fs import atomic_write
 from cluster.providers.base import Charge, HeadDeleted, HeadLocation, Instance, Status
 from cluster.providers.gce.api import GceClients
 from cluster.providers.gce.bodies import HEAD_ROLE, address_of, data_disk_name, head_body, head_name, status_of, zone_of

@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 
 from cluster.errors import ProvisionError
-from cluster.fs import atomic_write
+from tasks.fs import atomic_write
 from cluster.procs import ProcRecord
 
 SSHD = "/usr/sbin/sshd"

@@ -332,7 +332,8 @@ def test_an_idle_gce_worker_deletes_itself_with_its_own_token(gce_lab):
     (delete,) = g.emu.recorded("DELETE", rf"/zones/{FULL}/instances/{name}$")
     assert delete.token is not None and delete.token in g.emu.tokens, "deleted with the token its metadata server gave"
     assert g.emu.recorded("GET", "/computeMetadata/v1/instance/service-accounts/default/token")
-    assert g.lab.statuses() == {}, "the instance's machine is gone with it"
+    # the emulator forgets the instance, then its backend deletes the lab VM: wait for that
+    g.lab.wait_for("the instance's machine to be gone with it", lambda: g.lab.statuses() == {}, timeout=30)
     st = g.fab_ok("status").stdout
     assert "no VM is left" in st and "billing now: nothing" in st, st
     print(f"the idle GCE worker deleted itself {took:.0f}s after fab up (idle_timeout {IDLE_S}s)")

@@ -142,7 +142,7 @@ def test_too_few_processes_for_the_cores(tmp_path: Path) -> None:
 
 def test_idle_machine_and_recorded_samples(tmp_path: Path) -> None:
     assert verdict(sample(0.3, pids=[])).kind == "idle"
-    path = tmp_path / ".spotfan/cluster/metrics/vm-a.jsonl"
+    path = tmp_path / ".spotfan/metrics/vm-a.jsonl"
     written = record(path, 0.3, threading.Event(), pids=[], max_samples=3)
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert written == 3 and len(rows) == 3
