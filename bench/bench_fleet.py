@@ -1,7 +1,7 @@
 """spotfan on a lab cluster versus the naive loop, side by side on one share (caching off).
 
 Brings up a lab cluster (the head's sshd on loopback, each VM mounting the share with
-scripts/mount.sh's options), then, with the same VMs and workers for both contenders:
+cluster/vm/mount.sh's options), then, with the same VMs and workers for both contenders:
   1. tiny keys (read the input, write ~100 bytes), --keys sizes: `python -m tasks run`
      on every VM at once, against the seed's naive loop on every VM (list, shuffle,
      exists(), write in place); medians of --rounds, contenders alternated per round;

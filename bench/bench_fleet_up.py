@@ -147,7 +147,7 @@ def main() -> int:
                 lifecycle.down(cluster)
     shutil.rmtree(folder, ignore_errors=True)
     print(f"  load average {os.getloadavg()[0]:.1f} at the end (the machine is shared: figures under load "
-          "are marked so in the README)")
+          "are marked so in docs/benchmarks.md)")
     return 0
 
 

@@ -1,7 +1,8 @@
 # Sourced by test.sh and demo.sh: system packages and the project venv, idempotently.
 # Installs: openssh-server and sshfs (the lab cluster), fuse3, GNU parallel (benchmarks),
-# strace (syscall counts in benchmarks); a venv at .venv with spotfan (editable), its GCE
-# extra (the tests drive the real Compute client against a local emulator) and its test extras.
+# strace (syscall counts in benchmarks); a venv at .venv with spotfan (editable, the real
+# Compute client among its dependencies: the tests drive it against a local emulator) and its
+# test extra (pytest, pytest-xdist, the object-store servers).
 VENV="${SPOTFAN_VENV:-$PWD/.venv}"
 PACKAGES=(openssh-server openssh-client sshfs fuse3 parallel strace psmisc procps iproute2 util-linux faketime)
 

@@ -14,7 +14,7 @@ STAT_TIMEOUT_S=5      # a stat slower than this means the mount is dead
 PIDFILE="$SPOTFAN_HOME/sshfs.pid"
 LOG="$SPOTFAN_HOME/sshfs.log"
 
-# Chosen for many writers (the README's SSHFS part): reconnect plus keep-alives so a dropped link heals;
+# Chosen for many writers (docs/cluster-toml.md, "The SSHFS mount options"): reconnect plus keep-alives so a dropped link heals;
 # no name, attribute or negative caching so a claim or output made by one worker is seen
 # by every other at once. Never workaround=rename: publishing relies on the server's
 # atomic posix-rename.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-# The options the cluster mounts with (scripts/mount.sh): no caching, so claims work.
+# The options the cluster mounts with (cluster/vm/mount.sh): no caching, so claims work.
 FUSE_OPTS = ("reconnect,ServerAliveInterval=15,ServerAliveCountMax=3,dir_cache=no,"
              "attr_timeout=0,entry_timeout=0,negative_timeout=0")
 SSHD_START_TIMEOUT_S = 10

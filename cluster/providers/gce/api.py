@@ -200,7 +200,7 @@ def translate(e: Exception, *, project: str, doing: str) -> ProvisionError:
         return ProvisionError(
             f"{doing}: the boot image does not exist or is not readable ({message}). Check "
             f"[gce].image, and `gcloud compute images list --project {project} --no-standard-images`; "
-            f"the README's Compute Engine part shows how to prepare the image."
+            f"docs/gce.md (step 3) shows how to prepare the image."
         )
     if "machineTypes" in message or "machine type" in message.lower():
         return ProvisionError(

@@ -214,7 +214,7 @@ def parse(table: Mapping[str, Any], ctx: TableContext) -> tuple[GceSettings | No
     c, ssh = ctx.cluster, ctx.ssh
     if not table:
         return None, [schema.Problem("cluster", "provider", '= "gce" needs a [gce] table with at least '
-                                     'project = "..." (the README\'s Google Compute Engine part has every field)')]
+                                     'project = "..." (docs/cluster-toml.md has every field)')]
     table = dict(table)
     defaults: dict[str, Any] = {
         "zones": list(c["zones"]), "image": c["image"], "machine_type": c["machine_type"],
