@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import psutil
 
-START_SLACK_S = 0.01  # create_time read twice for one process agrees to far better than this
+# psutil's create_time is the boot time plus the process's start tick, and Linux derives the
+# boot time (/proc/stat btime) from the clock minus the uptime: two readings for one process
+# may differ by a second. A pid reused within a second of its first owner's start is not a
+# case worth a false "gone" (which would let a peer take a live claim over).
+START_SLACK_S = 1.0
 
 
 def find_process(pid: int, started: float) -> psutil.Process | None:

@@ -31,6 +31,9 @@ def _grab(claims_dir: str, barrier, queue) -> None:  # runs in a child process
     barrier.wait()
     won, _ = claims.acquire(UNITS)
     queue.put(_units(won))
+    # Stay alive until every taker is done: a holder that has exited (a zombie until it is
+    # joined) is gone, and a peer on its host rightly takes its claims over at once.
+    barrier.wait()
 
 
 def test_each_key_is_won_by_exactly_one_of_many_processes(tmp_path: Path) -> None:
@@ -51,6 +54,7 @@ def _take_over(claims_dir: str, barrier, queue) -> None:
     barrier.wait()
     won, busy = claims.acquire(UNITS[:1])
     queue.put(len(won))
+    barrier.wait()  # alive until every taker has tried (see _grab)
 
 
 def test_stale_claim_is_taken_over_by_one_taker_only(tmp_path: Path) -> None:
