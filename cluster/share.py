@@ -63,13 +63,18 @@ class Share:
 
     @contextmanager
     def session(self) -> Iterator[paramiko.SFTPClient]:
-        """Another SFTP session to the head, on its own SSH connection (transfers run several at
-        once: one session serves its requests in order), closed when the block ends."""
-        conn = self._remote.open(self._head, user=self._user)
+        """Another SFTP session to the head, a channel of the share's connection (transfers run
+        several at once: one session's requests are served in order), closed when the block ends."""
+        self.open()
+        assert self._conn is not None
         try:
-            yield self._remote.sftp(conn, self._head)
+            sftp = self._conn.client.open_sftp()
+        except (OSError, EOFError, paramiko.SSHException) as e:
+            raise ClusterError(f"head {self._head.address}:{self._head.port}: no more SFTP sessions: {e}") from e
+        try:
+            yield sftp
         finally:
-            conn.close()
+            sftp.close()
 
     @property
     def is_open(self) -> bool:

@@ -165,10 +165,11 @@ def _transfer(direction: Literal["push", "pull"], share: Share, local: LocalSide
                 dst_side.makedirs(to.parent)
         except OSError as e:
             raise ClusterError(f"cannot create folders under {dest_shown}: {e}") from e
+        there = _listed(dst_side, to, single)
         for e in tree.files:
             s, d = (frm, to) if single else (frm / e.rel, to / e.rel)
             try:
-                if _same(src_side, dst_side, s, d, e, checksum=opts.checksum):
+                if _same(src_side, dst_side, s, d, e, checksum=opts.checksum, there=there):
                     skipped += 1
                     continue
             except OSError as err:
@@ -241,12 +242,27 @@ class _State:
             return Progress(self.total_files, self.files_done, self.total_bytes, self.bytes_done, seconds)
 
 
-def _same(src: Side, dst: Side, s: PurePosixPath, d: PurePosixPath, e: Entry, *, checksum: bool) -> bool:
-    st = dst.stat(d)
-    if st is None or st.st_size != e.size:
+def _listed(dst: Side, to: PurePosixPath, single: bool) -> dict[str, Entry] | None:
+    """What is at the destination already, by rel path: one listing per folder instead of one
+    stat per file (each a round trip). None for a single file (one stat says it)."""
+    if single:
+        return None
+    found = dst.walk(to)
+    return {e.rel: e for e in found.files} if isinstance(found, Tree) else {}
+
+
+def _same(src: Side, dst: Side, s: PurePosixPath, d: PurePosixPath, e: Entry, *, checksum: bool,
+          there: dict[str, Entry] | None) -> bool:
+    if there is not None:
+        have = there.get(e.rel)
+        size, mtime = (have.size, have.mtime) if have else (None, None)
+    else:
+        st = dst.stat(d)
+        size, mtime = (st.st_size, int(st.st_mtime or 0)) if st is not None else (None, None)
+    if size != e.size:
         return False
     if not checksum:
-        return int(st.st_mtime or 0) == e.mtime
+        return mtime == e.mtime
     return _digest(src, s, e.size) == _digest(dst, d, e.size)
 
 
@@ -265,7 +281,7 @@ def _copy(src: Side, dst: Side, s: PurePosixPath, d: PurePosixPath, e: Entry, st
           opts: Options) -> bool:
     """Copy one file to its part file, then rename it into place; True if it continued a part."""
     part = part_name(d, e.size, e.mtime)
-    have = dst.stat(part)
+    have = dst.stat(part) if e.size >= RESUME_MIN_BYTES else None  # a small file is simply sent again
     offset = (have.st_size or 0) if have is not None else 0
     offset = offset if RESUME_MIN_BYTES <= offset <= e.size else 0
     if offset:
@@ -287,10 +303,9 @@ def _copy(src: Side, dst: Side, s: PurePosixPath, d: PurePosixPath, e: Entry, st
                 ahead = sent / opts.bwlimit - (time.monotonic() - t0)
                 if ahead > 0:
                     time.sleep(ahead)
-    got = dst.stat(part)
-    if got is None or got.st_size != e.size:
+    if offset + sent != e.size:  # written and closed (a failed write raised): the count is what is there
         raise ClusterError(f"{src.describe(s)} changed while it was copied ({e.size} bytes listed, "
-                           f"{got.st_size if got else 0} copied): run the same command again")
+                           f"{offset + sent} copied): run the same command again")
     dst.finish(part, d, e)
     state.add(0, file_done=True)
     return offset > 0
