@@ -8,6 +8,8 @@ from cluster.cli import (  # noqa: F401  (Fabric collects the tasks of this modu
     heal,
     logs,
     preempt,
+    pull,
+    push,
     report,
     run,
     status,

@@ -1,5 +1,5 @@
 """The `fab` commands (Fabric 3; `spotfan` when installed): up, run, status, logs, exec, heal, down,
-preempt, head-setup, and for operators: failures, top, report, collect.
+preempt, head-setup, push and pull (cluster.cli_files), and for operators: failures, top, report, collect.
 
 Each command builds one Cluster from cluster.toml, calls one function of the package,
 renders with cluster.show, and turns errors into exit codes (0 ok; 1 some VMs or keys
@@ -9,114 +9,30 @@ here ever prompts, so every command works from scripts.
 """
 from __future__ import annotations
 
-import functools
-import inspect
-import logging
+import shlex
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from invoke import Collection, task
-from invoke.exceptions import Exit, ParseError
+from invoke.exceptions import Exit
 from invoke.program import Program
 
 from cluster import lifecycle, remote_tasks, runs, show, status as cluster_status, top as cluster_top, watch as watching
-from cluster.config import config_path, load
-from cluster.errors import ClusterError, ConfigError, GroupError, HostKeyError, RecordError, UsageError
+from cluster.cli_files import pull, push  # noqa: F401  (in `spotfan`'s commands)
+from cluster.command import EXIT_FAILED, EXIT_USAGE, command as _command, group_exit_code as _group_exit_code
+from cluster.command import seconds as _seconds, whole as _whole
+from cluster.errors import GroupError, UsageError
 from cluster.providers.base import LocalHead, Priced
 from cluster.session import Cluster
+from cluster.share import ship_files
 from cluster.vm.sample import DEFAULT_SECONDS as TOP_SECONDS
 
-__all__ = ["collect", "down", "exec_", "failures", "head_setup", "heal", "logs", "main", "preempt", "report",
-           "run", "status", "top", "up"]
+__all__ = ["collect", "down", "exec_", "failures", "head_setup", "heal", "logs", "main", "preempt", "pull",
+           "push", "report", "run", "status", "top", "up"]
 
-EXIT_FAILED, EXIT_USAGE, EXIT_HOST_KEY = 1, 2, 3
 RESULT_EXIT = {"done": 0, "failed": EXIT_FAILED, "spec-error": EXIT_USAGE}
-
-
-def _whole(value: Any, *, flag: str, example: str, minimum: int = 0) -> int:
-    """An option that must be a whole number; a UsageError (exit 2) that says what to type."""
-    try:
-        n = int(str(value).strip())
-    except ValueError:
-        n = None
-    if n is None or n < minimum:
-        raise UsageError(f"{flag} {value!r} is not a whole number of at least {minimum}: type e.g. `{example}`")
-    return n
-
-
-def _seconds(value: Any, *, flag: str, example: str, minimum: float = 0.0) -> float:
-    """An option that must be a number of seconds; a UsageError (exit 2) that says what to type."""
-    try:
-        x = float(str(value).strip())
-    except ValueError:
-        x = None
-    if x is None or not x >= minimum or x != x or x == float("inf"):
-        raise UsageError(f"{flag} {value!r} is not a number of seconds (at least {minimum:g}): type e.g. `{example}`")
-    return x
-
-
-def _usage_errors_exit_2() -> None:
-    """invoke ends a parse error with exit 1, and takes `--help` after a task with a positional
-    argument for that argument; spotfan's usage errors exit 2 with one line saying what to
-    type, and `fab TASK --help` shows that task's help. (The program imports this module
-    before it parses the task's arguments, so wrapping its parse step here is enough.)"""
-    if getattr(Program.parse_tasks, "spotfan", False):
-        return
-    parse_tasks = Program.parse_tasks
-
-    def parse(self: Program) -> None:
-        args = self.core.unparsed
-        if args and args[0] in self.collection.task_names and "--help" in args[1:]:
-            self.core[0].args.help.value = self.collection.task_names[args[0]] or args[0]
-            self.core.unparsed = []
-        try:
-            parse_tasks(self)
-        except ParseError as e:
-            raise Exit(f"error: {e}: `fab --list` shows the commands, `fab TASK --help` a command's options",
-                       code=EXIT_USAGE) from e
-
-    parse.spotfan = True  # type: ignore[attr-defined]
-    Program.parse_tasks = parse  # type: ignore[method-assign]
-
-
-_usage_errors_exit_2()
-
-
-def _command(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Load the config, build the Cluster, run the command, close the Cluster, map errors to exit codes."""
-
-    @functools.wraps(fn)
-    def wrapper(c: Any, *args: Any, config: str = "", **kwargs: Any) -> Any:
-        show.json_mode(bool(kwargs.get("json")))
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-        # paramiko logs each failed handshake with a traceback; our messages say it better.
-        logging.getLogger("paramiko").setLevel(logging.CRITICAL)
-        try:
-            with Cluster(load(config_path(config or None))) as cluster:
-                return fn(c, cluster, *args, **kwargs)
-        except GroupError as e:
-            show.group_error(e)
-            raise Exit(f"error: {str(e).splitlines()[0]}", code=_group_exit_code(e)) from e
-        except HostKeyError as e:
-            raise Exit(f"error: {e}", code=EXIT_HOST_KEY) from e
-        except (ConfigError, RecordError) as e:
-            raise Exit(f"error: {e}", code=EXIT_USAGE) from e
-        except ClusterError as e:
-            raise Exit(f"error: {e}", code=EXIT_FAILED) from e
-
-    # Invoke builds flags from the signature: show it without `cluster` and with `--config`.
-    sig = inspect.signature(fn)
-    params = [p for n, p in sig.parameters.items() if n != "cluster"]
-    params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=""))
-    wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
-    return wrapper
-
-
-def _group_exit_code(e: GroupError) -> int:
-    return EXIT_HOST_KEY if any(isinstance(r, HostKeyError) for r in e.failed.values()) else EXIT_FAILED
 
 
 def _cost(cluster: Cluster, workers: int) -> str:
@@ -157,12 +73,15 @@ def up(c, cluster: Cluster, count=None, json=False):
     "timeout": "stop a key that runs longer than this many seconds (a failed attempt, retried up to "
                "--max-attempts): `tasks run --timeout` on every VM",
     "wait": "follow progress until the run is over",
+    "dry_run": "say what the run would do (asked of one running VM): counts, first keys, command lines, "
+               "chunking; nothing is shipped, requested, claimed or written",
     "wait_timeout": f"with --wait: give up waiting after this many seconds (default {runs.WAIT_TIMEOUT_S:g})",
     "config": "cluster.toml to use",
 })
 @_command
 def run(c, cluster: Cluster, spec, src="", keys="", out="", name="", workers_per_vm="", max_attempts="",
-        lease="", limit="", retry_failed=False, fsync=False, ship="", timeout="", wait=False, wait_timeout=""):
+        lease="", limit="", retry_failed=False, fsync=False, ship="", timeout="", wait=False, wait_timeout="",
+        dry_run=False):
     """Start a task on every VM (detached); with --wait, follow it to the end."""
     ex = "fab run SPEC"
     spec_args = runs.spec_arguments(spec, src=src, keys=keys, out=out, name=name, lease=_seconds(
@@ -176,9 +95,19 @@ def run(c, cluster: Cluster, spec, src="", keys="", out="", name="", workers_per
     waiting = _seconds(wait_timeout or runs.WAIT_TIMEOUT_S, flag="--wait-timeout",
                        example=f"{ex} --wait --wait-timeout 7200", minimum=1)
     runs.check_wait_timeout(waiting)  # refused before any request reaches the share
-    show.say(f"==> run: {' '.join(spec_args)}")
-    req = runs.submit(cluster, spec_args=spec_args, run_args=run_args, workers_per_vm=per_vm or None,
-                      ship=[Path(ship)] if ship else [])
+    show.say(f"==> run: {shlex.join([*spec_args, *run_args])}" + (f" (--workers-per-vm {per_vm})" if per_vm else ""))
+    if dry_run:
+        if ship:
+            files = ship_files(Path(ship))
+            show.say(f"==> run: would ship {ship} ({len(files)} file(s)) to the share root (not in a dry run)")
+        show.out(remote_tasks.dry_run(cluster, spec_args=spec_args, run_args=run_args,
+                                      workers_per_vm=per_vm or None).rstrip("\n"))
+        show.say("==> run: dry run; nothing was requested")
+        return
+    if ship:
+        n = cluster.share.ship(Path(ship))
+        show.say(f"==> run: shipped {ship} ({n} file(s)) to the share as {Path(ship).name}")
+    req = runs.submit(cluster, spec_args=spec_args, run_args=run_args, workers_per_vm=per_vm or None)
     show.say(f"==> run {req.id} requested; making sure every VM is working")
     show.reports(lifecycle.up(cluster))
     if not wait:

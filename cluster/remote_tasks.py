@@ -33,6 +33,7 @@ ENGINE_TIMEOUT_S = 1800.0  # collect or report over a big run may read for minut
 STATUS_TIMEOUT_S = 120.0  # `tasks status` for `fab status`
 EXIT_USAGE = 2  # `python -m tasks`: a usage or spec error
 REPORT_FILES = ("report.png", "report.html")
+MAX_DRY_RUN_CHARS = 20_000  # of what a VM's `tasks run --dry-run` printed
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,16 @@ def run_engine(cluster: Cluster, args: list[str], *, timeout: float = ENGINE_TIM
         raise error(f"`python -m tasks {args[0]}` on {host.name} exited {out.exit_code}: {said}")
     raise ClusterError("no running VM answered SSH:\n  " + "\n  ".join(unreachable)
                        + "\n`fab heal` restarts what it can")
+
+
+def dry_run(cluster: Cluster, *, spec_args: Sequence[str], run_args: Sequence[str],
+            workers_per_vm: int | None) -> str:
+    """What `tasks run --dry-run` says on one running VM of the cluster (what a run would do
+    there now): nothing is requested, claimed or written."""
+    workers = workers_per_vm or cluster.config.workers_per_vm
+    out = run_engine(cluster, ["run", *spec_args, "--root", cluster.config.mount_point, *run_args,
+                               "--workers", str(workers), "--dry-run"])
+    return "".join(ch if ch.isprintable() or ch == "\n" else "?" for ch in out.stdout[:MAX_DRY_RUN_CHARS])
 
 
 def failures(cluster: Cluster, t: Target) -> results.FailureReport:

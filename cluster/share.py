@@ -14,6 +14,8 @@ import logging
 import os
 import stat
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
 import paramiko
@@ -58,6 +60,21 @@ class Share:
                 "`fab head-setup` and do what it prints on the head (the lab does it itself)"))
             self._sftp = self._remote.sftp(self._conn, self._head)
         return self
+
+    @contextmanager
+    def session(self) -> Iterator[paramiko.SFTPClient]:
+        """Another SFTP session to the head, a channel of the share's connection (transfers run
+        several at once: one session's requests are served in order), closed when the block ends."""
+        self.open()
+        assert self._conn is not None
+        try:
+            sftp = self._conn.client.open_sftp()
+        except (OSError, EOFError, paramiko.SSHException) as e:
+            raise ClusterError(f"head {self._head.address}:{self._head.port}: no more SFTP sessions: {e}") from e
+        try:
+            yield sftp
+        finally:
+            sftp.close()
 
     @property
     def is_open(self) -> bool:
@@ -114,14 +131,7 @@ class Share:
 
     def ship(self, local: Path, rel: str = "") -> int:
         """Copy a local file or directory tree (code, not data) into the share; return files copied."""
-        if not local.exists():
-            raise ClusterError(f"--ship {local}: no such file or directory")
-        files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file()
-                                                       and "__pycache__" not in p.parts)
-        if len(files) > MAX_SHIP_FILES:
-            raise ClusterError(
-                f"--ship {local}: {len(files)} files; ship code only and put data on the head directly"
-            )
+        files = ship_files(local)
         base = local.parent  # `--ship proj` lands as ROOT/proj, `--ship prep.py` as ROOT/prep.py
         for f in files:
             target = PurePosixPath(rel) / f.relative_to(base).as_posix()
@@ -163,3 +173,16 @@ class Share:
             self.sftp.remove(self.path(rel))
         except FileNotFoundError:
             pass
+
+
+def ship_files(local: Path) -> list[Path]:
+    """The files `--ship LOCAL` copies: LOCAL itself, or every file under it but __pycache__."""
+    if not local.exists():
+        raise ClusterError(f"--ship {local}: no such file or directory")
+    files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file()
+                                                   and "__pycache__" not in p.parts)
+    if len(files) > MAX_SHIP_FILES:
+        raise ClusterError(
+            f"--ship {local}: {len(files)} files; ship code only and put data on the share with `fab push`"
+        )
+    return files

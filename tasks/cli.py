@@ -14,8 +14,10 @@ from typing import Any
 from tasks.bounds import (MAX_ATTEMPTS_LIMIT, MAX_CHUNK_SIZE, MAX_LEASE_S, MAX_LIMIT,
                           MAX_READ_WORKERS, MAX_TIMEOUT_S, MIN_LEASE_S, MIN_TIMEOUT_S,
                           WORKERS_PER_CPU_MAX, count_problem, seconds_problem)
+from tasks.dryrun import dry_run
 from tasks.errors import RootError, SpecError, TaskError
 from tasks.failures import EXAMPLE_KEYS, FailureReport, failures, retry
+from tasks.keys import shown
 from tasks.layout import Layout
 from tasks.progress import make_progress
 from tasks.records import FailureStore
@@ -111,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--timeout", type=_seconds(MIN_TIMEOUT_S, MAX_TIMEOUT_S), metavar="SECONDS",
                    help="stop a key running longer (its worker is killed) and count a failed "
                         "attempt (default: the task's timeout=, else none)")
+    r.add_argument("--dry-run", action="store_true",
+                   help="say what would run (counts, the first keys and, for --cmd, their command "
+                        "lines, the chunking); takes no claim and writes nothing")
+    r.add_argument("--json", action="store_true", help="with --dry-run: print one JSON object")
     r.add_argument("--state-file", type=Path, metavar="PATH",
                    help="keep a JSON state of this runner in PATH (on a local disk), rewritten "
                         "at least every 2 s and at exit")
@@ -176,6 +182,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                               "tasks": rep.tasks, "failures": rep.failures,
                               "hosts": len(rep.hosts)}))
             return EXIT_OK
+        if args.dry_run:
+            return _dry_run(task, args)
+        if args.json:
+            raise SpecError("--json goes with --dry-run: a real run always ends with one JSON line")
         progress = make_progress()
         try:
             report = run(task, root=args.root, workers=args.workers, executor=args.executor,
@@ -211,6 +221,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{_failed_after(report)}. Errors are in {args.root}/.spotfan/tasks/{report.task}/"
               "failed/; rerun with --retry-failed after fixing the cause", file=sys.stderr)
         return EXIT_FAILED
+    return EXIT_OK
+
+
+def _dry_run(task: Task, args: argparse.Namespace) -> int:
+    got = dry_run(task, root=args.root, workers=args.workers, limit=args.limit,
+                  retry_failed=args.retry_failed, chunk_size=args.chunk_size, lease_s=args.lease)
+    if args.json:
+        print(got.to_json())
+        return EXIT_OK
+    print(f"dry run of {got.task} in {got.root}: {got.total} keys, {got.done} done, "
+          f"{got.failed} failed, {got.left} left"
+          + (f" ({got.retrying} to retry)" if got.retrying else "")
+          + (f"; --limit runs {got.would_run}" if got.would_run < got.left else ""))
+    if got.keys:
+        more = f" (of {got.would_run})" if got.would_run > len(got.keys) else ""
+        print(f"first keys that would run{more}:")
+        for i, key in enumerate(got.keys):
+            line = got.commands[i] if got.commands else ""
+            print(f"  {shown(key)}" + (f"\n    $ {line if line.isprintable() else repr(line)}"
+                                       if got.commands else ""))
+    print(f"chunking: {got.chunking.describe()}")
+    print("nothing was claimed or written; run without --dry-run to start")
     return EXIT_OK
 
 

@@ -341,13 +341,16 @@ class CmdTask:
     def open(self) -> Any:
         return None
 
-    def execute(self, item: Item, out: Path, root: Path, ctx: Any) -> None:
+    def command_line(self, item: Item, out: Path, root: Path) -> str:
+        """The shell line run for `item`, writing to `out` (placeholders shell-quoted)."""
         values = dict(item.fields) if item.fields else {"key": item.key}
         if item.src is not None:
             values["src"] = str(root / item.src)
         values["out"] = str(out)
-        quoted = {k: shlex.quote(v) for k, v in values.items()}
-        line = render(self.cmd, quoted, what="--cmd")
+        return render(self.cmd, {k: shlex.quote(v) for k, v in values.items()}, what="--cmd")
+
+    def execute(self, item: Item, out: Path, root: Path, ctx: Any) -> None:
+        line = self.command_line(item, out, root)
         proc = subprocess.run(["/bin/sh", "-c", line], cwd=root, stdin=subprocess.DEVNULL,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               preexec_fn=die_with_parent)  # no command outlives its worker

@@ -1,0 +1,151 @@
+"""`fab push` against `scp -r` (OpenSSH's SFTP mode) to the same lab head, side by side in one run.
+
+Brings up a one-VM lab cluster (its head is an sshd on loopback with the jailed SFTP user),
+makes FILES files of FILE_KB KB and one file of BIG_MB MB, then pushes each data set with
+`fab push DATA --to bench/push-N` and copies it with `scp -r DATA user@head:/share/bench/scp-N`,
+alternating, REPEAT times each, a fresh destination every time. Prints the median wall time
+and rate of each, and the ratio. Goal: `fab push` at least as fast for the big file and at least
+2x for the many small ones. Needs root (the lab).
+Usage: python bench/bench_push.py --octet 85 --port 44090 [--files 1000 --file-kb 100 --big-mb 1024 --repeat 3]
+Every address is 127.OCTET.x.y and every port PORT..PORT+1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cluster import lifecycle  # noqa: E402
+from cluster.config import load  # noqa: E402
+from cluster.session import Cluster  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+FAB = Path(sys.executable).parent / "fab"
+COPY_TIMEOUT_S = 1800  # one push or scp of one data set
+UP_TIMEOUT_S = 600
+
+
+def write_config(folder: Path, *, octet: int, port: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "cluster.toml"
+    path.write_text(f"""
+[cluster]
+name = "push"
+provider = "lab"
+workers = 1
+idle_timeout = 3600
+python = "{sys.executable}"
+python_path = ["{REPO}"]
+mount_point = "mnt"
+[head]
+address = "127.{octet}.0.1"
+port = {port}
+share = "share"
+user = "sfbench-push{octet}"
+jail = "/srv/spotfan-bench/push{octet}"
+[ssh]
+key = "keys/laptop"
+worker_key = "keys/worker"
+known_hosts = "keys/known_hosts"
+boot_timeout = 600
+command_timeout = 600
+[lab]
+state_dir = "state"
+address_prefix = "127.{octet}.1."
+""")
+    return path
+
+
+def make_data(top: Path, *, files: int, file_kb: int, big_mb: int) -> tuple[Path, Path]:
+    small = top / "small"
+    small.mkdir(parents=True)
+    block = os.urandom(file_kb * 1024)
+    for i in range(files):
+        (small / f"f{i:05d}.bin").write_bytes(block[i % 97:] + block[:i % 97])
+    big = top / "big"
+    big.mkdir()
+    with open(big / "big.bin", "wb") as f:
+        chunk = os.urandom(1 << 20)
+        for _ in range(big_mb):
+            f.write(chunk)
+    return small, big
+
+
+def timed(argv: list[str], env: dict[str, str]) -> float:
+    t = time.perf_counter()
+    r = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=COPY_TIMEOUT_S,
+                       stdin=subprocess.DEVNULL)
+    wall = time.perf_counter() - t
+    if r.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} exited {r.returncode}:\n{r.stdout}\n{r.stderr}")
+    return wall
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--octet", type=int, required=True, help="second octet of every address used (127.OCTET.x.y)")
+    p.add_argument("--port", type=int, required=True, help="first of the two ports used")
+    p.add_argument("--files", type=int, default=1000)
+    p.add_argument("--file-kb", type=int, default=100)
+    p.add_argument("--big-mb", type=int, default=1024)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--jobs", type=int, default=0, help="fab push --jobs (default: its own)")
+    a = p.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("needs root (the lab, and sshd)")
+    folder = Path(tempfile.gettempdir()) / f"spotfan-bench-push-{a.octet}"
+    if (folder / "cluster.toml").exists():
+        with Cluster(load(folder / "cluster.toml")) as leftover:
+            lifecycle.down(leftover)  # a crashed earlier run's leftovers
+    shutil.rmtree(folder, ignore_errors=True)
+    toml = write_config(folder, octet=a.octet, port=a.port)
+    env = {**os.environ, "SPOTFAN_CONFIG": str(toml)}
+    print(f"push bench: {a.files} x {a.file_kb} KB and 1 x {a.big_mb} MB, {os.cpu_count()} cores, "
+          f"load average {os.getloadavg()[0]:.1f} at the start")
+    try:
+        r = subprocess.run([str(FAB), "up"], cwd=REPO, env=env, capture_output=True, text=True, timeout=UP_TIMEOUT_S)
+        if r.returncode != 0:
+            raise SystemExit(f"fab up failed:\n{r.stdout}\n{r.stderr}")
+        config = load(toml)
+        h, s = config.head, config.ssh
+        small, big = make_data(folder / "data", files=a.files, file_kb=a.file_kb, big_mb=a.big_mb)
+        bench = h.share / "bench"
+        scp = ["scp", "-q", "-r", "-s", "-P", str(h.port), "-i", str(s.key), "-o", "BatchMode=yes",
+               "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={s.known_hosts}",
+               "-o", "IdentitiesOnly=yes", "-F", "/dev/null"]
+        jobs = ["--jobs", str(a.jobs)] if a.jobs else []
+        for label, data, nbytes in (("small files", small, a.files * a.file_kb * 1024),
+                                    ("one big file", big, a.big_mb << 20)):
+            push_s, scp_s = [], []
+            for i in range(a.repeat):
+                shutil.rmtree(bench, ignore_errors=True)
+                bench.mkdir()
+                os.chown(bench, (h.share / ".").stat().st_uid, (h.share / ".").stat().st_gid)
+                push_s.append(timed([str(FAB), "push", str(data), "--to", f"bench/push-{i}", "--json", *jobs], env))
+                scp_s.append(timed([*scp, str(data), f"{h.user}@{h.address}:{h.sftp_share}/bench/scp-{i}"], env))
+                for d in (bench / f"push-{i}", bench / f"scp-{i}"):
+                    got = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+                    assert got == nbytes, f"{d}: {got} bytes, expected {nbytes}"
+            mp, ms = statistics.median(push_s), statistics.median(scp_s)
+            print(f"  {label}: fab push {mp:.2f}s ({nbytes / mp / 1e6:.1f} MB/s), scp -r {ms:.2f}s "
+                  f"({nbytes / ms / 1e6:.1f} MB/s): fab push is {ms / mp:.2f}x scp's speed "
+                  f"(median of {a.repeat}; all push {[round(x, 2) for x in push_s]}, scp {[round(x, 2) for x in scp_s]})")
+        print(json.dumps({"load_average_end": os.getloadavg()[0]}))
+    finally:
+        with Cluster(load(toml)) as cluster:
+            lifecycle.down(cluster)
+        shutil.rmtree(folder, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,73 @@
+"""The `fab` commands that move data between the laptop and the share: push and pull (see docs/fab.md)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from invoke import task
+from invoke.exceptions import Exit
+
+from cluster import show, show_transfer, transfer
+from cluster.command import EXIT_FAILED, command, seconds, whole
+from cluster.session import Cluster
+
+EXIT_INTERRUPTED = 130
+
+HELP = {
+    "jobs": f"files copied at once, each on its own SFTP session (default {transfer.DEFAULT_JOBS})",
+    "checksum": "compare files by content (reads both sides), not by size and mtime",
+    "bwlimit": "at most this many KB/s per file (default: no limit)",
+    "json": "print one JSON summary", "config": "cluster.toml to use",
+}
+
+
+def _options(jobs: str, checksum: bool, bwlimit: str, *, ex: str) -> transfer.Options:
+    return transfer.Options(
+        jobs=whole(jobs or transfer.DEFAULT_JOBS, flag="--jobs", example=f"{ex} --jobs 8", minimum=1),
+        checksum=checksum, bwlimit=1000 * seconds(bwlimit or 0, flag="--bwlimit", example=f"{ex} --bwlimit 5000"))
+
+
+def _end(report: transfer.TransferReport, *, json: bool) -> None:
+    if json:
+        print(report.to_json())
+    show_transfer.summary(report)
+    if report.interrupted:
+        raise Exit(code=EXIT_INTERRUPTED)
+    if report.failed:
+        raise Exit(f"error: {len(report.failed)} file(s) not copied; run the same command again to retry them",
+                   code=EXIT_FAILED)
+
+
+# DEST and LOCAL are --to, not positional: invoke's positional arguments are always required.
+@task(positional=["local"], help={
+    "local": "file or folder on this machine",
+    "to": "where on the share (a path below its root; default: LOCAL's name at the root)", **HELP})
+@command
+def push(c, cluster: Cluster, local, to="", jobs="", checksum=False, bwlimit="", json=False):
+    """Copy a file or folder to the share: each file appears whole (part file, then rename); resumable."""
+    opts = _options(jobs, checksum, bwlimit, ex=f"fab push {local}")
+    show.say(f"==> push: {local} to the share's {to or Path(local).name}")
+    with show_transfer.progress("push", quiet=json) as on_progress:
+        try:
+            report = transfer.push(cluster.share, Path(local), to, opts=opts, on_progress=on_progress)
+        except KeyboardInterrupt:  # before the copies started (listing, comparing)
+            show.say("==> push: interrupted before copying; nothing is half-written")
+            raise Exit(code=EXIT_INTERRUPTED) from None
+    _end(report, json=json)
+
+
+@task(positional=["src"], help={
+    "src": "file or folder of the share (a path below its root)",
+    "to": "where on this machine (default: SRC's name in the current folder)", **HELP})
+@command
+def pull(c, cluster: Cluster, src, to="", jobs="", checksum=False, bwlimit="", json=False):
+    """Copy a file or folder of the share here: each file appears whole; resumable; nothing deleted."""
+    opts = _options(jobs, checksum, bwlimit, ex=f"fab pull {src}")
+    show.say(f"==> pull: the share's {src} to {to or Path(src).name}")
+    with show_transfer.progress("pull", quiet=json) as on_progress:
+        try:
+            report = transfer.pull(cluster.share, src, Path(to) if to else None, opts=opts,
+                                   on_progress=on_progress)
+        except KeyboardInterrupt:
+            show.say("==> pull: interrupted before copying; nothing is half-written")
+            raise Exit(code=EXIT_INTERRUPTED) from None
+    _end(report, json=json)

@@ -1,0 +1,311 @@
+"""`fab push` and `fab pull`: files and folders between the laptop and the share, whole, resumable, concurrent.
+
+Each file is copied to a part file beside its final name (`.NAME.SIZE-MTIME.spotfan-part`),
+which is given the source's mtime and mode and then renamed into place: a task whose glob
+matches the final name never sees half of it. A file already there with the same size and
+mtime (or, with `checksum`, the same bytes) is skipped, so running the same command again
+after an interrupt copies only what is missing, continuing a big file from its part. Several
+files go at once, each worker on its own SFTP session. Nothing is ever deleted but our own
+part files once a file is in place.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Literal
+
+import paramiko
+
+from cluster.errors import ClusterError, UsageError
+from cluster.sides import Entry, LocalSide, RemoteSide, Side, Tree, part_name, plain
+from cluster.share import Share
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_JOBS = 8  # files in flight: small files are round-trip bound, so several at once
+MAX_JOBS = 64
+BLOCK_BYTES = 1 << 20  # read and written at a time
+RESUME_MIN_BYTES = 1 << 20  # a part file at least this big is continued, a smaller one restarted
+TICK_S = 0.2  # how often the main thread reports progress while files go
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a transfer is (for a progress bar or a plain line)."""
+
+    files: int  # files to copy (after skipping those already there)
+    files_done: int
+    bytes: int  # bytes to copy
+    bytes_done: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class TransferReport:
+    """What a push or pull did; files = copied + skipped + failed."""
+
+    direction: Literal["push", "pull"]
+    source: str  # as given
+    dest: str  # where it went (a share path is shown relative to the share's root)
+    files: int  # regular files in the source
+    copied: int  # files copied now
+    skipped: int  # already there: same size and mtime (same bytes with --checksum)
+    resumed: int  # of the copied, continued from a part file an interrupted copy left
+    bytes: int  # bytes sent now
+    seconds: float
+    not_files: list[str] = field(default_factory=list)  # links, special files, refused names: not copied
+    failed: dict[str, str] = field(default_factory=dict)  # rel path -> what went wrong
+    interrupted: bool = False  # stopped by Ctrl-C: run the same command again to go on
+
+    @property
+    def rate(self) -> float:
+        return self.bytes / self.seconds if self.seconds > 0 else 0.0
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "rate_bytes_s": round(self.rate)})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Options:
+    jobs: int = DEFAULT_JOBS  # files in flight, one SFTP session each
+    checksum: bool = False  # compare content, not size and mtime
+    bwlimit: float = 0.0  # bytes per second per file at most; 0: no limit
+
+
+def share_path(text: str, *, what: str) -> PurePosixPath:
+    """A path below the share's root, as the user typed it ("" or "." is the root)."""
+    p = PurePosixPath(text.strip() or ".")
+    if p.is_absolute() or any(not plain(part) for part in p.parts if part != "."):
+        raise UsageError(f"{what} {text!r} must be a path below the share's root, without `..`: "
+                         "type e.g. `data/images`")
+    return PurePosixPath(*[part for part in p.parts if part != "."]) if p.parts != (".",) else PurePosixPath()
+
+
+def push(share: Share, local: Path, dest: str = "", *, opts: Options = Options(),
+         on_progress: Callable[[Progress], None] | None = None) -> TransferReport:
+    """Copy a local file or folder to the share: to DEST, or by default to its own name at the root."""
+    _check(opts)
+    local = local.expanduser()
+    if not local.exists():
+        raise UsageError(f"`fab push {local}`: no such file or folder here")
+    to = share_path(dest, what="DEST") if dest else PurePosixPath(local.resolve().name)
+    src = LocalSide(local.parent.resolve())
+    return _transfer("push", share, src, PurePosixPath(local.resolve().name), to, str(local),
+                     lambda sftp: RemoteSide(sftp, share.root, "the share's "), opts, on_progress, src_local=True)
+
+
+def pull(share: Share, src: str, local: Path | None = None, *, opts: Options = Options(),
+         on_progress: Callable[[Progress], None] | None = None) -> TransferReport:
+    """Copy a file or folder of the share here: to LOCAL, or by default to its name in the current folder."""
+    _check(opts)
+    frm = share_path(src, what="SRC")
+    if not frm.parts:
+        raise UsageError("`fab pull` needs SRC, a path below the share's root: type e.g. `fab pull results`")
+    target = (local or Path(frm.name)).expanduser().resolve()
+    if not target.parent.is_dir():
+        raise UsageError(f"cannot pull into {target}: its folder {target.parent} does not exist; create it first")
+    dst = LocalSide(target.parent)
+    return _transfer("pull", share, dst, frm, PurePosixPath(target.name), src,
+                     lambda sftp: RemoteSide(sftp, share.root, "the share's "), opts, on_progress, src_local=False)
+
+
+def _check(opts: Options) -> None:
+    if not 1 <= opts.jobs <= MAX_JOBS:
+        raise UsageError(f"--jobs {opts.jobs} must be from 1 to {MAX_JOBS}")
+    if not opts.bwlimit >= 0 or opts.bwlimit == float("inf"):
+        raise UsageError(f"--bwlimit {opts.bwlimit} must be a number of KB/s, 0 for no limit")
+
+
+class _Sessions:
+    """One RemoteSide per worker thread, each on its own SSH connection to the head; all closed at the end."""
+
+    def __init__(self, share: Share, make: Callable[[paramiko.SFTPClient], RemoteSide], stack: ExitStack) -> None:
+        self._share, self._make, self._stack = share, make, stack
+        self._local = threading.local()
+        self._lock = threading.Lock()
+
+    def side(self) -> RemoteSide:
+        side = getattr(self._local, "side", None)
+        if side is None:
+            with self._lock:
+                sftp = self._stack.enter_context(self._share.session())
+            side = self._local.side = self._make(sftp)
+        return side
+
+
+def _transfer(direction: Literal["push", "pull"], share: Share, local: LocalSide, frm: PurePosixPath,
+              to: PurePosixPath, shown_src: str, make: Callable[[paramiko.SFTPClient], RemoteSide],
+              opts: Options, on_progress: Callable[[Progress], None] | None, *, src_local: bool) -> TransferReport:
+    started = time.monotonic()
+    with ExitStack() as stack:
+        sessions = _Sessions(share, make, stack)
+        main = make(share.sftp)
+        src_side, dst_side = (local, main) if src_local else (main, local)
+        dest_shown = dst_side.describe(to)
+        found = _walk(src_side, frm, shown_src)
+        tree = found if isinstance(found, Tree) else Tree([found], [], [])
+        single = isinstance(found, Entry)
+        if single and dst_side.is_dir(to):  # `fab push data.csv inputs/`: into the folder
+            to = to / frm.name
+            dest_shown = dst_side.describe(to)
+        plans: list[tuple[Entry, PurePosixPath, PurePosixPath]] = []
+        skipped, failed = 0, {}
+        try:
+            for d in ([] if single else [""] + tree.dirs):
+                dst_side.makedirs(to / d if d else to)
+            if single:
+                dst_side.makedirs(to.parent)
+        except OSError as e:
+            raise ClusterError(f"cannot create folders under {dest_shown}: {e}") from e
+        there = _listed(dst_side, to, single)
+        for e in tree.files:
+            s, d = (frm, to) if single else (frm / e.rel, to / e.rel)
+            try:
+                if _same(src_side, dst_side, s, d, e, checksum=opts.checksum, there=there):
+                    skipped += 1
+                    continue
+            except OSError as err:
+                failed[e.rel or frm.name] = f"cannot compare: {err}"
+                continue
+            plans.append((e, s, d))
+        plans.sort(key=lambda p: -p[0].size)  # big files first: they set the pace
+        state = _State(total_bytes=sum(p[0].size for p in plans), total_files=len(plans))
+        copied = resumed = 0
+        interrupted = False
+        pool = ThreadPoolExecutor(max_workers=min(opts.jobs, max(1, len(plans))), thread_name_prefix="transfer")
+        futures: dict[Future[bool], str] = {}
+        try:
+            for e, s, d in plans:
+                def one(e: Entry = e, s: PurePosixPath = s, d: PurePosixPath = d) -> bool:
+                    side = sessions.side()
+                    a, b = (src_side, side) if src_local else (side, dst_side)
+                    return _copy(a, b, s, d, e, state, opts)
+                futures[pool.submit(one)] = e.rel or frm.name
+            pending = set(futures)
+            while pending:
+                finished, pending = wait(pending, timeout=TICK_S, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    try:
+                        resumed += fut.result()
+                        copied += 1
+                    except (OSError, EOFError, paramiko.SSHException, ClusterError) as err:
+                        failed[futures[fut]] = str(err) or type(err).__name__
+                if on_progress is not None:
+                    on_progress(state.snapshot(time.monotonic() - started))
+        except KeyboardInterrupt:
+            interrupted = True
+            state.stop.set()
+            for fut in futures:
+                fut.cancel()
+        finally:
+            pool.shutdown(wait=True)
+        if interrupted:
+            copied = sum(1 for f in futures if f.done() and not f.cancelled() and f.exception() is None)
+    return TransferReport(direction, shown_src, dest_shown, len(tree.files), copied, skipped, resumed,
+                          state.bytes_done, time.monotonic() - started, tree.skipped, failed, interrupted)
+
+
+def _walk(side: Side, top: PurePosixPath, shown: str) -> Tree | Entry:
+    try:
+        found = side.walk(top)
+    except OSError as e:
+        raise ClusterError(f"cannot list {side.describe(top)}: {e}") from e
+    if found is None:
+        raise UsageError(f"{shown}: no such file or folder ({side.describe(top)})")
+    return found
+
+
+class _State:
+    """Counters the copying threads share, and the flag that stops them."""
+
+    def __init__(self, *, total_bytes: int, total_files: int) -> None:
+        self.total_bytes, self.total_files = total_bytes, total_files
+        self.bytes_done = self.files_done = 0
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+
+    def add(self, n: int, *, file_done: bool = False) -> None:
+        with self.lock:
+            self.bytes_done += n
+            self.files_done += file_done
+
+    def snapshot(self, seconds: float) -> Progress:
+        with self.lock:
+            return Progress(self.total_files, self.files_done, self.total_bytes, self.bytes_done, seconds)
+
+
+def _listed(dst: Side, to: PurePosixPath, single: bool) -> dict[str, Entry] | None:
+    """What is at the destination already, by rel path: one listing per folder instead of one
+    stat per file (each a round trip). None for a single file (one stat says it)."""
+    if single:
+        return None
+    found = dst.walk(to)
+    return {e.rel: e for e in found.files} if isinstance(found, Tree) else {}
+
+
+def _same(src: Side, dst: Side, s: PurePosixPath, d: PurePosixPath, e: Entry, *, checksum: bool,
+          there: dict[str, Entry] | None) -> bool:
+    if there is not None:
+        have = there.get(e.rel)
+        size, mtime = (have.size, have.mtime) if have else (None, None)
+    else:
+        st = dst.stat(d)
+        size, mtime = (st.st_size, int(st.st_mtime or 0)) if st is not None else (None, None)
+    if size != e.size:
+        return False
+    if not checksum:
+        return mtime == e.mtime
+    return _digest(src, s, e.size) == _digest(dst, d, e.size)
+
+
+def _digest(side: Side, rel: PurePosixPath, size: int) -> str:
+    h = hashlib.sha256()
+    with side.reader(rel, 0, size) as f:
+        for _ in range(size // BLOCK_BYTES + 2):
+            block = f.read(BLOCK_BYTES)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def _copy(src: Side, dst: Side, s: PurePosixPath, d: PurePosixPath, e: Entry, state: _State,
+          opts: Options) -> bool:
+    """Copy one file to its part file, then rename it into place; True if it continued a part."""
+    part = part_name(d, e.size, e.mtime)
+    have = dst.stat(part) if e.size >= RESUME_MIN_BYTES else None  # a small file is simply sent again
+    offset = (have.st_size or 0) if have is not None else 0
+    offset = offset if RESUME_MIN_BYTES <= offset <= e.size else 0
+    if offset:
+        state.add(0)
+        logger.info("%s: continuing from byte %d", dst.describe(d), offset)
+    t0 = time.monotonic()
+    sent = 0
+    with src.reader(s, offset, e.size - offset) as r, dst.writer(part, offset) as w:
+        for _ in range((e.size - offset) // BLOCK_BYTES + 2):
+            if state.stop.is_set():
+                raise ClusterError("interrupted")
+            block = r.read(BLOCK_BYTES)
+            if not block:
+                break
+            w.write(block)
+            sent += len(block)
+            state.add(len(block))
+            if opts.bwlimit:
+                ahead = sent / opts.bwlimit - (time.monotonic() - t0)
+                if ahead > 0:
+                    time.sleep(ahead)
+    if offset + sent != e.size:  # written and closed (a failed write raised): the count is what is there
+        raise ClusterError(f"{src.describe(s)} changed while it was copied ({e.size} bytes listed, "
+                           f"{offset + sent} copied): run the same command again")
+    dst.finish(part, d, e)
+    state.add(0, file_done=True)
+    return offset > 0

@@ -1,0 +1,139 @@
+"""`fab push` / `fab pull` against a real lab head, and `fab run --dry-run` on its VM."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from labs import FAB, REPO
+
+ODD_NAMES = ["plain.txt", "with space.txt", "it's \"quoted\".txt", "ünïcødé-ß.txt", "new\nline.txt",
+             "-starts-with-dash", "$(touch pwned)", ".hidden", "sub dir/deeper/x;y&z.bin", "empty"]
+BIG = 12 * 1024 * 1024  # a file big enough to interrupt halfway at --bwlimit
+KILL_TIMEOUT_S = 60
+
+
+def make_tree(top: Path) -> dict[str, bytes]:
+    data = {}
+    for i, name in enumerate(ODD_NAMES):
+        p = top / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        body = b"" if name == "empty" else (f"{i}:{name}\n".encode() * (i * 300 + 1))
+        p.write_bytes(body)
+        data[name] = body
+    (top / "empty folder").mkdir()
+    (top / "link").symlink_to("plain.txt")
+    return data
+
+
+def files_under(top: Path) -> dict[str, bytes]:
+    return {p.relative_to(top).as_posix(): p.read_bytes() for p in top.rglob("*")
+            if p.is_file() and not p.is_symlink()}
+
+
+def test_push_and_pull_a_tree_of_odd_names_then_dry_run_it(make_lab, tmp_path):
+    lab = make_lab(workers=1)
+    lab.fab_ok("up")
+    src = tmp_path / "in put"
+    src.mkdir()
+    data = make_tree(src)
+    (lab.share / "pwned").unlink(missing_ok=True)
+
+    out = lab.fab_ok("push", str(src), "--to", "inputs/batch 1", "--json")
+    summary = json.loads(out.splitlines()[-1])
+    assert (summary["files"], summary["copied"], summary["skipped"], summary["failed"]) == (len(data), len(data), 0, {})
+    assert summary["not_files"] == ["link"] and summary["bytes"] == sum(map(len, data.values()))
+    dest = lab.share / "inputs" / "batch 1"
+    assert files_under(dest) == data
+    assert (dest / "empty folder").is_dir() and not (dest / "link").exists()
+    assert not (lab.share / "pwned").exists() and not (tmp_path / "pwned").exists()
+    assert not [p for p in dest.rglob("*spotfan-part")], "a part file was left behind"
+    for name in data:  # mtimes kept (whole seconds), so the next push can skip by size and mtime
+        assert int((dest / name).stat().st_mtime) == int((src / name).stat().st_mtime)
+
+    # Again: nothing copied. One file changed (same size, other mtime): only it is copied.
+    again = json.loads(lab.fab_ok("push", str(src), "--to", "inputs/batch 1", "--json").splitlines()[-1])
+    assert (again["copied"], again["skipped"]) == (0, len(data))
+    (src / "plain.txt").write_bytes(data["plain.txt"].upper())
+    os.utime(src / "plain.txt", (1_000_000_000, 1_000_000_000))
+    (dest / "with space.txt").write_bytes(data["with space.txt"][::-1])  # same size and mtime as before?
+    os.utime(dest / "with space.txt", ((src / "with space.txt").stat().st_mtime,) * 2)
+    third = lab.fab_ok("push", str(src), "--to", "inputs/batch 1")
+    assert f"pushed 1 file(s)" in third and f"{len(data) - 1} already there" in third, third
+    assert (dest / "plain.txt").read_bytes() == data["plain.txt"].upper()
+    assert (dest / "with space.txt").read_bytes() == data["with space.txt"][::-1], "size+mtime match: skipped"
+    checked = json.loads(lab.fab_ok("push", str(src), "--to", "inputs/batch 1", "--checksum", "--json").splitlines()[-1])
+    assert checked["copied"] == 1 and (dest / "with space.txt").read_bytes() == data["with space.txt"]
+
+    # Pull it back into a new folder here: the same bytes; the share's names are kept as they are.
+    back = tmp_path / "back"
+    pulled = json.loads(lab.fab_ok("pull", "inputs/batch 1", "--to", str(back), "--json").splitlines()[-1])
+    assert pulled["copied"] == len(data)
+    assert files_under(back) == {**data, "plain.txt": data["plain.txt"].upper()}
+    assert (back / "empty folder").is_dir()
+    one = lab.fab_ok("pull", "inputs/batch 1/sub dir/deeper/x;y&z.bin", "--to", str(tmp_path))
+    assert "pulled 1 file(s)" in one and (tmp_path / "x;y&z.bin").read_bytes() == data["sub dir/deeper/x;y&z.bin"]
+
+    bad = lab.fab("push", str(src), "--to", "../outside")
+    assert bad.returncode == 2 and "below the share's root" in bad.stderr
+    missing = lab.fab("pull", "no/such/thing")
+    assert missing.returncode == 2 and "no such file or folder" in missing.stderr
+
+    # A dry run of a command over what was pushed: said by the VM, nothing requested or written.
+    agents = lab.share / ".spotfan" / "cluster"  # the VM's agent keeps writing its heartbeat and logs there
+
+    def share_state():
+        state = {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in lab.share.rglob("*")
+                 if not p.is_relative_to(agents)}
+        return state, sorted((agents / "runs").iterdir()) if (agents / "runs").exists() else []
+
+    before = share_state()
+    dry = lab.fab("run", "cp {src} {out}", "--src", "inputs/batch 1/*.txt", "--out", "copies/{stem}.txt",
+                  "--max-attempts", "2", "--dry-run")
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert "==> run: --cmd 'cp {src} {out}' --src 'inputs/batch 1/*.txt' --out 'copies/{stem}.txt' " \
+           "--max-attempts 2" in dry.stdout
+    assert ": 5 keys, 0 done, 0 failed, 5 left" in dry.stdout, dry.stdout
+    assert re.search(r"\n  'plain.txt'\n    \$ cp '/\S+/inputs/batch 1/plain.txt' /\S+/copies/plain.txt\n", dry.stdout)
+    assert "1 worker(s), adaptive chunks" in dry.stdout
+    assert "==> run: dry run; nothing was requested" in dry.stdout
+    assert share_state() == before, "fab run --dry-run changed the share or requested a run"
+
+
+def test_an_interrupted_push_never_shows_a_partial_file_and_resumes(make_lab, tmp_path):
+    lab = make_lab(workers=1)
+    lab.fab_ok("up")
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(BIG))
+    final = lab.share / "data" / "big.bin"
+    env = {**os.environ, "SPOTFAN_CONFIG": str(lab.folder / "cluster.toml")}
+    proc = subprocess.Popen([str(FAB), "push", str(big), "--to", "data/big.bin", "--bwlimit", "2000"], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + KILL_TIMEOUT_S
+        parts: list[Path] = []
+        while time.monotonic() < deadline:
+            assert not final.exists(), "the final name appeared before the copy was whole"
+            parts = list((lab.share / "data").glob(".big.bin.*.spotfan-part")) if (lab.share / "data").exists() else []
+            if parts and parts[0].stat().st_size > BIG // 3:
+                break
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the push never got a third of the way")
+        proc.send_signal(signal.SIGKILL)  # as a laptop that sleeps or loses power
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert not final.exists() and len(parts) == 1
+    kept = parts[0].stat().st_size
+
+    resumed = json.loads(lab.fab_ok("push", str(big), "--to", "data/big.bin", "--json").splitlines()[-1])
+    assert resumed["copied"] == 1 and resumed["resumed"] == 1
+    assert resumed["bytes"] == BIG - kept, "the resumed push sent again what was already there"
+    assert final.read_bytes() == big.read_bytes()
+    assert list((lab.share / "data").glob("*.spotfan-part")) == []
