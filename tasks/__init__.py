@@ -6,11 +6,12 @@ and only a rename puts it there.
 from tasks.errors import (ClaimError, EnvironmentFault, OutputCollision, PublishError, RootError,
                           SpecError, TaskError, UnsafePath)
 from tasks.dispatch import RunReport
+from tasks.memo import MemoError, memo
 from tasks.progress import Snapshot
 from tasks.runner import run
 from tasks.spec import CmdTask, FileTask, KeySource, filetask, load_spec
 from tasks.status import TaskStatus, status
 
-__all__ = ["filetask", "run", "status", "load_spec", "FileTask", "CmdTask", "KeySource",
+__all__ = ["filetask", "memo", "MemoError", "run", "status", "load_spec", "FileTask", "CmdTask", "KeySource",
            "RunReport", "Snapshot", "TaskStatus", "TaskError", "SpecError", "OutputCollision",
            "UnsafePath", "ClaimError", "PublishError", "RootError", "EnvironmentFault"]

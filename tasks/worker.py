@@ -22,6 +22,7 @@ from tasks.deathsig import die_with_parent
 from tasks.errors import EnvironmentFault
 from tasks.fs import PublishMethod, env_errno, fault
 from tasks.keys import Item
+from tasks.memo import ROOT_ENV
 from tasks.publish import Fence, Published, Publisher, discard, temp_path
 from tasks.spec import CommandFailed, Task, TaskRef
 
@@ -99,6 +100,7 @@ def init_worker(setup: WorkerSetup, slots: Any = None, slot_lock: Any = None,
         slots[slot * SLOT_FIELDS] = os.getpid()
     if process:
         os.chdir(setup.root)
+    os.environ[ROOT_ENV] = setup.root  # where @memo results live (tasks/memo.py)
     share_tmp = Path(setup.share_tmp) if setup.share_tmp else None
     publisher = Publisher(Path(setup.root), method=setup.method, share_tmp=share_tmp,
                           fsync=setup.fsync or task.fsync)
