@@ -125,9 +125,11 @@ def run(c, cluster: Cluster, spec, src="", keys="", out="", name="", workers_per
 @task(help={"json": "print one JSON object", "config": "cluster.toml to use",
             "watch": "a live view, refreshed until every run is over (Ctrl-C stops watching)",
             "interval": f"with --watch: seconds between refreshes (default {watching.WATCH_INTERVAL_S:g})",
-            "timeout": "with --watch: stop after this many seconds; exit 1 if a run still goes"})
+            "timeout": "with --watch: stop after this many seconds; exit 1 if a run still goes",
+            "all": f"list every run the share holds (default: the going ones and the last "
+                   f"{show.RECENT_RUNS} ended; --json always has every run)"})
 @_command
-def status(c, cluster: Cluster, json=False, watch=False, interval="", timeout=""):
+def status(c, cluster: Cluster, json=False, watch=False, interval="", timeout="", all=False):
     """Per run: done/total/failed/running; per VM: state, agent, rate. --watch: live, with rates and ETAs."""
     if watch:
         if json:
@@ -141,7 +143,7 @@ def status(c, cluster: Cluster, json=False, watch=False, interval="", timeout=""
     if json:
         print(st.to_json())
     else:
-        show.status(st)
+        show.status(st, every=all)
 
 
 def _watch(cluster: Cluster, *, interval: float, timeout: float) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -105,7 +105,21 @@ def group_error(e: GroupError) -> None:
 # -- status -----------------------------------------------------------------------------------
 
 
-def status(st: ClusterStatus) -> None:
+RECENT_RUNS = 5  # `fab status` shows every going run and this many ended ones (--all: every one)
+
+
+def shown_runs(runs: Sequence[RunStatus], *, every: bool) -> tuple[list[RunStatus], int]:
+    """The runs `fab status` lists (every going one, then the latest ended ones, oldest
+    first) and how many older ended runs it leaves out."""
+    if every:
+        return list(runs), 0
+    ended = sorted((r for r in runs if r.result), key=lambda r: r.ended or r.requested or 0.0)
+    keep = {id(r) for r in ended[-RECENT_RUNS:]}
+    shown = [r for r in runs if not r.result or id(r) in keep]
+    return shown, len(runs) - len(shown)
+
+
+def status(st: ClusterStatus, *, every: bool = False) -> None:
     if not st.vms:
         say(f"cluster {st.name} ({st.provider}): no VM is left (`fab up` creates them)"
             + ("; the head does not answer, so its runs are not shown" if st.head != "ok" else ""))
@@ -120,12 +134,15 @@ def status(st: ClusterStatus) -> None:
         agent = v.agent if v.status == "RUNNING" else f"(last: {v.agent})" if v.agent else "-"
         say(f"  {v.name:<14} {v.address:<15} {v.status:<10}{' (preempted)' if v.preempted else '':<12} "
             f"agent {agent or '-':<20} heartbeat {age:<9} rate {rate}")
-    for r in st.runs:
+    runs, older = shown_runs(st.runs, every=every)
+    for r in runs:
         unknown = ("counts unavailable (see `fab logs VM`)" if r.result
                    else "counts unknown (no VM running; `fab heal`)")
         counts = (unknown if r.total is None else
                   f"{r.done}/{r.total} done, {r.failed} failed, {r.running} running, {r.pending} pending")
         say(f"  run {r.id}: {r.result or 'running'}: {counts}  [{safe(r.spec)}]  {_run_times(r)}")
+    if older:
+        say(f"  ({older} older ended run(s) not shown: `fab status --all` lists every run)")
     for message in st.refused:
         say(f"  {safe(message)}")
     bill(st)
