@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -22,7 +23,8 @@ from tasks.layout import Layout
 from tasks.progress import make_progress
 from tasks.records import FailureStore
 from tasks.runner import DEFAULT_LEASE_S, DEFAULT_MAX_ATTEMPTS, START_METHODS, RunReport, run
-from tasks.spec import Task, import_module, load_spec
+from tasks.cmdout import output_paths
+from tasks.spec import CmdTask, Task, import_module, load_spec
 from tasks.status import status
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -117,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="say what would run (counts, the first keys and, for --cmd, their command "
                         "lines, the chunking); takes no claim and writes nothing")
     r.add_argument("--json", action="store_true", help="with --dry-run: print one JSON object")
+    r.add_argument("--keep-output", action="store_true",
+                   help="for --cmd: keep each key's stdout and stderr (their last 1 MiB) under "
+                        ".spotfan/tasks/<task>/output/; `tasks logs SPEC KEY` prints them")
     r.add_argument("--state-file", type=Path, metavar="PATH",
                    help="keep a JSON state of this runner in PATH (on a local disk), rewritten "
                         "at least every 2 s and at exit")
@@ -145,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="draw tasks completed and CPU use over time per host "
                                       "(PNG + HTML in .spotfan/tasks/<task>/)")
     _spec_args(p)
+    lg = sub.add_parser("logs", help="print what a --cmd key printed (kept by --keep-output), or "
+                                     "the error of its last failed attempt")
+    _spec_args(lg)
+    lg.add_argument("logs_key", metavar="KEY", help="the key whose output to print")
     return parser
 
 
@@ -174,6 +183,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _collect(task, args)
         if args.command == "failures":
             return _failures(task, args)
+        if args.command == "logs":
+            return _logs(task, args)
+        if args.command == "run" and args.keep_output:
+            if not isinstance(task, CmdTask):
+                raise SpecError("--keep-output is for --cmd tasks; a function task writes what "
+                                "it wants to keep itself (its errors are in `tasks failures`)")
+            task = dataclasses.replace(task, keep_output=True)
         if args.command == "report":
             from tasks.report import write_report  # numpy, matplotlib: only when asked
 
@@ -338,3 +354,25 @@ def _print_failures(rep: FailureReport) -> None:
             print(f"    e.g.: {g.error}")
         for line in g.detail.splitlines():
             print(f"    | {line}")
+
+
+def _logs(task: Task, args: argparse.Namespace) -> int:
+    """A key's kept stdout and stderr; else its failure record's error; else why there is none."""
+    out, err = output_paths(Path(args.root), task.name, args.logs_key)
+    if out.exists() or err.exists():
+        for label, path in (("stdout", out), ("stderr", err)):
+            data = path.read_bytes() if path.exists() else b""
+            print(f"==> {label} of {args.logs_key!r} ({len(data)} bytes, last attempt)")
+            sys.stdout.write(data.decode("utf-8", "replace"))
+            if data and not data.endswith(b"\n"):
+                print()
+        return EXIT_OK
+    layout = Layout(Path(args.root), task.name)
+    failure = FailureStore(layout.failed, layout.tmp).load([args.logs_key]).get(args.logs_key)
+    if failure is not None:
+        print(f"==> {args.logs_key!r} failed ({failure.attempts} attempt(s)): {failure.error}")
+        print(failure.detail.rstrip())
+        return EXIT_OK
+    print(f"error: no output kept for key {args.logs_key!r} of {task.name}: run the task with "
+          "--keep-output (for --cmd tasks) to keep each key's stdout and stderr", file=sys.stderr)
+    return EXIT_FAILED

@@ -17,7 +17,6 @@ import hashlib
 import importlib
 import inspect
 import shlex
-import subprocess
 import sys
 import traceback
 from collections.abc import Callable, Iterable
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 from tasks.bounds import MAX_TIMEOUT_S
-from tasks.deathsig import die_with_parent
+from tasks import cmdout
 from tasks.errors import SpecError, UnsafePath
 from tasks.keys import (KEY_FIELDS, SRC_FIELDS, Item, Limits, check_name, check_nesting,
                         check_template, check_unique, key_items, normal, path_problem,
@@ -305,6 +304,7 @@ class CmdTask:
     name: str = ""
     fsync: bool = False
     timeout: float | None = None  # seconds a key may run (tasks run --timeout overrides)
+    keep_output: bool = False  # keep each key's stdout/stderr (tasks run --keep-output)
 
     def __post_init__(self) -> None:
         what = "--cmd"
@@ -350,13 +350,12 @@ class CmdTask:
         return render(self.cmd, {k: shlex.quote(v) for k, v in values.items()}, what="--cmd")
 
     def execute(self, item: Item, out: Path, root: Path, ctx: Any) -> None:
-        line = self.command_line(item, out, root)
-        proc = subprocess.run(["/bin/sh", "-c", line], cwd=root, stdin=subprocess.DEVNULL,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              preexec_fn=die_with_parent)  # no command outlives its worker
-        if proc.returncode != 0:
-            err = proc.stderr.decode("utf-8", "replace")[-STDERR_TAIL:]
-            raise CommandFailed(proc.returncode, err)
+        done = cmdout.run_command(self.command_line(item, out, root), root=root, keep=self.keep_output)
+        if self.keep_output:
+            cmdout.keep_output(root, self.name, item.key, done)
+        if done.returncode != 0:
+            err = done.stderr.decode("utf-8", "replace")[-STDERR_TAIL:]
+            raise CommandFailed(done.returncode, err)
 
 
 Task = Union[FileTask, CmdTask]
