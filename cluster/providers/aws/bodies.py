@@ -57,7 +57,7 @@ def shell_script(boot_script: str, *, user: str, spot_notice: str, imds_url: str
                  home: str = SPOTFAN_HOME) -> str:
     """The user-data shell part, run as root by cloud-init at every boot: start the spot notice
     watch, then the boot script as the SSH user `fab up` uses (so every file in `home` is one owner's)."""
-    u, h = shlex.quote(user), shlex.quote(home)
+    u = shlex.quote(user)
     run_as = "" if user == "root" else f"runuser -u {u} -- "
     return f"""#!/bin/sh
 # spotfan: at every boot, watch for a spot interruption notice, then run the boot script as {user}.
@@ -65,10 +65,11 @@ if ! id -u {u} >/dev/null 2>&1; then
   echo "spotfan: user {user} does not exist yet; fab up will run the boot script over SSH"
   exit 0
 fi
-install -d -o {u} -m 700 {h}
-SPOTFAN_IMDS_URL={shlex.quote(imds_url)} SPOTFAN_HOME={h} setsid sh -c {shlex.quote(spot_notice)} \\
-  </dev/null >>{h}/spot_notice.log 2>&1 &
-exec {run_as}env SPOTFAN_HOME={h} sh -c {shlex.quote(boot_script)}
+SPOTFAN_HOME=${{SPOTFAN_HOME:-{shlex.quote(home)}}}
+install -d -o {u} -m 700 "$SPOTFAN_HOME"
+SPOTFAN_IMDS_URL={shlex.quote(imds_url)} SPOTFAN_HOME="$SPOTFAN_HOME" setsid sh -c {shlex.quote(spot_notice)} \\
+  </dev/null >>"$SPOTFAN_HOME/spot_notice.log" 2>&1 &
+exec {run_as}env SPOTFAN_HOME="$SPOTFAN_HOME" sh -c {shlex.quote(boot_script)}
 """
 
 
