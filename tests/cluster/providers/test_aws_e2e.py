@@ -159,6 +159,7 @@ def assert_run_request(a, run) -> None:
     assert run.tags() == {"purpose": "e2e", "spotfan-cluster": a.config.name, "spotfan-role": "worker",
                           "Name": run.tags()["Name"]}
     assert p["NetworkInterface.1.AssociatePublicIpAddress"] == "true"
+    assert "SPOTFAN_IMDS_URL=http://127.0.0.1:9 " in base64.b64decode(p["UserData"]).decode(), "loopback only"
     shell = per_boot_script(base64.b64decode(p["UserData"]).decode())
     boot = (REPO / "cluster" / "vm" / "boot.sh").read_text()
     assert boot.split("\n", 1)[1] in _unquoted(shell), "the real boot.sh, at every boot"
