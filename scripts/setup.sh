@@ -31,7 +31,7 @@ if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
     # pip's own chatter goes to a log; on failure its end is shown with where the rest is.
     log="$VENV/pip-install.log"
     if ! { "$VENV/bin/python" -m pip install -q --upgrade pip &&
-           "$VENV/bin/python" -m pip install -q -e ".[test]"; } >"$log" 2>&1; then
+           "$VENV/bin/python" -m pip install -q -e ".[test,aws]"; } >"$log" 2>&1; then
         tail -n 30 "$log" >&2
         echo "error: installing spotfan into $VENV failed (full log: $log); fix the cause and run again" >&2
         exit 1

@@ -133,9 +133,9 @@ def test_tasks_never_imports_cluster():
 def test_providers_are_imported_by_the_registry_only():
     # Implementations import the base (and their own folder); only cluster.providers imports them.
     g = graph()
-    impl = {m for m in g if m.startswith(("cluster.providers.lab", "cluster.providers.gce"))}
+    impl = {m for m in g if m.startswith(("cluster.providers.lab", "cluster.providers.gce", "cluster.providers.aws"))}
     importers = {m for m, deps in g.items() for d in deps if d in impl and not m.startswith(tuple(
-        f"{p}" for p in ("cluster.providers.lab", "cluster.providers.gce")))}
+        f"{p}" for p in ("cluster.providers.lab", "cluster.providers.gce", "cluster.providers.aws")))}
     assert importers == {"cluster.providers"}
     base = g["cluster.providers.base"]
     assert not base & impl and "cluster.providers" not in base

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from cluster.errors import ConfigError
+from cluster.providers.aws import AWS
 from cluster.providers.base import Provider, ProviderSpec
 from cluster.providers.gce import GCE
 from cluster.providers.lab import LAB
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
 PROVIDERS: dict[str, ProviderSpec] = {
     "lab": LAB,
     "gce": GCE,
+    "aws": AWS,
 }
 
 

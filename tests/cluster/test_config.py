@@ -125,12 +125,12 @@ def test_every_problem_is_reported_at_once_in_file_order(tmp_path):
 
 
 def test_the_provider_is_checked_before_provider_specific_fields(tmp_path):
-    text = MINIMAL.replace('name = "demo"', 'name = "demo"\nmount_point = "mnt"\nprovider = "aws"')
+    text = MINIMAL.replace('name = "demo"', 'name = "demo"\nmount_point = "mnt"\nprovider = "azure"')
     path = write(tmp_path, text + "[gce]\nzonez = []\n")
     with pytest.raises(ConfigError) as e:
         load(path)
     lines = str(e.value).splitlines()
-    assert lines[1] == "  1. [cluster] provider = 'aws': must be one of 'lab', 'gce'", lines
+    assert lines[1] == "  1. [cluster] provider = 'azure': must be one of 'lab', 'gce', 'aws'", lines
     assert "mount_point" not in str(e.value), "no provider-specific problem before the provider is known"
 
 

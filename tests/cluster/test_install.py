@@ -42,7 +42,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (wheel,) = wheels.glob("spotfan-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert not [n for n in names if n.startswith("examples/")], "no top-level examples package in the wheel"
-    for script in ("boot.sh", "mount.sh", "watchdog.sh"):
+    for script in ("boot.sh", "mount.sh", "spot_notice.sh", "watchdog.sh"):
         assert f"cluster/vm/{script}" in names
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=CMD_TIMEOUT_S)
@@ -68,11 +68,13 @@ def test_the_wheel_holds_the_vm_scripts_and_imports_no_cloud_sdk(installed: Path
         "import sys, importlib.resources as r, cluster, cluster.cli, cluster.config, cluster.providers\n"
         "print(cluster.__file__)\n"
         "print(sorted(p.name for p in r.files('cluster.vm').iterdir() if p.name.endswith('.sh')))\n"
-        "print(any(m.startswith('google') for m in sys.modules))\n"), cwd=tmp_path)
-    where, scripts, google = said.splitlines()
+        "print(any(m.startswith('google') for m in sys.modules))\n"
+        "print(any(m.startswith(('boto3', 'botocore')) for m in sys.modules))\n"), cwd=tmp_path)
+    where, scripts, google, boto = said.splitlines()
     assert where.startswith(str(installed)), f"spotfan imported from {where}, not from the fresh install"
-    assert scripts == "['boot.sh', 'mount.sh', 'watchdog.sh']"
+    assert scripts == "['boot.sh', 'mount.sh', 'spot_notice.sh', 'watchdog.sh']"
     assert google == "False", "the Compute SDK is imported only when the GCE provider is used"
+    assert boto == "False", "boto3 is imported only when the AWS provider is used"
     assert (installed / "bin" / "spotfan").exists()
 
 

@@ -1,0 +1,32 @@
+"""The Amazon EC2 provider: spot workers by tag with capacity failover across zones, then instance types."""
+from __future__ import annotations
+
+from importlib.resources import files
+from typing import TYPE_CHECKING
+
+from cluster.providers.aws import settings
+from cluster.providers.aws.bodies import CLUSTER_TAG
+from cluster.providers.aws.calls import Timing
+from cluster.providers.aws.settings import AwsSettings
+from cluster.providers.aws.workers import AwsProvider
+from cluster.providers.base import ProviderSpec
+
+if TYPE_CHECKING:
+    from cluster.config import ClusterConfig
+
+__all__ = ["AWS", "CLUSTER_TAG", "AwsProvider", "AwsSettings", "Timing", "make"]
+
+
+def make(config: ClusterConfig) -> AwsProvider:
+    """The provider of a parsed cluster.toml whose provider is "aws": its `[aws]` table."""
+    s = config.settings
+    if not isinstance(s, AwsSettings):
+        raise TypeError(f"the AWS provider needs AwsSettings, not {type(s).__name__}")
+    vm = files("cluster.vm")  # package data, read when the first instance is launched
+    return AwsProvider(s, cluster_name=config.name, boot_script=vm / "boot.sh", spot_notice=vm / "spot_notice.sh",
+                       ssh_public_key=config.ssh.key.with_name(config.ssh.key.name + ".pub"),
+                       ssh_user=config.ssh.user, idle_action=config.idle_action,
+                       unprovisioned_stop_s=config.idle_timeout + config.ssh.boot_timeout)
+
+
+AWS = ProviderSpec(name="aws", table="aws", fields=settings.AWS_FIELDS, parse=settings.parse, make=make)

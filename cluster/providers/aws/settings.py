@@ -1,0 +1,197 @@
+"""The `[aws]` table of cluster.toml, read by cluster.schema as every table is, with [cluster]
+values as its defaults."""
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cluster import schema
+from cluster.errors import ConfigError
+from cluster.providers.base import TableContext
+
+INTERRUPTIONS = ("stop", "terminate")  # what a spot interruption does to a worker
+DEFAULT_IMDS_URL = "http://169.254.169.254"  # the instance metadata service, seen from inside a VM
+_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-[0-9]$")
+_ZONE = re.compile(r"^[a-z]{2}(-[a-z]+)+-[0-9][a-z]$")
+_AMI = re.compile(r"^ami-[0-9a-f]{8,17}$")
+_SUBNET = re.compile(r"^subnet-[0-9a-f]{8,17}$")
+_NAME = re.compile(r"^[A-Za-z0-9 ._:/()#,@\[\]+=&;{}!$*-]{1,255}$")  # EC2 group and key pair names
+
+
+@dataclass(frozen=True)
+class InstancePrice:
+    """What one instance of a type costs per hour, in the currency the user wrote down."""
+
+    on_demand: float  # on-demand price per hour
+    spot: float | None = None  # spot price per hour; None if unknown
+
+
+@dataclass(frozen=True)
+class AwsSettings:
+    """Everything the AWS provider needs from cluster.toml's `[aws]` table."""
+
+    image: str  # the worker AMI, "ami-..." (in `region`)
+    instance_types: tuple[str, ...]  # tried in order, after every zone of the one before is out of capacity
+    ssh_cidr: str  # the only source SSH is let in from, e.g. "203.0.113.7/32"; never 0.0.0.0/0 by default
+    region: str | None = None  # None: the boto3 chain's (AWS_DEFAULT_REGION, the profile's region)
+    profile: str | None = None  # a profile of ~/.aws/config; None: the boto3 default chain
+    zones: tuple[str, ...] = ()  # availability zones tried in order (default subnets); () = EC2 picks
+    subnets: tuple[str, ...] = ()  # subnet ids tried in order, instead of zones
+    spot: bool = True  # spot instances (InstanceMarketOptions); False: on-demand
+    interruption: str = "stop"  # "stop" (a persistent request; heal starts it) or "terminate" (heal recreates)
+    max_price: str | None = None  # the highest spot price per hour; None: the on-demand price
+    security_group: str = ""  # the group's name, created (or reused) in the VPC; "" = spotfan-CLUSTER
+    key_pair: str = ""  # the key pair's name, imported from the laptop key (or reused); "" = spotfan-CLUSTER
+    disk_size_gb: int = 20  # the root volume
+    volume_type: str = "gp3"
+    public_ip: bool = True  # give each worker a public address (SSH goes to it); else its private one
+    instance_profile: str | None = None  # an IAM instance profile name or ARN; None = no AWS credentials on VMs
+    tags: Mapping[str, str] = field(default_factory=dict)  # extra tags on every instance
+    ssh_port: int = 22  # where sshd listens on the AMI
+    imds_url: str = DEFAULT_IMDS_URL  # where a worker asks for its spot interruption notice
+    prices: Mapping[str, InstancePrice] = field(default_factory=dict)  # instance type -> price
+
+    def placements(self) -> tuple[str | None, ...]:
+        """Where a VM may go, in order: its subnets, else its zones, else wherever EC2 chooses."""
+        return self.subnets or self.zones or (None,)
+
+    @property
+    def market(self) -> str:
+        return "spot" if self.spot else "on-demand"
+
+
+def _region(value: str) -> str | None:
+    return None if _REGION.match(value) else 'must be a region name like "us-east-1"'
+
+
+def _zones(zones: list[str]) -> str | None:
+    if not all(_ZONE.match(z) for z in zones):
+        return 'must be availability zone names like "us-east-1a"'
+    return "lists a zone twice" if len(set(zones)) != len(zones) else None
+
+
+def _subnets(subnets: list[str]) -> str | None:
+    if not all(_SUBNET.match(s) for s in subnets):
+        return 'must be subnet ids like "subnet-0123456789abcdef0"'
+    return "lists a subnet twice" if len(set(subnets)) != len(subnets) else None
+
+
+def _types(types: list[str]) -> str | None:
+    if not types or not all(re.match(r"^[a-z0-9-]+\.[a-z0-9-]+$", t) for t in types):
+        return 'must be a non-empty list of instance types like ["c6i.xlarge", "c5.xlarge"]'
+    return "lists a type twice" if len(set(types)) != len(types) else None
+
+
+def _ami(value: str) -> str | None:
+    return None if _AMI.match(value) else 'must be an AMI id like "ami-0123456789abcdef0" (docs/aws.md, step 2)'
+
+
+def _cidr(value: str) -> str | None:
+    try:
+        ipaddress.ip_network(value, strict=True)
+    except ValueError:
+        return 'must be a network like "203.0.113.7/32" (your laptop\'s public address, `curl https://checkip.amazonaws.com`)'
+    return None
+
+
+def _name(value: str) -> str | None:
+    return None if not value or _NAME.match(value) else "must be an EC2 name: at most 255 letters, digits and ._-:/()#,@[]+=&;{}!$*"
+
+
+def _price(value: str) -> str | None:
+    try:
+        return None if float(value) > 0 else "must be a price above 0, as text, e.g. \"0.05\""
+    except ValueError:
+        return 'must be a price per hour as text, e.g. "0.05"'
+
+
+def _url(url: str) -> str | None:
+    return None if url.startswith(("http://", "https://")) else "must start with http:// or https://"
+
+
+def _tags(tags: dict[str, Any]) -> str | None:
+    bad = [k for k in tags if not k or len(k) > 128 or k.lower().startswith(("aws:", "spotfan-")) or k == "Name"]
+    return (f"has {bad[0]!r}: tag keys are 1-128 characters; aws:*, spotfan-* and Name are set by spotfan"
+            if bad else None)
+
+
+PRICE_FIELDS: dict[str, schema.Field] = {
+    "on_demand": schema.number(schema.REQUIRED, 0),  # on-demand price per hour
+    "spot": schema.number(None, 0),  # spot price per hour
+}
+AWS_FIELDS: dict[str, schema.Field] = {
+    "region": schema.text(None, check=_region),
+    "profile": schema.text(None),
+    "image": schema.text(check=_ami),
+    "instance_types": schema.strings(schema.REQUIRED, check=_types),
+    "zones": schema.strings(check=_zones),
+    "subnets": schema.strings(check=_subnets),
+    "ssh_cidr": schema.text(check=_cidr),
+    "interruption": schema.text("stop", choices=INTERRUPTIONS),
+    "max_price": schema.text(None, check=_price),
+    "security_group": schema.text("", check=_name),
+    "key_pair": schema.text("", check=_name),
+    "disk_size_gb": schema.whole(20, 8, 16384),
+    "volume_type": schema.text("gp3", choices=("gp3", "gp2", "io1", "io2", "st1", "sc1", "standard")),
+    "public_ip": schema.flag(True),
+    "instance_profile": schema.text(None),
+    "tags": schema.mapping(schema.text(""), check=_tags),
+    "ssh_port": schema.whole(22, 1, 65535),
+    "imds_url": schema.text(DEFAULT_IMDS_URL, check=_url),
+    "prices": schema.mapping(schema.table(PRICE_FIELDS)),  # instance type -> { on_demand, spot }
+}
+
+
+def from_mapping(d: Mapping[str, Any], *, file: Path | str, cluster_name: str, spot: bool) -> AwsSettings:
+    """Validate a parsed `[aws]` table; every problem is reported with its key, in file order."""
+    found = schema.problems({"aws": dict(d)}, {"aws": AWS_FIELDS})
+    v = schema.values(d, AWS_FIELDS) if not found else {}
+    if not found and v["zones"] and v["subnets"]:
+        found.append(schema.Problem("aws", "subnets", "and zones are both set: a subnet lies in one zone; "
+                                    "keep subnets (tried in order) or zones (their default subnets)"))
+    if not found and v["max_price"] and not spot:
+        found.append(schema.Problem("aws", "max_price", "is a spot price, but [cluster] spot = false"))
+    if found:
+        raise schema.error(file, found)
+    return AwsSettings(
+        image=v["image"], instance_types=tuple(v["instance_types"]), ssh_cidr=v["ssh_cidr"],
+        region=v["region"], profile=v["profile"], zones=tuple(v["zones"]), subnets=tuple(v["subnets"]),
+        spot=spot, interruption=v["interruption"].lower(), max_price=v["max_price"],
+        security_group=v["security_group"] or f"spotfan-{cluster_name}",
+        key_pair=v["key_pair"] or f"spotfan-{cluster_name}",
+        disk_size_gb=v["disk_size_gb"], volume_type=v["volume_type"].lower(), public_ip=v["public_ip"],
+        instance_profile=v["instance_profile"], tags=dict(v["tags"]), ssh_port=v["ssh_port"],
+        imds_url=v["imds_url"].rstrip("/"),
+        prices={t: InstancePrice(on_demand=float(p["on_demand"]),
+                                 spot=None if p.get("spot") is None else float(p["spot"]))
+                for t, p in v["prices"].items()},
+    )
+
+
+def parse(table: Mapping[str, Any], ctx: TableContext) -> tuple[AwsSettings | None, list[schema.Problem]]:
+    """The [aws] table of cluster.toml, with [cluster] image and zones as defaults; and what
+    provider = "aws" needs of the other tables."""
+    c = ctx.cluster
+    if not table:
+        return None, [schema.Problem("cluster", "provider", '= "aws" needs an [aws] table with at least '
+                                     'image, instance_types and ssh_cidr (docs/cluster-toml.md has every field)')]
+    table = dict(table)
+    if c["image"]:
+        table.setdefault("image", c["image"])
+    if c["zones"] and "subnets" not in table:
+        table.setdefault("zones", list(c["zones"]))
+    try:
+        settings = from_mapping(table, file=ctx.path, cluster_name=c["name"], spot=bool(c["spot"]))
+    except ConfigError as e:
+        return None, list(e.problems) or [schema.Problem("aws", None, str(e))]
+    problems = []
+    if str(c["idle_action"]).lower() == "delete" and settings.spot and settings.interruption == "stop":
+        problems.append(schema.Problem(
+            "cluster", "idle_action", '= "delete" with [aws] interruption = "stop": a persistent spot '
+            "request launches a new instance when one terminates itself; set interruption = "
+            '"terminate", or idle_action = "stop"'))
+    return settings, problems
