@@ -19,7 +19,8 @@ from invoke import Collection, task
 from invoke.exceptions import Exit
 from invoke.program import Program
 
-from cluster import lifecycle, remote_tasks, runs, show, status as cluster_status, top as cluster_top, watch as watching
+from cluster import follow as following, lifecycle, remote_tasks, runs, show, status as cluster_status, top as cluster_top, \
+    watch as watching
 from cluster.cli_files import pull, push  # noqa: F401  (in `spotfan`'s commands)
 from cluster.command import EXIT_FAILED, EXIT_USAGE, command as _command, group_exit_code as _group_exit_code
 from cluster.command import seconds as _seconds, whole as _whole
@@ -174,11 +175,34 @@ def _watch(cluster: Cluster, *, interval: float, timeout: float) -> None:
     show.say("==> status: no run is going")
 
 
-@task(positional=["vm"], help={"vm": "VM name", "bytes": "how much of each log's end to show",
+@task(positional=["vm"], help={"vm": "VM name, or `all` (with --follow: every VM)",
+                               "bytes": "how much of each log's end to show",
+                               "follow": "show new lines as they come, prefixed by VM and run, until every run "
+                                         "is over or Ctrl-C",
+                               "timeout": "with --follow: stop after this many seconds (default a day)",
                                "config": "cluster.toml to use"})
 @_command
-def logs(c, cluster: Cluster, vm, bytes=""):
-    """Show the end of a VM's agent log and run logs (read from the share)."""
+def logs(c, cluster: Cluster, vm, bytes="", follow=False, timeout=""):
+    """Show the end of a VM's agent log and run logs (read from the share); --follow: as they grow."""
+    if follow:
+        limit = _seconds(timeout or following.FOLLOW_TIMEOUT_S, flag="--timeout",
+                         example="fab logs all --follow --timeout 600", minimum=1)
+        one = None if vm == "all" else vm
+        if one is not None:
+            runs.logs(cluster, one, max_bytes=1)  # an unknown VM is refused by name, with those that have logs
+        show.say(f"==> logs: following {'every VM' if one is None else one} (Ctrl-C stops; the runs go on)")
+        try:
+            over = following.follow(cluster, one, emit=lambda line: show.out(show.safe(line)), timeout=limit)
+        except KeyboardInterrupt:
+            show.say("==> logs: stopped following; the runs go on")
+            return
+        if not over:
+            raise Exit(f"error: runs still going after {limit:g}s; `fab logs {vm} --follow` follows them again",
+                       code=EXIT_FAILED)
+        show.say("==> logs: every run is over")
+        return
+    if vm == "all":
+        raise UsageError("`fab logs all` goes with --follow; without it give one VM: `fab logs VM`")
     n = _whole(bytes or runs.LOG_TAIL_BYTES, flag="--bytes", example=f"fab logs {vm} --bytes 20000", minimum=1)
     show.logs(vm, runs.logs(cluster, vm, max_bytes=n))
 

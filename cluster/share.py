@@ -154,6 +154,35 @@ class Share:
                 return None
             raise
 
+    def size(self, rel: str) -> int | None:
+        """A file's size in bytes, or None if it does not exist."""
+        try:
+            return self.sftp.stat(self.path(rel)).st_size or 0
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                return None
+            raise
+
+    def read_from(self, rel: str, offset: int, *, max_bytes: int) -> tuple[bytes, int] | None:
+        """What a growing file holds past `offset` (at most `max_bytes`), with the file's size
+        now; None if it does not exist. A file shorter than `offset` was replaced: read it
+        from its start."""
+        try:
+            with self.sftp.open(self.path(rel), "r") as f:
+                size = f.stat().st_size or 0
+                start = offset if offset <= size else 0
+                f.seek(start)
+                data = f.read(min(max_bytes, size - start)) if size > start else b""
+                return data, start + len(data)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                return None
+            raise
+
     def download(self, rel: str, local: Path) -> int:
         """Copy a file of the share to `local` (a temporary beside it, then a rename, so a
         broken transfer never leaves half a file under the final name); return its size."""
