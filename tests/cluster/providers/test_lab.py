@@ -107,10 +107,11 @@ def test_dead_mount_is_remounted_by_heal(make_lab):
 
 
 def test_idle_vms_stop_themselves(make_lab):
-    lab = make_lab(workers=2, idle_timeout=2)
+    # The idle clock runs from boot, so `fab up` must see the agents first even on a busy machine
+    lab = make_lab(workers=2, idle_timeout=10)
     lab.fab_ok("up")
     lab.wait_for("idle VMs to stop themselves",
-                 lambda: set(lab.statuses().values()) == {"TERMINATED"}, timeout=30)
+                 lambda: set(lab.statuses().values()) == {"TERMINATED"}, timeout=60)
     for name in lab.config.vm_names():
         beat = json.loads((lab.share / CLUSTER_DIR / "vms" / f"{name}.json").read_text())
         assert beat["state"] == "stopped-idle"
