@@ -16,6 +16,7 @@ from tasks.bounds import (MAX_ATTEMPTS_LIMIT, MAX_CHUNK_SIZE, MAX_LEASE_S, MAX_L
                           WORKERS_PER_CPU_MAX, count_problem, seconds_problem)
 from tasks.errors import RootError, SpecError, TaskError
 from tasks.failures import EXAMPLE_KEYS, FailureReport, failures, retry
+from tasks.gpus import MAX_GPUS
 from tasks.layout import Layout
 from tasks.progress import make_progress
 from tasks.records import FailureStore
@@ -95,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"worker processes (default: one per core; more than {WORKERS_PER_CPU_MAX} "
                         "per core are capped)")
     r.add_argument("--executor", choices=["process", "thread"], default="process")
+    r.add_argument("--gpus", type=_count(1, MAX_GPUS), metavar="N",
+                   help="share out N GPUs: one worker process per group of --gpus-per-worker, each "
+                        "with its own CUDA_VISIBLE_DEVICES for its whole life (default: leave it alone)")
+    r.add_argument("--gpus-per-worker", type=_count(1, MAX_GPUS), default=1, metavar="K",
+                   help="GPUs in each worker process's group (default 1)")
     r.add_argument("--max-attempts", type=_count(1, MAX_ATTEMPTS_LIMIT), default=DEFAULT_MAX_ATTEMPTS,
                    metavar="K",
                    help=f"tries per key before it is reported failed (default {DEFAULT_MAX_ATTEMPTS})")
@@ -183,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          retry_failed=args.retry_failed, fsync=args.fsync,
                          chunk_size=args.chunk_size, start_method=args.start_method,
                          timeout_s=args.timeout, state_file=args.state_file,
-                         progress=progress)
+                         progress=progress, gpus=args.gpus, gpus_per_worker=args.gpus_per_worker)
         finally:
             progress.close()
     except SpecError as e:
