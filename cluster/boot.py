@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from importlib.resources import files
 
 from cluster.errors import ClusterError, GroupError, HostKeyError, ProvisionError, RecordError, SSHError
-from cluster.providers.base import Instance, LocalHead, SelfStopping, Status
+from cluster.providers.base import Accelerated, Instance, LocalHead, SelfStopping, Status
 from cluster.records import STALE_S, Heartbeat, heartbeat_file
 from cluster.session import Cluster
 from cluster.ssh import Host
@@ -136,6 +136,10 @@ def boot_env(cluster: Cluster, name: str, stop: Mapping[str, str]) -> str:
         "SPOTFAN_IDLE_TIMEOUT": f"{config.idle_timeout:g}",
         "SPOTFAN_WORKERS_PER_VM": str(config.workers_per_vm),
         "SPOTFAN_KEX": config.ssh.kex_algorithms,
+        # GPUs: the agent checks the driver shows them, and starts a worker process per group.
+        "SPOTFAN_GPUS": str(cluster.provider.gpus_per_vm() if isinstance(cluster.provider, Accelerated) else 0),
+        "SPOTFAN_GPUS_PER_WORKER": str(config.gpus_per_worker),
+        "SPOTFAN_NVIDIA_SMI": config.nvidia_smi,
         **stop,
     }
     lines = [f"{k}={shlex.quote(v)}" for k, v in values.items()]
@@ -172,7 +176,9 @@ def confirm(cluster: Cluster, boots: dict[str, str | BaseException]) -> dict[str
     results: dict[str, str | BaseException] = {}
     broken: dict[str, str] = {}  # VM -> what it said
     for name, out in boots.items():
-        if name in proved and isinstance(out, str):
+        if name in proved and proved[name].state == "no-gpu-driver":
+            broken[name] = f"agent: FAILED: {proved[name].problem}"  # it stops itself; stopped here too
+        elif name in proved and isinstance(out, str):
             results[name] = _agent_ok(out)
         elif name in proved:
             results[name] = out  # the boot failed, but the VM works: report the error, keep it

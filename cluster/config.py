@@ -66,10 +66,12 @@ class ClusterConfig:
     spot: bool  # spot/preemptible VMs
     idle_timeout: float  # seconds a VM with no key of its own running waits before stopping itself
     idle_action: str  # "stop" (its disk stays, billed) or "delete" (gone); the lab always powers off
-    workers_per_vm: int  # default `tasks run --workers` on each VM
+    workers_per_vm: int  # default `tasks run --workers` on each VM (on a GPU VM: one per GPU group)
     python: str  # interpreter on the VMs that has spotfan installed
     python_path: tuple[str, ...]  # extra PYTHONPATH entries on the VMs
     mount_point: str  # where each VM mounts the head's share
+    gpus_per_worker: int  # on a GPU VM: GPUs per worker process (its CUDA_VISIBLE_DEVICES group)
+    nvidia_smi: str  # the driver's tool on the image (a name on PATH or a path): the boot's GPU check
     head: HeadConfig
     ssh: SSHConfig
     settings: object  # the provider's own table, parsed by its registry entry (LabSettings, GceSettings, ...)
@@ -124,6 +126,8 @@ CLUSTER: dict[str, schema.Field] = {
     "python": schema.text("python3"),
     "python_path": schema.strings(),
     "mount_point": schema.text("/mnt/spotfan"),
+    "gpus_per_worker": schema.whole(1, 1, 16),
+    "nvidia_smi": schema.text("nvidia-smi"),
 }
 HEAD: dict[str, schema.Field] = {
     "address": schema.text(),
@@ -223,6 +227,8 @@ def parse(raw: dict[str, Any], *, path: Path) -> ClusterConfig:
         python=python,
         python_path=python_path,
         mount_point=mount_point,
+        gpus_per_worker=c["gpus_per_worker"],
+        nvidia_smi=str(_resolve(base, c["nvidia_smi"])) if local and "/" in c["nvidia_smi"] else c["nvidia_smi"],
         head=head,
         ssh=SSHConfig(
             user=s["user"],

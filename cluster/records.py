@@ -44,6 +44,7 @@ MAX_ARGS = 64  # arguments of a run request's spec or run options
 MAX_ARG_CHARS = 16384  # one argument (a --cmd template, a glob)
 MAX_RUNS_PER_BEAT = 10_000  # runs one heartbeat may describe
 MAX_TEXT = 256  # any other string of a record
+MAX_PROBLEM = 600  # a heartbeat's `problem`: one message with its fix
 MAX_COUNT = 10**12  # keys, executions, sequence numbers
 MAX_EPOCH_S = 1e11  # about the year 5138: a time beyond is no time
 MAX_WORKERS_PER_VM = 1024  # `tasks run --workers` on one VM; the VM caps it further, per core
@@ -53,7 +54,7 @@ RUN_ID = re.compile(r"r\d{8}-\d{6}-[0-9a-f]{4}")
 AGENT_ID = re.compile(r"[0-9a-f]{0,32}")
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # what a terminal would act on (tab, newline pass)
 
-BEAT_STATES = ("working", "waiting", "idle", "mount-dead", "stopped-idle", "stopped")
+BEAT_STATES = ("working", "waiting", "idle", "mount-dead", "stopped-idle", "stopped", "no-gpu-driver")
 MOUNT_STATES = ("ok", "dead", "absent", "unknown")
 RUN_STATES = ("starting", "running", "waiting", "queued", "done", "failed", "spec-error", "gave-up")
 RUNNER_PHASES = ("starting", "working", "waiting", "finished")
@@ -238,6 +239,7 @@ class Heartbeat:
     rate: float | None = None  # task executions per second on this VM (last 30 s)
     executions: int | None = None  # task executions it has counted since it started
     runs: dict[str, VmRun] = field(default_factory=dict)  # run id -> this VM's part
+    problem: str = ""  # why the VM cannot work (state "no-gpu-driver": what the driver check said)
 
     def age(self, now: float) -> float:
         return max(0.0, now - self.time)
@@ -266,6 +268,7 @@ class Heartbeat:
             idle_timeout=f.number("idle_timeout", 0, MAX_EPOCH_S, optional=True),
             rate=f.number("rate", 0, 1e9, optional=True), executions=f.whole("executions", 0, MAX_COUNT, optional=True),
             runs={rid: VmRun.from_mapping(r, source=f"{source}: runs[{rid}]") for rid, r in runs.items()},
+            problem=f.text("problem", max_len=MAX_PROBLEM, optional=True) or "",
         )
 
 

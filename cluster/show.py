@@ -134,6 +134,8 @@ def status(st: ClusterStatus, *, every: bool = False) -> None:
         agent = v.agent if v.status == "RUNNING" else f"(last: {v.agent})" if v.agent else "-"
         say(f"  {v.name:<14} {v.address:<15} {v.status:<10}{' (preempted)' if v.preempted else '':<12} "
             f"agent {agent or '-':<20} heartbeat {age:<9} rate {rate}")
+        if v.problem:
+            say(f"    {v.name}: {safe(v.problem)}")
     runs, older = shown_runs(st.runs, every=every)
     for r in runs:
         unknown = ("counts unavailable (see `fab logs VM`)" if r.result

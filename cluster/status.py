@@ -61,6 +61,7 @@ class VMState:
     rate: float | None  # task executions per second on this VM (last 30 s)
     runs: dict[str, str] = field(default_factory=dict)  # run id -> this VM's part: running, done, ...
     heartbeat_from: str = "share"  # share | vm: read over SSH from the VM's disk, the share's being stale
+    problem: str = ""  # why it cannot work, as its agent said (e.g. "GPU driver not found on the image ...")
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,7 @@ def _vm_state(i: Instance, beat: Heartbeat | None | str, source: str, now: float
         rate=beat.rate if beat else None,
         runs={rid: r.state for rid, r in beat.runs.items()} if beat else {},
         heartbeat_from=source,
+        problem=beat.problem if beat else "",
     )
 
 

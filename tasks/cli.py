@@ -15,15 +15,16 @@ from typing import Any
 from tasks.bounds import (MAX_ATTEMPTS_LIMIT, MAX_CHUNK_SIZE, MAX_LEASE_S, MAX_LIMIT,
                           MAX_READ_WORKERS, MAX_TIMEOUT_S, MIN_LEASE_S, MIN_TIMEOUT_S,
                           WORKERS_PER_CPU_MAX, count_problem, seconds_problem)
+from tasks.cmdout import output_paths
 from tasks.dryrun import dry_run
 from tasks.errors import RootError, SpecError, TaskError
 from tasks.failures import EXAMPLE_KEYS, FailureReport, failures, retry
+from tasks.gpus import MAX_GPUS
 from tasks.keys import shown
 from tasks.layout import Layout
 from tasks.progress import make_progress
 from tasks.records import FailureStore
 from tasks.runner import DEFAULT_LEASE_S, DEFAULT_MAX_ATTEMPTS, START_METHODS, RunReport, run
-from tasks.cmdout import output_paths
 from tasks.spec import CmdTask, Task, import_module, load_spec
 from tasks.status import status
 
@@ -99,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"worker processes (default: one per core; more than {WORKERS_PER_CPU_MAX} "
                         "per core are capped)")
     r.add_argument("--executor", choices=["process", "thread"], default="process")
+    r.add_argument("--gpus", type=_count(1, MAX_GPUS), metavar="N",
+                   help="share out N GPUs: one worker process per group of --gpus-per-worker, each "
+                        "with its own CUDA_VISIBLE_DEVICES for its whole life (default: leave it alone)")
+    r.add_argument("--gpus-per-worker", type=_count(1, MAX_GPUS), default=1, metavar="K",
+                   help="GPUs in each worker process's group (default 1)")
     r.add_argument("--max-attempts", type=_count(1, MAX_ATTEMPTS_LIMIT), default=DEFAULT_MAX_ATTEMPTS,
                    metavar="K",
                    help=f"tries per key before it is reported failed (default {DEFAULT_MAX_ATTEMPTS})")
@@ -209,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          retry_failed=args.retry_failed, fsync=args.fsync,
                          chunk_size=args.chunk_size, start_method=args.start_method,
                          timeout_s=args.timeout, state_file=args.state_file,
-                         progress=progress)
+                         progress=progress, gpus=args.gpus, gpus_per_worker=args.gpus_per_worker)
         finally:
             progress.close()
     except SpecError as e:

@@ -6,6 +6,8 @@ Every process of the pool dies with the runner: the forkserver imports
 SIGKILL of the runner alone leaves nothing behind to publish. Workers report what they
 run in a shared array of slots (see worker.py); a key running past the timeout gets its
 worker SIGKILLed, which breaks the pool, and the runner rebuilds it as for any death.
+With GPU groups (tasks.gpus) each pool gets a fresh table of group owners, so a rebuilt
+pool hands its processes the same CUDA_VISIBLE_DEVICES groups as the one it replaces.
 """
 from __future__ import annotations
 
@@ -64,10 +66,12 @@ class Pool:
         ctx = multiprocessing.get_context(self.start_method)
         if self.start_method == "forkserver":
             ctx.set_forkserver_preload(FORKSERVER_PRELOAD)  # taken when the forkserver starts
-        args: tuple[Any, ...] = (self.setup,)
+        args: tuple[Any, ...] = (self.setup, None, None, None)
         if self.timeout_s is not None:
             self._slots = ctx.RawArray("d", SLOT_FIELDS * self.workers)
             args = (self.setup, self._slots, ctx.Lock(), ctx.RawValue("l", 0))
+        if self.setup.gpu_groups:
+            args = (*args, True, ctx.RawArray("l", len(self.setup.gpu_groups)), ctx.Lock())
         self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx,
                                          initializer=worker.init_worker, initargs=args)
 

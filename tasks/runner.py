@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from tasks import gpus as gpu_groups
 from tasks import plan as plans
 from tasks.claims import Claims, listing, parse_claim_name
 from tasks.dispatch import DispatchOptions, Dispatch, RunReport, UnitView
@@ -66,6 +67,17 @@ class RunOptions:
     progress: ProgressFn | None = None
     state_file: Path | None = None  # write a RunState here (on a local disk) while running
     seed: int | None = None  # of the shuffle of pending keys (tests)
+    gpus: int | None = None  # GPUs to share out, one group per worker process (tasks.gpus); None: leave CUDA alone
+    gpus_per_worker: int = 1  # GPUs in each worker process's group
+
+    def gpu_groups(self) -> tuple[str, ...]:
+        """Each worker process's CUDA_VISIBLE_DEVICES, or () without --gpus."""
+        if self.gpus is None:
+            if self.gpus_per_worker != 1:
+                raise SpecError("--gpus-per-worker needs --gpus N (how many GPUs to share out)")
+            return ()
+        return gpu_groups.split(self.gpus, self.gpus_per_worker,
+                                visible=os.environ.get(gpu_groups.CUDA_ENV)).groups
 
     def check(self, root: Path) -> int:
         """Refuse options out of their bounds (tasks.bounds: nan, inf, negative, huge);
@@ -89,6 +101,15 @@ class RunOptions:
             if self.executor == "thread":
                 raise SpecError("--timeout needs --executor process: a thread cannot be "
                                 "stopped, a worker process can")
+        groups = self.gpu_groups()
+        if groups:
+            if self.executor == "thread":
+                raise SpecError("--gpus needs --executor process: threads share one CUDA_VISIBLE_DEVICES")
+            if self.workers is not None and self.workers != len(groups):
+                raise SpecError(f"--workers {self.workers} with --gpus {self.gpus} --gpus-per-worker "
+                                f"{self.gpus_per_worker}: there is one worker process per GPU group, "
+                                f"{len(groups)}; leave --workers out")
+            return len(groups)
         return worker_count(self.workers)
 
 
@@ -98,7 +119,8 @@ def run(task: Task, *, root: str | Path = ".", workers: int | None = None,
         limit: int | None = None, retry_failed: bool = False, fsync: bool = False,
         chunk_size: int | None = None, start_method: str = "forkserver",
         timeout_s: float | None = None, progress: ProgressFn | None = None,
-        state_file: Path | None = None, seed: int | None = None) -> RunReport:
+        state_file: Path | None = None, seed: int | None = None, gpus: int | None = None,
+        gpus_per_worker: int = 1) -> RunReport:
     """Run every key of `task` under `root` whose output does not exist yet (the options
     are RunOptions' fields, documented there).
 
@@ -109,7 +131,8 @@ def run(task: Task, *, root: str | Path = ".", workers: int | None = None,
     opts = RunOptions(workers=workers, executor=executor, max_attempts=max_attempts,
                       lease_s=lease_s, limit=limit, retry_failed=retry_failed, fsync=fsync,
                       chunk_size=chunk_size, start_method=start_method, timeout_s=timeout_s,
-                      progress=progress, state_file=state_file, seed=seed)
+                      progress=progress, state_file=state_file, seed=seed, gpus=gpus,
+                      gpus_per_worker=gpus_per_worker)
     return run_with(task, Path(root).resolve(), opts)
 
 
@@ -182,7 +205,8 @@ def run_with(task: Task, root: Path, opts: RunOptions) -> RunReport:
         claims = Claims(layout.claims, layout.done, lease_s=plan.lease_s, clock=clock,
                         pipelined=network)
         setup = WorkerSetup(task.ref(), str(root), str(staging),
-                            str(owner.tmp) if network else None, method, opts.fsync, os.getpid())
+                            str(owner.tmp) if network else None, method, opts.fsync, os.getpid(),
+                            gpu_groups=opts.gpu_groups())
         pool = Pool(setup, executor=opts.executor, workers=workers,
                     start_method=opts.start_method, timeout_s=timeout_s)
         dispatch = Dispatch(

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tasks import gpus
 from tasks.deathsig import die_with_parent
 from tasks.errors import EnvironmentFault
 from tasks.fs import PublishMethod, env_errno, fault
@@ -67,6 +68,7 @@ class WorkerSetup:
     method: PublishMethod
     fsync: bool
     runner_pid: int  # the runner; a process worker dies with it
+    gpu_groups: tuple[str, ...] = ()  # CUDA_VISIBLE_DEVICES per worker process (tasks.gpus); () = leave it
 
 
 @dataclass
@@ -85,12 +87,15 @@ _state: _State | None = None
 
 
 def init_worker(setup: WorkerSetup, slots: Any = None, slot_lock: Any = None,
-                slot_next: Any = None, process: bool = True) -> None:
-    """Pool initializer: die with the runner, import the task by name, run its per-process
-    initializer once, take a slot."""
+                slot_next: Any = None, process: bool = True, gpu_owners: Any = None,
+                gpu_lock: Any = None) -> None:
+    """Pool initializer: die with the runner, take its GPUs (before anything can touch CUDA),
+    import the task by name, run its per-process initializer once, take a slot."""
     global _state
     if process:
         die_with_parent(setup.runner_pid)
+    if setup.gpu_groups and gpu_owners is not None:
+        gpus.take(setup.gpu_groups, gpu_owners, gpu_lock)
     task = setup.ref.load()
     slot = 0
     if slots is not None:

@@ -3,7 +3,7 @@
 A provider creates, lists, starts, stops and deletes the worker VMs of one cluster and
 reports each VM's SSH host keys, so that nothing ever trusts a host key on first use.
 What only some providers can do is a small protocol of its own (`Preemptible`,
-`LocalHead`, `HeadVM`, `Priced`, `SelfStopping`), checked with `isinstance`; the
+`LocalHead`, `HeadVM`, `Priced`, `SelfStopping`, `Accelerated`), checked with `isinstance`; the
 registry (cluster.providers) knows each provider by its cluster.toml name. This module
 imports no implementation: implementations import it.
 """
@@ -112,6 +112,16 @@ class SelfStopping(Protocol):
     def self_stop_env(self, instance: Instance) -> dict[str, str]:
         """boot.env lines for the VM's idle guard: SPOTFAN_STOP_COMMAND, and for a self-delete
         SPOTFAN_SELF_DELETE_URL and SPOTFAN_TOKEN_URL."""
+        ...
+
+
+@runtime_checkable
+class Accelerated(Protocol):
+    """A provider whose worker VMs can carry GPUs (GCE's [gce.accelerator]; EC2 GPU instance types)."""
+
+    def gpus_per_vm(self) -> int:
+        """How many GPUs every worker VM has (0: none). The boot checks the driver sees them, and
+        the agent starts one worker process per `gpus_per_worker` of them (cluster/vm/gpus.py)."""
         ...
 
 

@@ -11,7 +11,9 @@ mark (cluster.vm.busy) while a key of this VM runs, and the guard stops an idle 
 dead or missing mount is mounted again with jittered, bounded backoff (cluster.vm.mount),
 and a guard that died is started again. SIGTERM (the guard powering off) ends it after
 a last heartbeat. While it runs tasks it also records this VM's CPU, memory, disk and
-network every few seconds (cluster.vm.recorder), which `fab report` draws.
+network every few seconds (cluster.vm.recorder), which `fab report` draws. A GPU VM (--gpus N)
+first checks its driver (cluster.vm.gpus): without one it runs nothing, says so in every heartbeat
+(no-gpu-driver) and has the guard stop it at once; else `tasks run` gets --gpus N --gpus-per-worker K.
 
 The files it reads and writes on the share are cluster.records' (runs/, vms/, logs/,
 metrics/), each through its typed record; on the VM's own disk, SPOTFAN_HOME/:
@@ -43,7 +45,9 @@ from cluster.records import HEARTBEAT_INTERVAL_S, Heartbeat, RunDone, RunRequest
 from cluster.results import counts
 from cluster.vm import busy as useful_work
 from cluster.vm.env import pythonpath
+from cluster.vm.gpus import boot_check
 from cluster.vm.mount import MountWatch
+from cluster.vm.rate import ExecutionRate
 from cluster.vm.recorder import METRICS_INTERVAL_S, Recorder
 
 logger = logging.getLogger("cluster.agent")
@@ -54,7 +58,6 @@ GUARD_CHECK_INTERVAL_S = 30.0  # how often the agent makes sure the idle guard s
 STATUS_TIMEOUT_S = 120.0
 MAX_RESTARTS = 5  # per run and boot: a run that keeps dying needs a human
 RESTART_BACKOFF_S = 2.0
-RATE_WINDOW_S = 30.0
 MAX_LIFETIME_S = 7 * 24 * 3600.0  # the loop's outer bound; the idle guard ends the VM far sooner
 FINAL_EXITS = dict(enumerate(records.RESULTS))  # `tasks run` exit codes that end a run: done, failed, spec-error
 
@@ -91,6 +94,9 @@ class Settings:
     workers_per_vm: int
     agent_id: str = ""  # boot.sh's name for this agent: `fab up` waits for a heartbeat carrying it
     metrics_interval: float = METRICS_INTERVAL_S  # seconds per metric sample; 0: record none
+    gpus: int = 0  # GPUs this VM must have (its accelerators); 0: a CPU VM
+    gpus_per_worker: int = 1  # GPUs per worker process of `tasks run`
+    nvidia_smi: str = "nvidia-smi"  # the driver's tool, for the GPU check
 
 
 class Agent:
@@ -108,10 +114,9 @@ class Agent:
         self.share_log: logging.Handler | None = None
         self.reports_state: bool | None = None  # does `tasks run` take --state-file? (asked once)
         self.stop_asked = False
-        self.log_offsets: dict[Path, int] = {}
-        self.executions: list[tuple[float, int]] = []  # (time, cumulative executions) samples
-        self.total_executions = 0
         self.hostname = socket.gethostname()
+        self.rate = ExecutionRate(s.root, self.hostname)
+        self.problem = ""  # why this VM cannot work (no GPU driver): then it runs nothing
         self.recorder = Recorder(python=s.python, python_path=s.python_path, home=s.home,
                                  interval=s.metrics_interval)
 
@@ -122,8 +127,16 @@ class Agent:
     def loop(self) -> str:
         """Work until SIGTERM (the guard powering off) or the lifetime bound; return why it ended."""
         deadline = time.monotonic() + MAX_LIFETIME_S
+        if self.s.gpus:
+            self._check_gpus()
         while time.monotonic() < deadline and not self.stop_asked:
             now = time.monotonic()
+            if self.problem:  # say why until the guard powers the VM off
+                if now - self.last_heartbeat >= HEARTBEAT_INTERVAL_S:
+                    self._check_mount(now)
+                    self._heartbeat("no-gpu-driver")
+                time.sleep(POLL_INTERVAL_S)
+                continue
             if now - self.last_mount_check >= MOUNT_CHECK_INTERVAL_S:
                 self._check_mount(now)
             if self.mount.ok:
@@ -146,6 +159,15 @@ class Agent:
                 self._heartbeat(self._state(busy))
             time.sleep(POLL_INTERVAL_S)
         return "stopped" if self.stop_asked else "max-lifetime"
+
+    def _check_gpus(self) -> None:
+        """No driver, or fewer GPUs than asked: fail closed, never CPU-only at GPU prices."""
+        self.problem = boot_check(want=self.s.gpus, nvidia_smi=self.s.nvidia_smi)
+        if self.problem:
+            logger.error("%s", self.problem)
+            atomic_write(self.s.home / "stop-now", "no-gpu-driver\n")  # the guard stops the VM now
+        else:
+            logger.info("GPU check: the driver shows the %d GPU(s) asked for", self.s.gpus)
 
     def _state(self, busy: bool) -> str:
         if not self.mount.ok:
@@ -245,8 +267,11 @@ class Agent:
             r.state = "queued"  # it follows a run whose `tasks run` still goes on this VM
             return
         workers = req.workers_per_vm or self.s.workers_per_vm
+        gpus = ["--gpus", str(self.s.gpus), "--gpus-per-worker", str(self.s.gpus_per_worker)] if self.s.gpus else []
+        if gpus:
+            workers = self.s.gpus // self.s.gpus_per_worker  # one worker process per GPU group
         argv = [self.s.python, "-m", "tasks", "run", *req.spec_args, *req.run_args,
-                "--root", str(self.s.root), "--workers", str(workers)]
+                "--root", str(self.s.root), "--workers", str(workers), *gpus]
         if self.reports_state is None:
             self.reports_state = useful_work.engine_reports_state(
                 self.s.python, env=self._env(), cwd=self.s.home)
@@ -293,7 +318,6 @@ class Agent:
         except (OSError, subprocess.TimeoutExpired, ClusterError) as e:
             logger.warning("run %s: tasks status failed: %s", rid, e)
             return None
-
 
     # -- health and reporting -----------------------------------------------------------
 
@@ -344,23 +368,6 @@ class Agent:
                                  cwd=self.s.home, start_new_session=True)
         atomic_write(pidfile, f"{p.pid}\n")
 
-    def _rate(self) -> float | None:
-        """Executions per second on this VM over the last RATE_WINDOW_S, from the engine's logs."""
-        for path in (self.s.root / ".spotfan" / "tasks").glob(f"*/log/{self.hostname}-*.jsonl"):
-            try:
-                with open(path, "rb") as f:
-                    f.seek(self.log_offsets.get(path, 0))
-                    chunk = f.read()
-            except OSError:
-                continue
-            self.log_offsets[path] = self.log_offsets.get(path, 0) + len(chunk)
-            self.total_executions += chunk.count(b"\n")
-        now = time.monotonic()
-        self.executions.append((now, self.total_executions))
-        self.executions = [(t, n) for t, n in self.executions if now - t <= RATE_WINDOW_S]
-        (t0, n0), (t1, n1) = self.executions[0], self.executions[-1]
-        return (n1 - n0) / (t1 - t0) if t1 > t0 else None
-
     def _heartbeat(self, state: str) -> None:
         """This VM's heartbeat: on its own disk always, on the share while the share is alive."""
         self.last_heartbeat = time.monotonic()
@@ -368,7 +375,8 @@ class Agent:
         beat = Heartbeat(
             name=self.s.name, state=state, time=time.time(), agent_id=self.s.agent_id, seq=self.seq,
             mount=self.mount.state, agent_pid=os.getpid(), idle_for=round(time.monotonic() - self.idle_since, 1),
-            idle_timeout=self.s.idle_timeout, runs={rid: r.public() for rid, r in self.runs.items()})
+            idle_timeout=self.s.idle_timeout, runs={rid: r.public() for rid, r in self.runs.items()},
+            problem=self.problem)
         try:
             atomic_write(self.s.home / records.LOCAL_HEARTBEAT, beat.to_json())
         except OSError as e:
@@ -376,8 +384,7 @@ class Agent:
         if not self.mount.ok:
             return
         try:
-            rate = self._rate()
-            shared = replace(beat, rate=rate, executions=self.total_executions)
+            shared = replace(beat, rate=self.rate.now(), executions=self.rate.total)
             atomic_write(self.on_share(records.heartbeat_file(self.s.name)), shared.to_json(), make_parents=True)
         except OSError as e:
             logger.warning("could not write heartbeat: %s", e)
@@ -390,7 +397,7 @@ class Agent:
         except OSError:
             reason = ""
         logger.info("asked to stop (%s): last heartbeat", reason or "SIGTERM")
-        self._heartbeat("stopped-idle" if reason == "idle" else "stopped")
+        self._heartbeat("no-gpu-driver" if self.problem else "stopped-idle" if reason == "idle" else "stopped")
         for h in logging.getLogger().handlers:
             h.flush()
 
@@ -405,12 +412,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--python-path", default="")
     p.add_argument("--idle-timeout", required=True, type=float)
     p.add_argument("--workers-per-vm", required=True, type=int)
+    p.add_argument("--gpus", type=int, default=0, help="GPUs this VM must have (0: a CPU VM)")
+    p.add_argument("--gpus-per-worker", type=int, default=1)
+    p.add_argument("--nvidia-smi", default="nvidia-smi", help="the driver's tool, for the GPU check")
     p.add_argument("--metrics-interval", type=float, default=METRICS_INTERVAL_S,
                    help=f"seconds per metric sample while tasks run (default {METRICS_INTERVAL_S:g}; 0: none)")
     a = p.parse_args(argv)
     s = Settings(name=a.name, root=a.root, home=a.home, python=a.python, python_path=a.python_path,
                  idle_timeout=a.idle_timeout, workers_per_vm=a.workers_per_vm, agent_id=a.agent_id,
-                 metrics_interval=a.metrics_interval)
+                 metrics_interval=a.metrics_interval, gpus=a.gpus, gpus_per_worker=max(1, a.gpus_per_worker),
+                 nvidia_smi=a.nvidia_smi)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {s.name} agent: %(message)s")
     # One agent per VM, even if two boots race.
     lock = open(s.home / "agent.lock", "w")

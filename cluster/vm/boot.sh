@@ -40,6 +40,7 @@ running() {  # $1: pid file, $2: what its command line must contain; prints the 
 
 # 1. The idle guard, before anything that can fail or hang. fd 9 (the boot lock, below)
 #    is not open yet; nothing long-lived may hold it.
+rm -f "$SPOTFAN_HOME/stop-now"  # an earlier boot's "cannot work": this boot's agent checks again
 if pid=$(running "$SPOTFAN_HOME/watchdog.pid" "watchdog.sh"); then
     guard="idle guard: running (pid $pid)"
 else
@@ -80,6 +81,8 @@ else
         --name "$SPOTFAN_NAME" --root "$SPOTFAN_MOUNT" --home "$SPOTFAN_HOME" --agent-id "$id" \
         --python "$SPOTFAN_PYTHON" --python-path "$SPOTFAN_PYTHONPATH" \
         --idle-timeout "$SPOTFAN_IDLE_TIMEOUT" --workers-per-vm "$SPOTFAN_WORKERS_PER_VM" \
+        --gpus "${SPOTFAN_GPUS:-0}" --gpus-per-worker "${SPOTFAN_GPUS_PER_WORKER:-1}" \
+        --nvidia-smi "${SPOTFAN_NVIDIA_SMI:-nvidia-smi}" \
         </dev/null >>"$SPOTFAN_HOME/agent.log" 2>&1 9>&- &
     echo $! > "$SPOTFAN_HOME/agent.pid"
     echo "agent: starting (pid $!, id $id)"

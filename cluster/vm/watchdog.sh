@@ -12,6 +12,7 @@
 set -u
 SPOTFAN_HOME=${SPOTFAN_HOME:-/var/lib/spotfan}
 MARK="$SPOTFAN_HOME/busy"
+STOP_NOW="$SPOTFAN_HOME/stop-now"  # the agent's "this VM cannot work" (e.g. no GPU driver): stop at once
 TICK_S=1                  # between two looks at the mark (one stat and one date)
 MAX_TICKS=2592000         # the loop's outer bound (30 days of ticks): then power off anyway
 AGENT_GRACE_S=5           # the agent gets this long after SIGTERM to say so on the share
@@ -54,7 +55,7 @@ self_delete() {  # DELETE this instance with the token of its own service accoun
 }
 
 power_off() {
-    log "no useful work for ${idle}s ($1): powering off"
+    log "${2:-no useful work for ${idle}s} ($1): powering off"
     echo "$1" > "$SPOTFAN_HOME/stopping"
     if pid=$(agent_pid); then
         kill -TERM "$pid" 2>/dev/null
@@ -84,6 +85,7 @@ while [ "$ticks" -lt "$MAX_TICKS" ]; do
     sleep "$TICK_S"
     ticks=$((ticks + 1))
     settings
+    if [ -f "$STOP_NOW" ]; then power_off "$(head -c 64 "$STOP_NOW")" "the agent says this VM cannot work"; fi
     last=$(stat -c %Y "$MARK" 2>/dev/null) || { touch "$MARK"; continue; }
     if [ $(($(date +%s) - last)) -ge "$idle" ]; then power_off idle; fi
 done

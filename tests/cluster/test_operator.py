@@ -56,7 +56,7 @@ def test_watch_a_run_to_its_end_then_report_and_collect_it(make_lab, tmp_path):
     assert json.loads(done_record(lab, run_id).read_text())["result"] == "done"
 
     # The agents recorded each VM's metrics while it ran tasks, and stopped when it ended.
-    metrics = lab.share / METRICS_DIR
+    metrics = lab.share / METRICS_DIR  # tasks.layout owns the metric samples (.spotfan/metrics/)
     assert sorted(p.stem for p in metrics.glob("*.jsonl")) == vms
     for vm in vms:
         rows = [json.loads(ln) for ln in (metrics / f"{vm}.jsonl").read_text().splitlines()]

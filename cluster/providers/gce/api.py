@@ -61,6 +61,7 @@ class GceClients:
     instances: "compute_v1.InstancesClient"  # instances.* and getGuestAttributes
     zone_operations: "compute_v1.ZoneOperationsClient"  # waits on zonal operations
     disks: "compute_v1.DisksClient"  # whether a head's kept data disk exists, to attach it again
+    accelerator_types: "compute_v1.AcceleratorTypesClient"  # which GPU types a zone offers
 
 
 def make_clients(*, project: str, api_endpoint: str | None) -> GceClients:
@@ -87,6 +88,7 @@ def make_clients(*, project: str, api_endpoint: str | None) -> GceClients:
         instances=compute_v1.InstancesClient(**kwargs),
         zone_operations=compute_v1.ZoneOperationsClient(**kwargs),
         disks=compute_v1.DisksClient(**kwargs),
+        accelerator_types=compute_v1.AcceleratorTypesClient(**kwargs),
     )
 
 
@@ -191,6 +193,9 @@ def translate(e: Exception, *, project: str, doing: str) -> ProvisionError:
     if "quotaExceeded" in reasons or "QUOTA_EXCEEDED" in message:
         quota = _quota_name([], message) or "unknown"
         return QuotaError(_quota_text(quota, message, project))
+    if "acceleratorType" in message or "ccelerator type" in message:
+        # The zone does not offer that GPU (now): like a full zone, the next one may.
+        return StockoutError(f"{doing}: accelerator not available in this zone ({message})")
     if "Unknown zone" in message:
         return ProvisionError(
             f"{doing}: {message} Check [gce].zones: `gcloud compute zones list` shows the "

@@ -83,10 +83,14 @@ def instance_body(
         "enable-guest-attributes": "TRUE",  # lets the guest agent publish the host keys
         "ssh-keys": f"{s.ssh_user}:{ssh_public_key}",
     }
+    gpu = s.accelerator
     return c.Instance(
         name=name,
         machine_type=f"zones/{zone}/machineTypes/{s.machine_type}",
         scheduling=scheduling(s),
+        # GPUs cannot live-migrate: scheduling() sets onHostMaintenance TERMINATE with them.
+        guest_accelerators=[c.AcceleratorConfig(accelerator_type=accelerator_type_path(zone, gpu.type),
+                                                accelerator_count=gpu.count)] if gpu else [],
         disks=[
             c.AttachedDisk(
                 boot=True,
@@ -110,8 +114,16 @@ def instance_body(
     )
 
 
+def accelerator_type_path(zone: str, accelerator_type: str) -> str:
+    return f"zones/{zone}/acceleratorTypes/{accelerator_type}"
+
+
 def scheduling(s: GceSettings) -> Any:
-    """SPOT (or legacy preemptible, or on-demand) scheduling with the run-duration cap."""
+    """SPOT (or legacy preemptible, or on-demand) scheduling with the run-duration cap.
+
+    A VM with GPUs must TERMINATE on host maintenance (GPUs cannot live-migrate), so an
+    on-demand GPU worker restarts instead of migrating.
+    """
     c = compute()
     if s.provisioning == "preemptible":
         return c.Scheduling(preemptible=True, on_host_maintenance="TERMINATE", automatic_restart=False)
@@ -123,7 +135,8 @@ def scheduling(s: GceSettings) -> Any:
             automatic_restart=False,
         )
     else:
-        result = c.Scheduling(provisioning_model="STANDARD", on_host_maintenance="MIGRATE", automatic_restart=True)
+        result = c.Scheduling(provisioning_model="STANDARD", automatic_restart=True,
+                              on_host_maintenance="TERMINATE" if s.accelerator else "MIGRATE")
     if s.max_run_duration_s:
         result.max_run_duration = c.Duration(seconds=s.max_run_duration_s)
         result.instance_termination_action = s.termination_action  # required with a cap

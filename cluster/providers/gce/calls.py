@@ -53,7 +53,8 @@ class Compute:
     def close(self) -> None:
         with self._lock:
             if self._clients is not None:
-                for client in (self._clients.instances, self._clients.zone_operations, self._clients.disks):
+                for client in (self._clients.instances, self._clients.zone_operations, self._clients.disks,
+                               self._clients.accelerator_types):
                     client.transport.close()
                 self._clients = None
 
@@ -132,6 +133,13 @@ class Compute:
         except api.Gone:
             return False
         return True
+
+    def accelerator_types(self, zone: str) -> set[str]:
+        """The accelerator type names `zone` offers (`acceleratorTypes.list`)."""
+        with self._errors(f"listing the accelerator types of {zone}"):
+            pages = self.api().accelerator_types.list(project=self.settings.project, zone=zone,
+                                                      timeout=self.timing.api_timeout_s)
+            return {t.name for t in pages}
 
     def guest_host_keys(self, name: str, zone: str) -> list[tuple[str, str]]:
         """The (key type, base64) pairs a VM's guest agent published under `hostkeys/`, waited for."""

@@ -23,6 +23,16 @@ DEFAULT_HEAD_IMAGE = "projects/debian-cloud/global/images/family/debian-12"  # t
 _LABEL_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 _LABEL_VALUE = re.compile(r"^[a-z0-9_-]{0,63}$")
 _ZONE = re.compile(r"^[a-z]+-[a-z]+[0-9]+-[a-z]$")
+_ACCELERATOR_TYPE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")  # "nvidia-tesla-t4", "nvidia-l4", ...
+GPU_COUNTS = (1, 2, 4, 8, 16)  # what Compute Engine attaches to one VM
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    """The optional `[gce.accelerator]` table: the GPUs attached to every worker VM."""
+
+    type: str  # accelerator type, e.g. "nvidia-tesla-t4" (`gcloud compute accelerator-types list`)
+    count: int  # GPUs per worker VM: 1, 2, 4, 8 (or 16 where the type offers it)
 
 
 @dataclass(frozen=True)
@@ -59,9 +69,10 @@ class GceSettings:
     ssh_user: str = "spotfan"  # the user the `ssh-keys` metadata entry is for
     ssh_port: int = 22  # where sshd listens on the image
     api_endpoint: str | None = None  # Compute API root; None = Google's. "http://..." = emulator
-    prices: Mapping[str, MachinePrice] = field(default_factory=dict)  # machine type -> price
+    prices: Mapping[str, MachinePrice] = field(default_factory=dict)  # machine or accelerator type -> price
     disk_prices: Mapping[str, float] = field(default_factory=dict)  # disk type -> price per GB and month
     head: HeadVmSettings | None = None  # `[gce.head] create = true`; None = the head is an existing host
+    accelerator: Accelerator | None = None  # `[gce.accelerator]`: GPUs on every worker; None = CPU only
 
     @property
     def image_path(self) -> str:
@@ -76,8 +87,10 @@ class GceSettings:
         return _parse(d, file=file)
 
     def cost_estimate(self, workers: int) -> CostEstimate:
+        gpu = self.accelerator
         return estimate_hourly_cost(
-            self.prices, machine_type=self.machine_type, workers=workers, provisioning=self.provisioning
+            self.prices, machine_type=self.machine_type, workers=workers, provisioning=self.provisioning,
+            accelerator_type=gpu.type if gpu else None, accelerator_count=gpu.count if gpu else 0,
         )
 
     def head_cost_estimate(self) -> CostEstimate | None:
@@ -123,6 +136,21 @@ def _endpoint(url: str) -> str | None:
     return None if url.startswith(("http://", "https://")) else "must start with http:// or https://"
 
 
+def _accelerator_type(name: str) -> str | None:
+    if not _ACCELERATOR_TYPE.match(name):
+        return ('must be an accelerator type name like "nvidia-tesla-t4" '
+                "(`gcloud compute accelerator-types list` shows them)")
+    return None
+
+
+def _gpu_count(count: int) -> str | None:
+    return None if count in GPU_COUNTS else f"must be one of {', '.join(map(str, GPU_COUNTS))}"
+
+
+ACCELERATOR_FIELDS: dict[str, schema.Field] = {
+    "type": schema.text(check=_accelerator_type),
+    "count": schema.whole(1, 1, 16, check=_gpu_count),
+}
 PRICE_FIELDS: dict[str, schema.Field] = {
     "standard": schema.number(schema.REQUIRED, 0),  # on-demand price per hour
     "spot": schema.number(None, 0),  # spot (and preemptible) price per hour
@@ -154,9 +182,10 @@ GCE_FIELDS: dict[str, schema.Field] = {
     "ssh_user": schema.text("spotfan"),
     "ssh_port": schema.whole(22, 1, 65535),
     "api_endpoint": schema.text(None, check=_endpoint),
-    "prices": schema.mapping(schema.table(PRICE_FIELDS)),  # machine type -> { standard, spot }
+    "prices": schema.mapping(schema.table(PRICE_FIELDS)),  # machine or GPU type -> { standard, spot } per hour
     "disk_prices": schema.mapping(schema.number(schema.REQUIRED, 0)),  # disk type -> per GB and month
     "head": schema.table(HEAD_FIELDS),
+    "accelerator": schema.table(ACCELERATOR_FIELDS),  # GPUs on every worker: { type, count }
 }
 
 
@@ -191,6 +220,8 @@ def _parse(d: Mapping[str, Any], *, file: Path | str) -> GceSettings:
                 for m, p in v["prices"].items()},
         disk_prices={t: float(p) for t, p in v["disk_prices"].items()},
         head=_head(v["head"], zones=tuple(v["zones"])),
+        accelerator=None if v["accelerator"] is None else Accelerator(
+            type=v["accelerator"]["type"], count=v["accelerator"].get("count", 1)),
     )
 
 

@@ -3,7 +3,9 @@
 Every VM carries the label `spotfan-cluster=<cluster name>`; that label, not local state,
 is what `create`, `list`, `start` and `delete` work from, so each is safe to run twice
 and from any laptop. A zone without capacity moves the VMs to the next zone of
-`[gce].zones`; a quota error stops the search (another zone would not help).
+`[gce].zones`; a quota error stops the search (another zone would not help). With
+`[gce.accelerator]` a zone that does not offer the GPU type is skipped up front, and an
+insert refused for want of that accelerator counts as a stockout of its zone.
 """
 from __future__ import annotations
 
@@ -186,7 +188,11 @@ class GceProvider:
             raise GroupError(f"no host keys for {', '.join(sorted(bad))}: {first_failure(bad)}", results)
         return {n: results.get(n, []) for n in names}  # type: ignore[misc]
 
-    # --- capabilities: SelfStopping, Priced --------------------------------------------
+    # --- capabilities: SelfStopping, Priced, Accelerated --------------------------------
+
+    def gpus_per_vm(self) -> int:
+        """How many GPUs each worker VM has ([gce.accelerator] count; 0 without)."""
+        return self.settings.accelerator.count if self.settings.accelerator else 0
 
     @property
     def self_stop_command(self) -> str:
@@ -224,7 +230,9 @@ class GceProvider:
         out = []
         if running:
             cost = s.cost_estimate(len(running))
-            out.append(Charge(f"{len(running)} running worker(s) ({s.machine_type}, {s.provisioning})", cost.total_hour))
+            gpus = f" + {cost.accelerator}" if cost.accelerator else ""
+            out.append(Charge(f"{len(running)} running worker(s) ({s.machine_type}{gpus}, {s.provisioning})",
+                              cost.total_hour))
         if stopped:
             out.append(disk_charge(f"{len(stopped)} stopped worker(s)' boot disks", len(stopped) * s.disk_size_gb,
                                    s.disk_type, s.disk_prices))
@@ -238,6 +246,8 @@ class GceProvider:
         bad: dict[str, Exception] = {}
         pending = list(names)
         full_zones: list[str] = []
+        if pending and self.settings.accelerator is not None:
+            zones = self._zones_with_accelerator(zones)
         for zone in zones:
             if not pending:
                 break
@@ -266,12 +276,33 @@ class GceProvider:
             results_all: dict[str, Any] = {**placed, **bad}
             raise GroupError(f"could not create {', '.join(sorted(bad))}: {first_failure(bad)}{done}", results_all)
         if pending:
+            gpu = self.settings.accelerator
             raise StockoutError(
-                f"no capacity for {self.settings.machine_type} in any configured zone "
+                f"no capacity for {self.settings.machine_type}"
+                f"{f' with {gpu.count} x {gpu.type}' if gpu else ''} in any configured zone "
                 f"({', '.join(full_zones)}) for {', '.join(sorted(pending))}{done}; add zones to "
                 f"[gce].zones, pick another machine_type, or retry later"
             )
         return placed
+
+    def _zones_with_accelerator(self, zones: Sequence[str]) -> list[str]:
+        """The zones of `zones` that offer [gce.accelerator]'s type; ProvisionError if none does."""
+        gpu = self.settings.accelerator
+        assert gpu is not None
+        offers = self._fan_out(list(zones), self.compute.accelerator_types)
+        usable = [z for z in zones if isinstance(offers[z], Exception) or gpu.type in offers[z]]
+        for z, r in offers.items():  # unknown (the list failed): the insert will tell
+            if isinstance(r, Exception):
+                logger.warning("could not list the accelerator types of %s (%s); trying it anyway", z, r)
+        skipped = [z for z in zones if z not in usable]
+        if skipped:
+            logger.warning("%s offer(s) no %s; skipping", ", ".join(skipped), gpu.type)
+        if not usable:
+            raise ProvisionError(
+                f"no zone of [gce].zones ({', '.join(zones)}) offers accelerator {gpu.type!r}: "
+                f"`gcloud compute accelerator-types list --filter=name={gpu.type}` lists the zones "
+                f"that do; add one to [gce].zones or change [gce.accelerator] type")
+        return usable
 
     def _body(self, name: str, zone: str) -> Any:
         return instance_body(self.settings, name=name, zone=zone, cluster_name=self.cluster_name,

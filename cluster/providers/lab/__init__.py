@@ -20,7 +20,7 @@ def make(config: ClusterConfig) -> LabProvider:
     if not isinstance(s, LabSettings):
         raise TypeError(f"the lab provider needs LabSettings, not {type(s).__name__}")
     return LabProvider(name=config.name, state_dir=s.state_dir, address_prefix=s.address_prefix,
-                       laptop_key=config.ssh.key, max_run_s=s.max_run_hours * 3600)
+                       laptop_key=config.ssh.key, max_run_s=s.max_run_hours * 3600, gpus=s.gpus)
 
 
 LAB = ProviderSpec(name="lab", table="lab", fields=settings.FIELDS, parse=settings.parse, make=make,

@@ -17,12 +17,14 @@ class LabSettings:
     state_dir: Path  # where the lab keeps its VMs' disks, pids and the head's files
     address_prefix: str  # VM N listens on f"{address_prefix}{N}:22", e.g. "127.0.1."
     max_run_hours: float  # a lab VM powers itself off after this long, like max_run_duration
+    gpus: int = 0  # GPUs each lab VM claims to have: its boot checks the driver as a GPU VM's does
 
 
 FIELDS: dict[str, schema.Field] = {
     "state_dir": schema.text(None),  # default .lab/NAME
     "address_prefix": schema.text("127.0.1."),
     "max_run_hours": schema.number(24.0, 0.01),
+    "gpus": schema.whole(0, 0, 16),  # tests: with cluster.nvidia_smi pointing at a stand-in
 }
 
 
@@ -48,4 +50,4 @@ def parse(table: Mapping[str, Any], ctx: TableContext) -> tuple[LabSettings, lis
             "lab", "state_dir", f"= {str(state_dir)!r} is inside [head] share ({head.share}): private keys "
             "must never be in the shared directory, which every VM can read; move it out"))
     return LabSettings(state_dir=state_dir, address_prefix=prefix,
-                       max_run_hours=float(v["max_run_hours"])), problems
+                       max_run_hours=float(v["max_run_hours"]), gpus=v["gpus"]), problems

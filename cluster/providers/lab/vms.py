@@ -59,13 +59,18 @@ class LabProvider:
     self_stop_command = "kill -TERM 1"
 
     def __init__(self, *, name: str, state_dir: Path, address_prefix: str, laptop_key: Path,
-                 max_run_s: float) -> None:
+                 max_run_s: float, gpus: int = 0) -> None:
         self.name = name
+        self.gpus = gpus  # what gpus_per_vm says: the lab's VMs have none, but may claim some
         self.state_dir = state_dir
         self.address_prefix = address_prefix
         self.laptop_key = laptop_key
         self.max_run_s = max_run_s
         self._head = LabHead(name=name, state_dir=state_dir)
+
+    def gpus_per_vm(self) -> int:
+        """[lab] gpus: how many GPUs each VM claims (Accelerated); 0 by default."""
+        return self.gpus
 
     # -- the provider interface ---------------------------------------------------------
 
