@@ -34,9 +34,9 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from cluster import bootstrap  # noqa: E402
+from cluster import lifecycle  # noqa: E402
 from cluster.config import load  # noqa: E402
-from cluster.ssh import Remote  # noqa: E402
+from cluster.session import Cluster  # noqa: E402
 
 OCTET = int(os.environ.get("SPOTFAN_TEST_OCTET", "61"))
 PORT = int(os.environ.get("SPOTFAN_TEST_PORT_BASE", "31000")) + 90
@@ -95,11 +95,11 @@ address_prefix = "127.{OCTET}.0."
 class Fleet:
     """The lab VMs with one open SSH connection each, and the share seen from the head."""
 
-    def __init__(self, config, vms: int) -> None:  # type: ignore[no-untyped-def]
-        self.config = config
-        self.share = config.head.share
-        self.remote = Remote.from_config(config)
-        self.hosts = sorted(bootstrap.running_hosts(config), key=lambda h: h.name)[:vms]
+    def __init__(self, cluster: Cluster, vms: int) -> None:
+        self.config = cluster.config
+        self.share = cluster.config.head.share
+        self.remote = cluster.remote
+        self.hosts = sorted(lifecycle.running_hosts(cluster), key=lambda h: h.name)[:vms]
         self.conns = [self.remote.open(h) for h in self.hosts]
 
     def close(self) -> None:
@@ -208,15 +208,18 @@ def main() -> int:
     curve = [int(s) for s in a.curve.split(",") if s]
     most = max([a.vms, *curve])
     if (STATE / "cluster.toml").exists():
-        bootstrap.down(load(STATE / "cluster.toml"))
+        with Cluster(load(STATE / "cluster.toml")) as leftover:
+            lifecycle.down(leftover)  # a crashed earlier run's leftovers
     shutil.rmtree(STATE, ignore_errors=True)
     config = load(write_config(most, a.workers_per_vm))
     w = a.workers_per_vm
+    cluster = Cluster(config)
     try:
-        bootstrap.up(config)
+        lifecycle.prepare(cluster)
+        lifecycle.up(cluster)
         share = config.head.share
         shutil.copy(REPO / "bench/fleet_task.py", share / "fleet_task.py")
-        fleet = Fleet(config, most)
+        fleet = Fleet(cluster, most)
         print(f"lab cluster: {a.vms} VMs x {w} workers, one head (sshd on loopback), SSHFS with "
               "caching off; this machine has", psutil.cpu_count(), "cores for everything")
         for n in sizes:
@@ -275,7 +278,8 @@ def main() -> int:
                       f"{statistics.median(busy):.0%} busy, head sshd+sftp {statistics.median(head):.2f} cores")
         fleet.close()
     finally:
-        bootstrap.down(config)
+        lifecycle.down(cluster)
+        cluster.close()
         shutil.rmtree(STATE, ignore_errors=True)
     return 0
 
