@@ -6,6 +6,7 @@ Compute API emulator and its lab backend are fixtures/ too, importable by name.
 from __future__ import annotations
 
 import itertools
+import shutil
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
 
-from labs import LAB_ROOT, REPO, Lab, clean, cluster_toml, lab_unavailable  # noqa: E402
+from labs import JAILS, LAB_ROOT, REPO, ROOT_TAG, Lab, clean, cluster_toml, lab_unavailable  # noqa: E402
 
 from cluster.config import load  # noqa: E402
 
@@ -32,6 +33,11 @@ def lab_root() -> Iterator[Path]:
     yield LAB_ROOT
     for folder in sorted(p for p in LAB_ROOT.iterdir() if p.is_dir()):
         clean(folder)
+    # The session's jails' parent (the heads' key folders in it are emptied by each lab's
+    # down): gone too once nothing is left in it
+    jails = JAILS / ROOT_TAG
+    if jails.is_dir() and not any(p.is_file() or p.is_symlink() for p in jails.rglob("*")):
+        shutil.rmtree(jails, ignore_errors=True)
 
 
 @pytest.fixture
