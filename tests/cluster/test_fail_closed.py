@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from cluster.config import load
+from cluster.providers.lab.host import listening
 from cluster.records import CLUSTER_DIR
 from labs import FAB, REPO, Lab, lab_processes
 
@@ -123,7 +124,16 @@ def test_a_vm_that_cannot_mount_at_boot_stops_itself_within_idle_timeout(make_la
     lab.fab_ok("up")
     vm = lab.config.vm_names()[0]
     head = json.loads((lab.settings.state_dir / "head" / "sshd.json").read_text())
+    init = psutil.Process(head["pid"])
+    wrapper = init.parent()  # the `unshare` that started the head's namespaces
     os.kill(head["pid"], signal.SIGKILL)  # the head is gone: no mount can be made
+    try:  # and the wrapper with it, so nothing of the head is left to answer
+        if wrapper is not None and wrapper.cmdline()[:1] == ["unshare"]:
+            wrapper.kill()
+    except psutil.NoSuchProcess:
+        pass  # it ended with its child
+    lab.wait_for("the head to stop listening", lambda: not listening(lab.config.head.address, lab.config.head.port),
+                 timeout=15)
     lab.provider.preempt([vm])
     t0 = time.monotonic()
     lab.provider.start([vm])  # its own boot: the guard first, then a mount that fails
