@@ -53,11 +53,12 @@ setsid sshfs -f -o "$FUSE_OPTS,sshfs_debug" -o "$SSH_OPTS" -o "ssh_command=ssh -
 P=$!
 i=0; while ! mountpoint -q "$D" && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
 cd "$D"
-{run} >"$SPOTFAN_HOME/dbg-run.out"
+{run} >"$SPOTFAN_HOME/dbg-run.out" 2>"$SPOTFAN_HOME/dbg-run.err"
 cd /
 fusermount3 -u "$D" || fusermount3 -u -z "$D"
 kill $P 2>/dev/null || true
 grep -E '^\[[0-9]+\] +[A-Z_]+ *$' "$L" | awk '{print "REQ", $2}' | sort | uniq -c
+grep -ho 'direct SFTP session sent [0-9]*' "$SPOTFAN_HOME/dbg-run.err" | awk '{print $5, "REQ", "DIRECT"}' 
 """
 
 
@@ -141,7 +142,8 @@ def clean(share: Path) -> None:
 def commands(folder: str, workers: int, sleep_ms: float = 0) -> dict[str, str]:
     env = f"BENCH_IN={folder} BENCH_OUT=out BENCH_SLEEP_MS={sleep_ms:g}"
     py = shlex.quote(sys.executable)
-    return {"spotfan": f"{env} {py} -m tasks run fleet_task:tiny --workers {workers}",
+    direct = 'SPOTFAN_SFTP_COMMAND="$(cat "$SPOTFAN_HOME/sftp.cmd")"'  # as the agent sets it
+    return {"spotfan": f"{env} {direct} {py} -m tasks run fleet_task:tiny --workers {workers}",
             "naive": f"{env} {py} fleet_task.py . {workers}"}
 
 
@@ -165,7 +167,7 @@ def one_round(fleet: Fleet, n_vms: int, name: str, cmd: str, keys: int) -> dict[
 
 def count_requests(fleet: Fleet, n_vms: int, cmd: str, keys: int) -> tuple[int, Counter]:
     clean(fleet.share)
-    script = DEBUG_MOUNT.replace("{run}", cmd)
+    script = DEBUG_MOUNT.replace("{run}", cmd.replace(" -m tasks run ", " -m tasks -v run "))
     total: Counter = Counter()
     for _, out in fleet.run_all(n_vms, f"sh -c {shlex.quote(script)}"):
         for line in out.splitlines():

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from tasks.chunks import ChunkSizer
 from tasks.claims import Claims
+from tasks.direct import Direct, settle
 from tasks.errors import EnvironmentFault, TaskError
 from tasks.keys import Item
 from tasks.pool import Pool
@@ -84,8 +85,10 @@ class Dispatch:
     def __init__(self, *, root: Path, pending: list[Item], unit_of: dict[str, str], done: set[str],
                  attempts: dict[str, int], report: RunReport, claims: Claims, view: UnitView,
                  pool: Pool, store: FailureStore, log: ExecLog, owner: str,
-                 opts: DispatchOptions, started: float, rng: random.Random) -> None:
+                 opts: DispatchOptions, started: float, rng: random.Random,
+                 direct: Direct | None = None) -> None:
         self.root = root
+        self.direct = direct  # publishes staged outputs (tasks.direct), or None
         self.unit_of, self.done, self.attempts, self.report = unit_of, done, attempts, report
         self.claims, self.view, self.pool, self.store, self.log = claims, view, pool, store, log
         self.owner, self.opts, self.started = owner, opts, started
@@ -278,13 +281,15 @@ class Dispatch:
 
     # -- outcomes ----------------------------------------------------------------------
     def _collect(self, chunk: Chunk, outcomes: list[Outcome]) -> None:
+        if self.direct is not None:
+            outcomes = settle(self.direct, outcomes, chunk.items, chunk.fences, self._mine)
         self.finished_since_start = True
         self.startup_failures = 0
         self.waiting_since = None
         by_key = {it.key: it for it in chunk.items}
         env = ""
         for o in outcomes:
-            mine = self.unit_of[o.key] in self.held and self.claims.held(self.unit_of[o.key])
+            mine = self._mine(o.key)
             if o.ok:
                 if o.published == "ours":
                     self.report.succeeded += 1
@@ -308,6 +313,10 @@ class Dispatch:
             raise EnvironmentFault(env)
         self.sizer.observe([o.seconds for o in outcomes])
         self.recent.append((time.monotonic(), sum(1 for o in outcomes if o.ok)))
+
+    def _mine(self, key: str) -> bool:
+        unit = self.unit_of[key]
+        return unit in self.held and self.claims.held(unit)
 
     def _drop(self, key: str) -> None:
         keys = self.held.get(self.unit_of[key])

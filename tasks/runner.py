@@ -24,6 +24,7 @@ from typing import Literal
 from tasks import gpus as gpu_groups
 from tasks import plan as plans
 from tasks.claims import Claims, listing, parse_claim_name
+from tasks.direct import Direct
 from tasks.dispatch import DispatchOptions, Dispatch, RunReport, UnitView
 from tasks.errors import SpecError
 from tasks.fs import ENV_ERRNOS, FsClock, fault, is_network, probe_publish
@@ -35,6 +36,7 @@ from tasks.bounds import (MAX_ATTEMPTS_LIMIT, MAX_CHUNK_SIZE, MAX_LEASE_S, MAX_L
 from tasks.plan import DEFAULT_LEASE_S
 from tasks.pool import START_METHODS, Pool
 from tasks.progress import ProgressFn
+from tasks.publish import Publisher
 from tasks.records import ExecLog, FailureStore, OwnerRecord, Stamp
 from tasks.runstate import StateFile
 from tasks.scan import scan_done
@@ -186,6 +188,7 @@ def run_with(task: Task, root: Path, opts: RunOptions) -> RunReport:
     old_term = _raise_on_sigterm()
     dispatch: Dispatch | None = None
     claims: Claims | None = None
+    direct: Direct | None = None
     log = ExecLog(layout.log / f"{owner_id}.jsonl", owner_id)
     try:
         if state is not None:
@@ -201,19 +204,22 @@ def run_with(task: Task, root: Path, opts: RunOptions) -> RunReport:
             _sweep_staging(owner_id)
             staging.mkdir(parents=True)
         method = probe_publish(owner.tmp)
+        if network and not (opts.fsync or task.fsync):
+            direct = Direct.start(root=root, tmp=owner.tmp, fallback=Publisher(
+                root, method=method, share_tmp=owner.tmp, fsync=False))
         unit_of = {it.key: plan.unit(it.key) for it in pending}
         claims = Claims(layout.claims, layout.done, lease_s=plan.lease_s, clock=clock,
                         pipelined=network)
         setup = WorkerSetup(task.ref(), str(root), str(staging),
                             str(owner.tmp) if network else None, method, opts.fsync, os.getpid(),
-                            gpu_groups=opts.gpu_groups())
+                            gpu_groups=opts.gpu_groups(), direct=direct is not None)
         pool = Pool(setup, executor=opts.executor, workers=workers,
                     start_method=opts.start_method, timeout_s=timeout_s)
         dispatch = Dispatch(
             root=root, pending=pending, unit_of=unit_of, done=done, attempts=attempts,
             report=report, claims=claims, view=UnitView(claims.done, claims.folder, markers_before),
             pool=pool, store=store, log=log, owner=owner_id, started=started,
-            rng=random.Random(opts.seed),
+            rng=random.Random(opts.seed), direct=direct,
             opts=DispatchOptions(workers=workers, max_attempts=opts.max_attempts,
                                  limit=opts.limit, chunk_size=opts.chunk_size,
                                  timeout_s=timeout_s, lease_s=plan.lease_s,
@@ -229,6 +235,8 @@ def run_with(task: Task, root: Path, opts: RunOptions) -> RunReport:
         if claims is not None:
             claims.release_all()
             claims.close()
+        if direct is not None:
+            direct.close()
         log.close()
         owner.close()
         if network:

@@ -20,6 +20,7 @@ from typing import Any
 
 from tasks import gpus
 from tasks.deathsig import die_with_parent
+from tasks.direct import stageable
 from tasks.errors import EnvironmentFault
 from tasks.fs import PublishMethod, env_errno, fault
 from tasks.keys import Item
@@ -46,6 +47,7 @@ class Outcome:
     detail: str = ""  # traceback, or the command's stderr tail
     published: Published | None = None  # ours, theirs (a peer was first), fenced (claim lost)
     env: str = ""  # the environment failed (full disk, dead mount...): not the key's fault
+    staged: str = ""  # finished, left on local disk for the runner to publish (tasks.direct)
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,7 @@ class WorkerSetup:
     fsync: bool
     runner_pid: int  # the runner; a process worker dies with it
     gpu_groups: tuple[str, ...] = ()  # CUDA_VISIBLE_DEVICES per worker process (tasks.gpus); () = leave it
+    direct: bool = False  # the runner publishes small outputs itself (tasks.direct)
 
 
 @dataclass
@@ -81,6 +84,7 @@ class _State:
     slots: Any  # multiprocessing RawArray of SLOT_FIELDS doubles per worker, or None
     slot: int  # this worker's slot
     publishing: ThreadPoolExecutor | None  # network root: publishes overlap the next keys
+    direct: bool  # leave small outputs staged for the runner (tasks.direct)
 
 
 _state: _State | None = None
@@ -111,7 +115,7 @@ def init_worker(setup: WorkerSetup, slots: Any = None, slot_lock: Any = None,
                           fsync=setup.fsync or task.fsync)
     publishing = ThreadPoolExecutor(PUBLISH_THREADS) if share_tmp is not None else None
     _state = _State(task, Path(setup.root), Path(setup.staging), publisher, task.open(), slots,
-                    slot, publishing)
+                    slot, publishing, setup.direct and not publisher.fsync)
 
 
 def run_chunk(chunk: Chunk) -> list[Outcome]:
@@ -168,6 +172,8 @@ def run_one(state: _State, item: Item, fence: Fence) -> Outcome | Future[Outcome
             raise
         return _failed(state, item, tmp, started, time.perf_counter() - t0, e)
     seconds = time.perf_counter() - t0
+    if state.direct and not state.task.is_dir and stageable(tmp):
+        return Outcome(item.key, True, started, seconds, staged=str(tmp))
     if state.publishing is not None:
         return state.publishing.submit(_publish, state, item, fence, tmp, started, seconds)
     return _publish(state, item, fence, tmp, started, seconds)

@@ -10,10 +10,10 @@ dead mount from a dead agent). It does not stop the VM itself: it touches the gu
 mark (cluster.vm.busy) while a key of this VM runs, and the guard stops an idle VM. A
 dead or missing mount is mounted again with jittered, bounded backoff (cluster.vm.mount),
 and a guard that died is started again. SIGTERM (the guard powering off) ends it after
-a last heartbeat. While it runs tasks it also records this VM's CPU, memory, disk and
-network every few seconds (cluster.vm.recorder), which `fab report` draws. A GPU VM (--gpus N)
-first checks its driver (cluster.vm.gpus): without one it runs nothing, says so in every heartbeat
-(no-gpu-driver) and has the guard stop it at once; else `tasks run` gets --gpus N --gpus-per-worker K.
+a last heartbeat. It records this VM's CPU, memory, disk and network while it runs tasks
+(cluster.vm.recorder; `fab report` draws them). A GPU VM (--gpus N) checks its driver first
+(cluster.vm.gpus): without one it runs nothing, says no-gpu-driver in every heartbeat and has
+the guard stop it; else `tasks run` gets --gpus N --gpus-per-worker K (environment: vm.env).
 
 The files it reads and writes on the share are cluster.records' (runs/, vms/, logs/,
 metrics/), each through its typed record; on the VM's own disk, SPOTFAN_HOME/:
@@ -44,7 +44,7 @@ from cluster.procs import running
 from cluster.records import HEARTBEAT_INTERVAL_S, Heartbeat, RunDone, RunRequest, VmRun
 from cluster.results import counts
 from cluster.vm import busy as useful_work
-from cluster.vm.env import pythonpath
+from cluster.vm.env import run_env
 from cluster.vm.gpus import boot_check
 from cluster.vm.mount import MountWatch
 from cluster.vm.rate import ExecutionRate
@@ -295,7 +295,7 @@ class Agent:
         logger.info("run %s: started tasks run (pid %d, %d workers)", r.id, r.pid, workers)
 
     def _env(self) -> dict[str, str]:
-        return {**os.environ, "PYTHONPATH": pythonpath(root=str(self.s.root), extra=self.s.python_path)}
+        return run_env(root=str(self.s.root), extra=self.s.python_path, home=self.s.home)
 
     def _mark_done(self, r: RunState) -> None:
         """Record that the run is over, with the engine's final counts (first agent wins)."""

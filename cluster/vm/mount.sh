@@ -93,7 +93,27 @@ jitter_sleep() {  # $1 ms, plus a random part of up to as much again (so a fleet
     sleep "$((ms / 1000)).$(printf '%03d' $((ms % 1000)))"
 }
 
+quote() {  # $1 as one shell word
+    printf "'%s'" "$(printf '%s' "$1" | sed "s/'/'\\\\''/g")"
+}
+
+write_sftp_command() {  # how `tasks run` opens its own SFTP session to the head (tasks/direct.py)
+    cmd="ssh -F none" opt=""
+    old_ifs=$IFS; IFS=,; set -f
+    for part in $SSH_OPTS; do  # a part without "=" continues a list value (KexAlgorithms=a,b)
+        case "$part" in
+            *=*) if [ -n "$opt" ]; then cmd="$cmd -o $(quote "$opt")"; fi; opt=$part ;;
+            *) opt="$opt,$part" ;;
+        esac
+    done
+    IFS=$old_ifs; set +f
+    cmd="$cmd -o $(quote "$opt")"
+    printf '%s -s %s sftp\n' "$cmd" "$(quote "$SPOTFAN_HEAD_USER@$SPOTFAN_HEAD_ADDRESS")" > "$SPOTFAN_HOME/sftp.cmd.tmp"
+    mv "$SPOTFAN_HOME/sftp.cmd.tmp" "$SPOTFAN_HOME/sftp.cmd"
+}
+
 do_mount() {
+    write_sftp_command
     n=1
     delay=$RETRY_BASE_MS
     while :; do

@@ -19,7 +19,8 @@ import psutil
 import pytest
 
 from tasks.records import read_logs
-from tests.tasks.two_mounts import two_machines  # noqa: F401 (a fixture)
+from tasks.direct import COMMAND_ENV
+from tests.tasks.two_mounts import sftp_command, two_machines  # noqa: F401 (a fixture)
 from tasks.runstate import RunState
 
 DEADLINE_S = 180  # every wait in these tests ends by then
@@ -46,11 +47,14 @@ class Machines:
     b: Path
 
 
-@pytest.fixture(params=["local", "sshfs"])
-def machines(request, tmp_path: Path) -> Machines:
+@pytest.fixture(params=["local", "sshfs", "sshfs-direct"])
+def machines(request, tmp_path: Path, monkeypatch) -> Machines:
+    """sshfs-direct: the runners also publish over their own SFTP session (tasks.direct)."""
     if request.param == "local":
         return Machines(tmp_path, tmp_path, tmp_path)
     share, a, b = request.getfixturevalue("two_machines")
+    if request.param == "sshfs-direct":
+        monkeypatch.setenv(COMMAND_ENV, sftp_command(share))
     sub = request.node.name.replace("[", "-").replace("]", "")
     shutil.rmtree(share / sub, ignore_errors=True)
     (share / sub).mkdir()

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -30,6 +31,11 @@ def _why_not() -> str | None:
     if not os.access("/usr/sbin/sshd", os.X_OK) or not os.path.exists("/dev/fuse"):
         return "needs /usr/sbin/sshd and /dev/fuse (apt-get install openssh-server fuse3)"
     return None
+
+
+def sftp_command(share: Path) -> str:
+    """The command that opens an SFTP session to the share's sshd (SPOTFAN_SFTP_COMMAND)."""
+    return (share.parent / "sftp.cmd").read_text()
 
 
 def _free_port() -> int:
@@ -86,6 +92,10 @@ def two_machines(tmp_path_factory) -> Iterator[tuple[Path, Path, Path]]:
             while not os.path.ismount(m) and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert os.path.ismount(m), f"sshfs did not mount {m}; see {base / 'sshd.log'}"
+        (base / "sftp.cmd").write_text(shlex.join([
+            "ssh", "-F", "none", "-o", f"Port={port}", "-o", f"IdentityFile={keys / 'client'}",
+            "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+            "-o", f"UserKnownHostsFile={keys / 'known_hosts'}", "-s", "root@127.0.0.1", "sftp"]))
         yield share, mounts[0], mounts[1]
     finally:
         for p in sshfs:

@@ -1,0 +1,208 @@
+"""A small SFTP (version 3) client that keeps many requests in flight on one session.
+
+The session runs over a command's stdin and stdout, normally OpenSSH's
+`ssh ... -s user@host sftp`: OpenSSH does the cryptography, this module only frames
+requests. The server answers one session's requests in order; sending a batch before
+reading any answer turns N round trips into about one (docs/design.md, "Publishing on a
+network root"). Only what the engine needs is here: open, write, close, rename, remove,
+lstat, mkdir.
+"""
+from __future__ import annotations
+
+import os
+import select
+import signal
+import struct
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+VERSION = 3
+HANDSHAKE_TIMEOUT_S = 30.0  # the ssh login and the server's VERSION answer
+REPLY_TIMEOUT_S = 60.0  # no answer at all for this long: the session is dead
+MAX_INFLIGHT = 64  # requests sent and not yet answered, at most
+WRITE_BLOCK = 32 * 1024  # bytes per WRITE request (every server takes 32 KiB)
+
+# Packet types (draft-ietf-secsh-filexfer-02, the version OpenSSH speaks).
+INIT, VERSION_REPLY, OPEN, CLOSE, WRITE, LSTAT = 1, 2, 3, 4, 6, 7
+REMOVE, MKDIR, RENAME = 13, 14, 18
+STATUS, HANDLE, ATTRS = 101, 102, 105
+# Open flags and status codes.
+FXF_WRITE, FXF_CREAT, FXF_EXCL = 0x02, 0x08, 0x20
+OK, EOF, NO_SUCH_FILE, PERMISSION_DENIED, FAILURE = 0, 1, 2, 3, 4
+ATTR_PERMISSIONS = 0x04
+
+
+class SessionLost(OSError):
+    """The session ended or stopped answering: nothing more can be sent on it."""
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One answer: a STATUS code (OK for HANDLE and ATTRS answers) and its payload."""
+
+    kind: int  # STATUS, HANDLE or ATTRS
+    code: int  # the STATUS code; OK for any other kind
+    message: str  # the server's text for a STATUS
+    data: bytes  # a HANDLE's handle
+
+    @property
+    def ok(self) -> bool:
+        return self.code == OK
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request to send: its type and its encoded fields (after the id)."""
+
+    kind: int
+    body: bytes
+
+
+def _string(b: bytes) -> bytes:
+    return struct.pack(">I", len(b)) + b
+
+
+def open_create(path: str, mode: int = 0o644) -> Request:
+    """Create `path` for writing; fails if it exists (O_CREAT|O_EXCL)."""
+    return Request(OPEN, _string(path.encode()) + struct.pack(
+        ">III", FXF_WRITE | FXF_CREAT | FXF_EXCL, ATTR_PERMISSIONS, mode))
+
+
+def write(handle: bytes, offset: int, data: bytes) -> Request:
+    return Request(WRITE, _string(handle) + struct.pack(">Q", offset) + _string(data))
+
+
+def close(handle: bytes) -> Request:
+    return Request(CLOSE, _string(handle))
+
+
+def rename(old: str, new: str) -> Request:
+    """Plain SFTP rename: OpenSSH's server does it as link + unlink for a regular file, so it
+    fails (FAILURE) when `new` exists: a create-only publish in one request."""
+    return Request(RENAME, _string(old.encode()) + _string(new.encode()))
+
+
+def remove(path: str) -> Request:
+    return Request(REMOVE, _string(path.encode()))
+
+
+def lstat(path: str) -> Request:
+    return Request(LSTAT, _string(path.encode()))
+
+
+def mkdir(path: str, mode: int = 0o755) -> Request:
+    return Request(MKDIR, _string(path.encode()) + struct.pack(">II", ATTR_PERMISSIONS, mode))
+
+
+class Session:
+    """One SFTP session over `argv`'s stdin and stdout."""
+
+    def __init__(self, argv: Sequence[str]) -> None:
+        try:
+            self.proc = subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, bufsize=0, start_new_session=True)
+        except OSError as e:
+            raise SessionLost(e.errno or 0, f"cannot start {argv[0]!r}: {e.strerror}") from e
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self._in, self._out = self.proc.stdin, self.proc.stdout
+        self._buf = bytearray()
+        self._next_id = 0
+        self.sent = 0  # requests sent on this session (the benchmark counts them)
+        self._send_raw(struct.pack(">BI", INIT, VERSION))
+        kind, _ = self._packet(time.monotonic() + HANDSHAKE_TIMEOUT_S)
+        if kind != VERSION_REPLY:
+            self.close()
+            raise SessionLost(0, f"the server answered INIT with packet type {kind}")
+
+    def close(self) -> None:
+        """End the session and its process (by pid: it runs in a session of its own)."""
+        if self.proc.poll() is None:
+            for stream in (self._in,):
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+            try:
+                self.proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        for stream in (self._out, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+    def why_lost(self) -> str:
+        """What the session's process said when it ended (its stderr tail), if it has."""
+        if self.proc.poll() is None or self.proc.stderr is None:
+            return ""
+        try:
+            return self.proc.stderr.read()[-500:].decode(errors="replace").strip()
+        except (OSError, ValueError):
+            return ""
+
+    def run(self, requests: Sequence[Request]) -> list[Reply]:
+        """Send every request, at most MAX_INFLIGHT unanswered at once; the answers, in order."""
+        replies: dict[int, Reply] = {}
+        first = self._next_id + 1
+        sent = 0
+        deadline = time.monotonic() + REPLY_TIMEOUT_S
+        while len(replies) < len(requests):
+            batch = []
+            while sent < len(requests) and sent - len(replies) < MAX_INFLIGHT:
+                r = requests[sent]
+                self._next_id += 1
+                body = struct.pack(">BI", r.kind, self._next_id) + r.body
+                batch.append(struct.pack(">I", len(body)) + body)
+                sent += 1
+                self.sent += 1
+            if batch:
+                self._send_raw_framed(b"".join(batch))
+            kind, payload = self._packet(deadline)
+            rid, = struct.unpack_from(">I", payload)
+            replies[rid - first] = _reply(kind, payload[4:])
+            deadline = time.monotonic() + REPLY_TIMEOUT_S
+        return [replies[i] for i in range(len(requests))]
+
+    # -- framing -----------------------------------------------------------------------
+    def _send_raw(self, body: bytes) -> None:
+        self._send_raw_framed(struct.pack(">I", len(body)) + body)
+
+    def _send_raw_framed(self, data: bytes) -> None:
+        try:
+            self._in.write(data)
+        except (OSError, ValueError) as e:
+            raise SessionLost(0, f"the session ended ({self.why_lost() or e})") from e
+
+    def _packet(self, deadline: float) -> tuple[int, bytes]:
+        head = self._read(4, deadline)
+        n, = struct.unpack(">I", head)
+        body = self._read(n, deadline)
+        return body[0], body[1:]
+
+    def _read(self, n: int, deadline: float) -> bytes:
+        while len(self._buf) < n:
+            left = deadline - time.monotonic()
+            ready, _, _ = select.select([self._out], [], [], max(0.0, left))
+            if not ready:
+                raise SessionLost(0, f"no answer from the server in {REPLY_TIMEOUT_S:g} s")
+            chunk = os.read(self._out.fileno(), 1 << 16)
+            if not chunk:
+                self.proc.poll()
+                raise SessionLost(0, f"the session ended ({self.why_lost() or 'no reason given'})")
+            self._buf += chunk
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+
+def _reply(kind: int, payload: bytes) -> Reply:
+    if kind == STATUS:
+        code, = struct.unpack_from(">I", payload)
+        n, = struct.unpack_from(">I", payload, 4)
+        return Reply(kind, code, payload[8:8 + n].decode(errors="replace"), b"")
+    if kind == HANDLE:
+        n, = struct.unpack_from(">I", payload)
+        return Reply(kind, OK, "", payload[4:4 + n])
+    return Reply(kind, OK, "", payload)

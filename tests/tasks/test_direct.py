@@ -1,0 +1,174 @@
+"""Publishing over the runner's own SFTP session (tasks.direct), against a real sshd and real
+SSHFS mounts: create-only, the probe, falling back to the mount when the session fails."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tasks.direct import COMMAND_ENV, Direct, Staged, remote_root
+from tasks.errors import EnvironmentFault
+from tasks.fs import probe_publish
+from tasks.publish import Fence, Publisher
+from tasks.records import read_logs
+from tests.tasks.two_mounts import sftp_command, two_machines  # noqa: F401 (a fixture)
+
+DEADLINE_S = 240
+
+TASKS = """
+import time
+from pathlib import Path
+from tasks import filetask
+
+@filetask(keys=[f"k{i:04d}" for i in range(__N__)], out="out/{key}.txt")
+def tiny(key: str, out: Path) -> None:
+    time.sleep(__SLEEP__)
+    out.write_text(key * 3)
+"""
+
+
+def write_tasks(root: Path, n: int, sleep: float) -> None:
+    (root / "dt.py").write_text(TASKS.replace("__N__", str(n)).replace("__SLEEP__", str(sleep)))
+
+
+def run(root: Path, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "tasks", "-v", "run", "dt:tiny", "--workers", "2"],
+                            cwd=root, env={**os.environ, **env}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def check_outputs(folder: Path, n: int) -> None:
+    names = sorted(os.listdir(folder))
+    assert len(names) == n
+    assert all((folder / f).read_text() == f[:-4] * 3 for f in names), "an output is not whole"
+
+
+@pytest.fixture
+def fresh(two_machines, request):
+    """(share, a, b) as a sub-folder of the module's share, one per test."""
+    share, a, b = two_machines
+    sub = re.sub(r"\W", "-", request.node.name)
+    (share / sub).mkdir()
+    return share / sub, a / sub, b / sub
+
+
+def test_two_runners_publish_over_their_own_sessions(fresh) -> None:
+    share, a, b = fresh
+    n = 600
+    write_tasks(share, n, 0.0)
+    env = {COMMAND_ENV: sftp_command(share.parent)}
+    procs = [run(m, env) for m in (a, b)]
+    outs = [p.communicate(timeout=DEADLINE_S) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    check_outputs(share / "out", n)
+    reports = [json.loads(o[0].strip().splitlines()[-1]) for o in outs]
+    assert sum(r["succeeded"] for r in reports) == n
+    for out, report in zip(outs, reports):
+        assert "publishing small outputs over a direct SFTP session" in out[1]
+        sent = int(re.search(r"direct SFTP session sent (\d+) requests", out[1]).group(1))
+        # create, write, close, rename per output: the session carried every publish
+        assert sent >= 4 * report["succeeded"], (sent, report)
+    per_key = Counter(r["key"] for r in read_logs(share / ".spotfan/tasks/tiny/log") if r["ok"])
+    assert len(per_key) == n and max(per_key.values()) == 1
+    assert os.listdir(share / ".spotfan/tmp") == [], "a runner left temporaries behind"
+
+
+def _direct(share: Path, mount: Path, monkeypatch) -> Direct:
+    monkeypatch.setenv(COMMAND_ENV, sftp_command(share.parent))
+    tmp = mount / ".spotfan/tmp/me"
+    tmp.mkdir(parents=True)
+    direct = Direct.start(root=mount, tmp=tmp, fallback=Publisher(
+        mount, method=probe_publish(tmp), share_tmp=tmp, fsync=False))
+    assert direct is not None, "the probe refused a real OpenSSH server"
+    return direct
+
+
+def _stage(tmp_path: Path, name: str, data: bytes, out: str) -> Staged:
+    local = tmp_path / name
+    local.write_bytes(data)
+    return Staged(name, local, out, Fence("unused", "0000", 0))
+
+
+def test_a_published_output_is_never_replaced(fresh, tmp_path: Path, monkeypatch) -> None:
+    share, a, _ = fresh
+    (share / "out").mkdir()
+    (share / "out/k1.txt").write_bytes(b"the peer's")
+    inode = (share / "out/k1.txt").stat().st_ino
+    direct = _direct(share, a, monkeypatch)
+    try:
+        got = direct.publish([_stage(tmp_path, "k1", b"late finisher", "out/k1.txt"),
+                              _stage(tmp_path, "k2", b"mine" * 50_000, "out/deep/er/k2.txt")])
+    finally:
+        direct.close()
+    assert got == ["theirs", "ours"]
+    assert (share / "out/k1.txt").read_bytes() == b"the peer's"
+    assert (share / "out/k1.txt").stat().st_ino == inode
+    assert (share / "out/deep/er/k2.txt").read_bytes() == b"mine" * 50_000  # several WRITEs
+    assert os.listdir(share / ".spotfan/tmp/me") == [], "a temporary was left on the share"
+    assert os.listdir(tmp_path) == [], "a staged output was left on local disk"
+
+
+def test_a_lost_temporary_folder_stops_the_run_not_the_key(fresh, tmp_path: Path,
+                                                           monkeypatch) -> None:
+    share, a, _ = fresh
+    direct = _direct(share, a, monkeypatch)
+    try:
+        (share / ".spotfan/tmp/me").rmdir()  # a peer judged us dead and swept it
+        got = direct.publish([_stage(tmp_path, "k1", b"x", "out/k1.txt")])
+    finally:
+        direct.close()
+    assert isinstance(got[0], EnvironmentFault) and "vanished" in str(got[0])
+    assert not (share / "out/k1.txt").exists()
+
+
+def test_a_command_that_cannot_start_a_session_falls_back_to_the_mount(fresh) -> None:
+    share, a, _ = fresh
+    write_tasks(share, 50, 0.0)
+    p = run(a, {COMMAND_ENV: "false"})
+    out, err = p.communicate(timeout=DEADLINE_S)
+    assert p.returncode == 0, err
+    assert "publishing through the mount (slower, as safe)" in err
+    check_outputs(share / "out", 50)
+
+
+def test_a_session_that_dies_mid_run_hands_over_to_the_mount(fresh) -> None:
+    share, a, _ = fresh
+    n = 400
+    write_tasks(share, n, 0.01)
+    p = run(a, {COMMAND_ENV: sftp_command(share.parent)})
+    runner = psutil.Process(p.pid)
+    deadline = time.monotonic() + DEADLINE_S
+    killed = None
+    while killed is None and time.monotonic() < deadline and p.poll() is None:
+        out = share / "out"
+        if out.is_dir() and len(os.listdir(out)) >= 40:
+            for child in runner.children():
+                if child.cmdline()[:1] == ["ssh"] and child.cmdline()[-1] == "sftp":
+                    child.kill()
+                    killed = child.pid
+        time.sleep(0.05)
+    assert killed is not None, "never saw the runner's SFTP session while it worked"
+    out, err = p.communicate(timeout=DEADLINE_S)
+    assert p.returncode == 0, err
+    assert "the direct SFTP session is gone" in err
+    check_outputs(share / "out", n)
+
+
+def test_the_server_path_of_a_root_comes_from_its_sshfs_mount(tmp_path: Path) -> None:
+    info = tmp_path / "mountinfo"
+    info.write_text(
+        "22 1 0:21 / / rw - ext4 /dev/sda1 rw\n"
+        "40 22 0:35 / /mnt/my\\040share rw,nosuid - fuse.sshfs w@10.0.0.1:/srv/share rw\n"
+        "41 22 0:36 / /mnt/home rw - fuse.sshfs w@h: rw\n")
+    assert remote_root(Path("/mnt/my share/run/x"), str(info)) == "/srv/share/run/x"
+    assert remote_root(Path("/mnt/my share"), str(info)) == "/srv/share"
+    assert remote_root(Path("/mnt/home/r"), str(info)) == "./r"  # the login's start folder
+    assert remote_root(Path("/srv/local"), str(info)) is None
