@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tasks import sftp
+from tasks.claims import listing
 from tasks.errors import EnvironmentFault, PublishError
 from tasks.fs import fault
 from tasks.publish import Fence, Published, Publisher, discard, lost_temp
@@ -40,6 +41,7 @@ COMMAND_ENV = "SPOTFAN_SFTP_COMMAND"  # shell words of a command that starts an 
 MAX_BYTES = 4 << 20  # bigger outputs (and folders) are published by their worker, through the mount
 FULL_BELOW_BYTES = 64 * 1024  # a refused write on a disk with less free space: out of space
 PREFIX = "d-"  # remote temporaries' names: never a name the mount's publisher uses
+READDIR_PAGE = 100  # names per READDIR answer from OpenSSH's server
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,7 @@ class Direct:
         self.fallback = fallback  # the mount's publisher, for when the session is gone
         self.lost = ""  # why the session stopped being used
         self._lock = threading.Lock()
+        self._pages: dict[str, int] = {}  # READDIR pages of each folder at its last listing
 
     @classmethod
     def start(cls, *, root: Path, tmp: Path, fallback: Publisher) -> Direct | None:
@@ -142,6 +145,50 @@ class Direct:
         finally:
             for p in (made, kept):
                 p.unlink(missing_ok=True)
+
+    # -- listing -----------------------------------------------------------------------
+    def listings(self, folders: Sequence[Path]) -> list[set[str]]:
+        """The names in each folder (none for a missing one), one after another in the given
+        order, each with its pages pipelined; through the mount once the session is gone."""
+        with self._lock:
+            if not self.lost:
+                try:
+                    return [self._listing(f) for f in folders]
+                except sftp.SessionLost as e:
+                    self.lost = str(e)
+                    logger.warning("the direct SFTP session is gone (%s): listing and publishing "
+                                   "through the mount from now on", e)
+                except OSError as e:
+                    logger.info("listing through the mount this once: %s", e)
+        return [listing(f) for f in folders]
+
+    def _listing(self, folder: Path) -> set[str]:
+        path = f"{self.remote}/{folder.relative_to(self.root).as_posix()}"
+        opened = self.session.run([sftp.opendir(path)])[0]
+        if opened.code == sftp.NO_SUCH_FILE:
+            return set()
+        if not opened.ok:
+            raise OSError(errno.EIO, f"the server cannot list {folder}: {opened.message}")
+        names: set[str] = set()
+        pages = self._pages.get(path, 1) + 1  # the pages it had last time, and one for EOF
+        try:
+            while True:
+                replies = self.session.run([sftp.readdir(opened.data)] * pages)
+                got = [r for r in replies if r.kind == sftp.NAME]
+                for r in got:
+                    names.update(r.names)
+                bad = [r for r in replies if r.kind != sftp.NAME and r.code != sftp.EOF]
+                if bad:
+                    raise OSError(errno.EIO, f"the server stopped listing {folder}: {bad[0].message}")
+                if len(got) < len(replies):  # an EOF ends the folder
+                    break
+                pages = 2
+        finally:
+            self.session.run([sftp.close(opened.data)])
+        self._pages[path] = max(1, len(names) // READDIR_PAGE + 1)
+        names.discard(".")
+        names.discard("..")
+        return names
 
     # -- publishing --------------------------------------------------------------------
     def publish(self, staged: Sequence[Staged]) -> list[Published | Exception]:

@@ -217,7 +217,8 @@ def run_with(task: Task, root: Path, opts: RunOptions) -> RunReport:
                     start_method=opts.start_method, timeout_s=timeout_s)
         dispatch = Dispatch(
             root=root, pending=pending, unit_of=unit_of, done=done, attempts=attempts,
-            report=report, claims=claims, view=UnitView(claims.done, claims.folder, markers_before),
+            report=report, claims=claims, view=UnitView(claims.done, claims.folder, markers_before,
+                                                       lister=direct.listings if direct else None),
             pool=pool, store=store, log=log, owner=owner_id, started=started,
             rng=random.Random(opts.seed), direct=direct,
             opts=DispatchOptions(workers=workers, max_attempts=opts.max_attempts,

@@ -26,8 +26,8 @@ WRITE_BLOCK = 32 * 1024  # bytes per WRITE request (every server takes 32 KiB)
 
 # Packet types (draft-ietf-secsh-filexfer-02, the version OpenSSH speaks).
 INIT, VERSION_REPLY, OPEN, CLOSE, WRITE, LSTAT = 1, 2, 3, 4, 6, 7
-REMOVE, MKDIR, RENAME = 13, 14, 18
-STATUS, HANDLE, ATTRS = 101, 102, 105
+OPENDIR, READDIR, REMOVE, MKDIR, RENAME = 11, 12, 13, 14, 18
+STATUS, HANDLE, NAME, ATTRS = 101, 102, 104, 105
 # Open flags and status codes.
 FXF_WRITE, FXF_CREAT, FXF_EXCL = 0x02, 0x08, 0x20
 OK, EOF, NO_SUCH_FILE, PERMISSION_DENIED, FAILURE = 0, 1, 2, 3, 4
@@ -42,10 +42,11 @@ class SessionLost(OSError):
 class Reply:
     """One answer: a STATUS code (OK for HANDLE and ATTRS answers) and its payload."""
 
-    kind: int  # STATUS, HANDLE or ATTRS
+    kind: int  # STATUS, HANDLE, NAME or ATTRS
     code: int  # the STATUS code; OK for any other kind
     message: str  # the server's text for a STATUS
     data: bytes  # a HANDLE's handle
+    names: tuple[str, ...] = ()  # a NAME's file names (a READDIR's page)
 
     @property
     def ok(self) -> bool:
@@ -90,6 +91,15 @@ def remove(path: str) -> Request:
 
 def lstat(path: str) -> Request:
     return Request(LSTAT, _string(path.encode()))
+
+
+def opendir(path: str) -> Request:
+    return Request(OPENDIR, _string(path.encode()))
+
+
+def readdir(handle: bytes) -> Request:
+    """The next page of names (OpenSSH: up to 100); EOF once there are no more."""
+    return Request(READDIR, _string(handle))
 
 
 def mkdir(path: str, mode: int = 0o755) -> Request:
@@ -205,4 +215,36 @@ def _reply(kind: int, payload: bytes) -> Reply:
     if kind == HANDLE:
         n, = struct.unpack_from(">I", payload)
         return Reply(kind, OK, "", payload[4:4 + n])
+    if kind == NAME:
+        return Reply(kind, OK, "", b"", _names(payload))
     return Reply(kind, OK, "", payload)
+
+
+def _names(payload: bytes) -> tuple[str, ...]:
+    """A NAME reply's file names: count, then (filename, longname, ATTRS) each."""
+    count, = struct.unpack_from(">I", payload)
+    at, out = 4, []
+    for _ in range(count):
+        n, = struct.unpack_from(">I", payload, at)
+        out.append(payload[at + 4:at + 4 + n].decode("utf-8", "surrogateescape"))
+        at += 4 + n
+        n, = struct.unpack_from(">I", payload, at)  # longname: skipped
+        at += 4 + n
+        at = _skip_attrs(payload, at)
+    return tuple(out)
+
+
+def _skip_attrs(payload: bytes, at: int) -> int:
+    flags, = struct.unpack_from(">I", payload, at)
+    at += 4
+    at += 8 if flags & 0x1 else 0  # size
+    at += 8 if flags & 0x2 else 0  # uid, gid
+    at += 4 if flags & 0x4 else 0  # permissions
+    at += 8 if flags & 0x8 else 0  # atime, mtime
+    if flags & 0x80000000:  # extended pairs
+        count, = struct.unpack_from(">I", payload, at)
+        at += 4
+        for _ in range(2 * count):
+            n, = struct.unpack_from(">I", payload, at)
+            at += 4 + n
+    return at

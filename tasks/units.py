@@ -12,7 +12,8 @@ import math
 import random
 import time
 from bisect import bisect_left
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from pathlib import Path
 
 from tasks.claims import Folder, parse_claim_name
 
@@ -25,9 +26,11 @@ class UnitView:
     """Which units peers finished since this run listed the outputs, and which are held,
     from two listings (`done/`, `claims/`), refreshed at most every VIEW_REFRESH_S."""
 
-    def __init__(self, done: Folder, claims: Folder, markers_before: set[str]) -> None:
+    def __init__(self, done: Folder, claims: Folder, markers_before: set[str], *,
+                 lister: Callable[[list[Path]], list[set[str]]] | None = None) -> None:
         self.done = done
         self.claims = claims
+        self.lister = lister  # lists folders in order over the runner's session (tasks.direct)
         self.markers_before = markers_before  # markers older than our output listing: ignored
         self.finished: set[str] = set()
         self.new: set[str] = set()  # finished since take_new() was last called
@@ -40,8 +43,10 @@ class UnitView:
             return
         # claims/ before done/: a peer marks a unit done before it drops the claim, so a
         # unit missing from both listings was not finished before the first one.
-        claims = self.claims.names()
-        names = self.done.names()
+        if self.lister is not None:
+            claims, names = self.lister([self.claims.path, self.done.path])
+        else:
+            claims, names = self.claims.names(), self.done.names()
         self.held = {p[0] for p in map(parse_claim_name, claims) if p}
         finished = names - self.markers_before
         self.new |= finished - self.finished

@@ -172,3 +172,20 @@ def test_the_server_path_of_a_root_comes_from_its_sshfs_mount(tmp_path: Path) ->
     assert remote_root(Path("/mnt/my share"), str(info)) == "/srv/share"
     assert remote_root(Path("/mnt/home/r"), str(info)) == "./r"  # the login's start folder
     assert remote_root(Path("/srv/local"), str(info)) is None
+
+
+def test_listings_over_the_session_match_the_mount(fresh, monkeypatch) -> None:
+    share, a, _ = fresh
+    for folder, n in (("claims", 250), ("done", 7)):  # OpenSSH answers 100 names a page
+        (share / folder).mkdir()
+        for i in range(n):
+            (share / folder / f"{i:04x}").touch()
+    direct = _direct(share, a, monkeypatch)
+    try:
+        for _ in range(2):  # the second time it asks for the pages it saw the first
+            got = direct.listings([a / "claims", a / "done", a / "missing"])
+            assert got == [set(os.listdir(share / "claims")), set(os.listdir(share / "done")), set()]
+        (share / "claims/0000").unlink()
+        assert "0000" not in direct.listings([a / "claims"])[0]
+    finally:
+        direct.close()
