@@ -76,7 +76,7 @@ def fleet_sshd_settings(workers: int) -> list[str]:
 
     OpenSSH's default MaxStartups 10:30:100 drops unauthenticated connections past 10:
     measured here, 64 simultaneous SFTP connects lost 27 (bench/bench_fleet_up.py). Room for every VM's
-    mount and a remount each, plus the laptop's sessions; PerSourceMaxStartups none because
+    mount and its runner's own SFTP session (tasks.direct) or a remount, plus the laptop's sessions; PerSourceMaxStartups none because
     every VM may reach the head from one address (a NAT, or the lab's loopback);
     LoginGraceTime long enough for a CPU-bound burst of handshakes (128 took ~59 s on 2 cores).
     MaxSessions stays at 10: each mount and each laptop connection opens one session.
