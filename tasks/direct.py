@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import shlex
 import threading
 from collections.abc import Callable, Sequence
@@ -65,10 +66,10 @@ def remote_root(root: Path, mountinfo: str = "/proc/self/mountinfo") -> str | No
                 fields, tail = left.split(), right.split()
                 if not sep or len(fields) < 5 or len(tail) < 2 or tail[0] != "fuse.sshfs":
                     continue
-                mnt = fields[4].replace("\\040", " ")
+                mnt = _unescape(fields[4])
                 inside = target == mnt or target.startswith(mnt.rstrip("/") + "/")
                 if inside and (best is None or len(mnt) > len(best[0])):
-                    best = (mnt, tail[1].replace("\\040", " "))
+                    best = (mnt, _unescape(tail[1]))
     except OSError:
         return None
     if best is None or ":" not in best[1]:
@@ -77,6 +78,11 @@ def remote_root(root: Path, mountinfo: str = "/proc/self/mountinfo") -> str | No
     base = source.split(":", 1)[1] or "."
     rel = os.path.relpath(target, mnt)
     return base if rel == "." else f"{base.rstrip('/')}/{rel}"
+
+
+def _unescape(field: str) -> str:
+    """A mountinfo field with its octal escapes (\\040 for a space, ...) decoded."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 class Direct:

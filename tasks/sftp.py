@@ -67,7 +67,7 @@ def _string(b: bytes) -> bytes:
 
 def open_create(path: str, mode: int = 0o644) -> Request:
     """Create `path` for writing; fails if it exists (O_CREAT|O_EXCL)."""
-    return Request(OPEN, _string(path.encode()) + struct.pack(
+    return Request(OPEN, _string(os.fsencode(path)) + struct.pack(
         ">III", FXF_WRITE | FXF_CREAT | FXF_EXCL, ATTR_PERMISSIONS, mode))
 
 
@@ -82,19 +82,19 @@ def close(handle: bytes) -> Request:
 def rename(old: str, new: str) -> Request:
     """Plain SFTP rename: OpenSSH's server does it as link + unlink for a regular file, so it
     fails (FAILURE) when `new` exists: a create-only publish in one request."""
-    return Request(RENAME, _string(old.encode()) + _string(new.encode()))
+    return Request(RENAME, _string(os.fsencode(old)) + _string(os.fsencode(new)))
 
 
 def remove(path: str) -> Request:
-    return Request(REMOVE, _string(path.encode()))
+    return Request(REMOVE, _string(os.fsencode(path)))
 
 
 def lstat(path: str) -> Request:
-    return Request(LSTAT, _string(path.encode()))
+    return Request(LSTAT, _string(os.fsencode(path)))
 
 
 def opendir(path: str) -> Request:
-    return Request(OPENDIR, _string(path.encode()))
+    return Request(OPENDIR, _string(os.fsencode(path)))
 
 
 def readdir(handle: bytes) -> Request:
@@ -103,7 +103,7 @@ def readdir(handle: bytes) -> Request:
 
 
 def mkdir(path: str, mode: int = 0o755) -> Request:
-    return Request(MKDIR, _string(path.encode()) + struct.pack(">II", ATTR_PERMISSIONS, mode))
+    return Request(MKDIR, _string(os.fsencode(path)) + struct.pack(">II", ATTR_PERMISSIONS, mode))
 
 
 class Session:
@@ -226,7 +226,7 @@ def _names(payload: bytes) -> tuple[str, ...]:
     at, out = 4, []
     for _ in range(count):
         n, = struct.unpack_from(">I", payload, at)
-        out.append(payload[at + 4:at + 4 + n].decode("utf-8", "surrogateescape"))
+        out.append(os.fsdecode(payload[at + 4:at + 4 + n]))
         at += 4 + n
         n, = struct.unpack_from(">I", payload, at)  # longname: skipped
         at += 4 + n

@@ -189,3 +189,67 @@ def test_listings_over_the_session_match_the_mount(fresh, monkeypatch) -> None:
         assert "0000" not in direct.listings([a / "claims"])[0]
     finally:
         direct.close()
+
+
+BIG = """
+from pathlib import Path
+from tasks import filetask
+
+@filetask(keys=[f"k{i:02d}" for i in range(20)], out="out/{key}.bin")
+def big(key: str, out: Path) -> None:
+    out.write_bytes(key.encode() * 50_000)
+"""
+
+
+def test_a_full_share_stops_the_run_charges_nothing_and_the_rerun_finishes(fresh) -> None:
+    """The share's disk fills while the runner publishes over its session: exit 3, no key
+    charged, no partial output at a final path; after space is freed the rerun finishes."""
+    share, a, _ = fresh
+    disk = share / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], check=True)
+    try:
+        (disk / "t.py").write_text(BIG)
+        (disk / "ballast").write_bytes(b"\0" * (3 * 1024 * 1024))  # room for a few outputs
+        env = {**os.environ, COMMAND_ENV: sftp_command(share.parent)}
+        cmd = [sys.executable, "-m", "tasks", "-v", "run", "t:big", "--workers", "2"]
+        p = subprocess.run(cmd, cwd=a / "disk", env=env, capture_output=True, text=True,
+                           timeout=DEADLINE_S)
+        assert p.returncode == 3, p.stderr
+        assert "publishing small outputs over a direct SFTP session" in p.stderr
+        assert "no space left on the device" in p.stderr, p.stderr[-2000:]
+        assert "no key was charged an attempt" in p.stderr
+        assert list((disk / ".spotfan/tasks/big/failed").iterdir()) == []
+        done_before = os.listdir(disk / "out") if (disk / "out").exists() else []
+        assert len(done_before) < 20, "the disk never filled up: the test proved nothing"
+        assert all((disk / "out" / f).read_bytes() == f[:-4].encode() * 50_000 for f in done_before)
+        (disk / "ballast").unlink()
+        again = subprocess.run(cmd, cwd=a / "disk", env=env, capture_output=True, text=True,
+                               timeout=DEADLINE_S)
+        assert again.returncode == 0, again.stderr
+        assert sorted(os.listdir(disk / "out")) == [f"k{i:02d}.bin" for i in range(20)]
+        assert all((disk / "out" / f"k{i:02d}.bin").read_bytes() == f"k{i:02d}".encode() * 50_000
+                   for i in range(20))
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+HOSTILE = ["a b", "ü-ñ-日本", "it's", 'q"uote', "new\nline", "-dash", "$(touch x)", "back\\slash",
+           "tab\tkey", "%s%n"]
+
+
+def test_hostile_names_are_published_as_they_are(fresh) -> None:
+    share, a, _ = fresh
+    (share / "hostile.py").write_text(
+        "from pathlib import Path\nfrom tasks import filetask\n"
+        f"@filetask(keys={HOSTILE!r}, out='out/{{key}}.txt')\n"
+        "def h(key: str, out: Path) -> None:\n    out.write_text(key)\n")
+    env = {**os.environ, COMMAND_ENV: sftp_command(share.parent)}
+    p = subprocess.run([sys.executable, "-m", "tasks", "-v", "run", "hostile:h"], cwd=a, env=env,
+                       capture_output=True, text=True, timeout=DEADLINE_S)
+    assert p.returncode == 0, p.stderr
+    assert "publishing small outputs over a direct SFTP session" in p.stderr
+    assert "publishing through the mount" not in p.stderr
+    assert sorted(os.listdir(share / "out")) == sorted(f"{k}.txt" for k in HOSTILE)
+    assert all((share / "out" / f"{k}.txt").read_text() == k for k in HOSTILE)
+    assert not (share / "x").exists() and not (a / "x").exists()
