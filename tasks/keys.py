@@ -12,6 +12,7 @@ import os
 import string
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 
 from tasks.errors import OutputCollision, SpecError, UnsafePath
@@ -30,44 +31,59 @@ PATH_MAX = 4096  # bytes in a whole path, its terminating NUL included (Linux)
 TEMP_PATH_RESERVE = 320
 
 
-class Item:
+class Item(tuple):  # type: ignore[type-arg]
     """One unit of work: a key, its source and its output path (all root-relative).
 
-    Immutable. Small, because a million are made at every start: for a keys= task whose
-    template is `PRE{key}POST` the output path is not stored but built on access from a
-    (PRE, POST) pair shared by every item."""
+    Immutable. Small and quick to make, because a million are made at every start: a
+    tuple (no per-field setattr). For a keys= task whose template is `PRE{key}POST` it is
+    the pair (key, (PRE, POST, is_dir)), the triple shared by every item, and the output
+    path is built on access; any other item is (key, src, out, fields, is_dir)."""
 
-    __slots__ = ("key", "src", "_out", "fields", "is_dir")
-    key: str  # the task's key for this item
-    src: str | None  # source path relative to the root, or None for keys= tasks
-    fields: tuple[tuple[str, str], ...]  # placeholder values, for --cmd rendering
-    is_dir: bool  # the output is a directory (the template ends in "/")
+    __slots__ = ()
 
-    def __init__(self, key: str, src: str | None, out: str | tuple[str, str],
-                 fields: tuple[tuple[str, str], ...] = (), is_dir: bool = False) -> None:
-        object.__setattr__(self, "key", key)
-        object.__setattr__(self, "src", src)
-        object.__setattr__(self, "_out", out)
-        object.__setattr__(self, "fields", fields)
-        object.__setattr__(self, "is_dir", is_dir)
+    def __new__(cls, key: str, src: str | None, out: str | tuple[str, str],
+                fields: tuple[tuple[str, str], ...] = (), is_dir: bool = False) -> Item:
+        if isinstance(out, tuple):
+            assert src is None and not fields, "a shared template is for keys= items only"
+            return tuple.__new__(cls, (key, (out[0], out[1], is_dir)))
+        return tuple.__new__(cls, (key, src, out, fields, is_dir))
+
+    key: str = property(itemgetter(0))  # type: ignore[assignment]  # the task's key
+
+    @property
+    def src(self) -> str | None:
+        """The source path relative to the root, or None for keys= tasks."""
+        return self[1] if len(self) == 5 else None
 
     @property
     def out(self) -> str:
         """The final output path relative to the root (no trailing slash)."""
-        o = self._out
-        return o if isinstance(o, str) else o[0] + self.key + o[1]
+        if len(self) == 5:
+            return self[2]
+        shared = self[1]
+        return shared[0] + self[0] + shared[1]
 
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"Item is immutable (tried to set {name})")
+    @property
+    def fields(self) -> tuple[tuple[str, str], ...]:
+        """Placeholder values, for --cmd rendering."""
+        return self[3] if len(self) == 5 else ()
 
-    def __reduce__(self) -> tuple[type, tuple[object, ...]]:
-        return Item, (self.key, self.src, self._out, self.fields, self.is_dir)
+    @property
+    def is_dir(self) -> bool:
+        """The output is a directory (the template ends in "/")."""
+        return self[4] if len(self) == 5 else self[1][2]
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        return _item, (tuple(self),)
 
     def _tuple(self) -> tuple[object, ...]:
         return self.key, self.src, self.out, self.fields, self.is_dir
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Item) and self._tuple() == other._tuple()
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
 
     def __hash__(self) -> int:
         return hash(self._tuple())
@@ -76,13 +92,20 @@ class Item:
         return f"Item(key={self.key!r}, src={self.src!r}, out={self.out!r})"
 
 
+def _item(t: tuple[object, ...]) -> Item:
+    """An Item from its tuple (unpickling)."""
+    return tuple.__new__(Item, t)
+
+
 def shared_template(items: Sequence[Item]) -> tuple[str, str] | None:
     """(PRE, POST) if every item's output is PRE + key + POST from one shared pair (see
     key_items), so callers can work on keys without building a million paths; else None."""
-    if not items or isinstance(items[0]._out, str):
+    if not items or len(items[0]) != 2:
         return None
-    first = items[0]._out
-    return first if all(it._out is first for it in items) else None  # type: ignore[return-value]
+    shared = items[0][1]
+    if not all(len(it) == 2 and it[1] is shared for it in items):
+        return None
+    return shared[0], shared[1]
 
 
 def name_problem(name: str, *, name_max: int = NAME_MAX) -> str | None:
@@ -331,7 +354,7 @@ def key_items(template: str, keys: list[str], *, limits: Limits, is_dir: bool,
     fixed_bytes = len(os.fsencode(pre + post)) - len(os.fsencode(left + right)) if fast else 0
     items: list[Item] = []
     checked = False  # some item went the slow way: the caller checks uniqueness and nesting
-    shared = (pre, post)  # every fast item builds its path from this one pair
+    shared = (pre, post, is_dir)  # every fast item builds its path from this one triple
     for key in keys:
         if not isinstance(key, str) or not key:
             raise SpecError(f"keys must be non-empty strings, got {key!r}; convert with str()")
@@ -341,7 +364,7 @@ def key_items(template: str, keys: list[str], *, limits: Limits, is_dir: bool,
             if (part not in (".", "..") and not (first and part == BOOKKEEPING_DIR)
                     and size <= limits.name_max
                     and fixed_bytes + size <= limits.room):
-                items.append(Item(key, None, shared, (), is_dir))
+                items.append(tuple.__new__(Item, (key, shared)))
                 continue
         checked = True
         out = pre + key + post if simple else render(template, {"key": key})
