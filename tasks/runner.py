@@ -163,7 +163,8 @@ def run_with(task: Task, root: Path, opts: RunOptions) -> RunReport:
     gave_up = {k for k, f in failures.items()
                if f.gave_up and not opts.retry_failed and k not in done}
     report.failed = sorted(gave_up)
-    pending = [it for it in items if it.key not in done and it.key not in gave_up]
+    pending = [] if len(done) == len(items) else [  # done holds keys of items only
+        it for it in items if it.key not in done and it.key not in gave_up]
     logger.info("%s: %d keys, %d done, %d failed earlier, %d to run", task.name, len(items),
                 len(done), len(gave_up), len(pending))
     if not pending:
