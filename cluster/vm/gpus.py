@@ -11,6 +11,8 @@ driver's own `nvidia-smi`, asked for CSV:
 reads "[N/A]" or "[Not Supported]"). The boot check uses `nvidia-smi` alone: it ships with
 every NVIDIA driver, and it is what the image documentation tells people to run. A driver that
 is missing or does not answer is reported as such (`GpuRead.problem`), never as 0 % GPU.
+A sampler looks through a `GpuMeter`: NVML opened once and kept open, utilisation averaged
+over the looks of one sample, memory at its peak.
 """
 from __future__ import annotations
 
