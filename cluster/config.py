@@ -71,7 +71,7 @@ class ClusterConfig:
     python_path: tuple[str, ...]  # extra PYTHONPATH entries on the VMs
     mount_point: str  # where each VM mounts the head's share
     gpus_per_worker: int  # on a GPU VM: GPUs per worker process (its CUDA_VISIBLE_DEVICES group)
-    nvidia_smi: str  # the driver's tool on the image (a name on PATH or a path): the boot's GPU check
+    nvidia_smi: str  # the driver's tool on the image (a name on PATH or a path): the boot's GPU check, GPU metrics without NVML
     head: HeadConfig
     ssh: SSHConfig
     settings: object  # the provider's own table, parsed by its registry entry (LabSettings, GceSettings, ...)

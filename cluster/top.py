@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from cluster.errors import ClusterError, ResultError
 from cluster.lifecycle import running_hosts
+from cluster.providers.base import Accelerated
 from cluster.runs import requests
 from cluster.session import Cluster
 from cluster.ssh import Host
@@ -32,10 +33,12 @@ class VMTop:
 
 def asked_workers(cluster: Cluster) -> dict[str, int]:
     """Per VM, the `tasks run --workers` of the runs its agent is running (summed), else the
-    cluster's default."""
-    default = cluster.config.workers_per_vm
+    cluster's default. On GPU VMs the agent starts one worker process per GPU group instead."""
+    gpus = cluster.provider.gpus_per_vm() if isinstance(cluster.provider, Accelerated) else 0
+    per_gpus = gpus // cluster.config.gpus_per_worker if gpus else 0
+    default = per_gpus or cluster.config.workers_per_vm
     status = cluster_status(cluster, live=False)
-    asked = {r.id: r.workers_per_vm or default for r in requests(cluster).requests}
+    asked = {r.id: per_gpus or r.workers_per_vm or default for r in requests(cluster).requests}
     out = {}
     for vm in status.vms:
         going = [asked[rid] for rid, state in vm.runs.items() if state == "running" and rid in asked]
@@ -55,8 +58,9 @@ def top(cluster: Cluster, *, seconds: float) -> dict[str, VMTop]:
     path = pythonpath(extra=config.python_path)
 
     def one(host: Host) -> VMTop:
-        n = workers.get(host.name, config.workers_per_vm)
-        argv = [config.python, "-m", "cluster.vm.top", "--seconds", f"{seconds:g}", "--json", "--workers", str(n)]
+        n = workers[host.name] if host.name in workers else config.workers_per_vm
+        argv = [config.python, "-m", "cluster.vm.top", "--seconds", f"{seconds:g}", "--json", "--workers", str(n),
+                "--nvidia-smi", config.nvidia_smi]
         command = (f"PYTHONPATH={shlex.quote(path)} " if path else "") + shlex.join(argv)
         with remote.open(host) as conn:
             out = remote.run_on(conn, host, command, timeout=seconds + TOP_SLACK_S)

@@ -1,9 +1,15 @@
-"""Batch inference: a small model trained once, loaded once per worker process by `init=`,
-predicting over shards of a generated Titanic-style passenger table.
+"""Batch inference: a small model trained once, loaded once per worker process by `init=` and put
+on that process's GPU (the CPU when there is none), predicting over shards of a generated
+Titanic-style passenger table, one output per shard.
 
     python -m examples.inference prepare --root DIR [--n 50000] [--model auto|sklearn|numpy]
-    python -m tasks run examples.inference:predict --root DIR
+    python -m tasks run examples.inference:predict --root DIR [--gpus N]
     python -m tasks collect examples.inference:predict --root DIR --to predictions.parquet
+
+With `--gpus N` (what a GPU VM's agent passes) each worker process sees its own GPU as
+`cuda` (CUDA_VISIBLE_DEVICES, set before `init=` runs); `init=` moves the model's weights
+there with PyTorch when PyTorch is installed and sees a GPU, else keeps them on the CPU in
+numpy. Each output says which device predicted it.
 
 `prepare` generates labeled passengers (class, sex, age, siblings, parents, fare, port),
 trains a logistic regression on the first TRAIN_ROWS, saves it to ROOT/model/model.pkl
@@ -19,7 +25,7 @@ import pickle
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -33,10 +39,6 @@ MODEL = Path("model") / "model.pkl"  # relative to the run root: workers run the
 PORTS = ("C", "Q", "S")
 NUMPY_STEPS = 300  # gradient steps of the numpy stand-in
 NUMPY_LEARNING_RATE = 0.5
-
-
-class Model(Protocol):
-    def predict_proba(self, x: np.ndarray) -> np.ndarray: ...
 
 
 def design(df: pd.DataFrame) -> np.ndarray:
@@ -73,19 +75,61 @@ class NumpyLogit:
         return np.column_stack([1 - p, p])
 
 
-def load_model() -> Model:
-    """init=: runs once per worker process; the model it returns is every call's ctx."""
+class Placed:
+    """A logistic regression's weights on one device: a GPU through PyTorch, or the CPU in numpy."""
+
+    def __init__(self, coef: np.ndarray, intercept: float, *, torch: Any = None) -> None:
+        self.torch = torch  # the torch module when on the GPU; None on the CPU
+        self.device = "cuda:0" if torch is not None else "cpu"  # cuda:0 is this process's own GPU
+        if torch is None:
+            self.coef, self.intercept = coef, intercept
+        else:
+            self.coef = torch.as_tensor(coef, dtype=torch.float32, device=self.device)
+            self.intercept = torch.as_tensor(intercept, dtype=torch.float32, device=self.device)
+
+    def p_survived(self, x: np.ndarray) -> np.ndarray:
+        if self.torch is None:
+            return np.asarray(1.0 / (1.0 + np.exp(-(x @ self.coef + self.intercept))))
+        t = self.torch
+        with t.no_grad():
+            xs = t.as_tensor(x, dtype=t.float32, device=self.device)
+            return np.asarray(t.sigmoid(xs @ self.coef + self.intercept).cpu().numpy())
+
+
+def gpu_torch() -> Any:
+    """PyTorch when it is installed and sees a GPU (this worker process's, by CUDA_VISIBLE_DEVICES);
+    None otherwise: the model then stays on the CPU."""
+    try:
+        import torch  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return torch if torch.cuda.is_available() else None
+
+
+def weights(fitted: Any) -> tuple[np.ndarray, float]:
+    """(coefficients, intercept) of scikit-learn's LogisticRegression or of the numpy stand-in."""
+    if isinstance(fitted, NumpyLogit):
+        assert fitted.w is not None, "fit the model first"
+        return fitted.w[:-1], float(fitted.w[-1])
+    return np.asarray(fitted.coef_[0], dtype=np.float64), float(fitted.intercept_[0])
+
+
+def load_model() -> Placed:
+    """init=: runs once per worker process, after its CUDA_VISIBLE_DEVICES is set; the model it
+    returns, on that process's GPU or the CPU, is every call's ctx."""
     with open(MODEL, "rb") as f:
-        model: Model = pickle.load(f)
-    return model
+        fitted = pickle.load(f)
+    coef, intercept = weights(fitted)
+    return Placed(coef, intercept, torch=gpu_torch())
 
 
 @filetask(src="shards/*.parquet", out="predictions/{stem}.parquet", init=load_model)
-def predict(src: Path, out: Path, ctx: Model) -> None:
+def predict(src: Path, out: Path, ctx: Placed) -> None:
     shard = pd.read_parquet(src)
-    p = ctx.predict_proba(design(shard))[:, 1]
+    p = ctx.p_survived(design(shard))
     pd.DataFrame({"passenger_id": shard["passenger_id"], "p_survived": p.astype(np.float32),
-                  "survived_pred": (p >= 0.5).astype(np.int8)}).to_parquet(out, index=False)
+                  "survived_pred": (p >= 0.5).astype(np.int8),
+                  "device": pd.Categorical([ctx.device] * len(shard))}).to_parquet(out, index=False)
 
 
 def passengers(n: int, *, seed: int = 0) -> pd.DataFrame:

@@ -198,11 +198,54 @@ def now() -> float:
     return time.time()
 
 
+MAX_GPUS = 64  # GPUs one metric sample may list
+MAX_GPU_MIB = float(1 << 40)
+
+
+@dataclass(frozen=True)
+class GpuMetric:
+    """One GPU in a metric sample."""
+
+    index: int  # the driver's index (what CUDA_VISIBLE_DEVICES names)
+    util: float | None  # percent of the sample a kernel ran, 0-100; None: the card does not say
+    mem_used_mib: float | None  # peak over the sample
+    mem_total_mib: float | None
+
+
+def gpu_metrics(raw: object) -> tuple[GpuMetric, ...] | None:
+    """The `gpus` field of a metric sample read back from the share, validated: () when absent (a
+    CPU host, or a sampler older than GPU sampling), None when it is not what a sampler writes."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or len(raw) > MAX_GPUS:
+        return None
+    out = []
+    for g in raw:
+        if not isinstance(g, dict):
+            return None
+        index, util, used, total = g.get("index"), g.get("util"), g.get("mem_used_mib"), g.get("mem_total_mib")
+        if (isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < MAX_GPUS
+                or not _maybe_number(util, 100.0) or not _maybe_number(used, MAX_GPU_MIB)
+                or not _maybe_number(total, MAX_GPU_MIB)):
+            return None
+        out.append(GpuMetric(index, _float(util), _float(used), _float(total)))
+    return tuple(out)
+
+
+def _maybe_number(v: object, high: float) -> bool:
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= high)
+
+
+def _float(v: object) -> float | None:
+    return None if v is None else float(v)  # type: ignore[arg-type]
+
+
 @dataclass(frozen=True)
 class MetricSample:
     """One line of a host's metrics file (`.spotfan/metrics/<host>.jsonl`, see layout.py) while
     it runs tasks: a cluster VM's sampler writes them, `tasks report` draws them (it needs "t"
-    and "cpu", and uses "iowait"; other lines are skipped, the file may be torn or forged)."""
+    and "cpu", and uses "iowait" and "gpus"; other lines are skipped, the file may be torn or
+    forged; "gpus" is optional, so samples written before it read as samples without GPUs)."""
 
     t: float  # end of the sample, epoch seconds
     host: str  # socket.gethostname(), as in the tasks' execution logs
@@ -222,6 +265,7 @@ class MetricSample:
     workers: int  # the worker's processes
     workers_cpu: float  # their CPU, percent of one core
     workers_rss: int  # their resident memory, bytes
+    gpus: tuple[GpuMetric, ...] = ()  # each GPU of the host; () on a host without (or before GPU sampling)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

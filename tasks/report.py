@@ -1,13 +1,14 @@
-"""A picture of a run: tasks completed over time per host, and CPU use per host, as a PNG
-and an HTML page in the task's bookkeeping folder (`.spotfan/tasks/<task>/report.*`).
+"""A picture of a run: tasks completed over time per host, CPU use per host (and GPU use per host
+when the samples have it), as a PNG and an HTML page in the task's bookkeeping folder
+(`.spotfan/tasks/<task>/report.*`).
 
 Reads only files under the root, so it works while the run goes on:
   - the execution logs, `.spotfan/tasks/<task>/log/*.jsonl`, one row per execution:
     {"key", "start", "seconds", "ok", "dup", "owner", "host"};
   - metric samples, if hosts record them, `.spotfan/metrics/<host>.jsonl`: one
     `records.MetricSample` per line, of which "t" (seconds since the epoch, end of the
-    sample) and "cpu" (busy percent of the whole machine, 0-100) are needed and "iowait"
-    (percent) is used when present.
+    sample) and "cpu" (busy percent of the whole machine, 0-100) are needed, "iowait"
+    (percent) and "gpus" (records.GpuMetric per GPU) are used when present.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import numpy as np
 from tasks.errors import ReportError
 from tasks.fs import atomic_write
 from tasks.layout import METRICS_DIR, Layout
-from tasks.records import read_jsonl, read_logs
+from tasks.records import gpu_metrics, read_jsonl, read_logs
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ METRICS_GAP_FACTOR = 3.0  # samples further apart than this many typical interva
 MAX_LEGEND_HOSTS = 16  # above this many hosts the legend is left out (the table names them)
 FIG_SIZE = (11.0, 8.5)  # inches
 DPI = 110
+GPU_PANEL_IN = 2.2  # inches added to the figure for the GPU panel
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class HostSummary:
     busy_s: float  # the sum of its tasks' run times
     cpu_mean: float | None  # mean CPU busy percent from metric samples, if recorded
     iowait_mean: float | None  # mean iowait percent from metric samples, if recorded
+    gpu_mean: float | None = None  # mean GPU busy percent (over its GPUs and samples), if recorded
 
     @property
     def rate(self) -> float:
@@ -103,14 +106,18 @@ def _is_row(r: Any) -> bool:
 
 def read_metrics(root: str | Path, *, since: float = 0.0,
                  until: float = float("inf")) -> dict[str, list[dict[str, Any]]]:
-    """Metric samples per host between `since` and `until`, sorted by time. Torn or
-    foreign lines are skipped: a recorder may be killed mid-line."""
+    """Metric samples per host between `since` and `until`, sorted by time; each one's "gpus"
+    is a validated tuple of records.GpuMetric (() for a host without). Torn or foreign lines
+    are skipped: a recorder may be killed mid-line."""
     found: dict[str, list[dict[str, Any]]] = {}
     for name, s in read_jsonl(Path(root) / METRICS_DIR):
         if (isinstance(s.get("t"), (int, float)) and isinstance(s.get("cpu"), (int, float))
                 and since <= s["t"] <= until):
+            gpus = gpu_metrics(s.get("gpus"))
+            if gpus is None:
+                continue  # a "gpus" no sampler writes: the line is foreign
             host = str(s.get("host") or name[: -len(".jsonl")])
-            found.setdefault(host, []).append(s)
+            found.setdefault(host, []).append({**s, "gpus": gpus})
     for samples in found.values():
         samples.sort(key=lambda s: s["t"])
     return found
@@ -126,6 +133,7 @@ def _summaries(rows: list[dict[str, Any]],
         hr = by_host.get(host, [])
         samples = metrics.get(host, [])
         iowaits = [s["iowait"] for s in samples if isinstance(s.get("iowait"), (int, float))]
+        gpu_use = [u for u in (_gpu_use(s) for s in samples) if u is not None]
         out.append(HostSummary(
             host,
             tasks=sum(1 for r in hr if r.get("ok")),
@@ -134,8 +142,15 @@ def _summaries(rows: list[dict[str, Any]],
             last=max((r["start"] + r["seconds"] for r in hr), default=0.0),
             busy_s=sum(r["seconds"] for r in hr),
             cpu_mean=float(np.mean([s["cpu"] for s in samples])) if samples else None,
-            iowait_mean=float(np.mean(iowaits)) if iowaits else None))
+            iowait_mean=float(np.mean(iowaits)) if iowaits else None,
+            gpu_mean=float(np.mean(gpu_use)) if gpu_use else None))
     return out
+
+
+def _gpu_use(sample: dict[str, Any]) -> float | None:
+    """Mean busy percent of a sample's GPUs that report it; None for a sample without."""
+    utils = [g.util for g in sample.get("gpus", ()) if g.util is not None]
+    return float(np.mean(utils)) if utils else None
 
 
 def _thin(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -153,9 +168,12 @@ def _draw(task: str, rows: list[dict[str, Any]], metrics: dict[str, list[dict[st
     unit, scale = ("min", 60.0) if span_s >= 180 else ("s", 1.0)
     names = [h.host for h in hosts]
     colors = {h: _color(i) for i, h in enumerate(names)}
-    fig = Figure(figsize=FIG_SIZE, dpi=DPI, layout="constrained")
-    ax_all, ax_host, ax_cpu = fig.subplots(3, 1, sharex=True,
-                                           gridspec_kw={"height_ratios": [1, 1.4, 1.2]})
+    with_gpus = any(h.gpu_mean is not None for h in hosts)
+    fig = Figure(figsize=(FIG_SIZE[0], FIG_SIZE[1] + (GPU_PANEL_IN if with_gpus else 0.0)), dpi=DPI,
+                 layout="constrained")
+    axes = fig.subplots(4 if with_gpus else 3, 1, sharex=True,
+                        gridspec_kw={"height_ratios": [1, 1.4, 1.2] + ([1.2] if with_gpus else [])})
+    ax_all, ax_host, ax_cpu = axes[:3]
     ok_ends = np.sort(np.array([r["start"] + r["seconds"] for r in rows if r.get("ok")]))
     bad_ends = np.sort(np.array([r["start"] + r["seconds"] for r in rows if not r.get("ok")]))
 
@@ -190,28 +208,28 @@ def _draw(task: str, rows: list[dict[str, Any]], metrics: dict[str, list[dict[st
         ax_host.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8,
                        frameon=False, title="host (tasks)", title_fontsize=8)
 
-    # CPU per host from recorded samples.
+    # CPU (and GPU) per host from recorded samples.
     ax_cpu.set_title("CPU use per host", loc="left", fontsize=11)
     ax_cpu.set_ylabel("CPU busy %")
     ax_cpu.set_ylim(0, 105)
     if metrics:
         for h, samples in sorted(metrics.items()):
-            # A sample covers the seconds before its time stamp: draw it at their middle.
-            t = (np.array([s["t"] - s.get("seconds", 0.0) / 2 for s in samples]) - start) / scale
-            cpu = np.array([s["cpu"] for s in samples], dtype=float)
-            t, cpu = _thin(t, cpu)
-            if len(t) > 2:  # a VM that records nothing (preempted, stopped) is drawn as a gap
-                steps = np.diff(t)
-                gaps = np.flatnonzero(steps > METRICS_GAP_FACTOR * np.median(steps))
-                t, cpu = np.insert(t, gaps + 1, t[gaps]), np.insert(cpu, gaps + 1, np.nan)
-            ax_cpu.plot(t, cpu, color=colors.get(h, "gray"), lw=1.3, marker="." if len(t) < 60
-                        else None, ms=4, label=h)
+            _series(ax_cpu, samples, lambda s: float(s["cpu"]), start, scale, colors.get(h, "gray"), h)
     else:
         ax_cpu.text(0.5, 0.5, "no metric samples recorded\n(workers record them with "
                     "a sampler such as cluster.vm.top record into .spotfan/metrics/)",
                     ha="center", va="center", transform=ax_cpu.transAxes, color="gray")
-    ax_cpu.set_xlabel(f"time since the first task started ({unit})")
-    for ax in (ax_all, ax_host, ax_cpu):
+    if with_gpus:  # one line per VM: the mean of its GPUs, so a VM with idle GPUs stands out
+        ax_gpu = axes[3]
+        ax_gpu.set_title("GPU use per host (mean of its GPUs)", loc="left", fontsize=11)
+        ax_gpu.set_ylabel("GPU busy %")
+        ax_gpu.set_ylim(0, 105)
+        for h, samples in sorted(metrics.items()):
+            if any(_gpu_use(s) is not None for s in samples):
+                _series(ax_gpu, samples, lambda s: _gpu_use(s) if _gpu_use(s) is not None else np.nan, start,
+                        scale, colors.get(h, "gray"), h)
+    axes[-1].set_xlabel(f"time since the first task started ({unit})")
+    for ax in axes:
         ax.grid(True, alpha=0.3)
         ax.spines[["top", "right"]].set_visible(False)
     pad = 0.02 * span_s / scale
@@ -224,6 +242,21 @@ def _draw(task: str, rows: list[dict[str, Any]], metrics: dict[str, list[dict[st
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
+
+
+def _series(ax: Any, samples: list[dict[str, Any]], value: Any, start: float, scale: float, color: str,
+            label: str) -> None:
+    """One host's samples as a line; a VM that recorded nothing for a while (preempted, stopped)
+    is drawn as a gap."""
+    # A sample covers the seconds before its time stamp: draw it at their middle.
+    t = (np.array([s["t"] - s.get("seconds", 0.0) / 2 for s in samples]) - start) / scale
+    y = np.array([value(s) for s in samples], dtype=float)
+    t, y = _thin(t, y)
+    if len(t) > 2:
+        steps = np.diff(t)
+        gaps = np.flatnonzero(steps > METRICS_GAP_FACTOR * np.median(steps))
+        t, y = np.insert(t, gaps + 1, t[gaps]), np.insert(y, gaps + 1, np.nan)
+    ax.plot(t, y, color=color, lw=1.3, marker="." if len(t) < 60 else None, ms=4, label=label)
 
 
 def _rate(n: int, seconds: float) -> str:
@@ -252,10 +285,11 @@ def _pct(v: float | None) -> str:
 def _html(report: Report, root: Path, png: bytes, has_metrics: bool) -> str:
     esc = html.escape
     span = max(report.end - report.start, 1e-9)
+    with_gpus = any(h.gpu_mean is not None for h in report.hosts)
     rows = "\n".join(
         f"<tr><td>{esc(h.host)}</td><td>{h.tasks}</td><td>{h.failures}</td>"
         f"<td>{h.rate:.1f}</td><td>{_duration(h.busy_s)}</td><td>{_pct(h.cpu_mean)}</td>"
-        f"<td>{_pct(h.iowait_mean)}</td>"
+        f"<td>{_pct(h.iowait_mean)}</td>" + (f"<td>{_pct(h.gpu_mean)}</td>" if with_gpus else "") +
         f"<td>{time.strftime('%H:%M:%S', time.gmtime(h.last)) if h.last else ''}</td></tr>"
         for h in report.hosts)
     note = "" if has_metrics else (
@@ -282,7 +316,7 @@ img {{ max-width: 100%; }}
  src="data:image/png;base64,{data}"></a>
 <table>
 <tr><th>host</th><th>tasks</th><th>failures</th><th>tasks/min</th><th>task time</th>
-<th>mean CPU %</th><th>mean iowait %</th><th>last task ended (UTC)</th></tr>
+<th>mean CPU %</th><th>mean iowait %</th>{"<th>mean GPU %</th>" if with_gpus else ""}<th>last task ended (UTC)</th></tr>
 {rows}
 </table>
 {note}

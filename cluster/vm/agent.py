@@ -118,7 +118,7 @@ class Agent:
         self.rate = ExecutionRate(s.root, self.hostname)
         self.problem = ""  # why this VM cannot work (no GPU driver): then it runs nothing
         self.recorder = Recorder(python=s.python, python_path=s.python_path, home=s.home,
-                                 interval=s.metrics_interval)
+                                 interval=s.metrics_interval, nvidia_smi=s.nvidia_smi)
 
     def on_share(self, rel: str) -> Path:
         """A file of cluster.records' layout, on the mounted share."""

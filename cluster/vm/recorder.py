@@ -24,11 +24,13 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 class Recorder:
     """Keeps one recorder running while `keep(busy=True)` says tasks run, none otherwise."""
 
-    def __init__(self, *, python: str, python_path: str, home: Path, interval: float) -> None:
+    def __init__(self, *, python: str, python_path: str, home: Path, interval: float,
+                 nvidia_smi: str = "nvidia-smi") -> None:
         self.python = python
         self.python_path = python_path
         self.home = home  # its cwd and its log: the VM's own disk (a dead mount must not hang its start)
         self.interval = interval  # seconds per sample; 0: record none
+        self.nvidia_smi = nvidia_smi  # the driver's tool, for GPU use without nvidia-ml-py
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self.next_start = 0.0  # not before this monotonic time (after a failed recorder)
@@ -49,7 +51,7 @@ class Recorder:
             self._start(to)
 
     def _start(self, to: Path) -> None:
-        argv = [self.python, "-m", "cluster.vm.top", "record", "--to", str(to),
+        argv = [self.python, "-m", "cluster.vm.top", "--nvidia-smi", self.nvidia_smi, "record", "--to", str(to),
                 "--interval", f"{self.interval:g}", "--for", f"{RECORDER_MAX_S:g}"]
         env = {**os.environ, "PYTHONPATH": pythonpath(extra=self.python_path)}
         self.starts += 1

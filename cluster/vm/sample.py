@@ -12,14 +12,15 @@ import socket
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import psutil
 
 from cluster.errors import ResultError
 from cluster.records import Fields
-from tasks.records import MetricSample
+from cluster.vm.gpus import MAX_GPUS, MAX_NAME, Gpu, GpuMeter
+from tasks.records import GpuMetric, MetricSample
 
 DEFAULT_SECONDS = 3.0
 MAX_SECONDS = 600.0  # one sample never takes longer than this
@@ -82,6 +83,8 @@ class Sample:
     mem_pressure: float | None  # Linux PSI: percent of the time some task stalled on memory
     workers: WorkerUse  # the worker's own processes
     others: tuple[ProcessUse, ...]  # the busiest other processes
+    gpus: tuple[Gpu, ...] = ()  # each GPU: mean utilisation over the sample, peak memory used
+    gpu_problem: str = ""  # why no GPU is shown ("nvidia-smi: not found" on a CPU VM); "" if the driver answered
 
     def to_dict(self) -> dict[str, Any]:
         return _rounded(asdict(self))
@@ -111,7 +114,8 @@ class Sample:
                 processes=workers.whole("processes", 0, 1 << 32), busy=workers.whole("busy", 0, 1 << 32),
                 runnable=workers.number("runnable", 0, 1e9), blocked=workers.number("blocked", 0, 1e9),
                 cpu=workers.number("cpu", 0, 1e9), rss=workers.whole("rss", 0, 1 << 62)),
-            others=tuple(_process(o, f"{source}: others[{i}]") for i, o in enumerate(others)))
+            others=tuple(_process(o, f"{source}: others[{i}]") for i, o in enumerate(others)),
+            gpus=_gpus(f, source), gpu_problem=f.text("gpu_problem", optional=True) or "")
 
     def metric_sample(self) -> MetricSample:
         """This sample as one line of a metrics file (the format tasks/report.py reads)."""
@@ -122,7 +126,13 @@ class Sample:
             mem_available=self.mem_available, swap_used=self.swap_used,
             disk_read_bps=round(self.disk_read_bps), disk_write_bps=round(self.disk_write_bps),
             net_recv_bps=round(self.net_recv_bps), net_sent_bps=round(self.net_sent_bps),
-            workers=self.workers.processes, workers_cpu=round(self.workers.cpu, 1), workers_rss=self.workers.rss)
+            workers=self.workers.processes, workers_cpu=round(self.workers.cpu, 1), workers_rss=self.workers.rss,
+            gpus=tuple(GpuMetric(index=g.index, util=_round(g.util_pct, 1), mem_used_mib=_round(g.mem_used_mib, 0),
+                                 mem_total_mib=_round(g.mem_total_mib, 0)) for g in self.gpus))
+
+
+def _round(v: float | None, digits: int) -> float | None:
+    return None if v is None else round(v, digits)
 
 
 def _rounded(value: Any) -> Any:
@@ -134,8 +144,6 @@ def _rounded(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_rounded(v) for v in value]
     return value
-
-
 
 
 def _fields(raw: object, source: str) -> Fields:
@@ -156,6 +164,23 @@ def _numbers(f: Fields, key: str, most: int, low: float, high: float, *, exactly
             or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and low <= x <= high for x in v)):
         raise f.refused(key, f"must be a list of at most {most} numbers from {low:g} to {high:g}")
     return tuple(float(x) for x in v)
+
+
+def _gpus(f: Fields, source: str) -> tuple[Gpu, ...]:
+    """The optional `gpus` list (a sampler older than GPU sampling sends none)."""
+    raw = f.raw.get("gpus")
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or len(raw) > MAX_GPUS:
+        raise f.refused("gpus", f"must be a list of at most {MAX_GPUS} GPUs")
+    out = []
+    for i, one in enumerate(raw):
+        g = _fields(one, f"{source}: gpus[{i}]")
+        out.append(Gpu(index=g.whole("index", 0, MAX_GPUS), name=g.text("name", max_len=MAX_NAME),
+                       util_pct=g.number("util_pct", 0, 100, optional=True),
+                       mem_used_mib=g.number("mem_used_mib", 0, 1 << 40, optional=True),
+                       mem_total_mib=g.number("mem_total_mib", 0, 1 << 40, optional=True)))
+    return tuple(out)
 
 
 def _process(raw: object, source: str) -> ProcessUse:
@@ -180,18 +205,23 @@ class _Snap:
 
 
 def sample(duration_s: float = DEFAULT_SECONDS, *, pids: Iterable[int] | None = None,
-           tick_s: float = TICK_S, stop: threading.Event | None = None) -> Sample:
+           tick_s: float = TICK_S, stop: threading.Event | None = None,
+           gpu: GpuMeter | None = None) -> Sample:
     """Sample this machine for `duration_s` seconds (less if `stop` is set).
 
     `pids` names the worker's main processes (default: every `python -m tasks run`
-    process found); they and their descendants are the worker's processes.
+    process found); they and their descendants are the worker's processes. `gpu` looks at
+    the GPUs (a recorder keeps one open across samples); default: one for this sample.
     """
     if not 0 < duration_s <= MAX_SECONDS:
         raise ValueError(f"duration_s must be in (0, {MAX_SECONDS:.0f}], got {duration_s}")
     me = os.getpid()
     mains = set(pids) if pids is not None else _find_runs()
     helpers = _helpers(mains)
+    meter = gpu if gpu is not None else GpuMeter()
+    meter.start()
     first = _snap()
+    meter.look()
     tree_at_start = _tree(mains, _states()[1])
     runnable = blocked_w = blocked_all = 0.0
     ticks = 0
@@ -211,12 +241,16 @@ def sample(duration_s: float = DEFAULT_SECONDS, *, pids: Iterable[int] | None = 
         blocked_all += sum(1 for p, s in states.items()
                            if s == psutil.STATUS_DISK_SLEEP and p != me)
         ticks += 1
+        meter.look()
+    gpus = meter.result()
+    if gpu is None:
+        meter.close()
     last = _snap()
     _, parents = _states()
     tree = _tree(mains, parents)
     ticks = max(ticks, 1)
-    return _build(first, last, mains, helpers, tree_at_start, tree, parents, runnable / ticks,
-                  blocked_w / ticks, blocked_all / ticks, me)
+    return replace(_build(first, last, mains, helpers, tree_at_start, tree, parents, runnable / ticks,
+                          blocked_w / ticks, blocked_all / ticks, me), gpus=gpus.gpus, gpu_problem=gpus.problem)
 
 
 def _snap() -> _Snap:

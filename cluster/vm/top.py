@@ -17,6 +17,7 @@ import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from cluster.vm.gpus import GpuMeter
 from cluster.vm.sample import DEFAULT_SECONDS, MAX_SECONDS, sample
 from cluster.vm.verdict import describe, verdict
 
@@ -24,22 +25,26 @@ RECORD_TICK_S = 1.0  # how often process states are looked at while recording (c
 
 
 def record(path: str | Path, interval_s: float, stop_event: threading.Event, *,
-           pids: Iterable[int] | None = None, max_samples: int | None = None) -> int:
+           pids: Iterable[int] | None = None, max_samples: int | None = None,
+           gpu: GpuMeter | None = None) -> int:
     """Append one metric sample per `interval_s` to `path` until `stop_event` is set (or
-    `max_samples` were written). Returns how many were written."""
+    `max_samples` were written). Returns how many were written. `gpu` looks at the GPUs,
+    kept open across samples (default: NVML or `nvidia-smi` on PATH)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    meter = gpu if gpu is not None else GpuMeter()
     written = 0
-    with open(path, "a", encoding="utf-8") as f:
-        while not stop_event.is_set() and (max_samples is None or written < max_samples):
-            s = sample(interval_s, pids=pids, tick_s=min(RECORD_TICK_S, interval_s),
-                       stop=stop_event)
-            f.write(s.metric_sample().to_json() + "\n")
-            f.flush()
-            written += 1
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            while not stop_event.is_set() and (max_samples is None or written < max_samples):
+                s = sample(interval_s, pids=pids, tick_s=min(RECORD_TICK_S, interval_s),
+                           stop=stop_event, gpu=meter)
+                f.write(s.metric_sample().to_json() + "\n")
+                f.flush()
+                written += 1
+    finally:
+        meter.close()
     return written
-
-
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -51,6 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, help="pool processes the run was asked for")
     parser.add_argument("--pid", type=int, action="append", dest="pids",
                         help="a worker's main process (default: every `python -m tasks run`)")
+    parser.add_argument("--nvidia-smi", default="nvidia-smi",
+                        help="the driver's tool, when nvidia-ml-py is not installed (default: on PATH)")
     sub = parser.add_subparsers(dest="command")
     rec = sub.add_parser("record", help="append a metric sample every --interval seconds")
     rec.add_argument("--to", required=True, help="file to append to, e.g. "
@@ -68,12 +75,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         limit = None if args.duration is None else max(1, round(args.duration / args.interval))
         try:
-            n = record(args.to, args.interval, stop, pids=args.pids, max_samples=limit)
+            n = record(args.to, args.interval, stop, pids=args.pids, max_samples=limit,
+                       gpu=GpuMeter(nvidia_smi=args.nvidia_smi))
         except KeyboardInterrupt:
             return 130
         print(f"wrote {n} sample(s) to {args.to}", file=sys.stderr)
         return 0
-    s = sample(args.seconds, pids=args.pids)
+    meter = GpuMeter(nvidia_smi=args.nvidia_smi)
+    try:
+        s = sample(args.seconds, pids=args.pids, gpu=meter)
+    finally:
+        meter.close()
     v = verdict(s, workers=args.workers)
     if args.json:
         print(json.dumps({"sample": s.to_dict(), "verdict": v.to_dict()}))

@@ -17,7 +17,10 @@ IO_PRESSURE_PCT = 20.0  # Linux PSI: share of time some task stalled on I/O
 MEM_AVAILABLE_MIN = 0.10  # less available memory than this share is memory pressure
 SWAP_BPS = 1 << 20  # swapping faster than this (bytes/s) is memory pressure
 MEM_PRESSURE_PCT = 10.0  # Linux PSI: share of time some task stalled on memory
-VERDICT_KINDS = ("idle", "memory", "cpu-bound", "too-few", "io-wait", "waiting", "ok")
+GPU_BUSY_PCT = 80.0  # mean GPU utilisation from which the GPUs count as the limit
+GPU_MEM_FULL = 0.95  # a GPU with this share of its memory in use is memory-bound
+VERDICT_KINDS = ("idle", "memory", "gpu-memory", "gpu-bound", "input-bound", "cpu-bound", "too-few", "io-wait",
+                 "waiting", "ok")
 MAX_ADVICE = 20
 MAX_ADVICE_CHARS = 4096
 
@@ -26,7 +29,7 @@ MAX_ADVICE_CHARS = 4096
 class Verdict:
     """What limits the run on one machine, and what to do about it."""
 
-    kind: str  # one of VERDICT_KINDS: idle | memory | cpu-bound | too-few | io-wait | waiting | ok
+    kind: str  # one of VERDICT_KINDS: idle | memory | gpu-memory | gpu-bound | input-bound | cpu-bound | ...
     summary: str  # one line a person reads first
     advice: tuple[str, ...]  # concrete next steps, most useful first
 
@@ -69,6 +72,11 @@ def verdict(s: Sample, *, workers: int | None = None) -> Verdict:
     running = w.pool or n  # processes there are; `n` is how many there should be
     cpu_bound = running > 0 and w.runnable >= CPU_BOUND_SHARE * running
     saturated = s.cpu >= SATURATED_PCT
+    io_busy = (s.iowait >= IOWAIT_PCT or w.blocked >= BLOCKED_WORKERS
+               or (s.io_pressure or 0.0) >= IO_PRESSURE_PCT)
+    on_gpus = _gpu_verdict(s, cpu_busy=cpu_bound or saturated, io_busy=io_busy, others=others)
+    if on_gpus is not None:
+        return on_gpus
     if cpu_bound and saturated:
         return Verdict("cpu-bound", f"CPU-bound and saturated: {n} worker process(es) use "
                        f"{used}; the machine is {s.cpu:.0f}% busy",
@@ -78,8 +86,7 @@ def verdict(s: Sample, *, workers: int | None = None) -> Verdict:
                         "loops, skip work whose result is not used") + others)
     if cpu_bound and n < cores:
         return _too_few(n, cores, s, others)
-    if not cpu_bound and (s.iowait >= IOWAIT_PCT or w.blocked >= BLOCKED_WORKERS
-                          or (s.io_pressure or 0.0) >= IO_PRESSURE_PCT):
+    if not cpu_bound and io_busy:
         return Verdict("io-wait", f"CPU idle, waiting on disk or the shared mount: workers use "
                        f"{used}, iowait {s.iowait:.0f}%, {w.blocked:.1f} worker process(es) "
                        f"blocked in I/O, disk {_mib(s.disk_read_bps)} read / "
@@ -103,6 +110,53 @@ def verdict(s: Sample, *, workers: int | None = None) -> Verdict:
                         "and publish round trips dominate") + others)
     return Verdict("ok", f"busy and balanced: {n} worker process(es) use {used}; the machine "
                    f"is {s.cpu:.0f}% busy", others)
+
+
+def _gpu_verdict(s: Sample, *, cpu_busy: bool, io_busy: bool, others: tuple[str, ...]) -> Verdict | None:
+    """On a VM whose GPUs report: what limits them (None: no GPU, or none reports its use)."""
+    full = [g for g in s.gpus if g.mem_used_mib is not None and g.mem_total_mib
+            and g.mem_used_mib >= GPU_MEM_FULL * g.mem_total_mib]
+    if full:
+        g = full[0]
+        assert g.mem_used_mib is not None and g.mem_total_mib is not None
+        return Verdict("gpu-memory", f"GPU memory-bound: {len(full)} of {len(s.gpus)} GPU(s) nearly full, GPU "
+                       f"{g.index} holds {g.mem_used_mib / 1024:.1f} of {g.mem_total_mib / 1024:.1f} GiB",
+                       ("smaller batches, or half precision (float16/bfloat16) weights and activations: a full "
+                        "GPU runs out of memory or falls back to slower kernels",
+                        "one model per worker process, loaded once in init= on its own GPU (one worker "
+                        "process per GPU is the default)",
+                        "a framework that reserves all GPU memory up front (TensorFlow does by default) looks "
+                        "full here: let it allocate on demand to see what the task needs",
+                        "a GPU type with more memory per GPU") + others)
+    utils = [g.util_pct for g in s.gpus if g.util_pct is not None]
+    if not utils:
+        return None
+    mean = sum(utils) / len(utils)
+    each = ", ".join(f"GPU {g.index} {g.util_pct:.0f}%" for g in s.gpus if g.util_pct is not None)
+    if mean >= GPU_BUSY_PCT:
+        return Verdict("gpu-bound", f"GPU-bound: {len(utils)} GPU(s) {mean:.0f}% busy ({each}); the CPU is "
+                       f"{s.cpu:.0f}% busy",
+                       ("this VM's GPUs do all they can: more GPU VMs make the run faster, more CPU or a "
+                        "faster disk would not",
+                        "make each GPU faster: bigger batches, half precision, a compiled model, or a "
+                        "faster GPU type") + others)
+    if cpu_busy or io_busy:
+        why = (f"the CPU is {s.cpu:.0f}% busy" if cpu_busy else "") + (" and " if cpu_busy and io_busy else "") \
+            + (f"I/O waits (iowait {s.iowait:.0f}%, {s.workers.blocked:.1f} worker process(es) blocked, disk "
+               f"{_mib(s.disk_read_bps)} read)" if io_busy else "")
+        cpu_advice = ("more data-loading workers: decode and preprocess the next inputs in parallel while the "
+                      "GPU works (a DataLoader's num_workers, a thread pool in the task), or do less per "
+                      "input on the CPU",)
+        io_advice = ("a faster disk: copy the inputs to the VM's local SSD first instead of reading each over "
+                     "the shared mount, and prefetch the next batch",)
+        return Verdict("input-bound", f"input-bound: the GPU(s) wait for input, {mean:.0f}% busy ({each}), "
+                       f"while {why}",
+                       (cpu_advice + io_advice if cpu_busy else io_advice + cpu_advice) + others)
+    return Verdict("waiting", f"GPU(s) and CPU idle, workers waiting: GPU(s) {mean:.0f}% busy ({each}), the "
+                   f"CPU {s.cpu:.0f}% busy, without disk wait: they wait on the network, the shared mount, a "
+                   "remote service or a sleep",
+                   ("read inputs locally instead of over the shared mount",
+                    "bigger batches per GPU call; bigger chunks (--chunk-size) if each key is tiny") + others)
 
 
 def _too_few(n: int, cores: int, s: Sample, others: tuple[str, ...]) -> Verdict:
@@ -143,7 +197,18 @@ def describe(s: Sample, v: Verdict) -> str:
         f"  network  {_mib(s.net_recv_bps)} in, {_mib(s.net_sent_bps)} out",
         f"  workers  {w.runs} run(s), {w.pool} pool process(es), {w.processes} in all, "
         f"{w.busy} busy; {w.cpu:.0f}% CPU, {w.rss / 2**20:.0f} MiB RSS",
+        *_gpu_lines(s),
         f"verdict: {v.summary}",
     ]
     lines += [f"  - {a}" for a in v.advice]
     return "\n".join(lines)
+
+
+def _gpu_lines(s: Sample) -> list[str]:
+    """One line per GPU, or one that says there is none, and why: never a made-up 0 %."""
+    if not s.gpus:
+        return [f"  gpu      no GPU ({s.gpu_problem or 'the driver shows none'})"]
+    return [f"  gpu {g.index:<4} {g.name}: " + ("busy unknown" if g.util_pct is None else f"{g.util_pct:.0f}% busy")
+            + ", memory " + ("unknown" if g.mem_used_mib is None or g.mem_total_mib is None else
+                             f"{g.mem_used_mib / 1024:.1f} of {g.mem_total_mib / 1024:.1f} GiB used")
+            for g in s.gpus]

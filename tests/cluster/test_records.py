@@ -112,4 +112,4 @@ def test_metric_samples_are_what_the_engines_report_reads(tmp_path: Path):
     path = tmp_path / records.metrics_file("vm-1")
     path.parent.mkdir(parents=True)
     path.write_text(s.to_json() + "\n")
-    assert read_metrics(tmp_path) == {"vm-1": [json.loads(s.to_json())]}
+    assert read_metrics(tmp_path) == {"vm-1": [{**json.loads(s.to_json()), "gpus": ()}]}  # a CPU host: no GPUs

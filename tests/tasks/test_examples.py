@@ -64,7 +64,7 @@ def test_inference(tmp_path: Path, model: str) -> None:
     out = prepare("inference", tmp_path, "--n", "8000", "--model", model)
     assert ("LogisticRegression" if model == "sklearn" else "NumpyLogit") in out
     table = run_and_collect(["examples.inference:predict"], tmp_path, "predictions.parquet")
-    assert list(table.columns) == ["key", "passenger_id", "p_survived", "survived_pred"]
+    assert list(table.columns) == ["key", "passenger_id", "p_survived", "survived_pred", "device"]
     truth = pd.concat(pd.read_parquet(p) for p in sorted((tmp_path / "shards").glob("*.parquet")))
     assert len(table) == len(truth) == 3000
     merged = table.merge(truth, on="passenger_id")

@@ -171,6 +171,9 @@ def translate(err: ApiError, *, doing: str, region: str | None) -> ProvisionErro
     if err.code.startswith("InvalidAMIID"):
         return ProvisionError(f"{what}: check [aws] image: `aws ec2 describe-images --image-ids IMAGE "
                               f"--region {region}` (an AMI belongs to one region)")
+    if err.code == "InvalidInstanceType":
+        return ProvisionError(f"{what}: check [aws] instance_types: `aws ec2 describe-instance-types "
+                              f"--region {region}` lists the types of a region")
     if err.code.startswith("InvalidSubnetID") or err.code == "InvalidAvailabilityZone" or (
             err.code == "InvalidParameterValue" and "zone" in err.message.lower()):
         return ProvisionError(f"{what}: check [aws] zones/subnets: `aws ec2 describe-availability-zones "

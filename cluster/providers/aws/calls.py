@@ -53,6 +53,24 @@ class Ec2:
         self.timing = timing
         self.public = public  # SSH goes to the public address (else the private one)
 
+    # -- instance types ------------------------------------------------------------------
+
+    def gpus_of(self, types: Sequence[str]) -> dict[str, tuple[tuple[str, int], ...]]:
+        """Each instance type's GPUs as EC2 describes them (`GpuInfo.Gpus[]`): (manufacturer, count)
+        pairs, () for a type without GPUs. An unknown type is refused by EC2 (InvalidInstanceType)."""
+        page = self.api.call("describe_instance_types", f"looking up instance types {', '.join(types)}",
+                             InstanceTypes=list(types))
+        found = {}
+        for info in page.get("InstanceTypes", []):
+            gpus = (info.get("GpuInfo") or {}).get("Gpus") or []
+            found[str(info.get("InstanceType"))] = tuple((str(g.get("Manufacturer", "?")), int(g.get("Count") or 0))
+                                                         for g in gpus)
+        missing = [t for t in types if t not in found]
+        if missing:
+            raise ProvisionError(f"EC2 did not describe instance type(s) {', '.join(missing)}: check [aws] "
+                                 f"instance_types (`aws ec2 describe-instance-types --instance-types {missing[0]}`)")
+        return found
+
     # -- the cluster ---------------------------------------------------------------------
 
     def list_raw(self) -> dict[str, dict[str, Any]]:

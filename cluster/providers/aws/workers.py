@@ -73,6 +73,7 @@ class AwsProvider:
         self._boot_script = boot_script
         self._spot_notice = spot_notice
         self._ssh_public_key = ssh_public_key
+        self._gpus: int | None = None  # GPUs per worker, once EC2 described the instance types
 
     @property
     def timing(self) -> Timing:
@@ -181,7 +182,32 @@ class AwsProvider:
             raise GroupError(f"no host keys for {', '.join(sorted(bad))}: {first_failure(bad)}", results)
         return {n: results.get(n, []) for n in names}  # type: ignore[misc]
 
-    # --- capabilities: SelfStopping, Priced --------------------------------------------
+    # --- capabilities: SelfStopping, Priced, Accelerated --------------------------------
+
+    def gpus_per_vm(self) -> int:
+        """The NVIDIA GPUs of every worker, from EC2's description of [aws] instance_types (looked
+        up once per provider); 0 for CPU types. The types must agree: a worker that fails over to
+        the next type must have the GPUs its agent checks for and shares out."""
+        if self._gpus is None:
+            s = self.settings
+            described = self.ec2.gpus_of(s.instance_types)
+            other = {t: sorted({m for m, _ in g if m.upper() != "NVIDIA"}) for t, g in described.items()}
+            other = {t: m for t, m in other.items() if m}
+            if other:
+                t = sorted(other)[0]
+                raise ConfigError(f"[aws] instance_types: {t} has {', '.join(other[t])} GPUs; spotfan checks and "
+                                  "shares out NVIDIA GPUs only (nvidia-smi, CUDA_VISIBLE_DEVICES): pick NVIDIA "
+                                  "GPU types (g4dn, g5, g6, p3, p4d, ...) or CPU types")
+            counts = {t: sum(n for _, n in g) for t, g in described.items()}
+            if len(set(counts.values())) > 1:
+                listed = ", ".join(f"{t} {counts[t]}" for t in s.instance_types)
+                raise ConfigError(f"[aws] instance_types have different GPU counts ({listed}): every worker must "
+                                  "have as many GPUs as the others, list types with the same count")
+            self._gpus = counts[s.instance_types[0]]
+            if self._gpus:
+                logger.info("%s: %d NVIDIA GPU(s) per worker", s.instance_types[0], self._gpus)
+        return self._gpus
+
 
     @property
     def self_stop_command(self) -> str:
@@ -218,6 +244,7 @@ class AwsProvider:
         """Launch `names`, each trying every zone of a type before the next type; what each landed on."""
         if not names:
             return {}
+        self.gpus_per_vm()  # types with different GPU counts are refused before any VM bills
         s = self.settings
         key = self.ec2.ensure_key_pair(s.key_pair, self.public_key())
         subnet = s.subnets[0] if s.subnets else None
