@@ -146,8 +146,8 @@ class AwsProvider:
     def delete(self, names: Sequence[str]) -> None:
         """Terminate the named workers (their spot requests cancelled first) and list until none is live.
 
-        Once the cluster has no live instance at all, the security group and key pair that
-        spotfan made for it are deleted too.
+        Once the cluster has no live instance at all (its head included), the security group
+        and key pair that spotfan made for it are deleted too.
         """
         existing = self.ec2.list_raw()
         targets = [n for n in names if n in existing]
@@ -161,7 +161,7 @@ class AwsProvider:
                 f"still live after terminate: {', '.join(left)}; run `fab down` again, or `aws ec2 "
                 f"describe-instances --filters Name=tag:spotfan-cluster,Values={self.cluster_name}`")
         logger.info("terminated %d instance(s); none of %d named is live", len(targets), len(names))
-        if not self.ec2.list_raw():
+        if not self.ec2.list_raw(role=None):  # a head instance of the cluster uses them too
             if self.settings.spot:
                 self.ec2.cancel_open_requests()
             for what in self.ec2.delete_created(group=self.settings.security_group, key_pair=self.settings.key_pair):
