@@ -13,6 +13,7 @@ import re
 import shlex
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
@@ -44,9 +45,9 @@ logger = logging.getLogger(__name__)
 
 MAX_PARALLEL_CALLS = 8  # concurrent API calls in one fan-out
 _VM_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
-# A stopped instance EC2 will not start (capacity, or a spot request that only EC2 may fulfil):
-# a worker holds no state, so it is terminated and launched again elsewhere.
-_RELAUNCH_CODES = ("InsufficientInstanceCapacity", "IncorrectSpotRequestState", "IncorrectInstanceState")
+# A stopped instance EC2 will not start but not for capacity (a stopped spot instance that only
+# the Spot service may start): a worker holds no state, so it is terminated and launched again.
+_RELAUNCH_CODES = ("IncorrectSpotRequestState", "IncorrectInstanceState")
 
 
 class AwsProvider:
@@ -119,20 +120,28 @@ class AwsProvider:
         gone = [n for n in names if n not in existing]
         stopped = [n for n in names if n in existing and status_of(existing[n]) is Status.TERMINATED]
         results = self._fan_out(stopped, lambda n: self.ec2.start(existing[n]["InstanceId"], doing=f"starting {n}"))
-        refused = [n for n, r in results.items() if isinstance(r, ProvisionError) and any(
+        # No capacity for it where it is (a stockout), or a start only EC2 may do (a stopped spot
+        # instance): a worker holds no state, so it is terminated and launched again.
+        full = [n for n, r in results.items() if isinstance(r, StockoutError)]
+        refused = full + [n for n, r in results.items() if isinstance(r, ProvisionError) and n not in full and any(
             c in str(r) for c in _RELAUNCH_CODES)]
         bad = {n: r for n, r in failed(results).items() if n not in refused}
         if bad:
             raise GroupError(f"could not start {', '.join(sorted(bad))}: {first_failure(bad)}", results)
         for n in refused:
-            logger.info("%s cannot be started (%s); terminating it and launching it again", n, results[n])
+            logger.warning("%s cannot be started (%s); terminating it and launching it again%s", n, results[n],
+                           " elsewhere first" if n in full else "")
             self.ec2.terminate(existing[n], doing=f"terminating {n}")
         if refused:
             self.ec2.wait_gone(refused)
-        if gone or refused:
-            logger.info("launching %d worker(s) again: %s", len(gone + refused), ", ".join(gone + refused))
-            self._launch(gone + refused)
-        return self._booted(names)
+        if gone:
+            logger.info("launching %d worker(s) that are gone: %s", len(gone), ", ".join(gone))
+        self._launch(gone + [n for n in refused if n not in full])
+        for where in sorted({self._where(existing[n]) for n in full}):
+            # Where it could not start is tried last: every other zone, then every other type.
+            self._launch([n for n in full if self._where(existing[n]) == where], last=where)
+        again = set(gone) | set(refused)
+        return [replace(i, recreated=True) if i.name in again else i for i in self._booted(names)]
 
     def stop(self, names: Sequence[str]) -> None:
         """Stop the named workers (their volumes stay); missing or stopped ones are fine."""
@@ -214,8 +223,9 @@ class AwsProvider:
 
     # --- inside ------------------------------------------------------------------------
 
-    def _launch(self, names: Sequence[str]) -> dict[str, Launch]:
-        """Launch `names`, each trying every zone of a type before the next type; what each landed on."""
+    def _launch(self, names: Sequence[str], *, last: tuple[str, str | None] | None = None) -> dict[str, Launch]:
+        """Launch `names`, each trying every zone of a type before the next type (`last`, an
+        (instance type, zone or subnet) where they could not run, after every other); what each landed on."""
         if not names:
             return {}
         s = self.settings
@@ -226,6 +236,8 @@ class AwsProvider:
         behavior = "terminate" if self.idle_action == "delete" else "stop"
         nonce = uuid.uuid4().hex[:12]
         candidates = [(t, p) for t in s.instance_types for p in s.placements()]
+        if last is not None:
+            candidates = [c for c in candidates if c != last] + [c for c in candidates if c == last]
         placed: dict[str, Launch] = {}
         bad: dict[str, Exception] = {}
         pending = list(names)
@@ -314,6 +326,11 @@ class AwsProvider:
         if len(fields) < 2 or not KEY_TYPE.match(fields[0]) or not KEY_BASE64.match(fields[1]):
             raise ConfigError(f"{self._ssh_public_key}: not an OpenSSH public key (\"ssh-ed25519 AAAA... comment\")")
         return " ".join(fields[:2])
+
+    def _where(self, raw: dict[str, Any]) -> tuple[str, str | None]:
+        """An instance's type and place as [aws] names places: its subnet, zone, or None (EC2 chose)."""
+        s = self.settings
+        return str(raw["InstanceType"]), raw.get("SubnetId") if s.subnets else zone_of(raw) if s.zones else None
 
     def _fan_out(self, items: Sequence[str], fn: Any) -> dict[str, Any]:
         return fan_out(items, fn, key=str, max_parallel=MAX_PARALLEL_CALLS)

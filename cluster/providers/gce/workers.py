@@ -13,6 +13,7 @@ import logging
 import re
 import shlex
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
@@ -146,7 +147,8 @@ class GceProvider:
             self.compute.delete(name, zone)
             others = [z for z in self.settings.zones if z != zone] or [zone]
             self._insert_with_failover([name], others)
-        return self._booted(names)
+        again = set(gone) | set(full)
+        return [replace(i, recreated=True) if i.name in again else i for i in self._booted(names)]
 
     def stop(self, names: Sequence[str]) -> None:
         """Stop the named VMs of this cluster (their boot disks stay); missing or stopped ones are fine."""
