@@ -18,7 +18,7 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
-from cluster.errors import ConfigError, GroupError, ProvisionError, QuotaError, StockoutError
+from cluster.errors import ConfigError, GroupError, ProvisionError, StockoutError
 from cluster.fanout import failed, fan_out, first_failure
 from cluster.providers.aws.api import Ec2Api
 from cluster.providers.aws.bodies import (
@@ -39,6 +39,7 @@ from cluster.providers.aws.calls import Ec2, Timing
 from cluster.providers.aws.cost import CostEstimate, estimate_hourly_cost
 from cluster.providers.aws.settings import AwsSettings
 from cluster.providers.base import Charge, Instance, Status
+from cluster.providers.failover import place, raise_unplaced
 from cluster.ssh_keys import host_pattern
 
 logger = logging.getLogger(__name__)
@@ -223,9 +224,11 @@ class AwsProvider:
 
     # --- inside ------------------------------------------------------------------------
 
-    def _launch(self, names: Sequence[str], *, last: tuple[str, str | None] | None = None) -> dict[str, Launch]:
+    def _launch(self, names: Sequence[str], *,
+                last: tuple[str, str | None] | None = None) -> dict[str, tuple[str, str | None]]:
         """Launch `names`, each trying every zone of a type before the next type (`last`, an
-        (instance type, zone or subnet) where they could not run, after every other); what each landed on."""
+        (instance type, zone or subnet) where they could not run, after every other); the (instance
+        type, zone or subnet) each landed on."""
         if not names:
             return {}
         s = self.settings
@@ -238,49 +241,26 @@ class AwsProvider:
         candidates = [(t, p) for t in s.instance_types for p in s.placements()]
         if last is not None:
             candidates = [c for c in candidates if c != last] + [c for c in candidates if c == last]
-        placed: dict[str, Launch] = {}
-        bad: dict[str, Exception] = {}
-        pending = list(names)
-        for attempt, (itype, place) in enumerate(candidates, 1):
-            if not pending:
-                break
-            launches = {n: Launch(n, itype, place, attempt) for n in pending}
 
-            def one(n: str) -> str:
-                params = run_request(s, launches[n], cluster=self.cluster_name, user_data_text=text, group_id=group,
-                                     key_name=key, shutdown_behavior=behavior,
-                                     token=client_token(self.cluster_name, launches[n], nonce))
-                return self.ec2.run(params, doing=f"launching {n} ({itype} in {place or 'any zone'})")
+        def one(n: str, where: tuple[str, str | None], attempt: int) -> str:
+            itype, place_ = where
+            launch = Launch(n, itype, place_, attempt)
+            params = run_request(s, launch, cluster=self.cluster_name, user_data_text=text, group_id=group,
+                                 key_name=key, shutdown_behavior=behavior,
+                                 token=client_token(self.cluster_name, launch, nonce))
+            return self.ec2.run(params, doing=f"launching {n} ({itype} in {place_ or 'any zone'})")
 
-            results = self._fan_out(pending, one)
-            pending = [n for n, r in results.items() if isinstance(r, StockoutError)]
-            placed.update({n: launches[n] for n, r in results.items() if not isinstance(r, Exception)})
-            bad.update({n: r for n, r in failed(results).items() if n not in pending})
-            if pending:
-                logger.warning("%s in %s has no capacity for %d VM(s) (%s); trying the next zone or type", itype,
-                               place or "any zone", len(pending), first_failure({n: results[n] for n in pending}))
-            if any(isinstance(r, QuotaError) for r in bad.values()):
-                break  # a quota is per region and account: another zone or type will not help
-        for (itype, place) in sorted({(x.instance_type, x.placement or "any zone") for x in placed.values()}):
-            landed = sorted(n for n, x in placed.items() if (x.instance_type, x.placement or "any zone") == (itype, place))
-            logger.info("%d VM(s) landed on %s in %s: %s", len(landed), itype, place, ", ".join(landed))
-        done = f"; launched: {', '.join(sorted(placed)) or 'none'}"
-        quota = [r for r in bad.values() if isinstance(r, QuotaError)]
-        not_created = ", ".join(sorted(set(pending) | set(bad)))
-        if quota:
-            raise QuotaError(f"{quota[0]} (not launched: {not_created}{done})") from quota[0]
-        if bad and not placed:
-            first = bad[sorted(bad)[0]]
-            raise ProvisionError(f"{first} (not launched: {not_created})") from first
-        if bad:
-            raise GroupError(f"could not launch {', '.join(sorted(bad))}: {first_failure(bad)}{done}",
-                             {**placed, **bad})
-        if pending:
-            raise StockoutError(
-                f"no capacity for {', '.join(s.instance_types)} in any of "
-                f"{', '.join(p or 'any zone' for p in s.placements())} for {', '.join(sorted(pending))}{done}; "
-                f"add zones or instance types to [aws], raise [aws] max_price, or retry later")
-        return placed
+        def full(where: tuple[str, str | None], results: dict[str, Any]) -> None:
+            logger.warning("%s in %s has no capacity for %d VM(s) (%s); trying the next zone or type", where[0],
+                           where[1] or "any zone", len(results), first_failure(results))
+
+        out = place(names, candidates, one, fan_out=self._fan_out, on_full=full, log=logger,
+                    landed=lambda where: f"on {where[0]} in {where[1] or 'any zone'}")
+        raise_unplaced(out, verb="launch", made="launched", no_room=lambda done: (
+            f"no capacity for {', '.join(s.instance_types)} in any of "
+            f"{', '.join(p or 'any zone' for p in s.placements())} for {', '.join(sorted(out.pending))}{done}; "
+            f"add zones or instance types to [aws], raise [aws] max_price, or retry later"))
+        return out.placed
 
     def _booted(self, names: Sequence[str]) -> list[Instance]:
         raw = self.ec2.wait_settled(names, settled=(Status.RUNNING, Status.TERMINATED),
