@@ -58,7 +58,7 @@ def up(c, cluster: Cluster, count=None, json=False):
         show.say(f"==> up: head VM cost: {head_cost}")
         head = lifecycle.up_head(cluster, workers=n)
         assert head is not None
-        show.say(f"==> up: head VM {head.name} running in {head.zone} at {head.address} (host keys from guest attributes)")
+        show.say(f"==> up: head VM {head.name} running in {head.zone} at {head.address} (host keys from the provider, not a first connection)")
     reports = lifecycle.up(cluster, count=n, on_plan=lambda p: show.plan(p, cost=_cost(cluster, p.workers)))
     show.reports(reports, as_json=json)
     show.say(f"==> up: {sum(r.action != 'deleted' for r in reports)} VMs working ({time.monotonic() - t:.1f}s)")
@@ -241,7 +241,7 @@ def head_setup(c, cluster: Cluster, count=None):
 
 
 @task(help={"config": "cluster.toml to use",
-            "head": "GCE [gce.head]: also delete the head VM (its data disk is kept)"})
+            "head": "[gce.head] or [aws.head]: also delete the head VM (its data disk or volume is kept)"})
 @_command
 def down(c, cluster: Cluster, head=False):
     """Delete every worker VM and verify none is left (lab: also its head, head user and jail)."""

@@ -33,7 +33,7 @@ class VMReport:
     """What bringing one VM up did."""
 
     name: str
-    action: str  # created | started | running (already was) | deleted
+    action: str  # created | started | recreated (could not be started: made anew) | running (already was) | deleted
     boot: str  # what boot.sh printed (mount and agent lines)
     zone: str | None = None  # where the VM runs, for providers with zones
 
@@ -143,10 +143,12 @@ def up(cluster: Cluster, *, count: int | None = None,
     if missing:
         logger.info("creating %s", ", ".join(missing))
         provider.create(missing)
+    recreated: set[str] = set()
     if stopped:
         logger.info("starting %s", ", ".join(stopped))
-        provider.start(stopped)
-    actions = {n: "created" for n in missing} | {n: "started" for n in stopped}
+        recreated = {i.name for i in provider.start(stopped) if i.recreated}
+    actions = ({n: "created" for n in missing} | {n: "started" for n in stopped}
+               | {n: "recreated" for n in recreated})
     instances = [i for i in provider.list() if i.name in set(wanted)]
     zones = {i.name: i.zone for i in instances}
     refresh_known_hosts(cluster, [i.name for i in instances])

@@ -40,6 +40,7 @@ class Instance:
     status: Status  # lifecycle state at the time of listing
     zone: str | None = None  # where it landed (None where zones mean nothing, as in the lab)
     preempted: bool = False  # True if the provider knows it was preempted (not stopped by us)
+    recreated: bool = False  # True from `start`: it could not start that VM and made a new one in its place
 
 
 HOURS_PER_MONTH = 730.0  # how clouds turn a monthly disk price into an hourly one
@@ -85,7 +86,8 @@ class Provider(Protocol):
         ...
 
     def start(self, names: Sequence[str]) -> list[Instance]:
-        """Start the named TERMINATED VMs again (recreate those that are gone)."""
+        """Start the named TERMINATED VMs again; recreate those that are gone or cannot be started
+        (marked `recreated` in what it returns)."""
         ...
 
     def stop(self, names: Sequence[str]) -> None:

@@ -1,4 +1,5 @@
-"""The Amazon EC2 provider: spot workers by tag with capacity failover across zones, then instance types."""
+"""The Amazon EC2 provider: spot workers by tag with capacity failover across zones, then instance types,
+and an optional head instance."""
 from __future__ import annotations
 
 from importlib.resources import files
@@ -7,6 +8,7 @@ from typing import TYPE_CHECKING
 from cluster.providers.aws import settings
 from cluster.providers.aws.bodies import CLUSTER_TAG
 from cluster.providers.aws.calls import Timing
+from cluster.providers.aws.head import AwsProviderWithHead
 from cluster.providers.aws.settings import AwsSettings
 from cluster.providers.aws.workers import AwsProvider
 from cluster.providers.base import ProviderSpec
@@ -14,7 +16,7 @@ from cluster.providers.base import ProviderSpec
 if TYPE_CHECKING:
     from cluster.config import ClusterConfig
 
-__all__ = ["AWS", "CLUSTER_TAG", "AwsProvider", "AwsSettings", "Timing", "make"]
+__all__ = ["AWS", "CLUSTER_TAG", "AwsProvider", "AwsProviderWithHead", "AwsSettings", "Timing", "make"]
 
 
 def make(config: ClusterConfig) -> AwsProvider:
@@ -23,10 +25,16 @@ def make(config: ClusterConfig) -> AwsProvider:
     if not isinstance(s, AwsSettings):
         raise TypeError(f"the AWS provider needs AwsSettings, not {type(s).__name__}")
     vm = files("cluster.vm")  # package data, read when the first instance is launched
+    public_key = config.ssh.key.with_name(config.ssh.key.name + ".pub")
+    unprovisioned_stop_s = config.idle_timeout + config.ssh.boot_timeout
+    if s.head is not None:
+        return AwsProviderWithHead(s, keys_dir=config.ssh.known_hosts.parent, cluster_name=config.name,
+                                   boot_script=vm / "boot.sh", spot_notice=vm / "spot_notice.sh",
+                                   ssh_public_key=public_key, ssh_user=config.ssh.user,
+                                   idle_action=config.idle_action, unprovisioned_stop_s=unprovisioned_stop_s)
     return AwsProvider(s, cluster_name=config.name, boot_script=vm / "boot.sh", spot_notice=vm / "spot_notice.sh",
-                       ssh_public_key=config.ssh.key.with_name(config.ssh.key.name + ".pub"),
-                       ssh_user=config.ssh.user, idle_action=config.idle_action,
-                       unprovisioned_stop_s=config.idle_timeout + config.ssh.boot_timeout)
+                       ssh_public_key=public_key, ssh_user=config.ssh.user, idle_action=config.idle_action,
+                       unprovisioned_stop_s=unprovisioned_stop_s)
 
 
 AWS = ProviderSpec(name="aws", table="aws", fields=settings.AWS_FIELDS, parse=settings.parse, make=make)

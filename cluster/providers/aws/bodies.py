@@ -16,12 +16,17 @@ from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from typing import Any
 
+from cluster.providers.aws.settings import AwsSettings, HeadSettings
 from cluster.providers.base import Status
-from cluster.providers.aws.settings import AwsSettings
+from cluster.providers.head_vm import DATA_MOUNT, format_and_mount
 
 CLUSTER_TAG = "spotfan-cluster"  # tag key whose value is the cluster name
-ROLE_TAG = "spotfan-role"  # "worker" on workers
+ROLE_TAG = "spotfan-role"  # "worker" on workers, "head" on the head instance, "head-data" on its data volume
 WORKER_ROLE = "worker"
+HEAD_ROLE = "head"
+DATA_ROLE = "head-data"
+DATA_DEVICE = "/dev/sdf"  # where the data volume is attached (a Nitro instance shows an NVMe device instead)
+DEVICE_WAIT_S = 600  # the head's user-data waits this long for its data volume, attached once it runs
 CREATED_TAG = "spotfan-created"  # on a security group or key pair spotfan made: it may delete it
 LIVE_STATES = ("pending", "running", "stopping", "stopped", "shutting-down")  # everything but terminated
 SPOTFAN_HOME = "/var/lib/spotfan"  # the boot script's default state directory on a VM
@@ -117,6 +122,70 @@ def run_request(s: AwsSettings, launch: Launch, *, cluster: str, user_data_text:
         key = "Arn" if s.instance_profile.startswith("arn:") else "Name"
         params["IamInstanceProfile"] = {key: s.instance_profile}
     return params
+
+
+# -- the head instance ([aws.head]) -------------------------------------------------------
+
+def head_name(cluster: str) -> str:
+    return f"{cluster}-head"
+
+
+def data_volume_name(cluster: str) -> str:
+    return f"{head_name(cluster)}-data"
+
+
+def head_script(jail_steps: str, *, volume_id: str) -> str:
+    """The head's user-data shell part, run as root at every boot: the data volume, then the jail.
+
+    The volume is found by its id (a Nitro instance names it by its serial, the id without
+    the dash; an older one at the device it was attached at). `jail_steps` is
+    `cluster.jail.setup_steps(config)`, the very text `fab head-setup` prints.
+    """
+    devices = f"/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_{volume_id.replace('-', '')} /dev/xvdf {DATA_DEVICE}"
+    return f"""#!/bin/bash
+# spotfan head instance: mount the data volume {volume_id} (format it only if it has no filesystem), then jail.
+set -eu
+dev=
+for _ in $(seq {DEVICE_WAIT_S}); do
+  for d in {devices}; do if [ -b "$d" ]; then dev=$(readlink -f "$d"); break 2; fi; done
+  sleep 1
+done
+[ -n "$dev" ] || {{ echo "spotfan: data volume {volume_id} is not attached (none of {devices})" >&2; exit 1; }}
+{format_and_mount(DATA_MOUNT)}
+# The jail: the steps `fab head-setup` prints for an existing head, run here by spotfan
+# itself, on the head instance it made.
+{jail_steps}"""
+
+
+def head_run_request(s: AwsSettings, h: HeadSettings, *, cluster: str, zone: str, user_data_text: str,
+                     group_id: str, key_name: str, token: str) -> dict[str, Any]:
+    """The RunInstances parameters for the head: on-demand (never spot), IMDSv2, stops on shutdown."""
+    tags = [{"Key": k, "Value": v} for k, v in {**s.tags, CLUSTER_TAG: cluster, ROLE_TAG: HEAD_ROLE,
+                                                 "Name": head_name(cluster)}.items()]
+    nic: dict[str, Any] = {"DeviceIndex": 0, "AssociatePublicIpAddress": s.public_ip, "Groups": [group_id],
+                           "DeleteOnTermination": True}
+    params: dict[str, Any] = {
+        "ImageId": h.image, "InstanceType": h.instance_type, "MinCount": 1, "MaxCount": 1,
+        "KeyName": key_name, "UserData": user_data_text, "ClientToken": token, "NetworkInterfaces": [nic],
+        "InstanceInitiatedShutdownBehavior": "stop",
+        "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled", "HttpPutResponseHopLimit": 1},
+        "BlockDeviceMappings": [{"DeviceName": ROOT_DEVICE, "Ebs": {
+            "VolumeSize": h.boot_disk_gb, "VolumeType": "gp3", "DeleteOnTermination": True}}],
+        "TagSpecifications": [{"ResourceType": kind, "Tags": tags} for kind in ("instance", "volume")],
+    }
+    if h.subnet:
+        nic["SubnetId"] = h.subnet
+    else:
+        params["Placement"] = {"AvailabilityZone": zone}
+    return params
+
+
+def data_volume_request(h: HeadSettings, *, cluster: str, zone: str, tags: dict[str, str]) -> dict[str, Any]:
+    """The CreateVolume parameters of the head's data volume: encrypted, tagged, in the head's zone."""
+    every = {**tags, CLUSTER_TAG: cluster, ROLE_TAG: DATA_ROLE, "Name": data_volume_name(cluster)}
+    return {"AvailabilityZone": zone, "Size": h.data_volume_gb, "VolumeType": h.data_volume_type, "Encrypted": True,
+            "TagSpecifications": [{"ResourceType": "volume",
+                                   "Tags": [{"Key": k, "Value": v} for k, v in every.items()]}]}
 
 
 def name_of(raw: dict[str, Any]) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +18,7 @@ from cluster.providers.aws.api import Ec2Api, Exists, Gone
 from cluster.providers.aws.bodies import (
     CLUSTER_TAG,
     CREATED_TAG,
+    DATA_ROLE,
     LIVE_STATES,
     ROLE_TAG,
     WORKER_ROLE,
@@ -73,10 +74,11 @@ class Ec2:
 
     # -- the cluster ---------------------------------------------------------------------
 
-    def list_raw(self) -> dict[str, dict[str, Any]]:
-        """The cluster's live workers (any state but terminated), by their Name tag."""
+    def list_raw(self, *, role: str | None = WORKER_ROLE) -> dict[str, dict[str, Any]]:
+        """The cluster's live instances of `role` (None: every role) in any state but terminated,
+        by their Name tag."""
         filters = [{"Name": f"tag:{CLUSTER_TAG}", "Values": [self.cluster_name]},
-                   {"Name": f"tag:{ROLE_TAG}", "Values": [WORKER_ROLE]},
+                   *([{"Name": f"tag:{ROLE_TAG}", "Values": [role]}] if role else []),
                    {"Name": "instance-state-name", "Values": list(LIVE_STATES)}]
         found: dict[str, dict[str, Any]] = {}
         token: str | None = None
@@ -97,15 +99,17 @@ class Ec2:
         return found
 
     def wait_settled(self, names: Sequence[str], *, settled: tuple[Status, ...], timeout_s: float,
-                     what: str) -> dict[str, dict[str, Any]]:
-        """Poll until every named instance is in a `settled` state (and running ones have an address)."""
+                     what: str, role: str = WORKER_ROLE, public: bool | None = None) -> dict[str, dict[str, Any]]:
+        """Poll until every named instance is in a `settled` state (and running ones have an address,
+        public or private as `public` says; default the workers')."""
+        public = self.public if public is None else public
         deadline = time.monotonic() + timeout_s
         raw: dict[str, dict[str, Any]] = {}
         waiting = list(names)
         for _ in range(self.timing.max_polls):
-            raw = self.list_raw()
+            raw = self.list_raw(role=role)
             waiting = [n for n in names if n not in raw or status_of(raw[n]) not in settled
-                       or (status_of(raw[n]) is Status.RUNNING and not address_of(raw[n], public=self.public))]
+                       or (status_of(raw[n]) is Status.RUNNING and not address_of(raw[n], public=public))]
             if not waiting or time.monotonic() >= deadline:
                 break
             time.sleep(self.timing.poll_interval_s)
@@ -114,12 +118,12 @@ class Ec2:
             raise ProvisionError(f"not {what} after {timeout_s:.0f} s ({states}); `fab heal` starts or recreates them")
         return raw
 
-    def wait_gone(self, names: Sequence[str]) -> list[str]:
+    def wait_gone(self, names: Sequence[str], *, role: str = WORKER_ROLE) -> list[str]:
         """Poll until none of `names` is live any more; the ones still live at the deadline."""
         deadline = time.monotonic() + self.timing.gone_timeout_s
         left = list(names)
         for _ in range(self.timing.max_polls):
-            raw = self.list_raw()
+            raw = self.list_raw(role=role)
             left = sorted(set(names) & set(raw))
             if not left or time.monotonic() >= deadline:
                 break
@@ -187,6 +191,44 @@ class Ec2:
             f"{self.timing.host_key_timeout_s:.0f} s: spotfan never trusts a host key on first use; use an "
             f"AMI whose cloud-init prints them (docs/aws.md, step 2), then `fab heal`")
 
+    # -- the head's data volume -------------------------------------------------------------
+
+    def data_volume(self) -> dict[str, Any] | None:
+        """The cluster's head data volume (by its tags), unless it is being deleted or gone."""
+        volumes = self.api.call("describe_volumes", f"looking for the data volume of cluster {self.cluster_name}",
+                                Filters=[{"Name": f"tag:{CLUSTER_TAG}", "Values": [self.cluster_name]},
+                                         {"Name": f"tag:{ROLE_TAG}", "Values": [DATA_ROLE]},
+                                         {"Name": "status", "Values": ["creating", "available", "in-use"]}])
+        found = sorted(volumes.get("Volumes", []), key=lambda v: str(v.get("CreateTime", "")))
+        if len(found) > 1:
+            raise ProvisionError(f"cluster {self.cluster_name} has {len(found)} head data volumes "
+                                 f"({', '.join(v['VolumeId'] for v in found)}): keep the one with the share, "
+                                 f"delete or untag the others (`aws ec2 delete-volume --volume-id ID`)")
+        return found[0] if found else None
+
+    def create_volume(self, params: dict[str, Any]) -> dict[str, Any]:
+        return dict(self.api.call("create_volume", f"creating the data volume of cluster {self.cluster_name}",
+                                  **params))
+
+    def attach_volume(self, volume_id: str, instance_id: str, *, device: str) -> None:
+        self.api.call("attach_volume", f"attaching data volume {volume_id} to {instance_id}",
+                      VolumeId=volume_id, InstanceId=instance_id, Device=device)
+
+    def wait_volume(self, volume_id: str, *, ready: Callable[[dict[str, Any]], bool], what: str) -> dict[str, Any]:
+        """Poll the volume until `ready` says so; ProvisionError at the deadline."""
+        deadline = time.monotonic() + self.timing.boot_timeout_s
+        volume: dict[str, Any] = {}
+        for _ in range(self.timing.max_polls):
+            (volume,) = self.api.call("describe_volumes", f"reading data volume {volume_id}",
+                                      VolumeIds=[volume_id])["Volumes"]
+            if ready(volume) or time.monotonic() >= deadline:
+                break
+            time.sleep(self.timing.poll_interval_s)
+        if not ready(volume):
+            raise ProvisionError(f"data volume {volume_id} not {what} after {self.timing.boot_timeout_s:.0f} s "
+                                 f"(it is {volume.get('State')}); run `fab up` again")
+        return volume
+
     # -- what spotfan makes once per cluster ------------------------------------------------
 
     def ensure_key_pair(self, name: str, public_key: str) -> str:
@@ -234,6 +276,17 @@ class Ec2:
                 raise
         return group_id
 
+    def allow_from_itself(self, group_id: str, *, port: int) -> None:
+        """Let the group's members reach `port` of one another: the workers, the head's sshd."""
+        try:
+            self.api.call("authorize_security_group_ingress", f"letting the workers reach the head on port {port}",
+                          GroupId=group_id, IpPermissions=[{
+                              "IpProtocol": "tcp", "FromPort": port, "ToPort": port, "UserIdGroupPairs": [
+                                  {"GroupId": group_id, "Description": "spotfan: workers to the head's SSH"}]}])
+        except ProvisionError as e:
+            if "InvalidPermission.Duplicate" not in str(e):
+                raise
+
     def delete_created(self, *, group: str, key_pair: str) -> list[str]:
         """Delete the group and key pair if spotfan made them for this cluster; what was deleted."""
         deleted = []
@@ -260,6 +313,13 @@ class Ec2:
 
     def _created_tags(self) -> list[dict[str, str]]:
         return [{"Key": CLUSTER_TAG, "Value": self.cluster_name}, {"Key": CREATED_TAG, "Value": "true"}]
+
+    def subnet_zone(self, subnet: str | None) -> str:
+        """The availability zone of `subnet`."""
+        if not subnet:
+            raise ProvisionError("internal: a head without zone or subnet")  # settings never make one
+        subnets = self.api.call("describe_subnets", f"reading subnet {subnet}", SubnetIds=[subnet])["Subnets"]
+        return str(subnets[0]["AvailabilityZone"])
 
     def _vpc(self, subnet: str | None) -> str:
         if subnet:

@@ -12,6 +12,7 @@ from typing import Any
 from cluster import schema
 from cluster.errors import ConfigError
 from cluster.providers.base import TableContext
+from cluster.providers.head_vm import head_vm_problems
 
 INTERRUPTIONS = ("stop", "terminate")  # what a spot interruption does to a worker
 DEFAULT_IMDS_URL = "http://169.254.169.254"  # the instance metadata service, seen from inside a VM
@@ -28,6 +29,19 @@ class InstancePrice:
 
     on_demand: float  # on-demand price per hour
     spot: float | None = None  # spot price per hour; None if unknown
+
+
+@dataclass(frozen=True)
+class HeadSettings:
+    """The optional `[aws.head]` table: an on-demand (never spot) head instance with an EBS data volume."""
+
+    zone: str | None  # the head's and its volume's availability zone; None: the zone of `subnet`
+    subnet: str | None = None  # the head's subnet; None: the zone's default subnet
+    instance_type: str = "m6i.large"  # the head serves SFTP only: network, not CPU
+    data_volume_gb: int = 100  # the EBS volume that holds the share, kept when the instance goes
+    data_volume_type: str = "gp3"
+    image: str = ""  # a Debian-like AMI with sshd (no spotfan install needed); default [aws] image
+    boot_disk_gb: int = 10  # the head's root volume; the data lives on the data volume
 
 
 @dataclass(frozen=True)
@@ -54,6 +68,7 @@ class AwsSettings:
     ssh_port: int = 22  # where sshd listens on the AMI
     imds_url: str = DEFAULT_IMDS_URL  # where a worker asks for its spot interruption notice
     prices: Mapping[str, InstancePrice] = field(default_factory=dict)  # instance type -> price
+    head: HeadSettings | None = None  # `[aws.head] create = true`; None = the head is an existing host
 
     def placements(self) -> tuple[str | None, ...]:
         """Where a VM may go, in order: its subnets, else its zones, else wherever EC2 chooses."""
@@ -78,6 +93,18 @@ def _subnets(subnets: list[str]) -> str | None:
     if not all(_SUBNET.match(s) for s in subnets):
         return 'must be subnet ids like "subnet-0123456789abcdef0"'
     return "lists a subnet twice" if len(set(subnets)) != len(subnets) else None
+
+
+def _zone(zone: str) -> str | None:
+    return None if _ZONE.match(zone) else 'must be an availability zone name like "us-east-1a"'
+
+
+def _subnet(subnet: str) -> str | None:
+    return None if _SUBNET.match(subnet) else 'must be a subnet id like "subnet-0123456789abcdef0"'
+
+
+def _type(name: str) -> str | None:
+    return None if _types([name]) is None else 'must be an instance type like "m6i.large"'
 
 
 def _types(types: list[str]) -> str | None:
@@ -123,6 +150,17 @@ PRICE_FIELDS: dict[str, schema.Field] = {
     "on_demand": schema.number(schema.REQUIRED, 0),  # on-demand price per hour
     "spot": schema.number(None, 0),  # spot price per hour
 }
+VOLUME_TYPES = ("gp3", "gp2", "io1", "io2", "st1", "sc1", "standard")
+HEAD_FIELDS: dict[str, schema.Field] = {
+    "create": schema.flag(schema.REQUIRED),
+    "zone": schema.text(None, check=_zone),
+    "subnet": schema.text(None, check=_subnet),
+    "instance_type": schema.text("m6i.large", check=_type),
+    "data_volume_gb": schema.whole(100, 1, 16384),
+    "data_volume_type": schema.text("gp3", choices=VOLUME_TYPES),
+    "image": schema.text(None, check=_ami),  # default: [aws] image
+    "boot_disk_gb": schema.whole(10, 8, 16384),
+}
 AWS_FIELDS: dict[str, schema.Field] = {
     "region": schema.text(None, check=_region),
     "profile": schema.text(None),
@@ -136,13 +174,14 @@ AWS_FIELDS: dict[str, schema.Field] = {
     "security_group": schema.text("", check=_name),
     "key_pair": schema.text("", check=_name),
     "disk_size_gb": schema.whole(20, 8, 16384),
-    "volume_type": schema.text("gp3", choices=("gp3", "gp2", "io1", "io2", "st1", "sc1", "standard")),
+    "volume_type": schema.text("gp3", choices=VOLUME_TYPES),
     "public_ip": schema.flag(True),
     "instance_profile": schema.text(None),
     "tags": schema.mapping(schema.text(""), check=_tags),
     "ssh_port": schema.whole(22, 1, 65535),
     "imds_url": schema.text(DEFAULT_IMDS_URL, check=_url),
     "prices": schema.mapping(schema.table(PRICE_FIELDS)),  # instance type -> { on_demand, spot }
+    "head": schema.table(HEAD_FIELDS),  # `create = true`: spotfan makes the head instance and its data volume
 }
 
 
@@ -155,6 +194,13 @@ def from_mapping(d: Mapping[str, Any], *, file: Path | str, cluster_name: str, s
                                     "keep subnets (tried in order) or zones (their default subnets)"))
     if not found and v["max_price"] and not spot:
         found.append(schema.Problem("aws", "max_price", "is a spot price, but [cluster] spot = false"))
+    head = v["head"] if not found and v["head"] is not None and v["head"]["create"] else None
+    head_values = schema.values(head, HEAD_FIELDS) if head is not None else {}
+    if head is not None and not (head_values["zone"] or head_values["subnet"] or v["zones"] or v["subnets"]):
+        found.append(schema.Problem("aws.head", "zone", "is needed (its data volume lives in one zone): set [aws.head] "
+                                    'zone = "us-east-1a" or subnet, or [aws] zones or subnets'))
+    if head is not None and head_values["zone"] and head_values["subnet"]:
+        found.append(schema.Problem("aws.head", "subnet", "and zone are both set: a subnet lies in one zone; keep one"))
     if found:
         raise schema.error(file, found)
     return AwsSettings(
@@ -169,7 +215,19 @@ def from_mapping(d: Mapping[str, Any], *, file: Path | str, cluster_name: str, s
         prices={t: InstancePrice(on_demand=float(p["on_demand"]),
                                  spot=None if p.get("spot") is None else float(p["spot"]))
                 for t, p in v["prices"].items()},
+        head=None if head is None else _head(head_values, zones=tuple(v["zones"]), subnets=tuple(v["subnets"]),
+                                             image=v["image"]),
     )
+
+
+def _head(h: Mapping[str, Any], *, zones: tuple[str, ...], subnets: tuple[str, ...], image: str) -> HeadSettings:
+    """`[aws.head]`, where it goes by default: its own zone or subnet, else the first of [aws]'s."""
+    zone, subnet = h["zone"], h["subnet"]
+    if not zone and not subnet:
+        zone, subnet = (None, subnets[0]) if subnets else (zones[0], None)
+    return HeadSettings(zone=zone, subnet=subnet, instance_type=h["instance_type"],
+                        data_volume_gb=h["data_volume_gb"], data_volume_type=h["data_volume_type"].lower(),
+                        image=h["image"] or image, boot_disk_gb=h["boot_disk_gb"])
 
 
 def parse(table: Mapping[str, Any], ctx: TableContext) -> tuple[AwsSettings | None, list[schema.Problem]]:
@@ -188,7 +246,7 @@ def parse(table: Mapping[str, Any], ctx: TableContext) -> tuple[AwsSettings | No
         settings = from_mapping(table, file=ctx.path, cluster_name=c["name"], spot=bool(c["spot"]))
     except ConfigError as e:
         return None, list(e.problems) or [schema.Problem("aws", None, str(e))]
-    problems = []
+    problems = head_vm_problems(ctx, table="aws.head") if settings.head is not None else []
     if str(c["idle_action"]).lower() == "delete" and settings.spot and settings.interruption == "stop":
         problems.append(schema.Problem(
             "cluster", "idle_action", '= "delete" with [aws] interruption = "stop": a persistent spot '

@@ -13,11 +13,12 @@ import re
 import shlex
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
-from cluster.errors import ConfigError, GroupError, ProvisionError, QuotaError, StockoutError
+from cluster.errors import ConfigError, GroupError, ProvisionError, StockoutError
 from cluster.fanout import failed, fan_out, first_failure
 from cluster.providers.aws.api import Ec2Api
 from cluster.providers.aws.bodies import (
@@ -38,15 +39,16 @@ from cluster.providers.aws.calls import Ec2, Timing
 from cluster.providers.aws.cost import CostEstimate, estimate_hourly_cost
 from cluster.providers.aws.settings import AwsSettings
 from cluster.providers.base import Charge, Instance, Status
+from cluster.providers.failover import place, raise_unplaced
 from cluster.ssh_keys import host_pattern
 
 logger = logging.getLogger(__name__)
 
 MAX_PARALLEL_CALLS = 8  # concurrent API calls in one fan-out
 _VM_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
-# A stopped instance EC2 will not start (capacity, or a spot request that only EC2 may fulfil):
-# a worker holds no state, so it is terminated and launched again elsewhere.
-_RELAUNCH_CODES = ("InsufficientInstanceCapacity", "IncorrectSpotRequestState", "IncorrectInstanceState")
+# A stopped instance EC2 will not start but not for capacity (a stopped spot instance that only
+# the Spot service may start): a worker holds no state, so it is terminated and launched again.
+_RELAUNCH_CODES = ("IncorrectSpotRequestState", "IncorrectInstanceState")
 
 
 class AwsProvider:
@@ -120,20 +122,28 @@ class AwsProvider:
         gone = [n for n in names if n not in existing]
         stopped = [n for n in names if n in existing and status_of(existing[n]) is Status.TERMINATED]
         results = self._fan_out(stopped, lambda n: self.ec2.start(existing[n]["InstanceId"], doing=f"starting {n}"))
-        refused = [n for n, r in results.items() if isinstance(r, ProvisionError) and any(
+        # No capacity for it where it is (a stockout), or a start only EC2 may do (a stopped spot
+        # instance): a worker holds no state, so it is terminated and launched again.
+        full = [n for n, r in results.items() if isinstance(r, StockoutError)]
+        refused = full + [n for n, r in results.items() if isinstance(r, ProvisionError) and n not in full and any(
             c in str(r) for c in _RELAUNCH_CODES)]
         bad = {n: r for n, r in failed(results).items() if n not in refused}
         if bad:
             raise GroupError(f"could not start {', '.join(sorted(bad))}: {first_failure(bad)}", results)
         for n in refused:
-            logger.info("%s cannot be started (%s); terminating it and launching it again", n, results[n])
+            logger.warning("%s cannot be started (%s); terminating it and launching it again%s", n, results[n],
+                           " elsewhere first" if n in full else "")
             self.ec2.terminate(existing[n], doing=f"terminating {n}")
         if refused:
             self.ec2.wait_gone(refused)
-        if gone or refused:
-            logger.info("launching %d worker(s) again: %s", len(gone + refused), ", ".join(gone + refused))
-            self._launch(gone + refused)
-        return self._booted(names)
+        if gone:
+            logger.info("launching %d worker(s) that are gone: %s", len(gone), ", ".join(gone))
+        self._launch(gone + [n for n in refused if n not in full])
+        for where in sorted({self._where(existing[n]) for n in full}):
+            # Where it could not start is tried last: every other zone, then every other type.
+            self._launch([n for n in full if self._where(existing[n]) == where], last=where)
+        again = set(gone) | set(refused)
+        return [replace(i, recreated=True) if i.name in again else i for i in self._booted(names)]
 
     def stop(self, names: Sequence[str]) -> None:
         """Stop the named workers (their volumes stay); missing or stopped ones are fine."""
@@ -147,8 +157,8 @@ class AwsProvider:
     def delete(self, names: Sequence[str]) -> None:
         """Terminate the named workers (their spot requests cancelled first) and list until none is live.
 
-        Once the cluster has no live instance at all, the security group and key pair that
-        spotfan made for it are deleted too.
+        Once the cluster has no live instance at all (its head included), the security group
+        and key pair that spotfan made for it are deleted too.
         """
         existing = self.ec2.list_raw()
         targets = [n for n in names if n in existing]
@@ -162,7 +172,7 @@ class AwsProvider:
                 f"still live after terminate: {', '.join(left)}; run `fab down` again, or `aws ec2 "
                 f"describe-instances --filters Name=tag:spotfan-cluster,Values={self.cluster_name}`")
         logger.info("terminated %d instance(s); none of %d named is live", len(targets), len(names))
-        if not self.ec2.list_raw():
+        if not self.ec2.list_raw(role=None):  # a head instance of the cluster uses them too
             if self.settings.spot:
                 self.ec2.cancel_open_requests()
             for what in self.ec2.delete_created(group=self.settings.security_group, key_pair=self.settings.key_pair):
@@ -240,8 +250,11 @@ class AwsProvider:
 
     # --- inside ------------------------------------------------------------------------
 
-    def _launch(self, names: Sequence[str]) -> dict[str, Launch]:
-        """Launch `names`, each trying every zone of a type before the next type; what each landed on."""
+    def _launch(self, names: Sequence[str], *,
+                last: tuple[str, str | None] | None = None) -> dict[str, tuple[str, str | None]]:
+        """Launch `names`, each trying every zone of a type before the next type (`last`, an
+        (instance type, zone or subnet) where they could not run, after every other); the (instance
+        type, zone or subnet) each landed on."""
         if not names:
             return {}
         self.gpus_per_vm()  # types with different GPU counts are refused before any VM bills
@@ -253,49 +266,28 @@ class AwsProvider:
         behavior = "terminate" if self.idle_action == "delete" else "stop"
         nonce = uuid.uuid4().hex[:12]
         candidates = [(t, p) for t in s.instance_types for p in s.placements()]
-        placed: dict[str, Launch] = {}
-        bad: dict[str, Exception] = {}
-        pending = list(names)
-        for attempt, (itype, place) in enumerate(candidates, 1):
-            if not pending:
-                break
-            launches = {n: Launch(n, itype, place, attempt) for n in pending}
+        if last is not None:
+            candidates = [c for c in candidates if c != last] + [c for c in candidates if c == last]
 
-            def one(n: str) -> str:
-                params = run_request(s, launches[n], cluster=self.cluster_name, user_data_text=text, group_id=group,
-                                     key_name=key, shutdown_behavior=behavior,
-                                     token=client_token(self.cluster_name, launches[n], nonce))
-                return self.ec2.run(params, doing=f"launching {n} ({itype} in {place or 'any zone'})")
+        def one(n: str, where: tuple[str, str | None], attempt: int) -> str:
+            itype, place_ = where
+            launch = Launch(n, itype, place_, attempt)
+            params = run_request(s, launch, cluster=self.cluster_name, user_data_text=text, group_id=group,
+                                 key_name=key, shutdown_behavior=behavior,
+                                 token=client_token(self.cluster_name, launch, nonce))
+            return self.ec2.run(params, doing=f"launching {n} ({itype} in {place_ or 'any zone'})")
 
-            results = self._fan_out(pending, one)
-            pending = [n for n, r in results.items() if isinstance(r, StockoutError)]
-            placed.update({n: launches[n] for n, r in results.items() if not isinstance(r, Exception)})
-            bad.update({n: r for n, r in failed(results).items() if n not in pending})
-            if pending:
-                logger.warning("%s in %s has no capacity for %d VM(s) (%s); trying the next zone or type", itype,
-                               place or "any zone", len(pending), first_failure({n: results[n] for n in pending}))
-            if any(isinstance(r, QuotaError) for r in bad.values()):
-                break  # a quota is per region and account: another zone or type will not help
-        for (itype, place) in sorted({(x.instance_type, x.placement or "any zone") for x in placed.values()}):
-            landed = sorted(n for n, x in placed.items() if (x.instance_type, x.placement or "any zone") == (itype, place))
-            logger.info("%d VM(s) landed on %s in %s: %s", len(landed), itype, place, ", ".join(landed))
-        done = f"; launched: {', '.join(sorted(placed)) or 'none'}"
-        quota = [r for r in bad.values() if isinstance(r, QuotaError)]
-        not_created = ", ".join(sorted(set(pending) | set(bad)))
-        if quota:
-            raise QuotaError(f"{quota[0]} (not launched: {not_created}{done})") from quota[0]
-        if bad and not placed:
-            first = bad[sorted(bad)[0]]
-            raise ProvisionError(f"{first} (not launched: {not_created})") from first
-        if bad:
-            raise GroupError(f"could not launch {', '.join(sorted(bad))}: {first_failure(bad)}{done}",
-                             {**placed, **bad})
-        if pending:
-            raise StockoutError(
-                f"no capacity for {', '.join(s.instance_types)} in any of "
-                f"{', '.join(p or 'any zone' for p in s.placements())} for {', '.join(sorted(pending))}{done}; "
-                f"add zones or instance types to [aws], raise [aws] max_price, or retry later")
-        return placed
+        def full(where: tuple[str, str | None], results: dict[str, Any]) -> None:
+            logger.warning("%s in %s has no capacity for %d VM(s) (%s); trying the next zone or type", where[0],
+                           where[1] or "any zone", len(results), first_failure(results))
+
+        out = place(names, candidates, one, fan_out=self._fan_out, on_full=full, log=logger,
+                    landed=lambda where: f"on {where[0]} in {where[1] or 'any zone'}")
+        raise_unplaced(out, verb="launch", made="launched", no_room=lambda done: (
+            f"no capacity for {', '.join(s.instance_types)} in any of "
+            f"{', '.join(p or 'any zone' for p in s.placements())} for {', '.join(sorted(out.pending))}{done}; "
+            f"add zones or instance types to [aws], raise [aws] max_price, or retry later"))
+        return out.placed
 
     def _booted(self, names: Sequence[str]) -> list[Instance]:
         raw = self.ec2.wait_settled(names, settled=(Status.RUNNING, Status.TERMINATED),
@@ -341,6 +333,11 @@ class AwsProvider:
         if len(fields) < 2 or not KEY_TYPE.match(fields[0]) or not KEY_BASE64.match(fields[1]):
             raise ConfigError(f"{self._ssh_public_key}: not an OpenSSH public key (\"ssh-ed25519 AAAA... comment\")")
         return " ".join(fields[:2])
+
+    def _where(self, raw: dict[str, Any]) -> tuple[str, str | None]:
+        """An instance's type and place as [aws] names places: its subnet, zone, or None (EC2 chose)."""
+        s = self.settings
+        return str(raw["InstanceType"]), raw.get("SubnetId") if s.subnets else zone_of(raw) if s.zones else None
 
     def _fan_out(self, items: Sequence[str], fn: Any) -> dict[str, Any]:
         return fan_out(items, fn, key=str, max_parallel=MAX_PARALLEL_CALLS)

@@ -16,7 +16,8 @@ from typing import Any
 from cluster.errors import ConfigError
 from cluster.providers.base import Status
 from cluster.providers.gce.api import compute
-from cluster.providers.gce.settings import DATA_MOUNT, GceSettings, HeadVmSettings
+from cluster.providers.gce.settings import GceSettings, HeadVmSettings
+from cluster.providers.head_vm import DATA_MOUNT, format_and_mount
 
 CLUSTER_LABEL = "spotfan-cluster"  # label key whose value is the cluster name
 ROLE_LABEL = "spotfan-role"  # "worker" on workers, HEAD_ROLE on the head VM
@@ -195,25 +196,13 @@ def head_startup_script(jail_steps: str) -> str:
     jailed user, the jail, the bind mount of the share, the keys file and the Match block.
     """
     dev = f"/dev/disk/by-id/google-{DATA_DEVICE}"
-    mnt = shlex.quote(DATA_MOUNT)
     return f"""#!/bin/bash
 # spotfan head VM: mount the data disk (format it only if it has no filesystem), then jail.
 set -eu
 dev={dev}
 for _ in $(seq {DEVICE_WAIT_S}); do [ -b "$dev" ] && break; sleep 1; done
 [ -b "$dev" ] || {{ echo "spotfan: no data disk at $dev" >&2; exit 1; }}
-# blkid -p exits 2 when the device carries no signature at all: only then is it new.
-rc=0; blkid -p "$dev" >/dev/null 2>&1 || rc=$?
-if [ "$rc" = 2 ]; then
-  mkfs.ext4 -q -m 0 -E lazy_itable_init=0,lazy_journal_init=0,discard "$dev"
-elif [ "$rc" != 0 ]; then
-  echo "spotfan: blkid -p $dev failed ($rc); not formatting, not mounting" >&2; exit 1
-fi
-uuid=$(blkid -s UUID -o value "$dev")
-install -d -m 755 {mnt}
-grep -qs "^UUID=$uuid " /etc/fstab || echo "UUID=$uuid {DATA_MOUNT} ext4 discard,defaults,nofail 0 2" >> /etc/fstab
-mountpoint -q {mnt} || mount {mnt}
-
+{format_and_mount(DATA_MOUNT)}
 # The jail: the steps `fab head-setup` prints for an existing head, run here by spotfan
 # itself, on the head VM it made.
 {jail_steps}"""

@@ -8,7 +8,6 @@ known_hosts, for every later command.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -16,7 +15,6 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from cluster.errors import ConfigError, ProvisionError
-from tasks.fs import atomic_write
 from cluster.providers.base import Charge, HeadDeleted, HeadLocation, Instance, Status
 from cluster.providers.gce.api import GceClients
 from cluster.providers.gce.bodies import HEAD_ROLE, address_of, data_disk_name, head_body, head_name, status_of, zone_of
@@ -24,13 +22,9 @@ from cluster.providers.gce.calls import Timing
 from cluster.providers.gce.cost import disk_charge
 from cluster.providers.gce.settings import GceSettings
 from cluster.providers.gce.workers import GceProvider
-from cluster.ssh_keys import write_known_hosts
+from cluster.providers.head_vm import record_head, saved_head
 
 logger = logging.getLogger(__name__)
-
-HEAD_ADDRESS = "head_vm.json"  # in the known_hosts folder: the head VM's address, from the last `fab up`
-HEAD_KNOWN_HOSTS = "head_known_hosts"  # in the known_hosts folder: the head VM's lines, from guest attributes
-MAX_SAVED_BYTES = 4096
 
 
 class GceProviderWithHead(GceProvider):
@@ -108,30 +102,11 @@ class GceProviderWithHead(GceProvider):
         and its internal address is the one workers use.
         """
         vm = self.create_head(jail_steps=jail_steps)
-        keys = self.keys_dir / HEAD_KNOWN_HOSTS
-        write_known_hosts(keys, {"head": self.head_host_key_lines(port=port)})
-        # Remembered for every later command (run, status, heal, ...), so no one has to copy
-        # the head's address into cluster.toml; `fab up` refreshes it.
-        atomic_write(self.keys_dir / HEAD_ADDRESS, json.dumps({"name": vm.name, "address": vm.address,
-                                                               "zone": vm.zone}), mode=0o600)
-        return HeadLocation(name=vm.name, address=vm.address, zone=vm.zone, known_hosts=keys)
+        return record_head(self.keys_dir, vm, self.head_host_key_lines(port=port))
 
     def saved_head(self) -> HeadLocation | None:
         """The head VM the last `fab up` recorded; None before the first one."""
-        saved, keys = self.keys_dir / HEAD_ADDRESS, self.keys_dir / HEAD_KNOWN_HOSTS
-        if not saved.exists() or not keys.exists():
-            return None
-        try:
-            with open(saved, "rb") as f:
-                raw = json.loads(f.read(MAX_SAVED_BYTES))
-            address, name = raw["address"], raw["name"]
-            if not isinstance(address, str) or not address or not isinstance(name, str):
-                raise ValueError("no address")
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"{saved} is damaged ({e}); run `fab up` to write it again") from e
-        zone = raw.get("zone")
-        return HeadLocation(name=name, address=address, zone=zone if isinstance(zone, str) else None,
-                            known_hosts=keys)
+        return saved_head(self.keys_dir)
 
     def delete_head(self) -> HeadDeleted:
         """Delete the head VM (a missing one is fine); its data disk is kept."""

@@ -12,11 +12,11 @@ from cluster import schema
 from cluster.errors import ConfigError
 from cluster.providers.base import TableContext
 from cluster.providers.gce.cost import CostEstimate, MachinePrice, estimate_hourly_cost
+from cluster.providers.head_vm import DATA_MOUNT, head_vm_problems
 
 PROVISIONING_MODELS = ("spot", "preemptible", "standard")
 TERMINATION_ACTIONS = ("STOP", "DELETE")
 DEFAULT_MAX_RUN_DURATION_S = 24 * 3600  # a forgotten worker stops after a day
-DATA_MOUNT = "/mnt/disks/spotfan-data"  # where a head VM mounts its data disk; head.share lives below it
 DEFAULT_HEAD_IMAGE = "projects/debian-cloud/global/images/family/debian-12"  # the head runs only sshd
 
 # GCE label keys and values: lowercase letters, digits, '_' and '-', at most 63 characters.
@@ -258,7 +258,7 @@ def parse(table: Mapping[str, Any], ctx: TableContext) -> tuple[GceSettings | No
         settings = GceSettings.from_mapping(table, file=ctx.path)
     except ConfigError as e:
         return None, list(e.problems) or [schema.Problem("gce", None, str(e))]
-    problems = _head_vm_problems(ctx) if settings.head is not None else []
+    problems = head_vm_problems(ctx, table="gce.head") if settings.head is not None else []
     if str(c["idle_action"]).lower() == "delete" and not settings.service_account:
         problems.append(schema.Problem(
             "cluster", "idle_action", '= "delete": an idle worker deletes itself through the Compute '
@@ -266,18 +266,3 @@ def parse(table: Mapping[str, Any], ctx: TableContext) -> tuple[GceSettings | No
             'delete instances (roles/compute.instanceAdmin.v1), or use idle_action = "stop"'))
     return settings, problems
 
-
-def _head_vm_problems(ctx: TableContext) -> list[schema.Problem]:
-    """With `[gce.head] create = true` the share lives on the head's data disk, in a jail."""
-    found = []
-    share = str(ctx.head.share)
-    if not share.startswith(DATA_MOUNT + "/"):
-        found.append(schema.Problem("head", "share", (
-            f"= {share!r}: with [gce.head] create = true the share lives on the head VM's data disk, "
-            f'mounted at {DATA_MOUNT}: set head.share = "{DATA_MOUNT}/share"')))
-    if not ctx.head.jail or ctx.head.user == "root":
-        found.append(schema.Problem("head", "jail" if not ctx.head.jail else "user", (
-            f'= {ctx.head.jail if not ctx.head.jail else ctx.head.user!r}: a head VM always jails its SFTP '
-            f'user: set head.jail (e.g. "/srv/spotfan/{ctx.cluster["name"]}", the share appears at '
-            "JAIL/share) and a head.user that is not root")))
-    return found

@@ -13,11 +13,12 @@ import logging
 import re
 import shlex
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
-from cluster.errors import ConfigError, GroupError, ProvisionError, QuotaError, StockoutError
+from cluster.errors import ConfigError, GroupError, ProvisionError, StockoutError
 from cluster.fanout import failed, fan_out, first_failure
 from cluster.providers.base import Charge, Instance, Status
 from cluster.providers.gce.api import GceClients
@@ -33,6 +34,7 @@ from cluster.providers.gce.bodies import (
 )
 from cluster.providers.gce.calls import Compute, Timing
 from cluster.providers.gce.cost import CostEstimate, disk_charge
+from cluster.providers.failover import place, raise_unplaced
 from cluster.providers.gce.settings import GceSettings
 from cluster.ssh_keys import host_pattern
 
@@ -146,7 +148,8 @@ class GceProvider:
             self.compute.delete(name, zone)
             others = [z for z in self.settings.zones if z != zone] or [zone]
             self._insert_with_failover([name], others)
-        return self._booted(names)
+        again = set(gone) | set(full)
+        return [replace(i, recreated=True) if i.name in again else i for i in self._booted(names)]
 
     def stop(self, names: Sequence[str]) -> None:
         """Stop the named VMs of this cluster (their boot disks stay); missing or stopped ones are fine."""
@@ -242,48 +245,19 @@ class GceProvider:
 
     def _insert_with_failover(self, names: Sequence[str], zones: Sequence[str]) -> dict[str, str]:
         """Insert `names`, trying `zones` in order on stockout; return name -> zone landed in."""
-        placed: dict[str, str] = {}
-        bad: dict[str, Exception] = {}
-        pending = list(names)
-        full_zones: list[str] = []
-        if pending and self.settings.accelerator is not None:
+        if names and self.settings.accelerator is not None:
             zones = self._zones_with_accelerator(zones)
-        for zone in zones:
-            if not pending:
-                break
-            results = self._fan_out(pending, lambda n, zone=zone: self.compute.insert(n, zone, self._body(n, zone)))
-            pending = [n for n, r in results.items() if isinstance(r, StockoutError)]
-            bad.update({n: r for n, r in failed(results).items() if n not in pending})
-            placed.update({n: zone for n, r in results.items() if not isinstance(r, Exception)})
-            if pending:
-                full_zones.append(zone)
-                logger.warning("zone %s has no capacity for %d VM(s); trying the next zone", zone, len(pending))
-            if any(isinstance(r, QuotaError) for r in bad.values()):
-                break  # a quota is per project or region: other zones will not help
-        for zone in sorted(set(placed.values())):
-            landed = sorted(n for n, z in placed.items() if z == zone)
-            logger.info("%d VM(s) landed in %s: %s", len(landed), zone, ", ".join(landed))
-        quota = [r for r in bad.values() if isinstance(r, QuotaError)]
-        not_created = sorted(set(pending) | set(bad))
-        done = f"; created: {', '.join(sorted(placed)) or 'none'}"
-        if quota:
-            raise QuotaError(f"{quota[0]} (not created: {', '.join(not_created)}{done})") from quota[0]
-        if bad and not placed and all(isinstance(r, ProvisionError) for r in bad.values()):
-            # Nothing was created: almost always one cause (image, zone, API) worth one clear message.
-            first = bad[sorted(bad)[0]]
-            raise ProvisionError(f"{first} (not created: {', '.join(not_created)})") from first
-        if bad:
-            results_all: dict[str, Any] = {**placed, **bad}
-            raise GroupError(f"could not create {', '.join(sorted(bad))}: {first_failure(bad)}{done}", results_all)
-        if pending:
-            gpu = self.settings.accelerator
-            raise StockoutError(
-                f"no capacity for {self.settings.machine_type}"
-                f"{f' with {gpu.count} x {gpu.type}' if gpu else ''} in any configured zone "
-                f"({', '.join(full_zones)}) for {', '.join(sorted(pending))}{done}; add zones to "
-                f"[gce].zones, pick another machine_type, or retry later"
-            )
-        return placed
+        out = place(names, zones, lambda n, zone, _: self.compute.insert(n, zone, self._body(n, zone)),
+                    fan_out=self._fan_out, landed=lambda zone: f"in {zone}", log=logger,
+                    on_full=lambda zone, full: logger.warning(
+                        "zone %s has no capacity for %d VM(s); trying the next zone", zone, len(full)))
+        gpu = self.settings.accelerator
+        raise_unplaced(out, verb="create", made="created", no_room=lambda done: (
+            f"no capacity for {self.settings.machine_type}"
+            f"{f' with {gpu.count} x {gpu.type}' if gpu else ''} in any configured zone "
+            f"({', '.join(out.full)}) for {', '.join(sorted(out.pending))}{done}; add zones to "
+            f"[gce].zones, pick another machine_type, or retry later"))
+        return out.placed
 
     def _zones_with_accelerator(self, zones: Sequence[str]) -> list[str]:
         """The zones of `zones` that offer [gce.accelerator]'s type; ProvisionError if none does."""

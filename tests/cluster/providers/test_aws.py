@@ -3,8 +3,10 @@ then types, throttling, the errors that stop, host keys only from the console, a
 from __future__ import annotations
 
 import http.server
+import json
 import logging
 import os
+import re
 import subprocess
 import threading
 import time
@@ -20,7 +22,7 @@ from aws_lab import FAST, IMAGE, REGION, TYPES, ZONES, aws_lab, moto_env  # noqa
 from ec2_fault_proxy import Ec2FaultProxy  # noqa: E402
 
 from cluster.config import parse  # noqa: E402
-from cluster.errors import ConfigError, GroupError, ProvisionError, QuotaError  # noqa: E402
+from cluster.errors import ConfigError, GroupError, ProvisionError, QuotaError, StockoutError  # noqa: E402
 from cluster.providers.aws import AwsProvider  # noqa: E402
 from cluster.providers.aws.api import THROTTLE_ATTEMPTS, Ec2Api  # noqa: E402
 from cluster.providers.aws.settings import from_mapping  # noqa: E402
@@ -183,6 +185,60 @@ def test_a_terminated_spot_worker_is_launched_again_by_heal(aws_lab):
     assert p.host_keys([name]) == a.lab.provider.host_keys([name]), "the new VM's real host key, from its console"
     p.delete([name])
     assert a.lab.statuses() == {}
+
+
+# --- a stopped worker EC2 will not start: heal launches it again, elsewhere if it was full --
+
+
+def test_heal_recreates_a_worker_ec2_will_not_start_in_another_zone_then_type_and_says_so(aws_lab):
+    a = aws_lab(workers=2)
+    names = a.config.vm_names()
+    a.fab_ok("up")
+    victim = names[1]
+    old = a.backend.by_name(victim).id
+    assert a.backend.interrupt(victim) == "stop"
+    a.proxy.fail("StartInstances", "InsufficientInstanceCapacity", count=100)
+    a.proxy.fail("RunInstances", "InsufficientInstanceCapacity", count=100,
+                 where=lambda q: (q["InstanceType"], q.get("Placement.AvailabilityZone")) == (TYPES[0], ZONES[1]))
+    heal = a.fab_ok("heal")
+    assert re.search(rf"^{victim}: recreated in {ZONES[0]}; mount: ok \(mounted\)", heal.stdout, re.M), heal.stdout
+    assert re.search(rf"^{names[0]}: running in {ZONES[0]}", heal.stdout, re.M), heal.stdout
+    assert f"==> heal: 1 VMs needed help ({victim})" in heal.stdout
+    assert f"{victim} cannot be started (starting {victim}: InsufficientInstanceCapacity" in heal.stderr, heal.stderr
+    (start,) = a.proxy.recorded("StartInstances")
+    assert (start.params["InstanceId.1"], start.fault) == (old, "InsufficientInstanceCapacity")
+    tried = [(r.params["InstanceType"], r.params["Placement.AvailabilityZone"], r.fault)
+             for r in a.runs(ok=None) if r.tags()["Name"] == victim]
+    assert tried == [(TYPES[0], ZONES[0], None), (TYPES[0], ZONES[1], "InsufficientInstanceCapacity"),
+                     (TYPES[1], ZONES[0], None)], "its full zone last: the other zone, then the next type"
+    assert a.backend.instance(old).state == "terminated", "the one EC2 would not start no longer bills"
+    new = a.backend.by_name(victim)
+    assert (new.instance_type, new.state, new.lifecycle) == (TYPES[1], "running", "spot")
+    st = {v["name"]: (v["status"], v["preempted"]) for v in json.loads(a.fab_ok("status", "--json").stdout)["vms"]}
+    assert st == dict.fromkeys(names, ("RUNNING", False))
+
+
+def test_a_stopped_spot_worker_only_ec2_may_start_is_launched_again_and_nothing_bills_without_room(aws_lab):
+    a = aws_lab(workers=1)
+    (name,) = a.config.vm_names()
+    p = a.provider()
+    p.create([name])
+    a.backend.interrupt(name)
+    a.proxy.fail("StartInstances", "IncorrectSpotRequestState", count=1, status=400,
+                 message="The spot instance request is not in a state that allows starting the instance.")
+    (vm,) = p.start([name])
+    assert (vm.status, vm.recreated, vm.zone) == (Status.RUNNING, True, ZONES[0])
+    assert [(r.params["InstanceType"], r.params["Placement.AvailabilityZone"]) for r in a.runs()] == \
+        [(TYPES[0], ZONES[0])] * 2, "not a capacity problem: launched again where it was first"
+    assert p.host_keys([name]) == a.lab.provider.host_keys([name]), "the new VM's real host key, from its console"
+
+    a.backend.interrupt(name)
+    a.proxy.fail("StartInstances", "InsufficientInstanceCapacity", count=1)
+    a.proxy.fail("RunInstances", "InsufficientInstanceCapacity", count=100)
+    with pytest.raises(StockoutError, match=r"no capacity for c5\.large, c6i\.large in any of us-east-1a, "
+                                            r"us-east-1b for .*-w001.*add zones or instance types"):
+        p.start([name])
+    assert p.list() == [] and a.lab.statuses() == {}, "the stopped one terminated, none launched: nothing bills"
 
 
 # --- the spot notice watch on the VM ------------------------------------------------------
