@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
+
 from tests.conftest import run_cli
 
 KEYS = [f"k{i:03d}" for i in range(60)]
@@ -49,6 +51,18 @@ def check_outputs_whole(root: Path) -> set[str]:
     return names
 
 
+def _wait_for_workers(proc: subprocess.Popen, timeout: float = 60) -> None:
+    """Until the runner has started its worker processes (bounded), so a kill lands in work."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if len(psutil.Process(proc.pid).children(recursive=True)) >= 2:
+                return
+        except psutil.NoSuchProcess:
+            return
+        time.sleep(0.05)
+
+
 def test_sigkill_at_random_moments_then_a_final_run(tmp_path: Path, write_module) -> None:
     write_module("t", TASK)
     rng = random.Random(20261123)
@@ -59,8 +73,12 @@ def test_sigkill_at_random_moments_then_a_final_run(tmp_path: Path, write_module
                                  "--workers", "2", "--lease", "5"], cwd=tmp_path,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
-        time.sleep(rng.uniform(0.3, 0.9))
-        os.killpg(proc.pid, signal.SIGKILL)  # the whole process group, at once
+        _wait_for_workers(proc)  # on a busy machine Python may not be working yet by 0.3 s
+        time.sleep(rng.uniform(0.1, 0.7))
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the whole process group, at once
+        except ProcessLookupError:
+            pass  # it finished first: the keys left were few
         proc.wait()
         before = len(check_outputs_whole(tmp_path))
         killed_with_work_done += before > 0
