@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -11,7 +12,8 @@ from collections import Counter
 import pytest
 
 from tasks.records import read_logs
-from tests.tasks.two_mounts import two_machines  # noqa: F401 (a fixture)
+from tasks.direct import COMMAND_ENV
+from tests.tasks.two_mounts import sftp_command, two_machines  # noqa: F401 (a fixture)
 
 TASKS = """
 import time
@@ -29,13 +31,19 @@ def units(key: str, out: Path) -> None:
 """
 
 
+@pytest.mark.parametrize("direct", [False, True], ids=["mount", "session"])
 @pytest.mark.parametrize("task, n", [("per_key", 300), ("units", 5000)])
-def test_two_machines_share_the_work_over_sshfs(two_machines, task: str, n: int) -> None:
+def test_two_machines_share_the_work_over_sshfs(two_machines, task: str, n: int,
+                                                direct: bool) -> None:
+    """session: the runners publish and list over their own SFTP sessions (tasks.direct)."""
     share, a, b = two_machines
+    for name in ("out", "many", ".spotfan"):
+        shutil.rmtree(share / name, ignore_errors=True)
     (share / "sf_tasks.py").write_text(TASKS)
     cmd = [sys.executable, "-m", "tasks", "run", f"sf_tasks:{task}", "--workers", "2"]
+    env = {**os.environ, COMMAND_ENV: sftp_command(share) if direct else ""}
     procs = [subprocess.Popen(cmd, cwd=m, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for m in (a, b)]
+                              text=True, env=env) for m in (a, b)]
     outs = [p.communicate(timeout=240) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1] for o in outs]
     folder = "out" if task == "per_key" else "many"
