@@ -43,6 +43,7 @@ MAX_BYTES = 4 << 20  # bigger outputs (and folders) are published by their worke
 FULL_BELOW_BYTES = 64 * 1024  # a refused write on a disk with less free space: out of space
 PREFIX = "d-"  # remote temporaries' names: never a name the mount's publisher uses
 READDIR_PAGE = 100  # names per READDIR answer from OpenSSH's server
+BATCH_BYTES = 32 << 20  # staged outputs read into memory at once, at most (a chunk can be big)
 
 
 @dataclass(frozen=True)
@@ -198,7 +199,26 @@ class Direct:
 
     # -- publishing --------------------------------------------------------------------
     def publish(self, staged: Sequence[Staged]) -> list[Published | Exception]:
-        """Publish every staged output (create-only); what became of each, in order."""
+        """Publish every staged output (create-only); what became of each, in order. In
+        batches of at most BATCH_BYTES held in memory at once."""
+        out: list[Published | Exception] = []
+        batch: list[Staged] = []
+        size = 0
+        for s in staged:
+            try:
+                n = s.local.stat().st_size
+            except OSError:
+                n = 0  # _publish says what became of it
+            if batch and size + n > BATCH_BYTES:
+                out += self._publish_batch(batch)
+                batch, size = [], 0
+            batch.append(s)
+            size += n
+        if batch:
+            out += self._publish_batch(batch)
+        return out
+
+    def _publish_batch(self, staged: Sequence[Staged]) -> list[Published | Exception]:
         with self._lock:
             if not self.lost:
                 try:

@@ -253,3 +253,18 @@ def test_hostile_names_are_published_as_they_are(fresh) -> None:
     assert sorted(os.listdir(share / "out")) == sorted(f"{k}.txt" for k in HOSTILE)
     assert all((share / "out" / f"{k}.txt").read_text() == k for k in HOSTILE)
     assert not (share / "x").exists() and not (a / "x").exists()
+
+
+def test_a_big_chunk_is_published_in_batches_of_bounded_memory(fresh, tmp_path: Path,
+                                                               monkeypatch) -> None:
+    import tasks.direct
+    monkeypatch.setattr(tasks.direct, "BATCH_BYTES", 120_000)  # 2 outputs a batch
+    share, a, _ = fresh
+    direct = _direct(share, a, monkeypatch)
+    try:
+        got = direct.publish([_stage(tmp_path, f"k{i}", bytes([i]) * 50_000, f"out/k{i}")
+                              for i in range(5)])
+    finally:
+        direct.close()
+    assert got == ["ours"] * 5
+    assert all((share / f"out/k{i}").read_bytes() == bytes([i]) * 50_000 for i in range(5))
