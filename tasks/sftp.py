@@ -14,6 +14,7 @@ import select
 import signal
 import struct
 import subprocess
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -110,10 +111,12 @@ class Session:
     """One SFTP session over `argv`'s stdin and stdout."""
 
     def __init__(self, argv: Sequence[str]) -> None:
+        self._err = tempfile.TemporaryFile()  # what ssh says (a pipe nobody reads could fill)
         try:
             self.proc = subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=subprocess.PIPE, bufsize=0, start_new_session=True)
+                                         stderr=self._err, bufsize=0, start_new_session=True)
         except OSError as e:
+            self._err.close()
             raise SessionLost(e.errno or 0, f"cannot start {argv[0]!r}: {e.strerror}") from e
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self._in, self._out = self.proc.stdin, self.proc.stdout
@@ -139,16 +142,16 @@ class Session:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
-        for stream in (self._out, self.proc.stderr):
-            if stream is not None:
-                stream.close()
+        self._out.close()
+        self._err.close()
 
     def why_lost(self) -> str:
         """What the session's process said when it ended (its stderr tail), if it has."""
-        if self.proc.poll() is None or self.proc.stderr is None:
+        if self.proc.poll() is None:
             return ""
         try:
-            return self.proc.stderr.read()[-500:].decode(errors="replace").strip()
+            self._err.seek(0)
+            return self._err.read()[-500:].decode(errors="replace").strip()
         except (OSError, ValueError):
             return ""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -268,3 +269,16 @@ def test_a_big_chunk_is_published_in_batches_of_bounded_memory(fresh, tmp_path: 
         direct.close()
     assert got == ["ours"] * 5
     assert all((share / f"out/k{i}").read_bytes() == bytes([i]) * 50_000 for i in range(5))
+
+
+def test_a_session_that_sees_another_folder_fails_its_probe(fresh) -> None:
+    """A real SFTP server whose view of the share's path is another (empty) folder: the
+    runner must notice and publish through the mount."""
+    share, a, _ = fresh
+    write_tasks(share, 30, 0.0)
+    other = f"mount -t tmpfs none {shlex.quote(str(share.parent))} && exec /usr/lib/openssh/sftp-server"
+    p = run(a, {COMMAND_ENV: shlex.join(["unshare", "-m", "--propagation", "private", "sh", "-c", other])})
+    out, err = p.communicate(timeout=DEADLINE_S)
+    assert p.returncode == 0, err
+    assert "failed its check" in err and "publishing through the mount (slower, as safe)" in err, err
+    check_outputs(share / "out", 30)
