@@ -132,6 +132,7 @@ class Batch:
         self._lock = threading.Lock()
         self._stopped = False
         self.errors: deque[str] = deque(maxlen=ERR_LINES)
+        self.sent: set[Put] = set()  # puts whose command ended (its success is `ok`'s to judge)
 
     def run(self, on_sent: Callable[[Put], None]) -> int:
         """Copy the puts (blocks); `on_sent(put)` as each one's rename starts. The exit code."""
@@ -155,10 +156,12 @@ class Batch:
             for line in proc.stdout:
                 if line.startswith("sftp> ") and echoed < len(lines):
                     if echoed and (sent := lines[echoed - 1][1]) is not None:
+                        self.sent.add(sent)
                         on_sent(sent)
                     echoed += 1
             rc = proc.wait()
-            if rc == 0 and echoed and (sent := lines[echoed - 1][1]) is not None:
+            if rc == 0 and echoed == len(lines) and (sent := lines[-1][1]) is not None:
+                self.sent.add(sent)
                 on_sent(sent)
             err.join()
         if rc != 0:
@@ -186,6 +189,12 @@ class Batch:
                 return
             except subprocess.TimeoutExpired:
                 continue
+
+    def ok(self, put: Put) -> bool:
+        """Whether sftp ran this put's commands and said nothing about it (the caller still
+        checks the file is at its final path, whole)."""
+        return put in self.sent and not any(put.part in e or put.final in e or str(put.local) in e
+                                             for e in self.errors)
 
     def why(self, put: Put) -> str:
         """What sftp said about this file, else the end of what it said."""

@@ -248,7 +248,7 @@ def _transfer(direction: Literal["push", "pull"], share: Share, local: LocalSide
                     have = arrived.get(e.rel) if arrived is not None else None
                     got = (have.size, have.mtime) if have is not None else (
                         _sized(dst_side.stat(to)) if arrived is None else None)
-                    if got is not None and got == (e.size, e.mtime):
+                    if b.ok(p) and got is not None and got == (e.size, e.mtime):
                         copied += 1
                         resumed += p.resume
                     elif not interrupted:
