@@ -135,7 +135,8 @@ class Batch:
         self.sent: set[Put] = set()  # puts whose command ended (its success is `ok`'s to judge)
 
     def run(self, on_sent: Callable[[Put], None]) -> int:
-        """Copy the puts (blocks); `on_sent(put)` as each one's put command ends (the next line starts). The exit code."""
+        """Copy the puts (blocks); `on_sent(put)` as each one's put command ends (the next line
+        starts). The exit code."""
         lines = script(self.puts)
         with tempfile.TemporaryDirectory(prefix="spotfan-push-") as tmp:
             batch = Path(tmp) / "batch"

@@ -1,4 +1,4 @@
-"""The demo's driver (scripts/demo.sh runs it once set up): the lab flow step by step, saying what it does, and on Ctrl-C a clean stop.
+"""The demo's driver, run by scripts/demo.sh once set up: the lab flow step by step, said as it goes; Ctrl-C stops it cleanly.
 
 Each step is a `fab` (or python) command run in a session of its own, so the terminal's
 Ctrl-C reaches this driver only: it stops the step that is running (SIGTERM to its process
@@ -45,7 +45,8 @@ class Demo:
         self.child: subprocess.Popen[str] | None = None
         self.started_lab = False
 
-    def run(self, argv: list[str], *, capture: bool = False, timeout: float = STEP_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+    def run(self, argv: list[str], *, capture: bool = False,
+            timeout: float = STEP_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
         """One step in its own session (so the terminal's Ctrl-C does not reach it); raises on a non-zero exit."""
         self.child = subprocess.Popen(argv, cwd=REPO, env=self.env, text=True, stdin=subprocess.DEVNULL,
                                       stdout=subprocess.PIPE if capture else None, start_new_session=True)
@@ -103,7 +104,8 @@ class Demo:
         say("==> demo: following the run to the end: fab status --watch")
         self.fab("status", "--watch", "--interval", "5", "--timeout", str(WATCH_TIMEOUT_S))
         if (result := self.last_run()["result"]) != "done":
-            raise SystemExit(f"error: the run ended {result!r}; `fab failures` shows why, `fab logs VM` what each VM printed")
+            raise SystemExit(f"error: the run ended {result!r}; `fab failures` shows why, "
+                             "`fab logs VM` what each VM printed")
         self.fab("status")
         say("==> demo: results: every feature vector in one table, fetched to the laptop")
         table = REPO / ".demo" / "features.parquet"
