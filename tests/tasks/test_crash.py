@@ -2,6 +2,7 @@
 run ends with exactly the right outputs, each one whole."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -14,6 +15,7 @@ from pathlib import Path
 from tests.conftest import run_cli
 
 KEYS = [f"k{i:03d}" for i in range(60)]
+START_TIMEOUT_S = 60  # a round's run begins writing within this
 
 TASK = """
 import hashlib, time
@@ -49,18 +51,30 @@ def check_outputs_whole(root: Path) -> set[str]:
     return names
 
 
+def temporaries(root: Path) -> set[Path]:
+    tmp = root / ".spotfan/tmp"
+    return {p for p in tmp.rglob("*") if p.is_file()} if tmp.exists() else set()
+
+
 def test_sigkill_at_random_moments_then_a_final_run(tmp_path: Path, write_module) -> None:
     write_module("t", TASK)
     rng = random.Random(20261123)
     killed_with_work_done = 0
     killed_mid_write = 0
     for round_ in range(8):
+        seen = temporaries(tmp_path)
         proc = subprocess.Popen([sys.executable, "-m", "tasks", "run", "t:slow_write",
                                  "--workers", "2", "--lease", "5"], cwd=tmp_path,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
-        time.sleep(rng.uniform(0.3, 0.9))
-        os.killpg(proc.pid, signal.SIGKILL)  # the whole process group, at once
+        # Kill at a random moment after this round's run began writing (its start-up alone can
+        # take a second on a loaded machine): a temporary that was not there before appears.
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not (temporaries(tmp_path) - seen) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.3))
+        with contextlib.suppress(ProcessLookupError):  # unless it ended first: every key done
+            os.killpg(proc.pid, signal.SIGKILL)  # the whole process group, at once
         proc.wait()
         before = len(check_outputs_whole(tmp_path))
         killed_with_work_done += before > 0
