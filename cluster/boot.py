@@ -77,8 +77,10 @@ def refresh_known_hosts(cluster: Cluster, names: Sequence[str], *, require: bool
     write_known_hosts(cluster.config.ssh.known_hosts, {**lines, "head": head_known_hosts(cluster)})
 
 
-def boot(cluster: Cluster, instances: Sequence[Instance]) -> dict[str, str]:
-    """On every VM at once: wait for SSH, put the boot files on its disk, run boot.sh."""
+def boot(cluster: Cluster, instances: Sequence[Instance], *,
+         on_booted: Callable[[str], None] | None = None) -> dict[str, str]:
+    """On every VM at once: wait for SSH, put the boot files on its disk, run boot.sh;
+    `on_booted(name)` as each VM's boot script returns (from the fan-out's threads)."""
     config, provider, remote = cluster.config, cluster.provider, cluster.remote
     head_lines = "".join(f"{ln}\n" for ln in head_known_hosts(cluster)).encode()
     scripts = {n: files("cluster.vm").joinpath(n).read_bytes() for n in BOOT_FILES}
@@ -104,7 +106,9 @@ def boot(cluster: Cluster, instances: Sequence[Instance]) -> dict[str, str]:
             said = out.stdout.strip()
             if not out.ok and "FAILED" not in said:
                 said += f"\nboot: FAILED (exit {out.exit_code}): {' | '.join(out.stderr.strip().splitlines()[-3:])}"
-            return said
+        if on_booted is not None:
+            on_booted(host.name)
+        return said
 
     return remote.each(hosts(instances), one, what="boot")
 

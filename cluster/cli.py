@@ -59,7 +59,8 @@ def up(c, cluster: Cluster, count=None, json=False):
         head = lifecycle.up_head(cluster, workers=n)
         assert head is not None
         show.say(f"==> up: head VM {head.name} running in {head.zone} at {head.address} (host keys from the provider, not a first connection)")
-    reports = lifecycle.up(cluster, count=n, on_plan=lambda p: show.plan(p, cost=_cost(cluster, p.workers)))
+    reports = lifecycle.up(cluster, count=n, on_plan=lambda p: show.plan(p, cost=_cost(cluster, p.workers)),
+                           on_booted=show.booted)
     show.reports(reports, as_json=json)
     show.say(f"==> up: {sum(r.action != 'deleted' for r in reports)} VMs working ({time.monotonic() - t:.1f}s)")
 

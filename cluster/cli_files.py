@@ -8,22 +8,28 @@ from invoke.exceptions import Exit
 
 from cluster import show, show_transfer, transfer
 from cluster.command import EXIT_FAILED, command, seconds, whole
+from cluster.errors import UsageError
 from cluster.session import Cluster
 
 EXIT_INTERRUPTED = 130
 
 HELP = {
-    "jobs": f"files copied at once, each on its own SFTP session (default {transfer.DEFAULT_JOBS})",
+    "jobs": f"copies at once: sftp processes of a push (default {transfer.OPENSSH_JOBS} here), else SFTP "
+            f"sessions (default {transfer.DEFAULT_JOBS})",
     "checksum": "compare files by content (reads both sides), not by size and mtime",
     "bwlimit": "at most this many KB/s per file (default: no limit)",
     "json": "print one JSON summary", "config": "cluster.toml to use",
 }
 
 
-def _options(jobs: str, checksum: bool, bwlimit: str, *, ex: str) -> transfer.Options:
+def _options(jobs: str, checksum: bool, bwlimit: str, engine: str = "auto", *, ex: str) -> transfer.Options:
+    if engine not in transfer.ENGINES:
+        raise UsageError(f"--engine {engine!r} must be one of {', '.join(transfer.ENGINES)}: type e.g. "
+                         f"`{ex} --engine paramiko`")
     return transfer.Options(
-        jobs=whole(jobs or transfer.DEFAULT_JOBS, flag="--jobs", example=f"{ex} --jobs 8", minimum=1),
-        checksum=checksum, bwlimit=1000 * seconds(bwlimit or 0, flag="--bwlimit", example=f"{ex} --bwlimit 5000"))
+        jobs=whole(jobs, flag="--jobs", example=f"{ex} --jobs 8", minimum=1) if jobs else 0,
+        engine=engine, checksum=checksum,  # type: ignore[arg-type]
+        bwlimit=1000 * seconds(bwlimit or 0, flag="--bwlimit", example=f"{ex} --bwlimit 5000"))
 
 
 def _end(report: transfer.TransferReport, *, json: bool) -> None:
@@ -40,11 +46,13 @@ def _end(report: transfer.TransferReport, *, json: bool) -> None:
 # DEST and LOCAL are --to, not positional: invoke's positional arguments are always required.
 @task(positional=["local"], help={
     "local": "file or folder on this machine",
-    "to": "where on the share (a path below its root; default: LOCAL's name at the root)", **HELP})
+    "to": "where on the share (a path below its root; default: LOCAL's name at the root)",
+    "engine": "who sends the bytes: openssh (the sftp client: C crypto), paramiko, or auto (default: openssh "
+              "where installed)", **HELP})
 @command
-def push(c, cluster: Cluster, local, to="", jobs="", checksum=False, bwlimit="", json=False):
+def push(c, cluster: Cluster, local, to="", jobs="", checksum=False, bwlimit="", engine="auto", json=False):
     """Copy a file or folder to the share: each file appears whole (part file, then rename); resumable."""
-    opts = _options(jobs, checksum, bwlimit, ex=f"fab push {local}")
+    opts = _options(jobs, checksum, bwlimit, engine, ex=f"fab push {local}")
     show.say(f"==> push: {local} to the share's {to or Path(local).name}")
     with show_transfer.progress("push", quiet=json) as on_progress:
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -104,10 +105,12 @@ def _start_head(cluster: Cluster, *, workers: int) -> None:
 
 
 def up(cluster: Cluster, *, count: int | None = None,
-       on_plan: Callable[[UpPlan], None] | None = None) -> list[VMReport]:
+       on_plan: Callable[[UpPlan], None] | None = None,
+       on_booted: Callable[[str, int, int], None] | None = None) -> list[VMReport]:
     """Make the cluster have `count` (default: last asked, else config) working VMs.
 
-    `on_plan` sees what will be created, started and deleted before anything is. Raises
+    `on_plan` sees what will be created, started and deleted before anything is;
+    `on_booted(name, booted, of)` each VM whose boot script returned, as it does. Raises
     GroupError (its results: a VMReport per working VM, the error of each other one) if
     any VM does not end up working; those are left stopped or deleted, never billing.
     """
@@ -152,8 +155,18 @@ def up(cluster: Cluster, *, count: int | None = None,
     instances = [i for i in provider.list() if i.name in set(wanted)]
     zones = {i.name: i.zone for i in instances}
     refresh_known_hosts(cluster, [i.name for i in instances])
+    booted: list[str] = []
+    lock = threading.Lock()
+
+    def one_booted(name: str) -> None:
+        with lock:
+            booted.append(name)
+            n = len(booted)
+        if on_booted is not None:
+            on_booted(name, n, len(instances))
+
     try:
-        boots: dict[str, str | BaseException] = dict(boot(cluster, instances))
+        boots: dict[str, str | BaseException] = dict(boot(cluster, instances, on_booted=one_booted))
     except GroupError as e:
         boots = dict(e.results)
     results = confirm(cluster, boots)

@@ -16,6 +16,7 @@ import stat
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import paramiko
@@ -27,6 +28,18 @@ from cluster.ssh import CONNECT_ATTEMPTS, Host, Remote
 logger = logging.getLogger(__name__)
 
 MAX_SHIP_FILES = 10_000  # `fab run --ship DIR` is for code, not data
+
+
+@dataclass(frozen=True)
+class Login:
+    """How an OpenSSH client logs in to the head as the share's user (what `fab push` hands to `sftp`)."""
+
+    user: str
+    address: str
+    port: int
+    key: Path  # the laptop's private key
+    known_hosts: Path  # the cluster's known_hosts: the only host keys trusted
+    connect_timeout: float
 
 
 class Share:
@@ -75,6 +88,10 @@ class Share:
             yield sftp
         finally:
             sftp.close()
+
+    def login(self) -> Login:
+        r = self._remote
+        return Login(self._user, self._head.address, self._head.port, r.key, r.known_hosts, r.connect_timeout)
 
     @property
     def is_open(self) -> bool:

@@ -88,6 +88,12 @@ def plan(p: UpPlan, *, cost: str) -> None:
     say(f"==> up: cost: {cost}")
 
 
+def booted(name: str, n: int, of: int) -> None:
+    """One VM's boot script returned (fab up says so as each does: a cloud VM takes a minute)."""
+    say(f"==> up: booted {n}/{of} VMs ({name})"
+        + ("; waiting for each agent's first heartbeat on the share" if n == of else ""))
+
+
 def group_error(e: GroupError) -> None:
     """Each host's part of a failed fan-out: its report, its error, or ok."""
     if _JSON_MODE["on"]:

@@ -99,7 +99,9 @@ class LocalSide:
             here = Path(dirpath).relative_to(base).as_posix()
             prefix = "" if here == "." else here + "/"
             for d in sorted(dirnames):
-                if os.path.islink(os.path.join(dirpath, d)):
+                if is_part(d):  # a folder a push is filling (cluster.transfer.staging_name)
+                    dirnames.remove(d)
+                elif os.path.islink(os.path.join(dirpath, d)):
                     skipped.append(prefix + d)
                     dirnames.remove(d)
                 else:
@@ -190,12 +192,14 @@ class RemoteSide:
                 rel = f"{here}/{name}" if here else name
                 if not plain(name):
                     skipped.append(repr(rel))
+                elif is_part(name):
+                    continue  # a part file, or a folder a push is filling
                 elif stat.S_ISDIR(a.st_mode or 0):
                     dirs.append(rel)
                     todo.append(rel)
-                elif _is_file(a) and not is_part(name):
+                elif _is_file(a):
                     files.append(Entry(rel, a.st_size or 0, int(a.st_mtime or 0), stat.S_IMODE(a.st_mode or 0)))
-                elif not is_part(name):
+                else:
                     skipped.append(rel)
                 if len(files) > MAX_TREE_FILES:
                     raise OSError(f"more than {MAX_TREE_FILES} files under {self.describe(top)}")

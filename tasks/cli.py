@@ -8,6 +8,7 @@ import dataclasses
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,11 @@ from typing import Any
 from tasks.bounds import (MAX_ATTEMPTS_LIMIT, MAX_CHUNK_SIZE, MAX_LEASE_S, MAX_LIMIT,
                           MAX_READ_WORKERS, MAX_TIMEOUT_S, MIN_LEASE_S, MIN_TIMEOUT_S,
                           WORKERS_PER_CPU_MAX, count_problem, seconds_problem)
-from tasks.cmdout import output_paths
 from tasks.dryrun import dry_run
 from tasks.errors import RootError, SpecError, TaskError
 from tasks.failures import EXAMPLE_KEYS, FailureReport, failures, retry
 from tasks.gpus import MAX_GPUS
+from tasks.keylog import key_log
 from tasks.keys import shown
 from tasks.layout import Layout
 from tasks.progress import make_progress
@@ -363,22 +364,35 @@ def _print_failures(rep: FailureReport) -> None:
 
 
 def _logs(task: Task, args: argparse.Namespace) -> int:
-    """A key's kept stdout and stderr; else its failure record's error; else why there is none."""
-    out, err = output_paths(Path(args.root), task.name, args.logs_key)
-    if out.exists() or err.exists():
-        for label, path in (("stdout", out), ("stderr", err)):
-            data = path.read_bytes() if path.exists() else b""
-            print(f"==> {label} of {args.logs_key!r} ({len(data)} bytes, last attempt)")
-            sys.stdout.write(data.decode("utf-8", "replace"))
-            if data and not data.endswith(b"\n"):
-                print()
+    """How a key's last attempt ended (failed: which attempt, why, when), then its kept output."""
+    log = key_log(task, root=Path(args.root), key=args.logs_key)
+    name = repr(args.logs_key)
+    f = log.failure
+    if log.done:
+        print(f"==> {name} succeeded: its output {shown(log.out)} exists")
+    elif f is not None:
+        of = f" of {f.max_attempts}" if f.max_attempts else ""
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(f.time))
+        then = ("given up: `tasks failures --retry` sends it back" if f.gave_up
+                else "it is tried again by this run or the next")
+        print(f"==> {name}: attempt {f.attempts}{of} failed at {when} on {f.host}: {f.error}; {then}")
+    elif log.is_key:
+        print(f"==> {name} has not run yet: no output at {shown(log.out)}, no failed attempt recorded")
+    else:
+        print(f"error: {name} is not a key of {task.name} ({log.keys} keys): "
+              "`tasks run SPEC --dry-run` shows the first few", file=sys.stderr)
+        return EXIT_FAILED
+    if log.stdout is None and log.stderr is None:
+        if f is not None and f.detail.strip():
+            print(f"==> stderr of {name}, its end (last attempt)")
+            print(f.detail.rstrip())
+        if isinstance(task, CmdTask) and (log.done or f is not None):
+            print("(no output kept: run the task with --keep-output to keep each key's stdout and stderr)")
         return EXIT_OK
-    layout = Layout(Path(args.root), task.name)
-    failure = FailureStore(layout.failed, layout.tmp).load([args.logs_key]).get(args.logs_key)
-    if failure is not None:
-        print(f"==> {args.logs_key!r} failed ({failure.attempts} attempt(s)): {failure.error}")
-        print(failure.detail.rstrip())
-        return EXIT_OK
-    print(f"error: no output kept for key {args.logs_key!r} of {task.name}: run the task with "
-          "--keep-output (for --cmd tasks) to keep each key's stdout and stderr", file=sys.stderr)
-    return EXIT_FAILED
+    for label, path in (("stdout", log.stdout), ("stderr", log.stderr)):
+        data = path.read_bytes() if path is not None else b""
+        print(f"==> {label} of {name} ({len(data)} bytes, last attempt)")
+        sys.stdout.write(data.decode("utf-8", "replace"))
+        if data and not data.endswith(b"\n"):
+            print()
+    return EXIT_OK

@@ -329,7 +329,7 @@ class Dispatch:
         self.attempts[item.key] = n
         gave_up = n >= self.opts.max_attempts
         self.store.record(Failure(item.key, n, gave_up, error, detail, socket.gethostname(),
-                                  self.owner, time.time()))
+                                  self.owner, time.time(), self.opts.max_attempts))
         logger.warning("key %r failed (attempt %d of %d): %s", item.key, n,
                        self.opts.max_attempts, error)
         if gave_up:

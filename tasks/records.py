@@ -101,6 +101,7 @@ class Failure:
     host: str  # machine of the last attempt
     owner: str  # `run` process of the last attempt
     time: float  # seconds since the epoch
+    max_attempts: int = 0  # the run's --max-attempts at that attempt (0: a record from before it was kept)
 
 
 class FailureStore:

@@ -170,7 +170,7 @@ def test_every_module_and_script_starts_by_saying_what_it_is():
 
 def test_scripts_holds_developer_scripts_only():
     # What runs on a VM is package data of cluster.vm, read with importlib.resources.
-    assert sorted(p.name for p in (REPO / "scripts").iterdir()) == ["demo.sh", "setup.sh", "test.sh"]
+    assert sorted(p.name for p in (REPO / "scripts").iterdir()) == ["demo.py", "demo.sh", "setup.sh", "test.sh"]
     for pkg in PACKAGES:
         for path in (REPO / pkg).rglob("*.py"):
             assert '"scripts"' not in path.read_text() and "'scripts'" not in path.read_text(), path

@@ -9,12 +9,16 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
+
 from labs import FAB, REPO
 
 ODD_NAMES = ["plain.txt", "with space.txt", "it's \"quoted\".txt", "ünïcødé-ß.txt", "new\nline.txt",
              "-starts-with-dash", "$(touch pwned)", ".hidden", "sub dir/deeper/x;y&z.bin", "empty"]
 BIG = 12 * 1024 * 1024  # a file big enough to interrupt halfway at --bwlimit
 KILL_TIMEOUT_S = 60
+FOLDER_FILES, FOLDER_FILE_BYTES = 30, 100_000  # a folder pushed at --bwlimit 400: 7.5 s
+COPIERS_GONE_S = 3  # a killed push's sftp and ssh processes are gone this soon
 
 
 def make_tree(top: Path) -> dict[str, bytes]:
@@ -68,6 +72,14 @@ def test_push_and_pull_a_tree_of_odd_names_then_dry_run_it(make_lab, tmp_path):
     assert (dest / "with space.txt").read_bytes() == data["with space.txt"][::-1], "size+mtime match: skipped"
     checked = json.loads(lab.fab_ok("push", str(src), "--to", "inputs/batch 1", "--checksum", "--json").splitlines()[-1])
     assert checked["copied"] == 1 and (dest / "with space.txt").read_bytes() == data["with space.txt"]
+
+    # The same tree through paramiko alone (where OpenSSH's sftp client is missing): the same result.
+    by_paramiko = json.loads(lab.fab_ok("push", str(src), "--to", "inputs/paramiko", "--engine", "paramiko",
+                                        "--json").splitlines()[-1])
+    assert (by_paramiko["copied"], by_paramiko["failed"]) == (len(data), {})
+    assert files_under(lab.share / "inputs" / "paramiko") == files_under(dest)
+    bad = lab.fab("push", str(src), "--engine", "rsync")
+    assert bad.returncode == 2 and "--engine 'rsync' must be one of auto, openssh, paramiko" in bad.stderr, bad.stderr
 
     # Pull it back into a new folder here: the same bytes; the share's names are kept as they are.
     back = tmp_path / "back"
@@ -125,10 +137,15 @@ def test_an_interrupted_push_never_shows_a_partial_file_and_resumes(make_lab, tm
             time.sleep(0.05)
         else:
             raise AssertionError("the push never got a third of the way")
+        copiers = psutil.Process(proc.pid).children(recursive=True)  # its sftp and ssh processes
+        assert any(c.name() == "sftp" for c in copiers), [c.name() for c in copiers]
         proc.send_signal(signal.SIGKILL)  # as a laptop that sleeps or loses power
     finally:
         proc.kill()
         proc.wait(timeout=30)
+    # Sooner than the rest of the copy would take at --bwlimit (2/3 of 12 MB at 2 MB/s: 4 s).
+    gone, alive = psutil.wait_procs(copiers, timeout=COPIERS_GONE_S)
+    assert alive == [], f"copies went on after the push was killed: {alive}"
     assert not final.exists() and len(parts) == 1
     kept = parts[0].stat().st_size
 
@@ -137,3 +154,35 @@ def test_an_interrupted_push_never_shows_a_partial_file_and_resumes(make_lab, tm
     assert resumed["bytes"] == BIG - kept, "the resumed push sent again what was already there"
     assert final.read_bytes() == big.read_bytes()
     assert list((lab.share / "data").glob("*.spotfan-part")) == []
+
+    # A new folder fills beside its name and appears whole, at once; killed, it continues.
+    tree = tmp_path / "tree"
+    for i in range(FOLDER_FILES):
+        (tree / f"d{i % 3}").mkdir(parents=True, exist_ok=True)
+        (tree / f"d{i % 3}" / f"f{i:03d}.bin").write_bytes(os.urandom(FOLDER_FILE_BYTES))
+    want = files_under(tree)
+    final_dir, staging = lab.share / "data" / "tree", lab.share / "data" / ".tree.spotfan-part"
+    proc = subprocess.Popen([str(FAB), "push", str(tree), "--to", "data/tree", "--jobs", "1", "--bwlimit", "400"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + KILL_TIMEOUT_S
+        while time.monotonic() < deadline:
+            assert not final_dir.exists(), "the folder appeared before every file of it was whole"
+            if staging.exists() and len(files_under(staging)) >= FOLDER_FILES // 3:
+                break
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the folder push never got a third of the way")
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    time.sleep(1)
+    assert not final_dir.exists() and staging.is_dir()
+    again = json.loads(lab.fab_ok("push", str(tree), "--to", "data/tree", "--json").splitlines()[-1])
+    assert again["skipped"] >= FOLDER_FILES // 3 - 1 and again["copied"] + again["skipped"] == FOLDER_FILES, again
+    assert files_under(final_dir) == want and not staging.exists()
+    for rel in want:  # mtimes kept, so the next push skips them all
+        assert int((final_dir / rel).stat().st_mtime) == int((tree / rel).stat().st_mtime)
+    assert json.loads(lab.fab_ok("push", str(tree), "--to", "data/tree", "--json").splitlines()[-1])["skipped"] == FOLDER_FILES

@@ -2,6 +2,7 @@
 run ends with exactly the right outputs, each one whole."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -11,11 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
-
 from tests.conftest import run_cli
 
 KEYS = [f"k{i:03d}" for i in range(60)]
+START_TIMEOUT_S = 60  # a round's run begins writing within this
 
 TASK = """
 import hashlib, time
@@ -51,16 +51,9 @@ def check_outputs_whole(root: Path) -> set[str]:
     return names
 
 
-def _wait_for_workers(proc: subprocess.Popen, timeout: float = 60) -> None:
-    """Until the runner has started its worker processes (bounded), so a kill lands in work."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if len(psutil.Process(proc.pid).children(recursive=True)) >= 2:
-                return
-        except psutil.NoSuchProcess:
-            return
-        time.sleep(0.05)
+def temporaries(root: Path) -> set[Path]:
+    tmp = root / ".spotfan/tmp"
+    return {p for p in tmp.rglob("*") if p.is_file()} if tmp.exists() else set()
 
 
 def test_sigkill_at_random_moments_then_a_final_run(tmp_path: Path, write_module) -> None:
@@ -69,16 +62,19 @@ def test_sigkill_at_random_moments_then_a_final_run(tmp_path: Path, write_module
     killed_with_work_done = 0
     killed_mid_write = 0
     for round_ in range(8):
+        seen = temporaries(tmp_path)
         proc = subprocess.Popen([sys.executable, "-m", "tasks", "run", "t:slow_write",
                                  "--workers", "2", "--lease", "5"], cwd=tmp_path,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
-        _wait_for_workers(proc)  # on a busy machine Python may not be working yet by 0.3 s
-        time.sleep(rng.uniform(0.1, 0.7))
-        try:
+        # Kill at a random moment after this round's run began writing (its start-up alone can
+        # take a second on a loaded machine): a temporary that was not there before appears.
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not (temporaries(tmp_path) - seen) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.3))
+        with contextlib.suppress(ProcessLookupError):  # unless it ended first: every key done
             os.killpg(proc.pid, signal.SIGKILL)  # the whole process group, at once
-        except ProcessLookupError:
-            pass  # it finished first: the keys left were few
         proc.wait()
         before = len(check_outputs_whole(tmp_path))
         killed_with_work_done += before > 0
