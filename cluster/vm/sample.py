@@ -305,8 +305,9 @@ def _find_runs() -> set[int]:
 
 
 def _helpers(mains: set[int]) -> set[int]:
-    """multiprocessing's forkserver and resource tracker under the run processes: they
-    hold no key, so they count neither as workers nor as missing ones."""
+    """multiprocessing's forkserver and resource tracker, and the runner's own SFTP session
+    (`ssh ... sftp`, tasks.direct), under the run processes: they hold no key, so they count
+    neither as workers nor as missing ones."""
     helpers = set()
     for pid in mains:
         try:
@@ -315,10 +316,12 @@ def _helpers(mains: set[int]) -> set[int]:
             continue
         for c in children:
             try:
-                cmd = " ".join(c.cmdline())
+                argv = c.cmdline()
             except psutil.Error:
                 continue
-            if "forkserver" in cmd or "resource_tracker" in cmd:
+            cmd = " ".join(argv)
+            session = bool(argv) and os.path.basename(argv[0]) == "ssh" and argv[-1] == "sftp"
+            if "forkserver" in cmd or "resource_tracker" in cmd or session:
                 helpers.add(c.pid)
     return helpers
 
