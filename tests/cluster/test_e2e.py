@@ -7,6 +7,7 @@ import re
 import time
 from pathlib import Path
 
+from cluster import records
 from cluster.records import CLUSTER_DIR
 from labs import FIXTURES, lab_processes
 
@@ -19,6 +20,19 @@ RUN_TIMEOUT_S = 150
 
 def payload(i: int) -> str:
     return f"input {i}\n" + "spotfan " * 64 + "\n"
+
+
+def run_logs(lab, run_id: str) -> str:
+    """Every VM's log of the run and the tail of its agent log: what a failed run leaves to read."""
+    parts = []
+    for vm in lab.config.vm_names():
+        folder = lab.share / records.log_dir(vm)
+        for name in (f"{run_id}.log", "agent.log"):
+            path = folder / name
+            if path.exists():
+                lines = path.read_text(errors="replace").splitlines()[-60:]
+                parts.append(f"==> {vm}/{name}\n" + "\n".join(lines))
+    return "\n".join(parts)
 
 
 def test_preempt_two_vms_mid_run_then_heal(make_lab):
@@ -50,7 +64,7 @@ def test_preempt_two_vms_mid_run_then_heal(make_lab):
     done_file = lab.share / CLUSTER_DIR / "runs" / f"{run_id}.done.json"
     lab.wait_for("the run to finish", done_file.exists, timeout=RUN_TIMEOUT_S)
     record = json.loads(done_file.read_text())
-    assert record["result"] == "done", record
+    assert record["result"] == "done", (record, run_logs(lab, run_id))
 
     # Exact output set, every output whole.
     assert sorted(p.name for p in outputs.iterdir()) == [f"{i:04d}.txt" for i in range(KEYS)]
