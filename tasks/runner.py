@@ -11,10 +11,8 @@ import logging
 import os
 import random
 import resource
-import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -41,12 +39,13 @@ from tasks.records import ExecLog, FailureStore, OwnerRecord, Stamp
 from tasks.runstate import StateFile
 from tasks.scan import scan_done
 from tasks.spec import Task
+from tasks.staging import Staging
+from tasks.staging import sweep as sweep_staging
 from tasks.worker import WorkerSetup
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_ATTEMPTS = 3
-STAGING_PREFIX = "spotfan-"  # local staging folders of runners on a network root
 
 __all__ = ["run", "RunOptions", "RunReport", "DEFAULT_LEASE_S", "DEFAULT_MAX_ATTEMPTS",
            "START_METHODS"]
@@ -184,7 +183,8 @@ def run_with(task: Task, root: Path, opts: RunOptions) -> RunReport:
     network = is_network(root)
     if network:
         _search_root_last(root)
-    staging = Path(tempfile.gettempdir()) / f"{STAGING_PREFIX}{owner_id}" if network else owner.tmp
+    local = Staging(owner_id) if network else None  # the tasks' own writes go to local disk
+    staging = local.path if local is not None else owner.tmp
     state = StateFile(opts.state_file, task=task.name, total=len(items)) if opts.state_file else None
     old_term = _raise_on_sigterm()
     dispatch: Dispatch | None = None
@@ -201,9 +201,9 @@ def run_with(task: Task, root: Path, opts: RunOptions) -> RunReport:
                 layout, lease_s=max(DEFAULT_LEASE_S, opts.lease_s or 0), clock=clock,
                 task=task.name)))
         sweep(layout, lease_s=plan.lease_s, clock=clock, done_units=set(), me=owner_id)
-        if network:
-            _sweep_staging(owner_id)
-            staging.mkdir(parents=True)
+        if local is not None:
+            sweep_staging()
+            local.create()
         method = probe_publish(owner.tmp)
         if network and not (opts.fsync or task.fsync):
             direct = Direct.start(root=root, tmp=owner.tmp, fallback=Publisher(
@@ -241,8 +241,8 @@ def run_with(task: Task, root: Path, opts: RunOptions) -> RunReport:
             direct.close()
         log.close()
         owner.close()
-        if network:
-            shutil.rmtree(staging, ignore_errors=True)
+        if local is not None:
+            local.close()
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
         if state is not None:  # the runner is gone, however it ended
@@ -287,16 +287,6 @@ def _sweep_stale_claims(layout: Layout, claims: Claims | None, finished: set[str
         logger.warning("could not sweep stale claims: %s", e)
 
 
-def _sweep_staging(owner_id: str) -> None:
-    """Local staging folders of runners on this host that are gone (killed, preempted);
-    only this host's (by name: machines may share a /tmp, as lab VMs do)."""
-    host = owner_id.rsplit("-", 2)[0]
-    for p in Path(tempfile.gettempdir()).glob(f"{STAGING_PREFIX}{host}-*"):
-        parts = p.name[len(STAGING_PREFIX):].rsplit("-", 2)
-        if len(parts) == 3 and parts[0] == host and parts[1].isdigit() and not _alive(int(parts[1])):
-            shutil.rmtree(p, ignore_errors=True)
-
-
 def _search_root_last(root: Path) -> None:
     """On a network root every import would first look in the root (the current folder
     of `python -m`), each lookup a round trip, in the runner and in every worker: search
@@ -310,16 +300,6 @@ def _under(path: Path, root: Path) -> bool:
         return path.resolve().is_relative_to(root)
     except OSError:
         return False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
 
 
 def _as_fault(e: OSError, root: Path) -> Exception:

@@ -32,7 +32,16 @@ def run_logs(lab, run_id: str) -> str:
             if path.exists():
                 lines = path.read_text(errors="replace").splitlines()[-60:]
                 parts.append(f"==> {vm}/{name}\n" + "\n".join(lines))
+    for path in sorted(lab.share.glob(".spotfan/tasks/*/failed/*"))[:3]:
+        parts.append(f"==> {path.relative_to(lab.share)}\n" + path.read_text(errors="replace")[-2000:])
     return "\n".join(parts)
+
+
+def wait_for(lab, run_id: str, what: str, cond, *, timeout: float) -> None:
+    try:
+        lab.wait_for(what, cond, timeout=timeout)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{run_logs(lab, run_id)}") from None
 
 
 def test_preempt_two_vms_mid_run_then_heal(make_lab):
@@ -46,8 +55,8 @@ def test_preempt_two_vms_mid_run_then_heal(make_lab):
                      "--lease", "5", "--ship", str(FIXTURES / "lab_work.sh"))
     run_id = re.search(r"run (r[\w-]+) requested", out).group(1)
     outputs = lab.share / "out"
-    lab.wait_for("a quarter of the outputs", lambda: outputs.exists()
-                 and len(list(outputs.iterdir())) >= KEYS // 4, timeout=60)
+    wait_for(lab, run_id, "a quarter of the outputs", lambda: outputs.exists()
+             and len(list(outputs.iterdir())) >= KEYS // 4, timeout=60)
 
     killed = lab.fab_ok("preempt", "--count", str(PREEMPTED))
     victims = re.search(r"killed (.+)", killed).group(1).split(", ")
@@ -62,7 +71,7 @@ def test_preempt_two_vms_mid_run_then_heal(make_lab):
         assert f"{v}: started;" in healed, healed
 
     done_file = lab.share / CLUSTER_DIR / "runs" / f"{run_id}.done.json"
-    lab.wait_for("the run to finish", done_file.exists, timeout=RUN_TIMEOUT_S)
+    wait_for(lab, run_id, "the run to finish", done_file.exists, timeout=RUN_TIMEOUT_S)
     record = json.loads(done_file.read_text())
     assert record["result"] == "done", (record, run_logs(lab, run_id))
 
