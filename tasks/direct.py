@@ -21,6 +21,7 @@ import os
 import re
 import shlex
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -89,46 +90,63 @@ def _unescape(field: str) -> str:
 class Direct:
     """The runner's session, and how it publishes a chunk's staged outputs."""
 
-    def __init__(self, session: sftp.Session, *, root: Path, remote: str, tmp: Path,
-                 fallback: Publisher) -> None:
+    def __init__(self, session: sftp.Session | None, *, root: Path, remote: str, tmp: Path,
+                 fallback: Publisher, lost: str = "") -> None:
         self.session = session
         self.root, self.remote, self.tmp = root, remote, tmp
         self.remote_tmp = f"{remote}/{tmp.relative_to(root).as_posix()}"
         self.fallback = fallback  # the mount's publisher, for when the session is gone
-        self.lost = ""  # why the session stopped being used
+        self.lost = lost  # why the session is not used (any more)
         self._lock = threading.Lock()
         self._pages: dict[str, int] = {}  # READDIR pages of each folder at its last listing
 
-    @classmethod
-    def start(cls, *, root: Path, tmp: Path, fallback: Publisher) -> Direct | None:
-        """The session named by SPOTFAN_SFTP_COMMAND, once the probe passes; else None (said why)."""
-        command = os.environ.get(COMMAND_ENV, "").strip()
-        if not command:
+    @staticmethod
+    def wanted(root: Path) -> str | None:
+        """The run root's folder on the server when SPOTFAN_SFTP_COMMAND names a session to
+        try; None (said why, if it is set) when there is none to try."""
+        if not os.environ.get(COMMAND_ENV, "").strip():
             return None
         remote = remote_root(root)
         if remote is None:
             logger.info("%s is set but %s is not on an sshfs mount: publishing through the "
                         "mount", COMMAND_ENV, root)
-            return None
+        return remote
+
+    @classmethod
+    def begin(cls, *, root: Path, remote: str, tmp: Path, fallback: Publisher) -> "Future[Direct]":
+        """`start` in a thread (an ssh handshake and a probe: a few hundred milliseconds that
+        the runner's other set-up and its workers' start overlap)."""
+        pool = ThreadPoolExecutor(1, thread_name_prefix="spotfan-sftp-start")
+        try:
+            return pool.submit(cls.start, root=root, remote=remote, tmp=tmp, fallback=fallback)
+        finally:
+            pool.shutdown(wait=False)
+
+    @classmethod
+    def start(cls, *, root: Path, remote: str, tmp: Path, fallback: Publisher) -> Direct:
+        """The session named by SPOTFAN_SFTP_COMMAND once its probe passes; else one that
+        publishes the staged outputs through the mount (said why)."""
+        command = os.environ.get(COMMAND_ENV, "").strip()
         try:
             session = sftp.Session(shlex.split(command))
         except (sftp.SessionLost, ValueError) as e:
             logger.warning("cannot start the SFTP session of %s (%s): publishing through the "
                            "mount (slower, as safe)", COMMAND_ENV, e)
-            return None
+            return cls(None, root=root, remote=remote, tmp=tmp, fallback=fallback, lost=str(e))
         direct = cls(session, root=root, remote=remote, tmp=tmp, fallback=fallback)
         why = direct.probe()
         if why:
             session.close()
             logger.warning("the SFTP session of %s failed its check (%s): publishing through "
                            "the mount (slower, as safe)", COMMAND_ENV, why)
-            return None
+            return cls(None, root=root, remote=remote, tmp=tmp, fallback=fallback, lost=why)
         logger.info("publishing small outputs over a direct SFTP session (%s on the server)", remote)
         return direct
 
     def close(self) -> None:
-        logger.info("the direct SFTP session sent %d requests", self.session.sent)
-        self.session.close()
+        if self.session is not None:
+            logger.info("the direct SFTP session sent %d requests", self.session.sent)
+            self.session.close()
 
     def probe(self) -> str:
         """"" if the session sees the run root and its rename refuses to replace; else why not."""

@@ -39,7 +39,13 @@ CHUNKS_PER_WORKER = 2  # chunks in flight per worker: one running, one queued
 PREFETCH_BELOW_S = 1.0  # queue a second chunk per worker only for tasks quicker than this
 MAX_UNITS_PER_CLAIM = 8  # units claimed per look at the listings (a fresh look, each batch)
 POLL_S = 1.0  # the loop looks at the pool, timeouts, progress at least this often
-TAIL_POLL_S = 1.0  # how often to look again at units that live peers hold
+# How often to look again at units that live peers hold: soon at first (the peers' last
+# chunks are usually nearly done: every runner of a fleet ends within a fraction of a
+# second of the last key), then less often (a long wait costs the head little).
+TAIL_POLL_MIN_S = 0.1
+TAIL_POLL_MAX_S = 2.0
+TAIL_POLL_GROWTH = 1.5
+TAKEOVER_EVERY_S = 2.0  # ... but try to take the peers' units over (expired claims) only this often
 MAX_STARTUP_FAILURES = 3  # pools that die before finishing any chunk before we give up
 MAX_POOL_REBUILDS = 1000  # bound on rebuilding the pool after worker deaths
 RATE_WINDOW_S = 60.0  # the rate shown is measured over this window
@@ -99,6 +105,7 @@ class Dispatch:
         self.order = UnitRing(self.open, rng)  # units to claim, walked in the shared order
         self.deferred: set[str] = set()  # units live peers hold: looked at again at the end
         self.held: dict[str, dict[str, Item]] = {}  # our units -> their unsettled keys
+        self.settled_units: list[str] = []  # emptied units, not released yet
         self.ready: deque[Item] = deque()  # keys of units we hold, not yet dispatched
         self.isolate: deque[Item] = deque()  # run alone: their chunk killed a worker
         self.peer_settled: set[str] = set()  # keys of units a peer marked done
@@ -111,6 +118,8 @@ class Dispatch:
         self.recent: deque[tuple[float, int]] = deque()
         self.last_progress = 0.0
         self.waiting_since: float | None = None  # monotonic start of the current tail wait
+        self.tail_polls = 0  # looks at the peers' units since the last progress
+        self.last_takeover = 0.0  # monotonic time of the last try to take them over
 
     # -- loop --------------------------------------------------------------------------
     def loop(self) -> None:
@@ -246,6 +255,7 @@ class Dispatch:
                     self._settle(it.key, done=True)
                 else:
                     self.ready.append(it)
+            self._release_settled()
         return sum(len(self.held.get(w.unit, ())) for w in won)
 
     def _settle_finished_units(self, units: Iterable[str]) -> None:
@@ -257,7 +267,8 @@ class Dispatch:
             self.peer_settled.update(it.key for it in keys)
 
     def _settle(self, key: str, *, done: bool) -> None:
-        """A key of a unit we hold is done or given up; release the unit once it is empty."""
+        """A key of a unit we hold is done or given up; once its unit is empty, the unit is
+        released with the others settled in the same step (`_release_settled`)."""
         if done:
             self.done.add(key)
         unit = self.unit_of[key]
@@ -267,7 +278,14 @@ class Dispatch:
         keys.pop(key, None)
         if not keys:
             del self.held[unit]
-            self.claims.release([unit], done=True)
+            self.settled_units.append(unit)
+
+    def _release_settled(self) -> None:
+        """Release the units emptied since the last call, all at once: their done markers
+        and claim removals go out concurrently (one round trip's wait, not one per unit)."""
+        if self.settled_units:
+            units, self.settled_units = self.settled_units, []
+            self.claims.release(units, done=True)
 
     def _drop_lost(self) -> None:
         """Units whose claim expired while we held them (we were frozen): a peer may run
@@ -309,6 +327,7 @@ class Dispatch:
         # Log before releasing: a reader of the logs can count every execution.
         self.log.write({"key": o.key, "start": round(o.started, 4), "seconds": round(o.seconds, 6),
                         "ok": o.ok, "dup": o.published == "theirs"} for o in outcomes)
+        self._release_settled()
         if env:
             raise EnvironmentFault(env)
         self.sizer.observe([o.seconds for o in outcomes])
@@ -374,6 +393,7 @@ class Dispatch:
                 self.ready.appendleft(it)  # the culprit is known: the rest are innocent
             else:
                 self.isolate.append(it)  # innocent until run alone
+        self._release_settled()
         self._rebuild(timeout=bool(killed))
 
     def _rebuild(self, *, timeout: bool = False) -> None:
@@ -399,7 +419,7 @@ class Dispatch:
         expired by then): the keys stay with their live peers."""
         now = time.monotonic()
         if self.waiting_since is None:
-            self.waiting_since = now
+            self.waiting_since = self.last_takeover = now
             logger.info("waiting for %d unit(s) held by other runners", len(self.deferred))
         self._report(phase="waiting", force=True)
         bound = 2 * self.opts.lease_s + (self.opts.timeout_s or 0.0)
@@ -408,7 +428,8 @@ class Dispatch:
                            "progress; leaving them to those runners",
                            sum(len(self.open.get(u, ())) for u in self.deferred), bound)
             return False
-        time.sleep(TAIL_POLL_S)
+        time.sleep(min(TAIL_POLL_MAX_S, TAIL_POLL_MIN_S * TAIL_POLL_GROWTH ** self.tail_polls))
+        self.tail_polls += 1
         self.view.refresh(force=True)
         before = len(self.deferred)
         self._settle_finished_units(self.view.finished & self.deferred)
@@ -416,9 +437,15 @@ class Dispatch:
         for u in free:
             self.order.add(u)  # released without finishing (--limit, interrupted)
         self.deferred.difference_update(free)
-        held = [u for u in self.deferred if u in self.open]
-        if self._take(held) or len(self.deferred) < before:  # taken over, or finished
+        taken = 0
+        if time.monotonic() - self.last_takeover >= TAKEOVER_EVERY_S:
+            # A claim can be taken over only once it expired (a lease, seconds at least):
+            # trying at every look would mostly win claims their holders just released.
+            self.last_takeover = time.monotonic()
+            taken = self._take([u for u in self.deferred if u in self.open])
+        if taken or len(self.deferred) < before:  # taken over, or finished
             self.waiting_since = None
+            self.tail_polls = 0
         return True
 
     def waiting_keys(self) -> list[str]:

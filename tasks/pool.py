@@ -59,6 +59,10 @@ class Pool:
         self._killed: list[Overdue] = []
 
     def start(self) -> None:
+        """Start the pool, its worker processes at once (not at the first chunks: their
+        start, an import of the task, overlaps the runner's own set-up). Once."""
+        if self._pool is not None:
+            return
         if self.executor == "thread":
             worker.init_worker(self.setup, process=False)
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="spotfan-task")
@@ -74,6 +78,8 @@ class Pool:
             args = (*args, True, ctx.RawArray("l", len(self.setup.gpu_groups)), ctx.Lock())
         self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx,
                                          initializer=worker.init_worker, initargs=args)
+        for _ in range(self.workers):  # each submit starts one process while none is idle
+            self._pool.submit(worker.ready)
 
     def submit(self, chunk: Chunk) -> "Future[list[Outcome]]":
         assert self._pool is not None

@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -190,11 +191,18 @@ def run_with(task: Task, root: Path, opts: RunOptions) -> RunReport:
     dispatch: Dispatch | None = None
     claims: Claims | None = None
     direct: Direct | None = None
+    starting: Future[Direct] | None = None
+    pool: Pool | None = None
     log = ExecLog(layout.log / f"{owner_id}.jsonl", owner_id)
     try:
         if state is not None:
             state.__enter__()  # left in the finally below, after everything else
         owner.register()
+        method = probe_publish(owner.tmp)
+        remote = Direct.wanted(root) if network and not (opts.fsync or task.fsync) else None
+        if remote is not None:  # its ssh handshake overlaps the set-up below and the pool's start
+            starting = Direct.begin(root=root, remote=remote, tmp=owner.tmp, fallback=Publisher(
+                root, method=method, share_tmp=owner.tmp, fsync=False))
         plan = plans.load_or_create(
             layout.plan, total=len(items), lease_s=opts.lease_s,
             runner_alive=lambda: any(o.record.owner != owner_id for o in live_owners(
@@ -204,18 +212,17 @@ def run_with(task: Task, root: Path, opts: RunOptions) -> RunReport:
         if local is not None:
             sweep_staging()
             local.create()
-        method = probe_publish(owner.tmp)
-        if network and not (opts.fsync or task.fsync):
-            direct = Direct.start(root=root, tmp=owner.tmp, fallback=Publisher(
-                root, method=method, share_tmp=owner.tmp, fsync=False))
         unit_of = {it.key: plan.unit(it.key) for it in pending}
         claims = Claims(layout.claims, layout.done, lease_s=plan.lease_s, clock=clock,
                         pipelined=network)
         setup = WorkerSetup(task.ref(), str(root), str(staging),
                             str(owner.tmp) if network else None, method, opts.fsync, os.getpid(),
-                            gpu_groups=opts.gpu_groups(), direct=direct is not None)
+                            gpu_groups=opts.gpu_groups(), direct=starting is not None)
         pool = Pool(setup, executor=opts.executor, workers=workers,
                     start_method=opts.start_method, timeout_s=timeout_s)
+        pool.start()  # its workers start (import, load the task) while the session starts
+        if starting is not None:
+            direct, starting = starting.result(), None
         dispatch = Dispatch(
             root=root, pending=pending, unit_of=unit_of, done=done, attempts=attempts,
             report=report, claims=claims, view=UnitView(claims.done, claims.folder, markers_before,
@@ -237,6 +244,10 @@ def run_with(task: Task, root: Path, opts: RunOptions) -> RunReport:
         if claims is not None:
             claims.release_all()
             claims.close()
+        if pool is not None:
+            pool.shutdown(kill=True)  # (done already, unless set-up failed after its start)
+        if starting is not None:  # set-up failed before the session was taken
+            starting.add_done_callback(lambda f: f.exception() or f.result().close())
         if direct is not None:
             direct.close()
         log.close()

@@ -122,6 +122,10 @@ def init_worker(setup: WorkerSetup, slots: Any = None, slot_lock: Any = None,
                     slot, publishing, setup.direct and not publisher.fsync)
 
 
+def ready() -> None:
+    """Nothing: sent once per worker when the pool starts, so that every process starts then."""
+
+
 def run_chunk(chunk: Chunk) -> list[Outcome]:
     assert _state is not None, "init_worker was not called in this process"
     state = _state

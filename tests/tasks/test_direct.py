@@ -86,9 +86,11 @@ def _direct(share: Path, mount: Path, monkeypatch) -> Direct:
     monkeypatch.setenv(COMMAND_ENV, sftp_command(share.parent))
     tmp = mount / ".spotfan/tmp/me"
     tmp.mkdir(parents=True)
-    direct = Direct.start(root=mount, tmp=tmp, fallback=Publisher(
+    remote = Direct.wanted(mount)
+    assert remote is not None, "an sshfs mount's folder on the server is read from mountinfo"
+    direct = Direct.start(root=mount, remote=remote, tmp=tmp, fallback=Publisher(
         mount, method=probe_publish(tmp), share_tmp=tmp, fsync=False))
-    assert direct is not None, "the probe refused a real OpenSSH server"
+    assert direct.session is not None and not direct.lost, "the probe refused a real OpenSSH server"
     return direct
 
 
