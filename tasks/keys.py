@@ -8,9 +8,11 @@ names, each component of an output or source path) goes through it.
 """
 from __future__ import annotations
 
+import gc
 import os
 import string
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import repeat
 from operator import itemgetter
@@ -352,6 +354,21 @@ def _all_plain(keys: list[str], left: str, right: str, *, first: bool, fixed_byt
     could = [n[len(left):len(n) - len(right)] for n in special  # the key that would make n
              if len(n) > len(left) + len(right) and n.startswith(left) and n.endswith(right)]
     return not any(k in keys for k in could)
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection while the items are made, then as it was. A million
+    tuples made with the collector on cost 0.7-0.9 s, with it off 0.15-0.25 s (measured
+    here): each growth of the heap by a quarter triggers a full collection that walks
+    every item made so far. Items hold only strings and tuples: no cycles to miss."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def key_items(template: str, keys: list[str], *, limits: Limits, is_dir: bool,

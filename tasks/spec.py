@@ -28,7 +28,7 @@ from tasks.bounds import MAX_TIMEOUT_S
 from tasks import cmdout
 from tasks.errors import SpecError, UnsafePath
 from tasks.keys import (KEY_FIELDS, SRC_FIELDS, Item, Limits, check_name, check_nesting,
-                        check_template, check_unique, key_items, normal, path_problem,
+                        check_template, check_unique, gc_paused, key_items, normal, path_problem,
                         relative, render, safe_relpath, template_fields, unsafe_outputs)
 from tasks.sources import content_hashes, glob_base, glob_sources, src_fields
 
@@ -92,6 +92,10 @@ class KeySource:
         """Every key with its output path, checked all at once before any work: a message
         names the first few keys whose output cannot be used (outside the root, `.`, too
         long for the filesystem), that share one output, or whose output is another's folder."""
+        with gc_paused():
+            return self._items(root)
+
+    def _items(self, root: Path) -> list[Item]:
         template, is_dir = self.template, self.is_dir
         limits = Limits.of(root)
         items: list[Item] = []
