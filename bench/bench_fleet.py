@@ -229,6 +229,59 @@ class LabCpu:
             pass
 
 
+def kind_of(cmdline: str, name: str) -> str:
+    if "tasks" in cmdline and " run " in cmdline + " ":
+        return "spotfan runner"
+    if "multiprocessing" in cmdline or "forkserver" in cmdline:
+        return "spotfan pool workers"
+    if name == "ssh" and "ClearAllForwardings" not in cmdline:  # sshfs adds it to its ssh
+        return "runner's SFTP session (ssh)"
+    if "fleet_task.py" in cmdline:
+        return "naive loop (python)"
+    return {"sshfs": "mounts' sshfs", "ssh": "mounts' ssh", "sshd": "head sshd/sftp-server",
+            "sftp-server": "head sshd/sftp-server"}.get(name, "other")
+
+
+def cpu_split(fleet: Fleet, n_vms: int, cmd: str) -> Counter:
+    """CPU seconds of one round by process kind. Every lab process is sampled from /proc
+    every 50 ms (one that lives under 50 ms is missed): a process alive before the round
+    counts its growth, one started during it its last sample."""
+    clean(fleet.share)
+    group = fleet.cpu.group / "cgroup.procs"
+
+    def snapshot() -> dict[int, tuple[str, float]]:
+        seen = {}
+        for pid in group.read_text().split():
+            try:
+                p = psutil.Process(int(pid))
+                t = p.cpu_times()
+                seen[p.pid] = (kind_of(" ".join(p.cmdline()), p.name()), t.user + t.system)
+            except (psutil.Error, ValueError):
+                continue
+        return seen
+
+    before = snapshot()
+    last: dict[int, tuple[str, float]] = {}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            last.update(snapshot())
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    mnt = shlex.quote(fleet.config.mount_point)
+    fleet.run_all(n_vms, f"cd {mnt} && {cmd}")
+    stop.set()
+    sampler.join()
+    last.update(snapshot())
+    out: Counter = Counter()
+    for pid, (kind, used) in last.items():
+        out[kind] += used - (before[pid][1] if pid in before else 0.0)
+    return out
+
+
 def head_cpu(config) -> float:  # type: ignore[no-untyped-def]
     """CPU seconds so far of the head's sshd and everything under it (sessions, sftp)."""
     marker = str(config.settings.state_dir)
@@ -252,6 +305,8 @@ def main() -> int:
     p.add_argument("--keys", default="4000,20000", help="tiny-key sizes, comma-separated")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--count-requests", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--cpu-split", action="store_true",
+                   help="one more round of each contender: CPU by process kind")
     p.add_argument("--slow-keys", type=int, default=2000)
     p.add_argument("--slow-ms", type=float, default=50)
     p.add_argument("--curve", default="1,2,4,8,16", help="VM counts for the curve ('' for none)")
@@ -302,6 +357,11 @@ def main() -> int:
                       f"{cpu['spotfan']:.1f} s, naive {cpu['naive']:.1f} s: spotfan uses "
                       f"{cpu['naive'] / cpu['spotfan']:.2f}x less; {psutil.cpu_count()} cores "
                       f"for the lab, machine load {os.getloadavg()[0]:.1f}")
+            if a.cpu_split and fleet.cpu.ok:
+                for name in ("spotfan", "naive"):
+                    split = cpu_split(fleet, a.vms, cmds[name])
+                    print(f"  CPU by process kind, {name}: " + ", ".join(
+                        f"{k} {v:.1f} s" for k, v in split.most_common() if v >= 0.05))
             if a.count_requests:
                 for name in ("spotfan", "naive"):
                     total, kinds = count_requests(fleet, a.vms, cmds[name], n)
