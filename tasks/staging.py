@@ -15,6 +15,7 @@ import fcntl
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -60,16 +61,22 @@ class Staging:
 
 def sweep(parent: Path | None = None) -> int:
     """Remove the staging folders (and locks) of runners that are gone; returns how many.
-    A folder whose lock is held is a live runner's and is left alone; so is a folder
-    without a lock (made by an older spotfan: it cannot be told apart from a live one)."""
+    A folder whose lock is held is a live runner's and is left alone. A folder without a
+    lock was made by an older spotfan (a runner makes its lock before its folder and
+    removes it after): it is removed only if its name says this host and a process that
+    is gone, that older version's own rule."""
     parent = Path(parent or tempfile.gettempdir())
     removed = 0
     try:
-        locks = [e.name for e in os.scandir(parent)
-                 if e.name.startswith(PREFIX) and e.name.endswith(LOCK_SUFFIX)]
+        names = {e.name for e in os.scandir(parent) if e.name.startswith(PREFIX)}
     except OSError as e:
         logger.warning("cannot list %s for dead runners' staging folders: %s", parent, e)
         return 0
+    locks = [n for n in names if n.endswith(LOCK_SUFFIX)]
+    for name in names - {n[: -len(LOCK_SUFFIX)] for n in locks} - set(locks):
+        if _older_and_gone(name) and (parent / name).is_dir():
+            shutil.rmtree(parent / name, ignore_errors=True)
+            removed += 1
     for name in locks:
         lock = parent / name
         try:
@@ -89,3 +96,17 @@ def sweep(parent: Path | None = None) -> int:
     if removed:
         logger.info("removed %d staging folder(s) of runners that are gone", removed)
     return removed
+
+
+def _older_and_gone(name: str) -> bool:
+    """`spotfan-<host>-<pid>-<hex>` of this host whose pid is no process here."""
+    parts = name[len(PREFIX):].rsplit("-", 2)
+    if len(parts) != 3 or parts[0] != socket.gethostname().replace("/", "_")[:40] or not parts[1].isdigit():
+        return False
+    try:
+        os.kill(int(parts[1]), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False

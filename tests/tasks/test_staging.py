@@ -1,6 +1,7 @@
 """Local staging folders: a live runner's is never swept, whatever its name says; a dead one's is."""
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -66,3 +67,16 @@ def test_a_stopped_owner_keeps_its_folder(tmp_path: Path) -> None:
         p.send_signal(signal.SIGCONT)
         p.kill()
         p.wait()
+
+
+def test_an_older_versions_folder_goes_by_its_old_rule_this_host_and_a_gone_pid(tmp_path: Path) -> None:
+    host = socket.gethostname()
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()  # a pid that is no process now
+    gone = tmp_path / f"spotfan-{host}-{p.pid}-aaaaaa"
+    alive = tmp_path / f"spotfan-{host}-{os.getpid()}-bbbbbb"
+    elsewhere = tmp_path / f"spotfan-another-host-{p.pid}-cccccc"
+    for d in (gone, alive, elsewhere):
+        d.mkdir()
+    assert sweep(tmp_path) == 1
+    assert not gone.exists() and alive.is_dir() and elsewhere.is_dir()
