@@ -5,7 +5,7 @@ and only a rename puts it there.
 """
 from tasks.errors import (ClaimError, EnvironmentFault, OutputCollision, PublishError, RootError,
                           SpecError, TaskError, UnsafePath)
-from tasks.dispatch import RunReport
+from tasks.runreport import RunReport
 from tasks.memo import MemoError, memo
 from tasks.progress import Snapshot
 from tasks.runner import run

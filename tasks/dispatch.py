@@ -17,7 +17,6 @@ from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from tasks.chunks import ChunkSizer
@@ -26,11 +25,11 @@ from tasks.direct import Direct, settle
 from tasks.errors import EnvironmentFault, TaskError
 from tasks.keys import Item
 from tasks.pool import Pool
-from tasks.progress import ProgressFn, Snapshot
+from tasks.progress import Snapshot
 from tasks.publish import Fence
 from tasks.records import ExecLog, Failure, FailureStore
 from tasks.units import UnitRing, UnitView
-from tasks.runstate import StateFile
+from tasks.runreport import DispatchOptions, RunReport
 from tasks.worker import Chunk, Outcome
 
 logger = logging.getLogger(__name__)
@@ -49,40 +48,6 @@ TAKEOVER_EVERY_S = 2.0  # ... but try to take the peers' units over (expired cla
 MAX_STARTUP_FAILURES = 3  # pools that die before finishing any chunk before we give up
 MAX_POOL_REBUILDS = 1000  # bound on rebuilding the pool after worker deaths
 RATE_WINDOW_S = 60.0  # the rate shown is measured over this window
-
-
-@dataclass(frozen=True, kw_only=True)
-class DispatchOptions:
-    """How one run dispatches work (from `run`'s keyword options)."""
-
-    workers: int
-    max_attempts: int
-    limit: int | None
-    chunk_size: int | None
-    timeout_s: float | None
-    lease_s: float
-    progress: ProgressFn | None
-    state: StateFile | None
-
-
-@dataclass
-class RunReport:
-    """What one `run` did."""
-
-    task: str  # the task's name
-    root: Path  # the run root
-    total: int = 0  # keys in the task
-    done_before: int = 0  # keys already done when the run started
-    ran: int = 0  # executions started by this run (retries count again)
-    succeeded: int = 0  # keys this run published
-    by_peers: int = 0  # keys this run claimed and then found finished by another runner
-    failed: list[str] = field(default_factory=list)  # keys that reached --max-attempts
-    left: int = 0  # keys not done at the end (--limit, or still held by live peers)
-    seconds: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed
 
 
 class Dispatch:

@@ -24,7 +24,8 @@ from tasks import gpus as gpu_groups
 from tasks import plan as plans
 from tasks.claims import Claims, listing, parse_claim_name
 from tasks.direct import Direct
-from tasks.dispatch import DispatchOptions, Dispatch, RunReport, UnitView
+from tasks.dispatch import Dispatch, UnitView
+from tasks.runreport import DispatchOptions, RunReport
 from tasks.errors import SpecError
 from tasks.fs import ENV_ERRNOS, FsClock, fault, is_network, probe_publish
 from tasks.layout import Layout, new_owner_id
