@@ -5,10 +5,11 @@ which is given the source's mtime and mode and then renamed into place: a task w
 matches the final name never sees half of it. A file already there with the same size and
 mtime (or, with `checksum`, the same bytes) is skipped, so running the same command again
 after an interrupt copies only what is missing, continuing a big file from its part. Several
-files go at once: a push's bytes go through several OpenSSH `sftp` processes where that client
-is installed (cluster.sftp_batch: C crypto, 64 requests in flight; this module still decides
-every file's fate and checks what arrived), a pull's (and a push's without it) through paramiko,
-one SFTP session per worker thread. Nothing is ever deleted but our own part files once a file
+files go at once: where OpenSSH's client is installed, a push's small files through a few
+pipelined SFTP sessions (cluster.sftp_pipeline: many files in flight, each one's fate from the
+head's answers) and its big ones through several `sftp -b` processes (cluster.sftp_batch: 64
+requests in flight; what they copied is checked here); a pull's (and a push's without OpenSSH)
+through paramiko, one SFTP session per worker thread. Nothing is ever deleted but our own part files once a file
 is in place.
 """
 from __future__ import annotations
@@ -87,7 +88,7 @@ ENGINES: tuple[Engine, ...] = ("auto", "openssh", "paramiko")
 
 @dataclass(frozen=True, kw_only=True)
 class Options:
-    jobs: int = 0  # copies at once (0: OPENSSH_JOBS sftp processes, or DEFAULT_JOBS paramiko sessions)
+    jobs: int = 0  # copies at once (0: OPENSSH_JOBS sftp processes and sftp_pipeline.SESSIONS, or DEFAULT_JOBS)
     engine: Engine = "auto"  # who sends a push's bytes: OpenSSH's sftp where installed, else paramiko
     checksum: bool = False  # compare content, not size and mtime
     bwlimit: float = 0.0  # bytes per second per file at most; 0: no limit
