@@ -5,7 +5,8 @@ Each command builds one Cluster from cluster.toml, calls one function of the pac
 renders with cluster.show, and turns errors into exit codes (0 ok; 1 some VMs or keys
 failed; 2 bad config, usage or a file refused on the share; 3 a host key did not match).
 The config file is `--config FILE`, else $SPOTFAN_CONFIG, else ./cluster.toml. Nothing
-here ever prompts, so every command works from scripts.
+here ever prompts, so every command works from scripts. Each command imports the modules only
+it needs (lifecycle, status, ...) when it runs: `fab push` starts without loading them.
 """
 from __future__ import annotations
 
@@ -19,8 +20,7 @@ from invoke import Collection, task
 from invoke.exceptions import Exit
 from invoke.program import Program
 
-from cluster import follow as following, lifecycle, remote_tasks, runs, show, status as cluster_status, top as cluster_top, \
-    watch as watching
+from cluster import follow as following, runs, show, watch as watching
 from cluster.cli_files import pull, push  # noqa: F401  (in `spotfan`'s commands)
 from cluster.command import EXIT_FAILED, EXIT_USAGE, command as _command, group_exit_code as _group_exit_code
 from cluster.command import seconds as _seconds, whole as _whole
@@ -49,6 +49,8 @@ def _cost(cluster: Cluster, workers: int) -> str:
 @_command
 def up(c, cluster: Cluster, count=None, json=False):
     """Create the cluster's VMs, mount the share on each and start their agents (idempotent)."""
+    from cluster import lifecycle
+
     n = _whole(count, flag="--count", example="fab up --count 3") if count is not None else None
     cfg = cluster.config
     show.say(f"==> up: cluster {cfg.name} ({cfg.provider}), {'as many VMs as last time' if n is None else f'{n} VMs'}")
@@ -86,6 +88,8 @@ def run(c, cluster: Cluster, spec, src="", keys="", out="", name="", workers_per
         lease="", limit="", retry_failed=False, fsync=False, ship="", timeout="", wait=False, wait_timeout="",
         dry_run=False, keep_output=False):
     """Start a task on every VM (detached); with --wait, follow it to the end."""
+    from cluster import lifecycle, remote_tasks, status as cluster_status
+
     ex = "fab run SPEC"
     spec_args = runs.spec_arguments(spec, src=src, keys=keys, out=out, name=name, lease=_seconds(
         lease or 0, flag="--lease", example=f"{ex} --lease 30"))
@@ -134,6 +138,8 @@ def run(c, cluster: Cluster, spec, src="", keys="", out="", name="", workers_per
 @_command
 def status(c, cluster: Cluster, json=False, watch=False, interval="", timeout="", all=False):
     """Per run: done/total/failed/running; per VM: state, agent, rate. --watch: live, with rates and ETAs."""
+    from cluster import status as cluster_status
+
     if watch:
         if json:
             raise UsageError("--watch draws a view for people; scripts poll `fab status --json`")
@@ -213,6 +219,8 @@ def logs(c, cluster: Cluster, vm, bytes="", follow=False, timeout=""):
 @_command
 def exec_(c, cluster: Cluster, command, json=False):
     """Run a command on every running VM and print each VM's result."""
+    from cluster import lifecycle
+
     try:
         results = lifecycle.exec_all(cluster, command)
     except GroupError as e:
@@ -225,6 +233,8 @@ def exec_(c, cluster: Cluster, command, json=False):
 @_command
 def heal(c, cluster: Cluster, json=False):
     """Start preempted/stopped VMs, remount dead mounts, restart dead agents."""
+    from cluster import lifecycle
+
     show.say(f"==> heal: cluster {cluster.config.name}")
     reports = lifecycle.up(cluster)
     show.reports(reports, as_json=json)
@@ -237,6 +247,8 @@ def heal(c, cluster: Cluster, json=False):
 @_command
 def head_setup(c, cluster: Cluster, count=None):
     """Print the steps that jail this cluster's SFTP user and size sshd for the fleet on a real head."""
+    from cluster import lifecycle
+
     n = _whole(count, flag="--count", example="fab head-setup --count 64") if count is not None else None
     show.out(lifecycle.head_setup(cluster, workers=n))
 
@@ -246,6 +258,8 @@ def head_setup(c, cluster: Cluster, count=None):
 @_command
 def down(c, cluster: Cluster, head=False):
     """Delete every worker VM and verify none is left (lab: also its head, head user and jail)."""
+    from cluster import lifecycle
+
     show.say(f"==> down: cluster {cluster.config.name}")
     names = lifecycle.down(cluster)
     show.say(f"==> down: deleted {len(names)} VMs ({', '.join(names) or 'none'}); none left")
@@ -266,6 +280,8 @@ def down(c, cluster: Cluster, head=False):
 @_command
 def preempt(c, cluster: Cluster, count="", vm=""):
     """Lab only: kill VMs the way a cloud preempts them."""
+    from cluster import lifecycle
+
     n = _whole(count or 1, flag="--count", example="fab preempt --count 2", minimum=1)
     killed = lifecycle.preempt(cluster, count=n, names=[vm] if vm else [])
     show.say(f"==> preempt: killed {', '.join(killed) or 'nothing (no VM running)'}")
@@ -285,6 +301,8 @@ SPEC_HELP = {
 @_command
 def failures(c, cluster: Cluster, spec="", src="", keys="", out="", name="", retry=False, json=False):
     """A run's failed keys grouped by error, with the end of each traceback; --retry runs them again."""
+    from cluster import lifecycle, remote_tasks
+
     t = remote_tasks.target(cluster, spec, src=src, keys=keys, out=out, name=name)
     if not retry:
         show.failures(remote_tasks.failures(cluster, t), as_json=json)
@@ -314,6 +332,8 @@ def failures(c, cluster: Cluster, spec="", src="", keys="", out="", name="", ret
 @_command
 def top(c, cluster: Cluster, seconds="", json=False):
     """Per running VM, sampled at once: CPU, load, memory, disk, network, workers; a verdict and advice."""
+    from cluster import top as cluster_top
+
     secs = _seconds(seconds or TOP_SECONDS, flag="--seconds", example="fab top --seconds 3", minimum=0.1)
     try:
         results: dict[str, Any] = dict(cluster_top.top(cluster, seconds=secs))
@@ -330,6 +350,8 @@ def top(c, cluster: Cluster, seconds="", json=False):
 @_command
 def report(c, cluster: Cluster, spec="", src="", keys="", out="", name="", to="reports"):
     """Draw a run's report on a VM (tasks done over time per VM, CPU per VM) and download it."""
+    from cluster import remote_tasks
+
     t = remote_tasks.target(cluster, spec, src=src, keys=keys, out=out, name=name)
     got, paths = remote_tasks.report(cluster, t, Path(to))
     show.say(f"==> report of {got.task}: {got.tasks} tasks, {got.failures} failed executions, {got.hosts} host(s)")
@@ -344,6 +366,8 @@ def report(c, cluster: Cluster, spec="", src="", keys="", out="", name="", to="r
 def collect(c, cluster: Cluster, spec="", to="", src="", keys="", out="", name="", skip_unreadable=False,
             reader=""):
     """Read every output of a run into one table on a VM, and download it here (Parquet or pickle)."""
+    from cluster import remote_tasks
+
     if not to:
         raise UsageError("give --to FILE: type e.g. `fab collect --to results.parquet` (or .pkl)")
     t = remote_tasks.target(cluster, spec, src=src, keys=keys, out=out, name=name)

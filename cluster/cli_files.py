@@ -14,8 +14,9 @@ from cluster.session import Cluster
 EXIT_INTERRUPTED = 130
 
 HELP = {
-    "jobs": f"copies at once: sftp processes of a push (default {transfer.OPENSSH_JOBS} here), else SFTP "
-            f"sessions (default {transfer.DEFAULT_JOBS})",
+    "jobs": f"copies at once: a push's sftp processes for files of 1 MB or more (default {transfer.OPENSSH_JOBS} "
+            f"here) and at most this many pipelined sessions for smaller ones (default "
+            f"{transfer.sftp_pipeline.SESSIONS}), else SFTP sessions (default {transfer.DEFAULT_JOBS})",
     "checksum": "compare files by content (reads both sides), not by size and mtime",
     "bwlimit": "at most this many KB/s per file (default: no limit)",
     "json": "print one JSON summary", "config": "cluster.toml to use",

@@ -93,8 +93,9 @@ def script(puts: Sequence[Put]) -> list[tuple[str, Put | None]]:
     return out
 
 
-def argv(login: Login, batch: Path, *, bwlimit: float) -> list[str]:
-    """The sftp command line: this login only, `batch` as its commands, `bwlimit` bytes/s (0: none)."""
+def options(login: Login) -> list[str]:
+    """`-o` options of an OpenSSH client that logs in as `login` only: its key, the cluster's
+    known_hosts, no config file's or agent's say, AES-GCM first."""
     opts = {
         "BatchMode": "yes", "StrictHostKeyChecking": "yes", "UserKnownHostsFile": str(login.known_hosts),
         "GlobalKnownHostsFile": "/dev/null", "IdentitiesOnly": "yes", "IdentityAgent": "none",
@@ -103,13 +104,16 @@ def argv(login: Login, batch: Path, *, bwlimit: float) -> list[str]:
         "ConnectTimeout": str(max(1, round(login.connect_timeout))), "Ciphers": CIPHERS, "Compression": "no",
         "ServerAliveInterval": str(ALIVE_INTERVAL_S), "ServerAliveCountMax": str(ALIVE_COUNT),
     }
+    return [arg for k, v in opts.items() for arg in ("-o", f"{k}={v}")]
+
+
+def argv(login: Login, batch: Path, *, bwlimit: float) -> list[str]:
+    """The sftp command line: this login only, `batch` as its commands, `bwlimit` bytes/s (0: none)."""
     cmd = ["sftp", "-q", "-F", "/dev/null", "-b", str(batch), "-B", str(BUFFER_BYTES), "-R", str(REQUESTS),
            "-P", str(login.port), "-i", str(login.key)]
     if bwlimit:
         cmd += ["-l", str(max(1, round(bwlimit * 8 / 1000)))]  # Kbit/s
-    for k, v in opts.items():
-        cmd += ["-o", f"{k}={v}"]
-    return [*cmd, "--", f"{login.user}@{login.address}"]
+    return [*cmd, *options(login), "--", f"{login.user}@{login.address}"]
 
 
 def split(puts: Sequence[Put], n: int) -> list[list[Put]]:

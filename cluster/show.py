@@ -11,22 +11,20 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
-from typing import Any
-
-from rich.console import Group, RenderableType
-from rich.progress_bar import ProgressBar
-from rich.table import Table
-from rich.text import Text
+from typing import TYPE_CHECKING, Any
 
 from cluster.errors import GroupError
-from cluster.lifecycle import UpPlan, VMReport
 from cluster.records import CONTROL
-from cluster.results import FailureReport
 from cluster.ssh import RemoteCommandError
-from cluster.status import ClusterStatus, RunStatus
-from cluster.top import VMTop
-from cluster.vm.verdict import describe
-from cluster.watch import RunView, View, VMView
+
+if TYPE_CHECKING:  # the renderings that need them import them: `fab push` loads none of these
+    from rich.console import RenderableType
+
+    from cluster.lifecycle import UpPlan, VMReport
+    from cluster.results import FailureReport
+    from cluster.status import ClusterStatus, RunStatus
+    from cluster.top import VMTop
+    from cluster.watch import RunView, View, VMView
 
 EXAMPLE_KEYS = 5  # keys shown per failure group
 _JSON_MODE = {"on": False}
@@ -96,6 +94,8 @@ def booted(name: str, n: int, of: int) -> None:
 
 def group_error(e: GroupError) -> None:
     """Each host's part of a failed fan-out: its report, its error, or ok."""
+    from cluster.lifecycle import VMReport
+
     if _JSON_MODE["on"]:
         dump({n: asdict(r) if isinstance(r, VMReport) else
               {"name": n, "error": str(r)} if isinstance(r, BaseException) else {"name": n}
@@ -244,6 +244,8 @@ def failures(rep: FailureReport, *, as_json: bool, extra: Mapping[str, object] |
 
 
 def top(results: Mapping[str, VMTop | BaseException], *, as_json: bool) -> None:
+    from cluster.vm.verdict import describe
+
     if as_json:
         dump({n: {"error": str(r)} if isinstance(r, BaseException) else
               {"workers": r.workers, "sample": r.sample.to_dict(), "verdict": r.verdict.to_dict()}
@@ -314,6 +316,11 @@ STATE_STYLE = {"running": "green", "idle": "cyan", "preempted": "red", "stopped"
 
 def rich_view(view: View) -> RenderableType:
     """One table per run and one of the VMs, for a terminal."""
+    from rich.console import Group
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+    from rich.text import Text
+
     parts: list[RenderableType] = [Text.assemble(
         (f"cluster {view.cluster}", "bold"), f" ({view.provider}): {view.running_vms}/"
         f"{len(view.vms)} VMs up, {time.strftime('%H:%M:%S', time.localtime(view.time))}")]

@@ -5,10 +5,11 @@ which is given the source's mtime and mode and then renamed into place: a task w
 matches the final name never sees half of it. A file already there with the same size and
 mtime (or, with `checksum`, the same bytes) is skipped, so running the same command again
 after an interrupt copies only what is missing, continuing a big file from its part. Several
-files go at once: a push's bytes go through several OpenSSH `sftp` processes where that client
-is installed (cluster.sftp_batch: C crypto, 64 requests in flight; this module still decides
-every file's fate and checks what arrived), a pull's (and a push's without it) through paramiko,
-one SFTP session per worker thread. Nothing is ever deleted but our own part files once a file
+files go at once: where OpenSSH's client is installed, a push's small files through a few
+pipelined SFTP sessions (cluster.sftp_pipeline: many files in flight, each one's fate from the
+head's answers) and its big ones through several `sftp -b` processes (cluster.sftp_batch: 64
+requests in flight; what they copied is checked here); a pull's (and a push's without OpenSSH)
+through paramiko, one SFTP session per worker thread. Nothing is ever deleted but our own part files once a file
 is in place.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Literal
 
 import paramiko
 
-from cluster import sftp_batch
+from cluster import sftp_batch, sftp_pipeline
 from cluster.errors import ClusterError, UsageError
 from cluster.sides import Entry, LocalSide, RemoteSide, Side, Tree, part_name, plain
 from cluster.share import Share
@@ -87,7 +88,7 @@ ENGINES: tuple[Engine, ...] = ("auto", "openssh", "paramiko")
 
 @dataclass(frozen=True, kw_only=True)
 class Options:
-    jobs: int = 0  # copies at once (0: OPENSSH_JOBS sftp processes, or DEFAULT_JOBS paramiko sessions)
+    jobs: int = 0  # copies at once (0: OPENSSH_JOBS sftp processes and sftp_pipeline.SESSIONS, or DEFAULT_JOBS)
     engine: Engine = "auto"  # who sends a push's bytes: OpenSSH's sftp where installed, else paramiko
     checksum: bool = False  # compare content, not size and mtime
     bwlimit: float = 0.0  # bytes per second per file at most; 0: no limit
@@ -162,10 +163,15 @@ def _transfer(direction: Literal["push", "pull"], share: Share, local: LocalSide
     started = time.monotonic()
     with ExitStack() as stack:
         sessions = _Sessions(share, make, stack)
+        found = _walk(local, frm, shown_src) if src_local else None
+        pipe = _pipeline(share, found, opts) if src_local else None
+        if pipe is not None:
+            stack.enter_context(pipe).start()  # ssh logins while paramiko's does and the destination is listed
         main = make(share.sftp)
         src_side, dst_side = (local, main) if src_local else (main, local)
         dest_shown = dst_side.describe(to)
-        found = _walk(src_side, frm, shown_src)
+        if found is None:
+            found = _walk(src_side, frm, shown_src)
         tree = found if isinstance(found, Tree) else Tree([found], [], [])
         single = isinstance(found, Entry)
         if single and dst_side.is_dir(to):  # `fab push data.csv inputs/`: into the folder
@@ -199,13 +205,17 @@ def _transfer(direction: Literal["push", "pull"], share: Share, local: LocalSide
         state = _State(total_bytes=sum(p[0].size for p in plans), total_files=len(plans))
         copied = resumed = 0
         interrupted = False
+        sends, plans = _piped(local, main, plans, staged=to != final_to) if pipe is not None else ([], plans)
         puts, plans = _batched(local, main, plans, opts, staged=to != final_to) if src_local else ([], plans)
         batches = sftp_batch.split(puts, opts.jobs or OPENSSH_JOBS) if puts else []
         workers = len(batches) + min(opts.jobs or DEFAULT_JOBS, len(plans))
         pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="transfer")
         futures: dict[Future[bool], str] = {}
         ran: dict[Future[int], sftp_batch.Batch] = {}
+        piped: set[Future[None]] = set()
         try:
+            if pipe is not None and sends:
+                piped.update(pipe.send(sends, lambda f: state.add(f.size, file_done=True)))
             for batch in batches:
                 b = sftp_batch.Batch(share.login(), batch, bwlimit=opts.bwlimit)
                 ran[pool.submit(b.run, lambda p: state.add(p.sends, file_done=True))] = b
@@ -215,12 +225,12 @@ def _transfer(direction: Literal["push", "pull"], share: Share, local: LocalSide
                     a, b = (src_side, side) if src_local else (side, dst_side)
                     return _copy(a, b, s, d, e, state, opts)
                 futures[pool.submit(one)] = e.rel or frm.name
-            pending: set[Future] = set(futures) | set(ran)
+            pending: set[Future] = set(futures) | set(ran) | piped
             while pending:
                 finished, pending = wait(pending, timeout=TICK_S, return_when=FIRST_COMPLETED)
                 for fut in finished:
-                    if fut in ran:
-                        continue  # what a batch copied is checked at the end
+                    if fut in ran or fut in piped:
+                        continue  # what a batch copied is checked at the end; a pipeline tells it
                     try:
                         resumed += fut.result()
                         copied += 1
@@ -233,12 +243,21 @@ def _transfer(direction: Literal["push", "pull"], share: Share, local: LocalSide
             state.stop.set()
             for b in ran.values():
                 b.stop()
+            if pipe is not None:
+                pipe.stop()
             for fut in futures:
                 fut.cancel()
         finally:
             pool.shutdown(wait=True)
+            if pipe is not None:
+                pipe.close()
         if interrupted:
             copied = sum(1 for f in futures if f.done() and not f.cancelled() and f.exception() is None)
+        if pipe is not None:  # each file's fate is known from the head's answers
+            pipe.settle()
+            copied += len(pipe.done)
+            if not interrupted:
+                failed.update(pipe.failed)
         if ran:  # a batch's file counts as copied once it is at its final path, whole
             arrived = _listed(dst_side, to, single)
             by_rel = {e.rel: e for e in tree.files}
@@ -279,6 +298,32 @@ def _openssh(opts: Options) -> bool:
         raise UsageError("--engine openssh needs OpenSSH's sftp client: apt-get install openssh-client, "
                          "or --engine paramiko")
     return opts.engine != "paramiko" and sftp_batch.available()
+
+
+def _pipeline(share: Share, found: Tree | Entry | None, opts: Options) -> sftp_pipeline.Pipeline | None:
+    """The pipelined SFTP sessions of a push with small files to send (cluster.sftp_pipeline),
+    not started; None where OpenSSH's clients are not used (or --bwlimit, which only sftp keeps)."""
+    files = found.files if isinstance(found, Tree) else [found] if found is not None else []
+    small = sum(1 for e in files if e.size < sftp_pipeline.MAX_BYTES)
+    if not small or opts.bwlimit or not _openssh(opts) or not sftp_pipeline.available():
+        return None
+    n = min(opts.jobs or sftp_pipeline.SESSIONS, -(-small // sftp_pipeline.WINDOW_FILES))
+    return sftp_pipeline.Pipeline(share.login(), sessions=n)
+
+
+def _piped(local: LocalSide, remote: RemoteSide, plans: list[_Plan], *,
+           staged: bool) -> tuple[list[sftp_pipeline.Send], list[_Plan]]:
+    """The small files of a push, each to its part file and renamed into place (in a `staged`
+    folder straight to its name); and the rest."""
+    sends, rest = [], []
+    for e, s, d in plans:
+        if e.size >= sftp_pipeline.MAX_BYTES:
+            rest.append((e, s, d))
+            continue
+        final = remote.path(d)
+        part = final if staged else remote.path(part_name(d, e.size, e.mtime))
+        sends.append(sftp_pipeline.Send(e.rel, local.path(s), part, final, e.size, e.mtime, e.mode))
+    return sends, rest
 
 
 def _batched(local: LocalSide, remote: RemoteSide, plans: list[_Plan], opts: Options, *,

@@ -12,10 +12,13 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from cluster.errors import ClusterError, HostKeyError, SSHError
 from cluster.session import Cluster
-from cluster.status import HEARTBEAT_STALE_S, ClusterStatus, RunStatus, VMState, cluster_status
+
+if TYPE_CHECKING:  # imported where a status is read: `fab` reads these constants for its help
+    from cluster.status import ClusterStatus, RunStatus, VMState
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +95,8 @@ class Tracker:
     rates: dict[str, float] = field(default_factory=dict)  # last known, kept once a run is over
 
     def view(self, st: ClusterStatus, now: float) -> View:
+        from cluster.status import HEARTBEAT_STALE_S
+
         going = {r.id for r in st.runs if r.result is None}
         if self.shown is None:
             self.shown = set(going) or ({st.runs[-1].id} if st.runs else set())
@@ -134,6 +139,8 @@ def watch(cluster: Cluster, *, interval: float, timeout: float,
     return the last view (None if no refresh ever succeeded). A refresh that fails (the
     head or every VM unreachable for a moment) is reported and retried, up to
     MAX_STATUS_ERRORS in a row."""
+    from cluster.status import cluster_status
+
     interval = max(MIN_INTERVAL_S, interval)
     deadline = time.monotonic() + timeout
     tracker = Tracker()

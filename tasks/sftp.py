@@ -5,7 +5,8 @@ The session runs over a command's stdin and stdout, normally OpenSSH's
 requests. The server answers one session's requests in order; sending a batch before
 reading any answer turns N round trips into about one (docs/design.md, "Publishing on a
 network root"). Only what the engine needs is here: open, write, close, rename, remove,
-lstat, mkdir.
+lstat, mkdir; and for `fab push` (cluster.sftp_pipeline): open to overwrite, fsetstat,
+posix-rename.
 """
 from __future__ import annotations
 
@@ -27,12 +28,14 @@ WRITE_BLOCK = 32 * 1024  # bytes per WRITE request (every server takes 32 KiB)
 
 # Packet types (draft-ietf-secsh-filexfer-02, the version OpenSSH speaks).
 INIT, VERSION_REPLY, OPEN, CLOSE, WRITE, LSTAT = 1, 2, 3, 4, 6, 7
+FSETSTAT = 10
 OPENDIR, READDIR, REMOVE, MKDIR, RENAME = 11, 12, 13, 14, 18
+EXTENDED = 200
 STATUS, HANDLE, NAME, ATTRS = 101, 102, 104, 105
 # Open flags and status codes.
-FXF_WRITE, FXF_CREAT, FXF_EXCL = 0x02, 0x08, 0x20
+FXF_WRITE, FXF_CREAT, FXF_TRUNC, FXF_EXCL = 0x02, 0x08, 0x10, 0x20
 OK, EOF, NO_SUCH_FILE, PERMISSION_DENIED, FAILURE = 0, 1, 2, 3, 4
-ATTR_PERMISSIONS = 0x04
+ATTR_PERMISSIONS, ATTR_ACMODTIME = 0x04, 0x08
 
 
 class SessionLost(OSError):
@@ -70,6 +73,24 @@ def open_create(path: str, mode: int = 0o644) -> Request:
     """Create `path` for writing; fails if it exists (O_CREAT|O_EXCL)."""
     return Request(OPEN, _string(os.fsencode(path)) + struct.pack(
         ">III", FXF_WRITE | FXF_CREAT | FXF_EXCL, ATTR_PERMISSIONS, mode))
+
+
+def open_write(path: str, mode: int = 0o644) -> Request:
+    """Open `path` for writing from its start: created, or emptied if it exists (O_CREAT|O_TRUNC)."""
+    return Request(OPEN, _string(os.fsencode(path)) + struct.pack(
+        ">III", FXF_WRITE | FXF_CREAT | FXF_TRUNC, ATTR_PERMISSIONS, mode))
+
+
+def fsetstat(handle: bytes, *, mode: int, mtime: int) -> Request:
+    """Set an open file's permission bits, and its access and modification times to `mtime`."""
+    return Request(FSETSTAT, _string(handle) + struct.pack(
+        ">IIII", ATTR_PERMISSIONS | ATTR_ACMODTIME, mode, mtime & 0xFFFFFFFF, mtime & 0xFFFFFFFF))
+
+
+def posix_rename(old: str, new: str) -> Request:
+    """OpenSSH's posix-rename@openssh.com: rename(2), an atomic replace of `new` if it exists."""
+    return Request(EXTENDED, _string(b"posix-rename@openssh.com") + _string(os.fsencode(old))
+                   + _string(os.fsencode(new)))
 
 
 def write(handle: bytes, offset: int, data: bytes) -> Request:

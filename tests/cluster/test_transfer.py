@@ -186,3 +186,101 @@ def test_an_interrupted_push_never_shows_a_partial_file_and_resumes(make_lab, tm
     for rel in want:  # mtimes kept, so the next push skips them all
         assert int((final_dir / rel).stat().st_mtime) == int((tree / rel).stat().st_mtime)
     assert json.loads(lab.fab_ok("push", str(tree), "--to", "data/tree", "--json").splitlines()[-1])["skipped"] == FOLDER_FILES
+
+
+MANY_FILES, MANY_FILE_BYTES = 4000, 25_000  # enough that a push is still going when it is killed
+SEEN_BEFORE_KILL = 50  # files whole at the destination before the push is killed
+OLD_MTIME = 1_500_000_000
+
+
+def _kill_when(proc: subprocess.Popen, ready, what: str) -> list[psutil.Process]:
+    """SIGKILL `proc` once `ready()` is true (its ssh children returned), failing if it ended first."""
+    try:
+        deadline = time.monotonic() + KILL_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if ready():
+                break
+            assert proc.poll() is None, f"the push ended before {what}: {proc.communicate()}"
+            time.sleep(0.005)
+        else:
+            raise AssertionError(f"the push never got to {what}")
+        copiers = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    return copiers
+
+
+def test_a_pipelined_push_killed_midway_shows_no_partial_file_and_a_rerun_completes_it(make_lab, tmp_path):
+    lab = make_lab(workers=1)
+    lab.fab_ok("up")
+    tree = tmp_path / "many"
+    for i in range(MANY_FILES):
+        (tree / f"d{i % 4}").mkdir(parents=True, exist_ok=True)
+        f = tree / f"d{i % 4}" / f"f {i:05d}.bin"
+        f.write_bytes(os.urandom(MANY_FILE_BYTES))
+        os.utime(f, (OLD_MTIME, OLD_MTIME))  # a copy showing it has had its last write (FSETSTAT comes after)
+    want = files_under(tree)
+    env = {**os.environ, "SPOTFAN_CONFIG": str(lab.folder / "cluster.toml")}
+
+    def count(folder: Path) -> int:
+        """Files there (not part files, which the push renames meanwhile) whose every byte has been written."""
+        dirs = [folder / d for d in ("d0", "d1", "d2", "d3") if (folder / d).is_dir()]
+        return sum(1 for d in dirs for e in os.scandir(d)
+                   if not e.name.endswith("spotfan-part") and e.stat().st_mtime == OLD_MTIME)
+
+    # A new folder: filled beside its name by the pipelined sessions, killed, never there half.
+    final_dir, staging = lab.share / "data" / "many", lab.share / "data" / ".many.spotfan-part"
+    proc = subprocess.Popen([str(FAB), "push", str(tree), "--to", "data/many"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    copiers = _kill_when(proc, lambda: staging.is_dir() and count(staging) >= SEEN_BEFORE_KILL,
+                         f"{SEEN_BEFORE_KILL} files")
+    assert any(c.name() == "ssh" for c in copiers) and not any(c.name() == "sftp" for c in copiers), \
+        [c.name() for c in copiers]
+    _, alive = psutil.wait_procs(copiers, timeout=COPIERS_GONE_S)
+    assert alive == [], f"sessions went on after the push was killed: {alive}"
+    assert not final_dir.exists() and staging.is_dir()
+    again = json.loads(lab.fab_ok("push", str(tree), "--to", "data/many", "--json").splitlines()[-1])
+    assert again["failed"] == {} and again["copied"] + again["skipped"] == MANY_FILES, again
+    assert again["skipped"] >= SEEN_BEFORE_KILL // 2, again
+    assert files_under(final_dir) == want and not staging.exists()
+    for rel in want:  # mode and mtime set as `put -p` sets them: the next push skips every file
+        src, dst = (tree / rel).stat(), (final_dir / rel).stat()
+        assert (int(dst.st_mtime), dst.st_mode & 0o777) == (int(src.st_mtime), src.st_mode & 0o777), rel
+    assert json.loads(lab.fab_ok("push", str(tree), "--to", "data/many", "--json").splitlines()[-1])["skipped"] \
+        == MANY_FILES
+
+    # Into a folder that exists: each file to its part name, renamed into place; killed, every
+    # file at its final name is whole, and the rerun sends the rest and leaves no part file.
+    into = lab.share / "data" / "into"
+    lab.fab_ok("push", str(tree / "d0" / "f 00000.bin"), "--to", "data/into/seed.bin")
+    proc = subprocess.Popen([str(FAB), "push", str(tree), "--to", "data/into"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    _kill_when(proc, lambda: count(into) >= SEEN_BEFORE_KILL, f"{SEEN_BEFORE_KILL} files")
+    time.sleep(COPIERS_GONE_S)  # what the head had received is written by now
+    landed = {rel: body for rel, body in files_under(into).items() if rel != "seed.bin" and not rel.endswith("spotfan-part")}
+    assert landed and all(want[rel] == body for rel, body in landed.items()), "a partial file at a final path"
+    again = json.loads(lab.fab_ok("push", str(tree), "--to", "data/into", "--json").splitlines()[-1])
+    assert again["failed"] == {} and again["copied"] + again["skipped"] == MANY_FILES, again
+    assert files_under(into) == {**want, "seed.bin": want["d0/f 00000.bin"]}, "part files left behind, or files missing"
+
+
+def test_a_refused_write_fails_the_push_with_a_clear_error(make_lab, tmp_path):
+    lab = make_lab(workers=1)
+    lab.fab_ok("up")
+    src = tmp_path / "flat"
+    src.mkdir()
+    for i in range(40):
+        (src / f"f{i:02d}.bin").write_bytes(os.urandom(100_000))
+
+    # A folder the share's user may not write in (root's): every file refused, said, exit 1.
+    locked = lab.share / "locked"
+    locked.mkdir()
+    os.chmod(locked, 0o755)  # root's, as the test runs as root
+    r = lab.fab("push", str(src), "--to", "locked")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "40 file(s) not copied" in r.stderr and "Permission denied" in r.stdout + r.stderr, r.stdout + r.stderr
+    assert "may not write there" in r.stdout + r.stderr
+    assert os.listdir(locked) == []
+
