@@ -7,7 +7,6 @@ import re
 import time
 from pathlib import Path
 
-from cluster import records
 from cluster.records import CLUSTER_DIR
 from labs import FIXTURES, lab_processes
 
@@ -22,28 +21,6 @@ def payload(i: int) -> str:
     return f"input {i}\n" + "spotfan " * 64 + "\n"
 
 
-def run_logs(lab, run_id: str) -> str:
-    """Every VM's log of the run and the tail of its agent log: what a failed run leaves to read."""
-    parts = []
-    for vm in lab.config.vm_names():
-        folder = lab.share / records.log_dir(vm)
-        for name in (f"{run_id}.log", "agent.log"):
-            path = folder / name
-            if path.exists():
-                lines = path.read_text(errors="replace").splitlines()[-60:]
-                parts.append(f"==> {vm}/{name}\n" + "\n".join(lines))
-    for path in sorted(lab.share.glob(".spotfan/tasks/*/failed/*"))[:3]:
-        parts.append(f"==> {path.relative_to(lab.share)}\n" + path.read_text(errors="replace")[-2000:])
-    return "\n".join(parts)
-
-
-def wait_for(lab, run_id: str, what: str, cond, *, timeout: float) -> None:
-    try:
-        lab.wait_for(what, cond, timeout=timeout)
-    except AssertionError as e:
-        raise AssertionError(f"{e}\n{run_logs(lab, run_id)}") from None
-
-
 def test_preempt_two_vms_mid_run_then_heal(make_lab):
     lab = make_lab(workers=4, workers_per_vm=WORKERS_PER_VM, idle_timeout=120)
     (lab.share / "in").mkdir(parents=True)
@@ -55,8 +32,8 @@ def test_preempt_two_vms_mid_run_then_heal(make_lab):
                      "--lease", "5", "--ship", str(FIXTURES / "lab_work.sh"))
     run_id = re.search(r"run (r[\w-]+) requested", out).group(1)
     outputs = lab.share / "out"
-    wait_for(lab, run_id, "a quarter of the outputs", lambda: outputs.exists()
-             and len(list(outputs.iterdir())) >= KEYS // 4, timeout=60)
+    lab.wait_for("a quarter of the outputs", lambda: outputs.exists()
+                 and len(list(outputs.iterdir())) >= KEYS // 4, timeout=60, run_id=run_id)
 
     killed = lab.fab_ok("preempt", "--count", str(PREEMPTED))
     victims = re.search(r"killed (.+)", killed).group(1).split(", ")
@@ -71,9 +48,9 @@ def test_preempt_two_vms_mid_run_then_heal(make_lab):
         assert f"{v}: started;" in healed, healed
 
     done_file = lab.share / CLUSTER_DIR / "runs" / f"{run_id}.done.json"
-    wait_for(lab, run_id, "the run to finish", done_file.exists, timeout=RUN_TIMEOUT_S)
+    lab.wait_for("the run to finish", done_file.exists, timeout=RUN_TIMEOUT_S, run_id=run_id)
     record = json.loads(done_file.read_text())
-    assert record["result"] == "done", (record, run_logs(lab, run_id))
+    assert record["result"] == "done", (record, lab.run_logs(run_id))
 
     # Exact output set, every output whole.
     assert sorted(p.name for p in outputs.iterdir()) == [f"{i:04d}.txt" for i in range(KEYS)]

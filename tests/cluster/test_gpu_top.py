@@ -44,10 +44,12 @@ def test_top_and_report_show_each_vms_gpus(make_lab, tmp_path: Path):
     work = tmp_path / "gpu_work.sh"
     work.write_text(WORK)
     lab.fab_ok("up")
-    lab.fab_ok("run", "sh gpu_work.sh {src} {out}", "--src", "in/*.txt", "--out", "out/{stem}.txt", "--ship", str(work))
+    out = lab.fab_ok("run", "sh gpu_work.sh {src} {out}", "--src", "in/*.txt", "--out", "out/{stem}.txt",
+                     "--ship", str(work))
+    run_id = re.search(r"run (r[\w-]+) requested", out).group(1)
     claims = lab.share / ".spotfan/tasks"
     lab.wait_for("both GPU workers to hold a key",
-                 lambda: sum(1 for _ in claims.glob("*/claims/*")) >= 2, timeout=60)
+                 lambda: sum(1 for _ in claims.glob("*/claims/*")) >= 2, timeout=120, run_id=run_id)
 
     r = lab.fab("top", "--seconds", "2", "--json", timeout=90)
     assert r.returncode == 0, r.stdout + r.stderr
