@@ -7,8 +7,12 @@ cannot record a start time) by the command line that process must have.
 """
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -42,3 +46,18 @@ def running(pid_file: Path, command: str) -> int | None:
     except (OSError, ValueError, psutil.Error):
         return None
     return pid if command in cmdline else None
+
+
+def stop_group(proc: subprocess.Popen[Any], *, wait_s: float) -> None:
+    """End a child started in a session of its own, and everything in its process group:
+    SIGTERM, up to `wait_s` to exit, then SIGKILL and as long again."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue

@@ -16,7 +16,6 @@ import functools
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import threading
@@ -25,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from cluster.procs import stop_group
 from cluster.share import Login
 from tasks.deathsig import die_with_parent
 
@@ -184,16 +184,7 @@ class Batch:
             proc = self._proc
         if proc is None or proc.poll() is not None:
             return
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                proc.wait(timeout=STOP_S)
-                return
-            except subprocess.TimeoutExpired:
-                continue
+        stop_group(proc, wait_s=STOP_S)
 
     def ok(self, put: Put) -> bool:
         """Whether sftp ran this put's commands and said nothing about it (the caller still

@@ -68,16 +68,8 @@ class Demo:
         child, self.child = self.child, None
         if child is None or child.poll() is not None:
             return ""
-        for sig, wait_s in ((signal.SIGTERM, CHILD_STOP_S), (signal.SIGKILL, CHILD_STOP_S)):
-            try:
-                os.killpg(child.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                child.wait(timeout=wait_s)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        from cluster.procs import stop_group
+        stop_group(child, wait_s=CHILD_STOP_S)
         return " ".join(Path(a).name if i == 0 else a for i, a in enumerate(child.args))
 
     def steps(self) -> None:
