@@ -145,7 +145,8 @@ def commands(folder: str, workers: int, sleep_ms: float = 0) -> dict[str, str]:
     env = f"BENCH_IN={folder} BENCH_OUT=out BENCH_SLEEP_MS={sleep_ms:g}"
     py = shlex.quote(sys.executable)
     direct = 'SPOTFAN_SFTP_COMMAND="$(cat "$SPOTFAN_HOME/sftp.cmd")"'  # as the agent sets it
-    return {"spotfan": f"{env} {direct} {py} -m tasks run fleet_task:tiny --workers {workers}",
+    spotfan = f"{env} {direct} {py} -m tasks run fleet_task:tiny --workers {workers}"
+    return {"spotfan": spotfan, "spotfan --fetch": f"{spotfan} --fetch",
             "naive": f"{env} {py} fleet_task.py . {workers}"}
 
 
@@ -153,6 +154,7 @@ def one_round(fleet: Fleet, n_vms: int, name: str, cmd: str, keys: int) -> dict[
     clean(fleet.share)
     mnt = shlex.quote(fleet.config.mount_point)
     cpu0 = fleet.cpu.seconds()
+    launched = time.time()  # the lab's VMs share this machine's clock
     results = fleet.run_all(n_vms, f"cd {mnt} && {cmd}")
     cpu1 = fleet.cpu.seconds()
     wall = max(t for t, _ in results)
@@ -163,10 +165,13 @@ def one_round(fleet: Fleet, n_vms: int, name: str, cmd: str, keys: int) -> dict[
     row = {"wall": wall, "tail": wall - first}
     if cpu0 is not None and cpu1 is not None:
         row["cpu"] = cpu1 - cpu0
-    if name == "spotfan":
+    if name.startswith("spotfan"):
         logs = [json.loads(line) for p in fleet.share.glob(".spotfan/tasks/tiny/log/*.jsonl")
                 for line in p.read_text().splitlines() if line.strip()]
         row["task_s"] = sum(r["seconds"] for r in logs) / max(1, len(logs))  # per execution
+        first = min(r["start"] for r in logs)
+        row["startup"] = first - launched  # to the first key's start, on any VM
+        row["steady"] = max(r["start"] + r["seconds"] for r in logs) - first
         row["by_peers"] = sum(o["by_peers"] for o in outs)
         row["succeeded"] = sum(o["succeeded"] for o in outs)
     else:
@@ -311,7 +316,11 @@ def main() -> int:
     p.add_argument("--slow-ms", type=float, default=50)
     p.add_argument("--curve", default="1,2,4,8,16", help="VM counts for the curve ('' for none)")
     p.add_argument("--curve-keys", type=int, default=4000)
+    p.add_argument("--fetch", action="store_true",
+                   help="also spotfan with `tasks run --fetch` (inputs fetched in batches over the "
+                        "runner's session), in the same rounds")
     a = p.parse_args()
+    names = ["spotfan", *(["spotfan --fetch"] if a.fetch else []), "naive"]
     sizes = [int(s) for s in a.keys.split(",") if s]
     curve = [int(s) for s in a.curve.split(",") if s]
     most = max([a.vms, *curve])
@@ -333,57 +342,63 @@ def main() -> int:
         for n in sizes:
             folder = prepare_inputs(share, n)
             cmds = commands(folder, w)
-            rows: dict[str, list[dict[str, float]]] = {"spotfan": [], "naive": []}
+            rows: dict[str, list[dict[str, float]]] = {name: [] for name in names}
             for r in range(a.rounds):
-                order = ["spotfan", "naive"] if r % 2 == 0 else ["naive", "spotfan"]
+                order = names if r % 2 == 0 else names[::-1]
                 for name in order:
                     rows[name].append(one_round(fleet, a.vms, name, cmds[name], n))
             med = {k: statistics.median(x["wall"] for x in v) for k, v in rows.items()}
             print(f"\n{n} tiny keys on {a.vms} VMs x {w} workers, median of {a.rounds} rounds:")
-            for name in ("spotfan", "naive"):
+            for name in names:
                 walls = ", ".join(f"{x['wall']:.2f}" for x in rows[name])
                 extra = (f"claimed but found done by a peer: {max(x['by_peers'] for x in rows[name]):.0f}"
                          f" ({100 * max(x['by_peers'] for x in rows[name]) / n:.2f}%, max of rounds)"
-                         if name == "spotfan" else
+                         if name != "naive" else
                          f"keys written twice: {min(x['twice'] for x in rows[name]):.0f}-"
                          f"{max(x['twice'] for x in rows[name]):.0f}")
-                print(f"  {name:8s} {med[name]:7.2f} s  {n / med[name]:7.0f} keys/s  (rounds {walls}); {extra}")
-            ratio = med["naive"] / med["spotfan"]
-            print(f"  -> spotfan is {ratio:.2f}x the naive loop (goal >= 2x: "
-                  f"{'met' if ratio >= 2 else 'NOT met'}; 3x: {'met' if ratio >= 3 else 'not met'})")
+                print(f"  {name:16s} {med[name]:7.2f} s  {n / med[name]:7.0f} keys/s  (rounds {walls}); {extra}")
+            for name in names[:-1]:
+                ratio = med["naive"] / med[name]
+                print(f"  -> {name} is {ratio:.2f}x the naive loop (goal >= 2x: "
+                      f"{'met' if ratio >= 2 else 'NOT met'}; 3x: {'met' if ratio >= 3 else 'not met'})")
             if all("cpu" in x for v in rows.values() for x in v):
                 cpu = {k: statistics.median(x["cpu"] for x in v) for k, v in rows.items()}
-                print(f"  lab cluster CPU (VMs + head, all processes), median: spotfan "
-                      f"{cpu['spotfan']:.1f} s, naive {cpu['naive']:.1f} s: spotfan uses "
-                      f"{cpu['naive'] / cpu['spotfan']:.2f}x less; {psutil.cpu_count()} cores "
+                print("  lab cluster CPU (VMs + head, all processes), median: " + ", ".join(
+                      f"{k} {cpu[k]:.1f} s" for k in names) + f"; {psutil.cpu_count()} cores "
                       f"for the lab, machine load {os.getloadavg()[0]:.1f}")
             if a.cpu_split and fleet.cpu.ok:
-                for name in ("spotfan", "naive"):
+                for name in names:
                     split = cpu_split(fleet, a.vms, cmds[name])
                     print(f"  CPU by process kind, {name}: " + ", ".join(
                         f"{k} {v:.1f} s" for k, v in split.most_common() if v >= 0.05))
             if a.count_requests:
-                for name in ("spotfan", "naive"):
+                for name in names:
                     total, kinds = count_requests(fleet, a.vms, cmds[name], n)
                     top = ", ".join(f"{k} {v / n:.1f}" for k, v in kinds.most_common(6))
                     print(f"  SFTP requests per key, {name}: {total / n:.1f}  ({top})")
         if a.slow_keys:
             folder = prepare_inputs(share, a.slow_keys)
-            cmd = commands(folder, w, a.slow_ms)["spotfan"]
-            rows_s = [one_round(fleet, a.vms, "spotfan", cmd, a.slow_keys) for _ in range(a.rounds)]
-            ideal = a.slow_keys * a.slow_ms / 1000 / (a.vms * w)
-            wall = statistics.median(x["wall"] for x in rows_s)
-            tail = statistics.median(x["tail"] for x in rows_s)
-            own = statistics.median(x["task_s"] for x in rows_s)  # sleep + the input's read
-            own_ideal = a.slow_keys * own / (a.vms * w)
-            print(f"\n{a.slow_keys} keys of {a.slow_ms:g} ms on {a.vms} VMs x {w} workers, median of "
-                  f"{a.rounds}: {wall:.2f} s against ideal {ideal:.2f} s = {wall / ideal:.2f}x "
-                  f"(goal <= 1.1x: {'met' if wall / ideal <= 1.1 else 'NOT met'}); tail (first VM "
-                  f"done to last VM done) {tail:.2f} s; rounds "
-                  + ", ".join(f"{x['wall']:.2f}" for x in rows_s))
-            print(f"  each key's own time (its input read over the mount and the sleep, from the "
-                  f"execution logs): {own * 1000:.1f} ms; keys x that / workers = {own_ideal:.2f} s, "
-                  f"so the engine adds {wall / own_ideal:.2f}x (start-up, dispatch, tail)")
+            for name in names[:-1]:
+                cmd = commands(folder, w, a.slow_ms)[name]
+                rows_s = [one_round(fleet, a.vms, name, cmd, a.slow_keys) for _ in range(a.rounds)]
+                ideal = a.slow_keys * a.slow_ms / 1000 / (a.vms * w)
+                wall = statistics.median(x["wall"] for x in rows_s)
+                tail = statistics.median(x["tail"] for x in rows_s)
+                own = statistics.median(x["task_s"] for x in rows_s)  # sleep + the input's read
+                own_ideal = a.slow_keys * own / (a.vms * w)
+                print(f"\n{name}: {a.slow_keys} keys of {a.slow_ms:g} ms on {a.vms} VMs x {w} workers, median of "
+                      f"{a.rounds}: {wall:.2f} s against ideal {ideal:.2f} s = {wall / ideal:.2f}x "
+                      f"(goal <= 1.1x: {'met' if wall / ideal <= 1.1 else 'NOT met'}); tail (first VM "
+                      f"done to last VM done) {tail:.2f} s; rounds "
+                      + ", ".join(f"{x['wall']:.2f}" for x in rows_s))
+                print(f"  each key's own time (its input read and the sleep, from the execution logs): "
+                      f"{own * 1000:.1f} ms; keys x that / workers = {own_ideal:.2f} s, so the engine "
+                      f"adds {wall / own_ideal:.2f}x (start-up, dispatch, tail)")
+                startup = statistics.median(x["startup"] for x in rows_s)
+                steady = statistics.median(x["steady"] for x in rows_s)
+                print(f"  first key started {startup:.2f} s after the launch; from the first key's "
+                      f"start to the last key's end {steady:.2f} s = {steady / own_ideal:.2f}x the "
+                      f"keys' own time / workers, {steady / ideal:.2f}x the ideal")
         if curve:
             folder = prepare_inputs(share, a.curve_keys)
             cmd = commands(folder, w)["spotfan"]

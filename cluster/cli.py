@@ -78,6 +78,8 @@ def up(c, cluster: Cluster, count=None, json=False):
                "--max-attempts): `tasks run --timeout` on every VM",
     "wait": "follow progress until the run is over",
     "keep_output": "for --cmd: keep each key's stdout and stderr on the share (`tasks logs SPEC KEY` prints them)",
+    "fetch": "the task reads only its own input: each VM's runner fetches small inputs in batches "
+             "(`tasks run --fetch`)",
     "dry_run": "say what the run would do (asked of one running VM): counts, first keys, command lines, "
                "chunking; nothing is shipped, requested, claimed or written",
     "wait_timeout": f"with --wait: give up waiting after this many seconds (default {runs.WAIT_TIMEOUT_S:g})",
@@ -86,7 +88,7 @@ def up(c, cluster: Cluster, count=None, json=False):
 @_command
 def run(c, cluster: Cluster, spec, src="", keys="", out="", name="", workers_per_vm="", max_attempts="",
         lease="", limit="", retry_failed=False, fsync=False, ship="", timeout="", wait=False, wait_timeout="",
-        dry_run=False, keep_output=False):
+        dry_run=False, keep_output=False, fetch=False):
     """Start a task on every VM (detached); with --wait, follow it to the end."""
     from cluster import lifecycle, remote_tasks, status as cluster_status
 
@@ -96,7 +98,7 @@ def run(c, cluster: Cluster, spec, src="", keys="", out="", name="", workers_per
     run_args = runs.run_arguments(
         max_attempts=_whole(max_attempts or 0, flag="--max-attempts", example=f"{ex} --max-attempts 3"),
         limit=_whole(limit or 0, flag="--limit", example=f"{ex} --limit 100"),
-        retry_failed=retry_failed, fsync=fsync, keep_output=keep_output,
+        retry_failed=retry_failed, fsync=fsync, keep_output=keep_output, fetch=fetch,
         timeout=_seconds(timeout or 0, flag="--timeout", example=f"{ex} --timeout 600"))
     per_vm = _whole(workers_per_vm or 0, flag="--workers-per-vm", example=f"{ex} --workers-per-vm 4")
     waiting = _seconds(wait_timeout or runs.WAIT_TIMEOUT_S, flag="--wait-timeout",

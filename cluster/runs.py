@@ -93,7 +93,8 @@ def _check(option: str, why: str | None) -> None:
 
 
 def run_arguments(*, max_attempts: int = 0, limit: int = 0, retry_failed: bool = False,
-                  fsync: bool = False, timeout: float = 0.0, keep_output: bool = False) -> list[str]:
+                  fsync: bool = False, timeout: float = 0.0, keep_output: bool = False,
+                  fetch: bool = False) -> list[str]:
     """Options only `tasks run` takes (not `tasks status`); 0 leaves one at its default.
     `timeout`: `tasks run --timeout`, the seconds after which a key's worker is stopped and
     the attempt counts as failed."""
@@ -113,6 +114,8 @@ def run_arguments(*, max_attempts: int = 0, limit: int = 0, retry_failed: bool =
         args.append("--fsync")
     if keep_output:
         args.append("--keep-output")
+    if fetch:
+        args.append("--fetch")
     return args
 
 

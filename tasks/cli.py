@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--keep-output", action="store_true",
                    help="for --cmd: keep each key's stdout and stderr (their last 1 MiB) under "
                         ".spotfan/tasks/<task>/output/; `tasks logs SPEC KEY` prints them")
+    r.add_argument("--fetch", action="store_true",
+                   help="the task reads only its own input: on a cluster, fetch small inputs in "
+                        "batches over the runner's session and give the task a local copy")
     r.add_argument("--state-file", type=Path, metavar="PATH",
                    help="keep a JSON state of this runner in PATH (on a local disk), rewritten "
                         "at least every 2 s and at exit")
@@ -197,6 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise SpecError("--keep-output is for --cmd tasks; a function task writes what "
                                 "it wants to keep itself (its errors are in `tasks failures`)")
             task = dataclasses.replace(task, keep_output=True)
+        if args.command == "run" and args.fetch:
+            task = _fetching(task)
         if args.command == "report":
             from tasks.report import write_report  # numpy, matplotlib: only when asked
 
@@ -298,6 +303,17 @@ def _load_reader(spec: str) -> Callable[[Path], Any]:
     if not callable(obj):
         raise SpecError(f"--reader {spec!r} names no function in {module!r}")
     return obj  # type: ignore[no-any-return]
+
+
+def _fetching(task: Task) -> Task:
+    """`task`, told that it reads only its own input (tasks run --fetch)."""
+    if task.source.src is None:
+        raise SpecError("--fetch is for tasks with input files (src= or --src): a keys= task "
+                        "has no input to fetch")
+    if isinstance(task, CmdTask):
+        return dataclasses.replace(task, fetch=True)
+    task.fetch = True  # read by the runner only: its workers are given the copies
+    return task
 
 
 def _collect(task: Task, args: argparse.Namespace) -> int:

@@ -25,7 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from tasks import sftp
 from tasks.claims import listing
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from tasks.worker import Outcome
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 COMMAND_ENV = "SPOTFAN_SFTP_COMMAND"  # shell words of a command that starts an SFTP session
 MAX_BYTES = 4 << 20  # bigger outputs (and folders) are published by their worker, through the mount
@@ -170,6 +171,20 @@ class Direct:
         finally:
             for p in (made, kept):
                 p.unlink(missing_ok=True)
+
+    def using(self, fn: Callable[[sftp.Session], T], *, what: str) -> T | None:
+        """`fn(session)` while the session lives, else None (then the caller goes through
+        the mount); a session lost on the way is said once and not used again."""
+        with self._lock:
+            if self.lost or self.session is None:
+                return None
+            try:
+                return fn(self.session)
+            except sftp.SessionLost as e:
+                self.lost = str(e)
+                logger.warning("the direct SFTP session is gone (%s) while %s: going through "
+                               "the mount from now on", e, what)
+                return None
 
     # -- listing -----------------------------------------------------------------------
     def listings(self, folders: Sequence[Path]) -> list[set[str]]:

@@ -19,6 +19,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
+from tasks import fetch
 from tasks.chunks import ChunkSizer
 from tasks.claims import Claims
 from tasks.direct import Direct, settle
@@ -111,6 +112,7 @@ class Dispatch:
                     broken = True
                     self.inflight[fut] = chunk  # settled with the others in _broken
                     continue
+                fetch.retire(self.opts.fetch_into, chunk)
                 self._collect(chunk, outcomes)
             if broken:
                 self._broken()
@@ -150,7 +152,8 @@ class Dispatch:
                 if not batch:
                     return
             self.chunk_ids += 1
-            chunk = Chunk(self.chunk_ids, batch, [self._fence(it) for it in batch])
+            chunk = Chunk(self.chunk_ids, batch, [self._fence(it) for it in batch],
+                          fetch.for_chunk(self.direct, self.opts.fetch_into, self.chunk_ids, batch))
             self.dispatched += len(batch)
             self.report.ran += len(batch)
             try:
@@ -335,6 +338,7 @@ class Dispatch:
         back: list[Item] = []
         for fut, chunk in self.inflight.items():
             fut.cancel()
+            fetch.retire(self.opts.fetch_into, chunk)
             for it in chunk.items:
                 if it.key in culprits:
                     self._failed(it, f"timed out after {self.opts.timeout_s:g} s",

@@ -233,7 +233,8 @@ def run_with(task: Task, root: Path, opts: RunOptions) -> RunReport:
             opts=DispatchOptions(workers=workers, max_attempts=opts.max_attempts,
                                  limit=opts.limit, chunk_size=opts.chunk_size,
                                  timeout_s=timeout_s, lease_s=plan.lease_s,
-                                 progress=opts.progress, state=state))
+                                 progress=opts.progress, state=state,
+                                 fetch_into=staging if direct and task.fetch else None))
         with Heartbeat(owner, claims, heartbeat_interval(plan.lease_s)):
             try:
                 dispatch.loop()

@@ -21,6 +21,7 @@ class DispatchOptions:
     lease_s: float
     progress: ProgressFn | None
     state: StateFile | None
+    fetch_into: Path | None = None  # fetch inputs over the session into here (tasks.fetch)
 
 
 @dataclass

@@ -5,8 +5,8 @@ The session runs over a command's stdin and stdout, normally OpenSSH's
 requests. The server answers one session's requests in order; sending a batch before
 reading any answer turns N round trips into about one (docs/design.md, "Publishing on a
 network root"). Only what the engine needs is here: open, write, close, rename, remove,
-lstat, mkdir; and for `fab push` (cluster.sftp_pipeline): open to overwrite, fsetstat,
-posix-rename.
+lstat, mkdir; open to read, fstat and read (tasks.fetch); and for `fab push`
+(cluster.sftp_pipeline): open to overwrite, fsetstat, posix-rename.
 """
 from __future__ import annotations
 
@@ -27,15 +27,16 @@ MAX_INFLIGHT = 64  # requests sent and not yet answered, at most
 WRITE_BLOCK = 32 * 1024  # bytes per WRITE request (every server takes 32 KiB)
 
 # Packet types (draft-ietf-secsh-filexfer-02, the version OpenSSH speaks).
-INIT, VERSION_REPLY, OPEN, CLOSE, WRITE, LSTAT = 1, 2, 3, 4, 6, 7
+INIT, VERSION_REPLY, OPEN, CLOSE, READ, WRITE, LSTAT, FSTAT = 1, 2, 3, 4, 5, 6, 7, 8
 FSETSTAT = 10
 OPENDIR, READDIR, REMOVE, MKDIR, RENAME = 11, 12, 13, 14, 18
 EXTENDED = 200
-STATUS, HANDLE, NAME, ATTRS = 101, 102, 104, 105
+STATUS, HANDLE, DATA, NAME, ATTRS = 101, 102, 103, 104, 105
 # Open flags and status codes.
+FXF_READ = 0x01
 FXF_WRITE, FXF_CREAT, FXF_TRUNC, FXF_EXCL = 0x02, 0x08, 0x10, 0x20
 OK, EOF, NO_SUCH_FILE, PERMISSION_DENIED, FAILURE = 0, 1, 2, 3, 4
-ATTR_PERMISSIONS, ATTR_ACMODTIME = 0x04, 0x08
+ATTR_SIZE, ATTR_UIDGID, ATTR_PERMISSIONS, ATTR_ACMODTIME = 0x01, 0x02, 0x04, 0x08
 
 
 class SessionLost(OSError):
@@ -49,7 +50,7 @@ class Reply:
     kind: int  # STATUS, HANDLE, NAME or ATTRS
     code: int  # the STATUS code; OK for any other kind
     message: str  # the server's text for a STATUS
-    data: bytes  # a HANDLE's handle
+    data: bytes  # a HANDLE's handle, a DATA's bytes, an ATTRS' encoded attributes
     names: tuple[str, ...] = ()  # a NAME's file names (a READDIR's page)
 
     @property
@@ -73,6 +74,46 @@ def open_create(path: str, mode: int = 0o644) -> Request:
     """Create `path` for writing; fails if it exists (O_CREAT|O_EXCL)."""
     return Request(OPEN, _string(os.fsencode(path)) + struct.pack(
         ">III", FXF_WRITE | FXF_CREAT | FXF_EXCL, ATTR_PERMISSIONS, mode))
+
+
+@dataclass(frozen=True)
+class Attrs:
+    """What an ATTRS answer says of a file (None: the server left it out)."""
+
+    size: int | None
+    mode: int | None  # st_mode: type and permission bits
+    mtime: int | None
+
+
+def attrs(reply: Reply) -> Attrs:
+    """The attributes in an ATTRS answer (to an FSTAT or LSTAT)."""
+    p, at = reply.data, 4
+    flags, = struct.unpack_from(">I", p)
+    size = mode = mtime = None
+    if flags & ATTR_SIZE:
+        size, = struct.unpack_from(">Q", p, at)
+        at += 8
+    at += 8 if flags & ATTR_UIDGID else 0
+    if flags & ATTR_PERMISSIONS:
+        mode, = struct.unpack_from(">I", p, at)
+        at += 4
+    if flags & ATTR_ACMODTIME:
+        _, mtime = struct.unpack_from(">II", p, at)
+    return Attrs(size, mode, mtime)
+
+
+def open_read(path: str) -> Request:
+    """Open `path` for reading."""
+    return Request(OPEN, _string(os.fsencode(path)) + struct.pack(">II", FXF_READ, 0))
+
+
+def fstat(handle: bytes) -> Request:
+    return Request(FSTAT, _string(handle))
+
+
+def read(handle: bytes, offset: int, length: int) -> Request:
+    """Up to `length` bytes at `offset`: a DATA answer, or STATUS EOF at the end."""
+    return Request(READ, _string(handle) + struct.pack(">QI", offset, length))
 
 
 def open_write(path: str, mode: int = 0o644) -> Request:
@@ -237,6 +278,9 @@ def _reply(kind: int, payload: bytes) -> Reply:
         n, = struct.unpack_from(">I", payload, 4)
         return Reply(kind, code, payload[8:8 + n].decode(errors="replace"), b"")
     if kind == HANDLE:
+        n, = struct.unpack_from(">I", payload)
+        return Reply(kind, OK, "", payload[4:4 + n])
+    if kind == DATA:
         n, = struct.unpack_from(">I", payload)
         return Reply(kind, OK, "", payload[4:4 + n])
     if kind == NAME:

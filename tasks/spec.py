@@ -164,11 +164,14 @@ class FileTask:
 
     def __init__(self, func: Callable[..., Any], source: KeySource, *, name: str | None,
                  init: Callable[[], Any] | None, fsync: bool,
-                 timeout: float | None = None) -> None:
+                 timeout: float | None = None, fetch: bool = False) -> None:
         self.func = func
         self.source = source
         self.init = init
         self.fsync = fsync
+        if fetch and source.src is None:
+            raise SpecError(f"@filetask {func.__qualname__}: fetch=True needs src= (a keys= task has no input)")
+        self.fetch = fetch
         self.module = func.__module__
         self.qualname = func.__qualname__
         self.name = check_name(name or func.__name__, what=f"@filetask {self.qualname}: task name")
@@ -217,8 +220,8 @@ class FileTask:
         """Run the per-process initializer; its result is passed as `ctx`."""
         return self.init() if self.init is not None else None
 
-    def execute(self, item: Item, out: Path, root: Path, ctx: Any) -> None:
-        values = {"src": root / item.src if item.src is not None else None,
+    def execute(self, item: Item, out: Path, root: Path, ctx: Any, *, src: Path | None = None) -> None:
+        values = {"src": src or (root / item.src if item.src is not None else None),
                   "out": out, "key": item.key, "ctx": ctx, "root": root}
         self.func(**{p: values[p] for p in self._params})
 
@@ -309,6 +312,7 @@ class CmdTask:
     fsync: bool = False
     timeout: float | None = None  # seconds a key may run (tasks run --timeout overrides)
     keep_output: bool = False  # keep each key's stdout/stderr (tasks run --keep-output)
+    fetch: bool = False  # it reads only {src}: give it a copy fetched in a batch (tasks.fetch)
 
     def __post_init__(self) -> None:
         what = "--cmd"
@@ -345,16 +349,18 @@ class CmdTask:
     def open(self) -> Any:
         return None
 
-    def command_line(self, item: Item, out: Path, root: Path) -> str:
-        """The shell line run for `item`, writing to `out` (placeholders shell-quoted)."""
+    def command_line(self, item: Item, out: Path, root: Path, *, src: Path | None = None) -> str:
+        """The shell line run for `item`, writing to `out` (placeholders shell-quoted); `src`:
+        a local copy of its input (tasks.fetch)."""
         values = dict(item.fields) if item.fields else {"key": item.key}
         if item.src is not None:
-            values["src"] = str(root / item.src)
+            values["src"] = str(src or root / item.src)
         values["out"] = str(out)
         return render(self.cmd, {k: shlex.quote(v) for k, v in values.items()}, what="--cmd")
 
-    def execute(self, item: Item, out: Path, root: Path, ctx: Any) -> None:
-        done = cmdout.run_command(self.command_line(item, out, root), root=root, keep=self.keep_output)
+    def execute(self, item: Item, out: Path, root: Path, ctx: Any, *, src: Path | None = None) -> None:
+        done = cmdout.run_command(self.command_line(item, out, root, src=src), root=root,
+                                  keep=self.keep_output)
         if self.keep_output:
             cmdout.keep_output(root, self.name, item.key, done)
         if done.returncode != 0:
@@ -368,8 +374,8 @@ TaskRef = Union[FuncRef, CmdTask]
 
 def filetask(*, out: str, src: str | None = None, keys: KeysArg = None, key: KeyMode = "path",
              name: str | None = None, init: Callable[[], Any] | None = None,
-             fsync: bool = False,
-             timeout: float | None = None) -> Callable[[Callable[..., Any]], FileTask]:
+             fsync: bool = False, timeout: float | None = None,
+             fetch: bool = False) -> Callable[[Callable[..., Any]], FileTask]:
     """Declare a file-keyed task: one output per key, skipped when it exists.
 
     src:   glob of input files relative to the run root (keys are their paths below the
@@ -384,11 +390,14 @@ def filetask(*, out: str, src: str | None = None, keys: KeysArg = None, key: Key
     fsync: flush each output to stable storage before publishing it.
     timeout: seconds one key may run; a key running longer is killed (its worker
            process) and charged a failed attempt (`tasks run --timeout` overrides).
+    fetch: the task reads only its own `src`: on a cluster the runner fetches small
+           inputs in batches and `src` is a local copy (same name, size and mtime).
     """
     source = KeySource(src=src, keys=keys, key=key, out=out)
 
     def wrap(func: Callable[..., Any]) -> FileTask:
-        return FileTask(func, source, name=name, init=init, fsync=fsync, timeout=timeout)
+        return FileTask(func, source, name=name, init=init, fsync=fsync, timeout=timeout,
+                        fetch=fetch)
 
     return wrap
 

@@ -61,6 +61,7 @@ class Chunk:
     id: int  # the runner's number for this chunk (slots name it)
     items: list[Item]
     fences: list[Fence]  # one per item
+    sources: tuple[str, ...] = ()  # per item: a local copy of its input (tasks.fetch), or ""
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,8 @@ def run_chunk(chunk: Chunk) -> list[Outcome]:
     try:
         for i, (item, fence) in enumerate(zip(chunk.items, chunk.fences)):
             _mark(state, chunk.id, i)
-            out.append(run_one(state, item, fence))
+            local = chunk.sources[i] if chunk.sources else ""
+            out.append(run_one(state, item, fence, Path(local) if local else None))
             if state.publishing is not None:
                 _bound_inflight(out)
         return [o if isinstance(o, Outcome) else o.result() for o in out]
@@ -166,15 +168,17 @@ def _mark(state: _State, chunk_id: int, index: int, idle: bool = False) -> None:
         state.slots[base + 3] = time.monotonic()
 
 
-def run_one(state: _State, item: Item, fence: Fence) -> Outcome | Future[Outcome]:
-    """Run one key; its publish goes on in the background on a network root."""
+def run_one(state: _State, item: Item, fence: Fence,
+            src: Path | None = None) -> Outcome | Future[Outcome]:
+    """Run one key (on `src`, a local copy of its input, if given); its publish goes on in
+    the background on a network root."""
     tmp = temp_path(state.staging, item.out)
     started = time.time()
     t0 = time.perf_counter()
     try:
         if state.task.is_dir:
             tmp.mkdir()
-        state.task.execute(item, tmp, state.root, state.ctx)
+        state.task.execute(item, tmp, state.root, state.ctx, src=src)
     except BaseException as e:
         if not isinstance(e, Exception | SystemExit):
             raise

@@ -1,4 +1,5 @@
-"""End to end: fab up 4 lab VMs, a real task over SSHFS, 2 VMs preempted mid-run, fab heal, done."""
+"""End to end: fab up 4 lab VMs, a real task over SSHFS (its inputs fetched over each runner's
+session, --fetch), 2 VMs preempted mid-run, fab heal, done."""
 from __future__ import annotations
 
 import collections
@@ -29,7 +30,7 @@ def test_preempt_two_vms_mid_run_then_heal(make_lab):
     assert lab.fab_ok("up").count("agent: ok (started") == 4
 
     out = lab.fab_ok("run", "sh lab_work.sh {src} {out}", "--src", "in/*.txt", "--out", "out/{stem}.txt",
-                     "--lease", "5", "--ship", str(FIXTURES / "lab_work.sh"))
+                     "--lease", "5", "--fetch", "--ship", str(FIXTURES / "lab_work.sh"))
     run_id = re.search(r"run (r[\w-]+) requested", out).group(1)
     outputs = lab.share / "out"
     lab.wait_for("a quarter of the outputs", lambda: outputs.exists()
@@ -69,7 +70,10 @@ def test_preempt_two_vms_mid_run_then_heal(make_lab):
     unlogged = {f"{i:04d}.txt" for i in range(KEYS)} - set(per_key)
     assert len(unlogged) <= in_flight_bound, unlogged
     logged_dups = sum(per_key.values()) - len(per_key)
-    starts = collections.Counter(p.name.split(".txt.")[0] for p in (lab.share / "starts").iterdir())
+    markers = list((lab.share / "starts").iterdir())
+    starts = collections.Counter(p.name.split(".txt.")[0] for p in markers)
+    given = [s for s in (p.read_text().strip() for p in markers) if s]  # "": killed at its start
+    assert all("/fetched-" in src for src in given), [s for s in given if "/fetched-" not in s][:5]
     started_dups = sum(starts.values()) - KEYS
     print(f"duplicates: {logged_dups} finished twice, {started_dups} started twice "
           f"(bound {in_flight_bound})")
