@@ -20,6 +20,7 @@ from pathlib import Path
 
 REAP_INTERVAL_S = 0.5
 SSHD = "/usr/sbin/sshd"
+TMP_SIZE = "512m"  # the VM's own /tmp (a tmpfs, as on Debian 13 images): at most this much RAM
 
 
 class _PowerOff(Exception):
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     log = open(a.vm_dir / "console.log", "ab", buffering=0)
     log.write(f"labinit: {a.name} booting\n".encode())
     _fresh_shell_rc(a.vm_dir, log)
+    _fresh_tmp(a.vm_dir, log)
     _guest_poweroff(a.vm_dir, log)
     subprocess.Popen(
         [SSHD, "-D", "-f", str(a.vm_dir / "ssh" / "sshd_config"), "-E", str(a.vm_dir / "sshd.log")],
@@ -81,6 +83,24 @@ def _fresh_shell_rc(vm_dir: Path, log: object) -> None:
     empty = vm_dir / "empty.bashrc"
     empty.write_text("# a lab VM's own, empty ~/.bashrc\n")
     subprocess.run(["mount", "--bind", str(empty), str(rc)], stdout=log, stderr=log, check=False)
+
+
+def _fresh_tmp(vm_dir: Path, log: object) -> None:
+    """Give the VM a temporary folder of its own (its TMPDIR, set by the lab), as a fresh
+    cloud VM has: a tmpfs that only this VM sees and that vanishes when it stops.
+
+    The host's /tmp is shared by every lab VM, and an aged one can be slow: on one test
+    machine a file create there cost 1.1 ms of CPU against 0.03 ms on a fresh folder of the
+    same disk, which a runner staging every output locally pays twice per key. Without the
+    tmpfs (mount refused), the folder is still the VM's own, on the host's disk.
+    """
+    tmp = vm_dir / "tmp"
+    tmp.mkdir(exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={TMP_SIZE},mode=1777", "tmpfs", str(tmp)],
+                          stdout=log, stderr=log, check=False)
+    if done.returncode != 0:
+        log.write(b"labinit: no tmpfs for the VM's TMPDIR; using a folder of the host's disk\n")  # type: ignore[attr-defined]
+        tmp.chmod(0o1777)
 
 
 GUEST_POWEROFF = """#!/bin/sh

@@ -203,7 +203,8 @@ class LabProvider:
             host.write(d / STARTUP_SCRIPT, startup_script, mode=0o755)
         host.write(d / "ssh" / "sshd_config", host.sshd_config(
             listen=f"{address}:{SSH_PORT}", host_key=host_key,
-            authorized_keys=d / "ssh" / "authorized_keys", env={"SPOTFAN_HOME": str(d / "home")},
+            authorized_keys=d / "ssh" / "authorized_keys",
+            env={"SPOTFAN_HOME": str(d / "home"), "TMPDIR": str(d / "tmp")},  # tmp: init's tmpfs
         ))
         self._save(VMRecord(name=name, index=index, address=address,
                             host_key=public_key(host_key), init=None))
@@ -221,7 +222,7 @@ class LabProvider:
         d = self._vm_dir(name)
         (d / "preempted").unlink(missing_ok=True)
         env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "LANG": "C.UTF-8",
-               "SPOTFAN_HOME": str(d / "home")}
+               "SPOTFAN_HOME": str(d / "home"), "TMPDIR": str(d / "tmp")}
         p = host.spawn(
             # -S and a path: PID 1 needs only the standard library, from any install.
             [*UNSHARE, "--", sys.executable, "-S", str(INIT_SCRIPT),
