@@ -224,6 +224,10 @@ def run_with(task: Task, root: Path, opts: RunOptions) -> RunReport:
         pool.start()  # its workers start (import, load the task) while the session starts
         if starting is not None:
             direct, starting = starting.result(), None
+        if task.fetch:
+            logger.info("fetch: %s", "small inputs are fetched in batches over the direct SFTP "
+                        "session" if direct and not direct.lost else "no direct SFTP session here, "
+                        "so the task reads its inputs through the mount")
         dispatch = Dispatch(
             root=root, pending=pending, unit_of=unit_of, done=done, attempts=attempts,
             report=report, claims=claims, view=UnitView(claims.done, claims.folder, markers_before,

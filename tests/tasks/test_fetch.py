@@ -133,6 +133,7 @@ def test_a_fetching_task_reads_local_copies_and_every_output_is_exact(fresh, tmp
     outs = [p.communicate(timeout=DEADLINE_S) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
     assert set(outputs(share, data).values()) == {"local"}, "a small input was read through the mount"
+    assert all("fetch: small inputs are fetched in batches" in o[1] for o in outs)
     reports = [json.loads(o[0].strip().splitlines()[-1]) for o in outs]
     assert sum(r["succeeded"] for r in reports) == len(data)
     assert os.listdir(tmp_path) == [], "a runner left fetched inputs (or its staging) behind"
@@ -160,6 +161,7 @@ def test_without_a_session_or_without_fetch_the_task_reads_through_the_mount(fre
     _, err = p.communicate(timeout=DEADLINE_S)
     assert p.returncode == 0, err
     assert set(outputs(share, data).values()) == {"mount"}
+    assert "no direct SFTP session here, so the task reads its inputs through the mount" in err
     sub = share.parent / (share.name + "-nofetch")
     sub.mkdir()
     data = write_inputs(sub, 60, fetching=False)
