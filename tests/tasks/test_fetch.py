@@ -93,7 +93,7 @@ def test_fetched_copies_are_exact_and_what_is_not_worth_it_is_left_to_the_mount(
     share, a, _ = fresh
     sizes = {"empty.bin": 0, "small.bin": 100, "one block.bin": fetch.READ_BLOCK,
              "blocks.bin": 3 * fetch.READ_BLOCK + 17, "just fits.bin": fetch.MAX_BYTES,
-             "too big.bin": fetch.MAX_BYTES + 1}
+             "too big.bin": fetch.MAX_BYTES + 1, "new\nline é; $(x).bin": 10}
     for i, (name, size) in enumerate(sizes.items()):
         (share / "in/deep").mkdir(parents=True, exist_ok=True)
         (share / "in/deep" / name).write_bytes(os.urandom(size))
