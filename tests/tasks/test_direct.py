@@ -8,19 +8,16 @@ import re
 import shlex
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
-import psutil
-import pytest
 
 from tasks.direct import COMMAND_ENV, Direct, Staged, remote_root
 from tasks.errors import EnvironmentFault
 from tasks.fs import probe_publish
 from tasks.publish import Fence, Publisher
 from tasks.records import read_logs
-from tests.tasks.two_mounts import sftp_command, two_machines  # noqa: F401 (a fixture)
+from tests.tasks.two_mounts import fresh, kill_session_when, sftp_command, two_machines  # noqa: F401 (fixtures)
 
 DEADLINE_S = 240
 
@@ -50,15 +47,6 @@ def check_outputs(folder: Path, n: int) -> None:
     names = sorted(os.listdir(folder))
     assert len(names) == n
     assert all((folder / f).read_text() == f[:-4] * 3 for f in names), "an output is not whole"
-
-
-@pytest.fixture
-def fresh(two_machines, request):
-    """(share, a, b) as a sub-folder of the module's share, one per test."""
-    share, a, b = two_machines
-    sub = re.sub(r"\W", "-", request.node.name)
-    (share / sub).mkdir()
-    return share / sub, a / sub, b / sub
 
 
 def test_two_runners_publish_over_their_own_sessions(fresh) -> None:
@@ -147,17 +135,9 @@ def test_a_session_that_dies_mid_run_hands_over_to_the_mount(fresh) -> None:
     n = 400
     write_tasks(share, n, 0.01)
     p = run(a, {COMMAND_ENV: sftp_command(share.parent)})
-    runner = psutil.Process(p.pid)
-    deadline = time.monotonic() + DEADLINE_S
-    killed = None
-    while killed is None and time.monotonic() < deadline and p.poll() is None:
-        out = share / "out"
-        if out.is_dir() and len(os.listdir(out)) >= 40:
-            for child in runner.children():
-                if child.cmdline()[:1] == ["ssh"] and child.cmdline()[-1] == "sftp":
-                    child.kill()
-                    killed = child.pid
-        time.sleep(0.05)
+    out = share / "out"
+    killed = kill_session_when(p, lambda: out.is_dir() and len(os.listdir(out)) >= 40,
+                               deadline_s=DEADLINE_S)
     assert killed is not None, "never saw the runner's SFTP session while it worked"
     out, err = p.communicate(timeout=DEADLINE_S)
     assert p.returncode == 0, err

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from tasks import fetch
@@ -18,7 +15,7 @@ from tasks.direct import COMMAND_ENV, Direct
 from tasks.fs import probe_publish
 from tasks.keys import Item
 from tasks.publish import Publisher
-from tests.tasks.two_mounts import sftp_command, two_machines  # noqa: F401 (a fixture)
+from tests.tasks.two_mounts import fresh, kill_session_when, sftp_command, two_machines  # noqa: F401 (fixtures)
 
 DEADLINE_S = 240
 
@@ -65,15 +62,6 @@ def outputs(share: Path, data: dict[str, bytes]) -> dict[str, str]:
         assert name.decode() == Path(rel).name, f"{out}: the copy has another name"
         where[rel] = how.decode()
     return where
-
-
-@pytest.fixture
-def fresh(two_machines, request):
-    """(share, a, b) as a sub-folder of the module's share, one per test."""
-    share, a, b = two_machines
-    sub = re.sub(r"\W", "-", request.node.name)
-    (share / sub).mkdir()
-    return share / sub, a / sub, b / sub
 
 
 def _direct(share: Path, mount: Path, monkeypatch) -> Direct:
@@ -175,17 +163,9 @@ def test_a_session_killed_mid_run_leaves_the_rest_to_the_mount(fresh) -> None:
     share, a, _ = fresh
     data = write_inputs(share, 400, sleep=0.01)
     p = run(a, {COMMAND_ENV: sftp_command(share.parent)})
-    runner = psutil.Process(p.pid)
-    deadline = time.monotonic() + DEADLINE_S
-    killed = None
-    while killed is None and time.monotonic() < deadline and p.poll() is None:
-        out = share / "out"
-        if out.is_dir() and sum(len(f) for _, _, f in os.walk(out)) >= 40:
-            for child in runner.children():
-                if child.cmdline()[:1] == ["ssh"] and child.cmdline()[-1] == "sftp":
-                    child.kill()
-                    killed = child.pid
-        time.sleep(0.05)
+    out = share / "out"
+    killed = kill_session_when(p, lambda: out.is_dir() and sum(len(f) for _, _, f in os.walk(out)) >= 40,
+                               deadline_s=DEADLINE_S)
     assert killed is not None, "never saw the runner's SFTP session while it worked"
     _, err = p.communicate(timeout=DEADLINE_S)
     assert p.returncode == 0, err

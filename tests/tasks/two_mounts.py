@@ -5,14 +5,16 @@
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 # The options the cluster mounts with (cluster/vm/mount.sh): no caching, so claims work.
@@ -105,3 +107,28 @@ def two_machines(tmp_path_factory) -> Iterator[tuple[Path, Path, Path]]:
             subprocess.run(["fusermount3", "-u", "-z", str(m)], capture_output=True)
         sshd.kill()
         sshd.wait()
+
+
+@pytest.fixture
+def fresh(two_machines, request):
+    """(share, a, b) as a sub-folder of the module's share, one per test."""
+    share, a, b = two_machines
+    sub = re.sub(r"\W", "-", request.node.name)
+    (share / sub).mkdir()
+    return share / sub, a / sub, b / sub
+
+
+def kill_session_when(runner: subprocess.Popen, ready: Callable[[], bool], *,
+                      deadline_s: float) -> int | None:
+    """SIGKILL the runner's SFTP session (its `ssh ... sftp` child) once `ready()`; its pid,
+    or None if the runner ended (or the deadline passed) first."""
+    parent = psutil.Process(runner.pid)
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline and runner.poll() is None:
+        if ready():
+            for child in parent.children():
+                if child.cmdline()[:1] == ["ssh"] and child.cmdline()[-1] == "sftp":
+                    child.kill()
+                    return child.pid
+        time.sleep(0.05)
+    return None
