@@ -35,6 +35,7 @@ from tasks.bounds import (MAX_ATTEMPTS_LIMIT, MAX_CHUNK_SIZE, MAX_LEASE_S, MAX_L
                           worker_count)
 from tasks.plan import DEFAULT_LEASE_S
 from tasks.pool import START_METHODS, Pool
+from tasks.pool import warm as pool_warm
 from tasks.progress import ProgressFn
 from tasks.publish import Publisher
 from tasks.records import ExecLog, FailureStore, OwnerRecord, Stamp
@@ -148,6 +149,7 @@ def run_with(task: Task, root: Path, opts: RunOptions) -> RunReport:
                         "process (a thread cannot be stopped)")
     if opts.executor == "process":
         task.check_importable()
+        pool_warm(opts.start_method)  # its start overlaps the listing below
     items = task.items(root)
     layout = Layout(root, task.name)
     report = RunReport(task.name, root, total=len(items))
