@@ -94,7 +94,8 @@ class Bucket(Protocol):
         """Refuse a bucket that cannot be used: NoSuchBucket, StoreAccessError, StoreUnreachable."""
 
     def stat(self, name: str) -> ObjectInfo | None:
-        """The object's description, or None if there is none."""
+        """The object's description, or None if there is none (on S3 also when the bucket is
+        missing: a HEAD's bare 404 cannot tell; check() can)."""
 
     def get(self, name: str) -> ObjectData | None:
         """The whole object and its version, or None if there is none."""

@@ -112,6 +112,18 @@ class GcsBucket:
     def _bucket(self) -> Any:
         return self.client.bucket(self.name)
 
+    def _metadata(self, name: str, retry: Retry) -> Any:
+        """The blob with its metadata loaded, or None if there is no such object (a
+        missing bucket raises: get_blob would call that None too)."""
+        blob = self._bucket().blob(name)
+        try:
+            blob.reload(retry=retry, timeout=self.timeout)
+        except gexc.NotFound as e:
+            if _bucket_missing(e):
+                raise
+            return None
+        return blob
+
     # --- reads --------------------------------------------------------------------------
 
     def check(self) -> None:
@@ -130,13 +142,13 @@ class GcsBucket:
 
     def stat(self, name: str) -> ObjectInfo | None:
         with self._errors("storage.objects.get", name):
-            blob = self._bucket().get_blob(name, retry=_Attempts(self.retries).retry, timeout=self.timeout)
+            blob = self._metadata(name, _Attempts(self.retries).retry)
         return None if blob is None else _info(blob)
 
     def get(self, name: str) -> ObjectData | None:
         with self._errors("storage.objects.get", name):
             attempts = _Attempts(self.retries)
-            blob = self._bucket().get_blob(name, retry=attempts.retry, timeout=self.timeout)
+            blob = self._metadata(name, attempts.retry)
             if blob is None:
                 return None
             try:  # that generation: never a newer one's bytes under the older one's version
@@ -148,7 +160,7 @@ class GcsBucket:
     def download(self, name: str, path: Path, *, version: str | None = None) -> ObjectInfo | None:
         with self._errors("storage.objects.get", name):
             attempts = _Attempts(self.retries)
-            blob = self._bucket().get_blob(name, retry=attempts.retry, timeout=self.timeout)
+            blob = self._metadata(name, attempts.retry)
             if blob is None or (version is not None and str(blob.generation) != version):
                 return None
             try:
@@ -199,7 +211,7 @@ class GcsBucket:
             except gexc.PreconditionFailed:
                 if generation == 0 and not attempts.retried:
                     return Refused("exists")
-                current = self._bucket().get_blob(name, retry=attempts.retry, timeout=self.timeout)
+                current = self._metadata(name, attempts.retry)
                 if attempts.retried and current is not None and current.md5_hash == ours():
                     return _info(current)  # our first try landed and its answer was lost
                 if generation == 0:
