@@ -151,7 +151,8 @@ class S3Bucket:
         with self._errors("s3:ListBucket", prefix):
             for page in self.client.get_paginator("list_objects_v2").paginate(**args):
                 entries: list[ObjectInfo | Prefix] = [Prefix(p["Prefix"]) for p in page.get("CommonPrefixes", [])]
-                entries += [ObjectInfo(o["Key"], o["Size"], o["ETag"], o["LastModified"]) for o in page.get("Contents", [])]
+                entries += [ObjectInfo(o["Key"], o["Size"], o["ETag"], o["LastModified"])
+                            for o in page.get("Contents", [])]
                 yield from sorted(entries, key=lambda entry: entry.name)
 
     # --- conditional writes -------------------------------------------------------------
@@ -299,8 +300,8 @@ class S3Bucket:
         except bex.ClientError as e:
             code, status, message = _code(e), _status(e), e.response.get("Error", {}).get("Message", "")
             if code == "NoSuchBucket" or (status == 404 and not name):
-                raise NoSuchBucket(f"bucket s3://{self.name} does not exist (or not in this account and region): create "
-                                   f"it with `aws s3 mb s3://{self.name}` or fix the bucket name in the root") from e
+                raise NoSuchBucket(f"bucket s3://{self.name} does not exist (or not in this account and region): "
+                                   f"create it with `aws s3 mb s3://{self.name}` or fix the bucket name in the root") from e
             if code in _CREDENTIAL_CODES:
                 raise StoreAccessError(f"{where}: S3 rejected the credentials ({code}: {message}); refresh them "
                                        "(`aws sso login`, or new keys) or check AWS_PROFILE") from e

@@ -67,7 +67,8 @@ def parse_root(text: str) -> RootURL:
     problem = (s3_bucket_problem if scheme == "s3" else gcs_bucket_problem)(bucket)
     if problem:
         raise SpecError(f"root {text!r}: {SCHEMES[scheme]} bucket name {bucket!r} {problem}")
-    return RootURL(scheme=scheme, bucket=bucket, prefix=_checked_prefix(prefix, text), url=text)  # type: ignore[arg-type]
+    return RootURL(scheme=scheme, bucket=bucket, prefix=_checked_prefix(prefix, text),  # type: ignore[arg-type]
+                   url=text)
 
 
 def s3_bucket_problem(name: str) -> str | None:
@@ -84,7 +85,8 @@ def s3_bucket_problem(name: str) -> str | None:
     if _is_ip(name):
         return "looks like an IP address, which S3 refuses as a bucket name"
     if name.startswith(_S3_RESERVED_PREFIXES) or name.endswith(_S3_RESERVED_SUFFIXES):
-        return "uses a prefix or suffix S3 reserves (xn--, sthree-, amzn-s3-demo-, -s3alias, --ol-s3, .mrap, --x-s3, --table-s3)"
+        return ("uses a prefix or suffix S3 reserves (xn--, sthree-, amzn-s3-demo-, -s3alias, --ol-s3, .mrap, --x-s3, "
+                "--table-s3)")
     return None
 
 

@@ -83,7 +83,8 @@ class Backend:
         log = self.server.proxy.requests if self.scheme == "s3" else self.server.requests
         return log.select(kind=self.kind(op), bucket=self.bucket_name)
 
-    def fail_next(self, op: str, count: int = 1, *, status: int, after_apply: bool = False, key: str | None = None) -> None:
+    def fail_next(self, op: str, count: int = 1, *, status: int, after_apply: bool = False,
+                  key: str | None = None) -> None:
         if self.scheme == "s3":
             self.server.proxy.fail_next(count, status=status, operation=self.kind(op), after_apply=after_apply, key=key)
         else:

@@ -156,7 +156,8 @@ def test_a_big_upload_goes_in_parts_and_is_still_only_if_absent(backend, tmp_pat
     chunks. A second one is refused and leaves no upload behind on S3."""
     big = tmp_path / "big.bin"
     big.write_bytes(os.urandom(11 * MIB))
-    options = {"multipart_threshold": 5 * MIB, "part_size": 5 * MIB} if backend.scheme == "s3" else {"upload_chunk": 4 * MIB}
+    options = ({"multipart_threshold": 5 * MIB, "part_size": 5 * MIB} if backend.scheme == "s3"
+               else {"upload_chunk": 4 * MIB})
     bucket = backend.new(**options)
     done = bucket.upload(big, "out/big.bin")
     assert isinstance(done, ObjectInfo) and done.size == 11 * MIB
@@ -280,3 +281,20 @@ def test_a_bucket_pickles_without_its_connection(backend):
     copy = pickle.loads(pickle.dumps(backend.bucket))
     assert copy.get("claims/p").data == b"before"
     copy.close()
+
+
+def test_s3_conditional_request_conflicts_are_tried_again(s3_server, s3_bucket, s3_env):
+    """S3 answers 409 ConditionalRequestConflict while another conditional write to the key
+    is under way (botocore does not retry it): tried again a bounded number of times.
+    (GCS decides every precondition at once: no such answer.)"""
+    from tasks.store.bucket import CONFLICT_RETRIES
+    from tasks.store.s3 import S3Bucket
+
+    bucket = S3Bucket(s3_bucket, retries=FAST)
+    s3_server.proxy.fail_next(CONFLICT_RETRIES, status=409, operation="PutObject")
+    assert isinstance(bucket.create("claims/c1", b"x"), ObjectInfo)
+    s3_server.proxy.fail_next(CONFLICT_RETRIES + 1, status=409, operation="PutObject")
+    with pytest.raises(StoreUnreachable, match="ConditionalRequestConflict"):
+        bucket.create("claims/c2", b"x")
+    assert [r.status for r in s3_server.proxy.requests.select(bucket=s3_bucket, key="^claims/c2$")] == [409] * (CONFLICT_RETRIES + 1)
+    bucket.close()
