@@ -301,7 +301,8 @@ class S3Bucket:
             code, status, message = _code(e), _status(e), e.response.get("Error", {}).get("Message", "")
             if code == "NoSuchBucket" or (status == 404 and not name):
                 raise NoSuchBucket(f"bucket s3://{self.name} does not exist (or not in this account and region): "
-                                   f"create it with `aws s3 mb s3://{self.name}` or fix the bucket name in the root") from e
+                                   f"create it with `aws s3 mb s3://{self.name}` or fix the bucket name in the "
+                                   "root") from e
             if code in _CREDENTIAL_CODES:
                 raise StoreAccessError(f"{where}: S3 rejected the credentials ({code}: {message}); refresh them "
                                        "(`aws sso login`, or new keys) or check AWS_PROFILE") from e

@@ -296,5 +296,6 @@ def test_s3_conditional_request_conflicts_are_tried_again(s3_server, s3_bucket, 
     s3_server.proxy.fail_next(CONFLICT_RETRIES + 1, status=409, operation="PutObject")
     with pytest.raises(StoreUnreachable, match="ConditionalRequestConflict"):
         bucket.create("claims/c2", b"x")
-    assert [r.status for r in s3_server.proxy.requests.select(bucket=s3_bucket, key="^claims/c2$")] == [409] * (CONFLICT_RETRIES + 1)
+    tries = s3_server.proxy.requests.select(bucket=s3_bucket, key="^claims/c2$")
+    assert [r.status for r in tries] == [409] * (CONFLICT_RETRIES + 1)
     bucket.close()

@@ -64,7 +64,8 @@ def test_importing_tasks_and_the_store_package_loads_no_sdk():
     bare = ("import sys, tasks, tasks.store\n"
             "from tasks.store import parse_root, Bucket, ObjectInfo\n"
             "parse_root('gs://some-bucket/x')\n"
-            "print(sorted(m for m in ('boto3', 'botocore', 'google.cloud.storage', 'google.auth') if m in sys.modules))\n")
+            "sdks = ('boto3', 'botocore', 'google.cloud.storage', 'google.auth')\n"
+            "print(sorted(m for m in sdks if m in sys.modules))\n")
     done = subprocess.run([sys.executable, "-c", bare], capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
     assert (done.returncode, done.stdout.strip()) == (0, "[]"), done.stderr
     done = subprocess.run([sys.executable, "-c", s3_only], capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
