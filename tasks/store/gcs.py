@@ -134,11 +134,15 @@ class GcsBucket:
         # The client keeps response headers to itself, so ask its authorized session for
         # the bucket's name alone and read the answer's Date.
         url = f"{self.client._connection.API_BASE_URL}/storage/v1/b/{quote(self.name, safe='')}?fields=name"
-        with self._errors("storage.buckets.get", ""):
-            response = _Attempts(self.retries).retry(self.client._http.get)(url, timeout=self.timeout)
+
+        def ask() -> datetime:
+            response = self.client._http.get(url, timeout=self.timeout)
             if response.status_code >= 400:
-                raise gexc.from_http_response(response)
+                raise gexc.from_http_response(response)  # a 5xx is retried like any other call's
             return parsedate_to_datetime(response.headers["Date"])
+
+        with self._errors("storage.buckets.get", ""):
+            return _Attempts(self.retries).retry(ask)()
 
     def stat(self, name: str) -> ObjectInfo | None:
         with self._errors("storage.objects.get", name):

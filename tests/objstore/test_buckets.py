@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tasks.errors import StoreUnreachable
-from tasks.store import ObjectInfo, Prefix, Refused
+from tasks.store import Bucket, ObjectInfo, Prefix, Refused
 
 from .backends import FAST
 
@@ -252,7 +252,9 @@ def test_a_download_killed_mid_way_leaves_nothing_at_the_path(backend, tmp_path)
 
 def test_the_clock_is_the_stores_not_this_machines(backend):
     backend.skew_clock(3600)
+    backend.fail_next("check", status=503)  # a transient failure of the probe is retried
     assert _clock_near(backend.bucket.clock(), time.time() + 3600)
+    assert [r.status for r in backend.requests("check")] == [503, 200]
     written = backend.bucket.create("clock/probe", b"probe")
     assert isinstance(written, ObjectInfo) and _clock_near(written.updated, time.time() + 3600)
     assert written.updated.tzinfo is not None
@@ -276,7 +278,8 @@ def test_a_transient_failure_is_retried_and_one_that_persists_is_bounded(backend
     assert backend.body("claims/t2") is None
 
 
-def test_a_bucket_pickles_without_its_connection(backend):
+def test_a_bucket_is_a_bucket_and_pickles_without_its_connection(backend):
+    assert isinstance(backend.bucket, Bucket)
     backend.bucket.create("claims/p", b"before")
     copy = pickle.loads(pickle.dumps(backend.bucket))
     assert copy.get("claims/p").data == b"before"
