@@ -184,6 +184,15 @@ def test_download_writes_the_whole_object_at_the_path(backend, tmp_path):
     assert not (tmp_path / "missing").exists()
 
 
+def test_a_download_of_a_named_version_is_none_once_it_was_replaced(backend, tmp_path):
+    v1 = backend.bucket.create("in/v", b"first")
+    assert backend.bucket.download("in/v", tmp_path / "one", version=v1.version).version == v1.version
+    assert (tmp_path / "one").read_bytes() == b"first"
+    backend.bucket.replace("in/v", b"second", version=v1.version)
+    assert backend.bucket.download("in/v", tmp_path / "two", version=v1.version) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one"]
+
+
 def test_a_download_cut_once_is_retried_whole(backend, tmp_path):
     data = os.urandom(500_000)
     backend.seed("in/b.bin", data)
