@@ -84,7 +84,7 @@ class GcsBucket:
     @property
     def client(self) -> Any:
         if self._client is None:
-            with self._errors("storage.buckets.get", ""):
+            with self._errors("storage.objects.list", ""):
                 self._client = storage.Client()
         return self._client
 
@@ -127,13 +127,18 @@ class GcsBucket:
     # --- reads --------------------------------------------------------------------------
 
     def check(self) -> None:
-        with self._errors("storage.buckets.get", ""):
-            self.client.get_bucket(self.name, retry=_Attempts(self.retries).retry, timeout=self.timeout)
+        # A one-name listing, not buckets.get: a worker's role (roles/storage.objectUser)
+        # may list objects without reading the bucket's own metadata.
+        with self._errors("storage.objects.list", ""):
+            blobs = self.client.list_blobs(self.name, max_results=1, retry=_Attempts(self.retries).retry,
+                                           timeout=self.timeout)
+            next(iter(blobs.pages), None)
 
     def clock(self) -> datetime:
-        # The client keeps response headers to itself, so ask its authorized session for
-        # the bucket's name alone and read the answer's Date.
-        url = f"{self.client._connection.API_BASE_URL}/storage/v1/b/{quote(self.name, safe='')}?fields=name"
+        # The client keeps response headers to itself, so ask its authorized session for a
+        # one-name listing, reduced to its `kind`, and read the answer's Date.
+        base = self.client._connection.API_BASE_URL
+        url = f"{base}/storage/v1/b/{quote(self.name, safe='')}/o?maxResults=1&fields=kind"
 
         def ask() -> datetime:
             response = self.client._http.get(url, timeout=self.timeout)
@@ -141,7 +146,7 @@ class GcsBucket:
                 raise gexc.from_http_response(response)  # a 5xx is retried like any other call's
             return parsedate_to_datetime(response.headers["Date"])
 
-        with self._errors("storage.buckets.get", ""):
+        with self._errors("storage.objects.list", ""):
             return _Attempts(self.retries).retry(ask)()
 
     def stat(self, name: str) -> ObjectInfo | None:

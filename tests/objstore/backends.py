@@ -22,7 +22,7 @@ KINDS = {
            "delete": "DeleteObject", "stat": "HeadObject", "check": "HeadBucket", "part": "UploadPart",
            "complete": "CompleteMultipartUpload"},
     "gs": {"create": "objects.insert", "get": "objects.download", "download": "objects.download",
-           "list": "objects.list", "delete": "objects.delete", "stat": "objects.get", "check": "buckets.get",
+           "list": "objects.list", "delete": "objects.delete", "stat": "objects.get", "check": "objects.list",
            "part": "objects.insert.chunk", "complete": "objects.insert.chunk"},
 }
 # The IAM permission each adaptor call needs.

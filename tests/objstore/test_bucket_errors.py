@@ -125,3 +125,18 @@ def test_open_bucket_takes_the_root_url_and_connects_on_first_use(backend):
     assert type(bucket) is type(backend.bucket) and bucket.name == backend.bucket_name
     assert isinstance(bucket.create("runs/one/x", b"x"), ObjectInfo)
     bucket.close()
+
+
+def test_gcs_check_and_clock_need_only_the_object_permissions_a_worker_has(gcs_server, gcs_bucket, gcs_env):
+    """roles/storage.objectUser has no storage.buckets.get: check() and clock() must not need it."""
+    from tasks.store.gcs import GcsBucket
+
+    bucket = GcsBucket(gcs_bucket, retries=FAST)
+    gcs_server.deny("storage.buckets.get")
+    bucket.check()
+    bucket.clock()
+    gcs_server.deny("storage.objects.list")
+    with pytest.raises(StoreAccessError) as caught:
+        bucket.check()
+    assert caught.value.permission == "storage.objects.list"
+    bucket.close()
