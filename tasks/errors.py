@@ -8,6 +8,9 @@
      |    +-- ClaimError       the claim directory cannot be used (permissions, dead mount)
      |    +-- PlanError        plan.json is damaged while a live runner holds the task
      |    +-- EnvironmentFault out of space, read-only, dead mount, I/O error, lost temp folder
+     |    |    +-- StoreUnreachable  an object store's endpoint does not answer, or kept failing
+     |    +-- StoreAccessError no credentials for an object store, or a permission it denied
+     |    +-- NoSuchBucket     the bucket of an s3:// or gs:// root does not exist
      +-- PublishError          a finished temporary could not be moved to its final path
      +-- CollectError          outputs could not be read into one table, or it could not be written
      +-- ReportError           a run report cannot be drawn (nothing logged yet)
@@ -52,6 +55,25 @@ class PlanError(RootError):
 class EnvironmentFault(RootError):
     """The environment failed under a key (full disk, read-only folder, dead mount, I/O
     error, a vanished temporary folder): the run stops and the key is not charged."""
+
+
+class StoreUnreachable(EnvironmentFault):
+    """An object store's endpoint did not answer (refused, reset, timed out) or kept
+    answering 5xx past the bounded retries: nothing was changed by the failed call."""
+
+
+class StoreAccessError(RootError):
+    """An object store refused us: no credentials were found or they were rejected, or it
+    denied a permission. `permission` names the IAM permission (`s3:PutObject`,
+    `storage.objects.create`) when one was denied, else None."""
+
+    def __init__(self, message: str, *, permission: str | None = None) -> None:
+        super().__init__(message)
+        self.permission = permission
+
+
+class NoSuchBucket(RootError):
+    """The bucket of an object-store root does not exist (or is not visible to us)."""
 
 
 class PublishError(TaskError):

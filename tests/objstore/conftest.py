@@ -3,8 +3,9 @@
 `gcs_server`: our GCS JSON-API emulator (gcs_emulator.GcsEmulator). `s3_server`: moto's
 ThreadedMotoServer behind the S3 fault proxy (s3_fault_proxy.S3FaultProxy). Both give the
 environment a child process needs (`.env`, to merge into os.environ) and make buckets; the
-function fixtures give a fresh bucket and a real client per test. Faults armed in a test
-are cleared after it.
+function fixtures give a fresh bucket and a real client per test; `backend` gives each
+bucket test once per store, with our adaptor (tests/objstore/backends.py). Faults armed
+in a test are cleared after it.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import os
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -23,6 +24,9 @@ pytest.importorskip("moto.server", reason="moto[server] is not installed (pip in
 
 from .gcs_emulator import GcsEmulator  # noqa: E402
 from .s3_fault_proxy import S3FaultProxy  # noqa: E402
+
+if TYPE_CHECKING:
+    from .backends import Backend
 
 S3_REGION = "us-east-1"
 S3_ACCESS_KEY = "testing"  # moto accepts any key; real ones never reach a test
@@ -144,3 +148,30 @@ def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Mapping[str,
     for key, value in s3_server.env.items():
         monkeypatch.setenv(key, value)
     return s3_server.env
+
+
+@pytest.fixture(params=["s3", "gs"])
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator["Backend"]:
+    """Each bucket test once per store: a fresh bucket on the test server, our adaptor bound to
+    it through the standard variables (AWS_ENDPOINT_URL, STORAGE_EMULATOR_HOST) alone."""
+    from tasks.store.gcs import GcsBucket
+    from tasks.store.s3 import S3Bucket
+
+    from .backends import FAST, Backend
+
+    if request.param == "s3":
+        server: Any = request.getfixturevalue("s3_server")
+        name = server.make_bucket()
+        adaptor: Any = S3Bucket(name, retries=FAST)
+    else:
+        server = request.getfixturevalue("gcs_server")
+        name = server.create_bucket()
+        adaptor = GcsBucket(name, retries=FAST)
+    for key, value in server.env.items():
+        monkeypatch.setenv(key, value)
+    made = Backend(scheme=request.param, server=server, bucket_name=name, bucket=adaptor)
+    try:
+        yield made
+    finally:
+        made.clear_faults()
+        adaptor.close()

@@ -41,8 +41,10 @@ bodies, Range and multipart bodies) are in gcs_wire.py; the state and handlers a
 
 Every request is recorded (`requests`: kind, bucket, object, status) and faults can be
 injected: `fail_next` (503, 429, 403 naming the missing permission, 500, ... optionally after
-the write happened), `add_latency`, and `deny` (permissions the caller lacks until
-`clear_faults`).
+the write happened), `add_latency`, `deny` (permissions the caller lacks until
+`clear_faults`), `cut_next` (a body cut short, then the connection closed) and
+`skew_clock` (the emulator's clock, in `Date` headers and object times, moved away from
+this machine's).
 
     with GcsEmulator() as emu:
         emu.create_bucket("bkt")
@@ -113,6 +115,7 @@ class GcsEmulator(LoopbackServer):
         self._sessions: dict[str, _Session] = {}
         self._last_generation = 0
         self._bucket_ids = itertools.count(1)
+        self.clock_offset_s = 0.0  # the emulator's clock minus this machine's
         super().__init__()
 
     # --- serving ------------------------------------------------------------------------
@@ -133,7 +136,7 @@ class GcsEmulator(LoopbackServer):
         with self._lock:
             name = name or f"spotfan-test-{next(self._bucket_ids)}"
             if name not in self._buckets:
-                self._buckets[name] = _Bucket(name=name, created=wire.now())
+                self._buckets[name] = _Bucket(name=name, created=self._now())
             return name
 
     def put(self, bucket: str, name: str, data: bytes, *, content_type: str = "application/octet-stream",
@@ -173,11 +176,30 @@ class GcsEmulator(LoopbackServer):
         with self._lock:
             self._denied.update(permissions)
 
+    def cut_next(self, count: int = 1, *, after_bytes: int, kind: str | None = None, method: str | None = None,
+                 path: str | None = None, key: str | None = None) -> Fault:
+        """Carry out the next `count` matching requests and answer their status and headers
+        (the whole body's Content-Length) but only the first `after_bytes` bytes of the
+        body, then close the connection: a download cut off mid-way."""
+        if after_bytes < 0:
+            raise ValueError(f"after_bytes cannot be negative: {after_bytes}")
+        return self.faults.add_fault(Fault(Match(kind=kind, method=method, path=path, key=key), 0, count,
+                                           after_apply=True, detail={"cut_after": after_bytes}))
+
+    def skew_clock(self, seconds: float) -> None:
+        """Run the emulator's clock `seconds` away from this machine's (Date headers, object
+        `updated`/`timeCreated`) until clear_faults."""
+        self.clock_offset_s = seconds
+
     def clear_faults(self) -> None:
-        """Disarm every fault and delay and grant every permission again."""
+        """Disarm every fault and delay, grant every permission again, set the clock right."""
         self.faults.clear()
+        self.clock_offset_s = 0.0
         with self._lock:
             self._denied.clear()
+
+    def _now(self) -> str:
+        return wire.now(self.clock_offset_s)
 
     # --- the API -----------------------------------------------------------------------
 
@@ -203,7 +225,9 @@ class GcsEmulator(LoopbackServer):
                 reply = self._dispatch(method, route, query, headers, body)
             except Exception as e:  # an emulator bug: the client sees a 500, the test sees why
                 reply = wire.error(500, f"emulator: {type(e).__name__}: {e}")
-            if fault is not None:
+            if fault is not None and "cut_after" in fault.detail:
+                reply = replace(reply, cut_after=fault.detail["cut_after"])
+            elif fault is not None:
                 reply = self._fault_reply(fault, route)
         self.requests.append(Recorded(method, path, query, route.kind, route.bucket, route.key, reply.status,
                                       fault.label if fault else None, delay_s))
@@ -269,7 +293,7 @@ class GcsEmulator(LoopbackServer):
                     return wire.error(400, f"Invalid bucket name: '{name}'")
                 if name in self._buckets:
                     return wire.error(409, "Your previous request to create the named bucket succeeded and you already own it.")
-                self._buckets[name] = _Bucket(name=name, created=wire.now())
+                self._buckets[name] = _Bucket(name=name, created=self._now())
                 return Reply.json(200, self._bucket_json(self._buckets[name]))
             bucket = self._buckets.get(name or "")
             if bucket is None:
@@ -470,7 +494,7 @@ class GcsEmulator(LoopbackServer):
 
     def _store(self, bucket: _Bucket, name: str, data: bytes, content_type: str, fields: Mapping[str, Any]) -> StoredObject:
         self._last_generation = max(self._last_generation + 1, time.time_ns() // 1000)
-        now = wire.now()
+        now = self._now()
         obj = StoredObject(bucket=bucket.name, name=name, data=data, generation=self._last_generation,
                            metageneration=1, content_type=content_type,
                            metadata={str(k): str(v) for k, v in (fields.get("metadata") or {}).items()},
@@ -516,7 +540,7 @@ class GcsEmulator(LoopbackServer):
             content_type = fields.get("contentType") or (obj.content_type if not replace else "application/octet-stream")
             new = StoredObject(bucket=obj.bucket, name=obj.name, data=obj.data, generation=obj.generation,
                                metageneration=obj.metageneration + 1, content_type=str(content_type),
-                               metadata=metadata, properties=properties, created=obj.created, updated=wire.now())
+                               metadata=metadata, properties=properties, created=obj.created, updated=self._now())
             self._buckets[obj.bucket].objects[obj.name] = new
         return Reply.json(200, self._object_json(new))
 
@@ -630,7 +654,10 @@ def _handler_for(emulator: GcsEmulator) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Length", str(len(reply.body)))
             self.end_headers()
             if reply.status not in (204, 304):
-                self.wfile.write(reply.body)
+                self.wfile.write(reply.body if reply.cut_after is None else reply.body[:reply.cut_after])
+
+        def date_time_string(self, timestamp: float | None = None) -> str:
+            return super().date_time_string((time.time() if timestamp is None else timestamp) + emulator.clock_offset_s)
 
         do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _serve
 

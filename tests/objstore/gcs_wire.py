@@ -10,6 +10,7 @@ import base64
 import hashlib
 import json
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -102,6 +103,7 @@ class Reply:
     status: int
     body: bytes = b""
     headers: Mapping[str, str] = field(default_factory=dict)
+    cut_after: int | None = None  # send only this many bytes of the body, then close (a fault)
 
     @classmethod
     def json(cls, status: int, payload: Any, headers: Mapping[str, str] | None = None) -> "Reply":
@@ -286,8 +288,9 @@ def crc32c(data: bytes) -> str:
     return base64.b64encode(google_crc32c.value(data).to_bytes(4, "big")).decode()
 
 
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+def now(offset_s: float = 0.0) -> str:
+    """RFC 3339 UTC time with milliseconds, `offset_s` away from this machine's clock."""
+    return datetime.fromtimestamp(time.time() + offset_s, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def error(code: int, message: str, reason: str | None = None, *, domain: str = "global") -> Reply:

@@ -5,7 +5,9 @@ a *kind* (`objects.insert`, `PutObject`, ...), record it, and before answering a
 `FaultPlan` whether to delay it and whether to fail it. A fault fails the next N matching requests with a status; with
 `after_apply=True` the server first carries the request out and then answers with the
 error, which is how a response lost on the way back looks to a client (it retries a
-write that already happened).
+write that already happened). A *cut* (`cut_next`) answers the real status and headers but
+only the first bytes of the body, then closes the connection: a download broken mid-way.
+`skew_clock` moves the server's clock (its `Date` headers) away from this machine's.
 """
 from __future__ import annotations
 
@@ -68,6 +70,8 @@ class Fault:
 
     @property
     def label(self) -> str:
+        if "cut_after" in self.detail:
+            return f"cut after {self.detail['cut_after']} bytes"
         return f"{self.status} after apply" if self.after_apply else str(self.status)
 
 

@@ -7,7 +7,9 @@ Each request is classified into its S3 operation (`PutObject`, `CompleteMultipar
 S3 error XML: 503 SlowDown, 500 InternalError, 403 AccessDenied naming the IAM action
 that was missing, 409 ConditionalRequestConflict, or any status and code given. With
 `after_apply=True` moto carries the request out first and the client gets the error
-anyway: a response lost on the way back.
+anyway: a response lost on the way back. `cut_next` sends moto's answer but cuts its body
+short and closes the connection; `skew_clock` shifts the `Date` the proxy answers with
+(moto's own Date is replaced by the proxy's, so there is one clock).
 
 moto checks `If-None-Match`/`If-Match` and then writes without a lock (moto says it is not
 concurrency-safe), so two racing conditional writes could both pass the check. S3 itself
@@ -36,6 +38,7 @@ UPSTREAM_TIMEOUT_S = 60.0  # the longest one forwarded request may take at moto
 DEFAULT_PRINCIPAL = "arn:aws:iam::123456789012:user/spotfan-worker"
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                          "transfer-encoding", "upgrade", "expect", "content-length"})
+_REPLACED = frozenset({"date", "server"})  # the proxy's send_response sets its own
 _WRITES = frozenset({"PUT", "POST", "DELETE"})
 _DEFAULT_ERRORS = {
     500: ("InternalError", "We encountered an internal error. Please try again."),
@@ -110,6 +113,7 @@ class S3FaultProxy(LoopbackServer):
         self.requests = RequestLog()
         self.faults = FaultPlan()
         self._write_lock = threading.Lock()
+        self.clock_offset_s = 0.0  # added to this machine's clock in every Date answered
         super().__init__()
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
@@ -133,13 +137,30 @@ class S3FaultProxy(LoopbackServer):
         """Wait `seconds` before forwarding matching requests (the next `count`, or all)."""
         return self.faults.add_delay(Delay(Match(kind=operation, method=method, path=path, key=key), seconds, count))
 
+    def cut_next(self, count: int = 1, *, after_bytes: int, operation: str | None = None, method: str | None = None,
+                 path: str | None = None, key: str | None = None) -> Fault:
+        """Forward the next `count` matching requests, answer moto's status and headers (the
+        whole body's Content-Length) but only the first `after_bytes` bytes of the body,
+        then close the connection: a download cut off mid-way."""
+        if after_bytes < 0:
+            raise ValueError(f"after_bytes cannot be negative: {after_bytes}")
+        return self.faults.add_fault(Fault(Match(kind=operation, method=method, path=path, key=key), 0, count,
+                                           after_apply=True, detail={"cut_after": after_bytes}))
+
+    def skew_clock(self, seconds: float) -> None:
+        """Answer with `Date` headers `seconds` away from this machine's clock (until clear_faults)."""
+        self.clock_offset_s = seconds
+
     def clear_faults(self) -> None:
         self.faults.clear()
+        self.clock_offset_s = 0.0
 
     # --- forwarding --------------------------------------------------------------------
 
-    def handle(self, method: str, raw_path: str, headers: Mapping[str, str], body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
-        """Answer one request: (status, headers, body)."""
+    def handle(self, method: str, raw_path: str, headers: Mapping[str, str],
+               body: bytes) -> tuple[int, list[tuple[str, str]], bytes, int | None]:
+        """Answer one request: (status, headers, body, how many body bytes to send before
+        closing the connection: None for all)."""
         url = urlsplit(raw_path)
         path = unquote(url.path)
         query = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
@@ -154,11 +175,12 @@ class S3FaultProxy(LoopbackServer):
                     answer = self._forward(method, raw_path, headers, body)
             else:
                 answer = self._forward(method, raw_path, headers, body)
-        if fault is not None:
+        cut_after = fault.detail.get("cut_after") if fault is not None else None
+        if fault is not None and cut_after is None:
             answer = self._fault_answer(fault, operation, bucket, key, path)
         self.requests.append(Recorded(method, path, query, operation, bucket, key, answer[0],
                                       fault.label if fault else None, delay_s))
-        return answer
+        return (*answer, cut_after)
 
     def _forward(self, method: str, raw_path: str, headers: Mapping[str, str], body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
         conn = http.client.HTTPConnection(*self.upstream, timeout=UPSTREAM_TIMEOUT_S)
@@ -169,7 +191,7 @@ class S3FaultProxy(LoopbackServer):
             conn.request(method, raw_path, body=body or None, headers=sent)
             response = conn.getresponse()
             data = response.read()
-            kept = [(k, v) for k, v in response.getheaders() if k.lower() not in _HOP_BY_HOP]
+            kept = [(k, v) for k, v in response.getheaders() if k.lower() not in _HOP_BY_HOP | _REPLACED]
             if method == "HEAD":  # a HEAD answer tells the object's length without a body
                 kept += [(k, v) for k, v in response.getheaders() if k.lower() == "content-length"]
             return response.status, kept, data
@@ -202,7 +224,7 @@ def _handler_for(proxy: S3FaultProxy) -> type[BaseHTTPRequestHandler]:
         protocol_version = "HTTP/1.1"
 
         def _serve(self) -> None:
-            status, headers, body = proxy.handle(self.command, self.path, dict(self.headers), read_body(self))
+            status, headers, body, cut_after = proxy.handle(self.command, self.path, dict(self.headers), read_body(self))
             self.send_response(status)
             for name, value in headers:
                 self.send_header(name, value)
@@ -211,8 +233,11 @@ def _handler_for(proxy: S3FaultProxy) -> type[BaseHTTPRequestHandler]:
             self.send_header("Connection", "close")
             self.end_headers()
             if self.command != "HEAD" and status not in (204, 304):
-                self.wfile.write(body)
+                self.wfile.write(body if cut_after is None else body[:cut_after])
             self.close_connection = True
+
+        def date_time_string(self, timestamp: float | None = None) -> str:
+            return super().date_time_string((time.time() if timestamp is None else timestamp) + proxy.clock_offset_s)
 
         do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _serve
 

@@ -437,3 +437,51 @@ def test_the_emulator_shuts_down_cleanly():
         endpoint = emulator.endpoint
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"{endpoint}/storage/v1/b/b-1", timeout=5)
+
+
+# --- the cut and clock knobs -------------------------------------------------------------
+
+
+def _raw_get(url: str) -> tuple[int, int, bytes, str | None]:
+    """(status, declared Content-Length, the body bytes that arrived, Date) of one plain GET."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=CHILD_TIMEOUT_S)
+    try:
+        conn.request("GET", f"{parts.path}?{parts.query}")
+        response = conn.getresponse()
+        declared = int(response.getheader("Content-Length"))
+        try:
+            body = response.read()
+        except http.client.IncompleteRead as e:
+            body = e.partial
+        return response.status, declared, body, response.getheader("Date")
+    finally:
+        conn.close()
+
+
+def test_cut_next_sends_part_of_the_body_and_closes(gcs_server, gcs_bucket):
+    data = os.urandom(100_000)
+    gcs_server.put(gcs_bucket, "out/cut", data)
+    media = f"{gcs_server.endpoint}/download/storage/v1/b/{gcs_bucket}/o/out%2Fcut?alt=media"
+    gcs_server.cut_next(1, after_bytes=1234, kind="objects.download", key="^out/cut$")
+    assert _raw_get(media)[:3] == (200, len(data), data[:1234])
+    assert _raw_get(media)[2] == data  # one cut only
+    downloads = gcs_server.requests.select(kind="objects.download", bucket=gcs_bucket)
+    assert [r.fault for r in downloads] == ["cut after 1234 bytes", None]
+
+
+def test_skew_clock_moves_the_date_header_and_object_times(gcs_server, gcs_client, gcs_bucket):
+    from email.utils import parsedate_to_datetime
+
+    gcs_server.skew_clock(3600)
+    date = _raw_get(f"{gcs_server.endpoint}/storage/v1/b/{gcs_bucket}?fields=name")[3]
+    assert abs(parsedate_to_datetime(date).timestamp() - (time.time() + 3600)) < 30
+    blob = gcs_client.bucket(gcs_bucket).blob("skewed")
+    blob.upload_from_string(b"x", if_generation_match=0)
+    assert abs(blob.updated.timestamp() - (time.time() + 3600)) < 30
+    gcs_server.clear_faults()
+    date = _raw_get(f"{gcs_server.endpoint}/storage/v1/b/{gcs_bucket}?fields=name")[3]
+    assert abs(parsedate_to_datetime(date).timestamp() - time.time()) < 30

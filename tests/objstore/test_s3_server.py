@@ -327,3 +327,47 @@ def test_the_proxy_forwards_only_to_loopback():
     for upstream in ("http://10.0.0.1:5000", "http://localhost:5000", "https://127.0.0.1:5000", "http://127.0.0.1"):
         with pytest.raises(ValueError, match="only to http://127.0.0.1:PORT"):
             S3FaultProxy(upstream=upstream)
+
+
+# --- the cut and clock knobs -------------------------------------------------------------
+
+
+def _raw_date(endpoint: str, path: str) -> str | None:
+    """The Date header of the answer to one plain (unsigned) GET: moto refuses it, with a Date."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    url = urlsplit(endpoint)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=CHILD_TIMEOUT_S)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        response.read()
+        return response.getheader("Date")
+    finally:
+        conn.close()
+
+
+def test_cut_next_sends_part_of_the_body_and_closes(s3_server, s3_client, s3_bucket):
+    data = os.urandom(100_000)
+    s3_client.put_object(Bucket=s3_bucket, Key="out/cut", Body=data)
+    s3_server.proxy.cut_next(1, after_bytes=1234, operation="GetObject", key="^out/cut$")
+    response = s3_client.get_object(Bucket=s3_bucket, Key="out/cut")
+    assert response["ContentLength"] == len(data)  # the headers promise the whole body
+    with pytest.raises((botocore.exceptions.IncompleteReadError, botocore.exceptions.ResponseStreamingError)):
+        response["Body"].read()
+    assert _body(s3_client, s3_bucket, "out/cut") == data  # one cut only
+    gets = s3_server.proxy.requests.select(kind="GetObject", bucket=s3_bucket)
+    assert [(r.status, r.fault) for r in gets] == [(200, "cut after 1234 bytes"), (200, None)]
+
+
+def test_skew_clock_moves_the_date_header_and_only_one_date_is_sent(s3_server, s3_bucket):
+    from email.utils import parsedate_to_datetime
+
+    s3_server.proxy.skew_clock(3600)
+    date = _raw_date(s3_server.endpoint, f"/{s3_bucket}")
+    assert date is not None and "," in date and date.count("GMT") == 1, date  # moto's own Date is replaced
+    assert abs(parsedate_to_datetime(date).timestamp() - (time.time() + 3600)) < 30
+    s3_server.proxy.clear_faults()
+    date = _raw_date(s3_server.endpoint, f"/{s3_bucket}")
+    assert abs(parsedate_to_datetime(date).timestamp() - time.time()) < 30
