@@ -6,9 +6,12 @@ what to copy (skip, compare, part names, resume, the report); this module only r
 copies it hands over, each `put -p LOCAL PART` (or `reput -p` to continue a part file) then
 `rename PART FINAL` (posix-rename on OpenSSH: an atomic replace), or, inside a staged folder
 that is renamed into place whole afterwards, `put -p` straight to the name; and it reports
-each file as the next line starts. Its caller checks at the end what arrived; a failed command does not stop
-the rest of a batch (each line starts with `-`). Logins trust only the cluster's known_hosts
-and key: no ~/.ssh/config, no agent, no other host keys.
+each file as the next line starts. Its caller checks at the end what arrived. A failed put
+stops its batch (sftp -b's rule for a line without `-`), so the rename after it never runs: a
+write the head refused (a full disk) leaves no partial file at a final path; the rest of that
+batch is reported not copied, and `current` names the put it stopped in. A failed rename does
+not stop the batch (`-`). Logins trust only the cluster's known_hosts and key: no
+~/.ssh/config, no agent, no other host keys.
 """
 from __future__ import annotations
 
@@ -73,7 +76,7 @@ def script(puts: Sequence[Put]) -> list[tuple[str, Put | None]]:
     (part == final: a file of a staged folder, moved into place as a whole) goes from the
     folders `lcd` and `cd` chose, by name: no stat of the destination, no rename, two round
     trips fewer per file. `lcd`/`cd` lines have no `-`: if one fails the batch stops rather
-    than put a file elsewhere.
+    than put a file elsewhere; nor have puts: the rename after a failed one must not run.
     """
     out: list[tuple[str, Put | None]] = []
     here_l = here_r = None
@@ -86,9 +89,9 @@ def script(puts: Sequence[Put]) -> list[tuple[str, Put | None]]:
             if str(final.parent) != here_r:
                 here_r = str(final.parent)
                 out.append((f"cd {quote(here_r)}", None))
-            out.append((f"-put -p {quote('./' + p.local.name)}", p))
+            out.append((f"put -p {quote('./' + p.local.name)}", p))
         else:
-            out.append((f"-{'reput' if p.resume else 'put'} -p {quote(str(p.local))} {quote(p.part)}", p))
+            out.append((f"{'reput' if p.resume else 'put'} -p {quote(str(p.local))} {quote(p.part)}", p))
             out.append((f"-rename {quote(p.part)} {quote(p.final)}", None))
     return out
 
@@ -137,6 +140,7 @@ class Batch:
         self._stopped = False
         self.errors: deque[str] = deque(maxlen=ERR_LINES)
         self.sent: set[Put] = set()  # puts whose command ended (its success is `ok`'s to judge)
+        self.current: Put | None = None  # the put of the line sftp started last (where a failed batch stopped)
 
     def run(self, on_sent: Callable[[Put], None]) -> int:
         """Copy the puts (blocks); `on_sent(put)` as each one's put command ends (the next line
@@ -163,6 +167,7 @@ class Batch:
                     if echoed and (sent := lines[echoed - 1][1]) is not None:
                         self.sent.add(sent)
                         on_sent(sent)
+                    self.current = lines[echoed][1]
                     echoed += 1
             rc = proc.wait()
             if rc == 0 and echoed == len(lines) and (sent := lines[-1][1]) is not None:

@@ -14,7 +14,6 @@ is in place.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -30,6 +29,7 @@ from typing import Literal
 import paramiko
 
 from cluster import sftp_batch, sftp_pipeline
+from cluster.compare import listed, same
 from cluster.errors import ClusterError, UsageError
 from cluster.sides import Entry, LocalSide, RemoteSide, Side, Tree, part_name, plain
 from cluster.share import Share
@@ -72,6 +72,9 @@ class TransferReport:
     not_files: list[str] = field(default_factory=list)  # links, special files, refused names: not copied
     failed: dict[str, str] = field(default_factory=dict)  # rel path -> what went wrong
     interrupted: bool = False  # stopped by Ctrl-C: run the same command again to go on
+    kept: list[str] = field(default_factory=list)  # part files and staged folders left for the same command to
+    # continue from (below the share's root for a push, local paths for a pull); other partial copies are removed
+    disk_free: int | None = None  # a push that failed for want of space: bytes the head's disk had free after it
 
     @property
     def rate(self) -> float:
@@ -190,11 +193,11 @@ def _transfer(direction: Literal["push", "pull"], share: Share, local: LocalSide
                 dst_side.makedirs(to.parent)
         except OSError as e:
             raise ClusterError(f"cannot create folders under {dest_shown}: {e}") from e
-        there = _listed(dst_side, to, single)
+        there = listed(dst_side, to, single)
         for e in tree.files:
             s, d = (frm, to) if single else (frm / e.rel, to / e.rel)
             try:
-                if _same(src_side, dst_side, s, d, e, checksum=opts.checksum, there=there):
+                if same(src_side, dst_side, s, d, e, checksum=opts.checksum, there=there):
                     skipped += 1
                     continue
             except OSError as err:
@@ -259,7 +262,7 @@ def _transfer(direction: Literal["push", "pull"], share: Share, local: LocalSide
             if not interrupted:
                 failed.update(pipe.failed)
         if ran:  # a batch's file counts as copied once it is at its final path, whole
-            arrived = _listed(dst_side, to, single)
+            arrived = listed(dst_side, to, single)
             by_rel = {e.rel: e for e in tree.files}
             for b in ran.values():
                 for p in b.puts:
@@ -272,14 +275,42 @@ def _transfer(direction: Literal["push", "pull"], share: Share, local: LocalSide
                         resumed += p.resume
                     elif not interrupted:
                         failed[p.key or frm.name] = b.why(p)
+                if (p := b.current) is not None and not b.ok(p):  # where it stopped: a partial copy
+                    _left(main, PurePosixPath(p.part).relative_to(main.top), kept=state.kept,
+                          resumable=by_rel[p.key].size >= RESUME_MIN_BYTES and p.part != p.final)
         if to != final_to and not interrupted and not failed:
             try:
                 main.sftp.posix_rename(main.path(to), main.path(final_to))
             except OSError as e:
                 failed[final_to.name] = (f"all copied to {main.describe(to)}, but it could not be renamed to "
                                          f"{dest_shown}: {e}; move it there, or push to another --to")
+        if to != final_to and (failed or interrupted):
+            state.kept.append(str(to))
+        full = _disk_free(main, to if not single else to.parent, tree, failed) if src_local and failed else None
     return TransferReport(direction, shown_src, dest_shown, len(tree.files), copied, skipped, resumed,
-                          state.bytes_done, time.monotonic() - started, tree.skipped, failed, interrupted)
+                          state.bytes_done, time.monotonic() - started, tree.skipped, failed, interrupted,
+                          sorted(state.kept), full)
+
+
+def _left(side: Side, part: PurePosixPath, *, resumable: bool, kept: list[str]) -> None:
+    """A copy that stopped: its part file kept to continue from if that much of it is there,
+    else removed (best effort: the connection may be what failed)."""
+    try:
+        have = side.stat(part) if resumable else None
+        if have is not None and (have.st_size or 0) >= RESUME_MIN_BYTES:
+            kept.append(str(part) if isinstance(side, RemoteSide) else str(side.path(part)))
+        else:
+            side.remove(part)
+    except (OSError, EOFError, paramiko.SSHException) as e:
+        logger.info("%s: not removed: %s", side.describe(part), e)
+
+
+def _disk_free(remote: RemoteSide, where: PurePosixPath, tree: Tree, failed: dict[str, str]) -> int | None:
+    """Bytes free on the head's disk if too few for the files a push could not copy (its disk
+    is full: the reason SFTP's version 3 cannot give), else None."""
+    need = sum(e.size for e in tree.files if not e.rel or e.rel in failed)  # a single file's rel is ""
+    free = remote.free_bytes(where)
+    return free if free is not None and free < need else None
 
 
 def _sized(st: os.stat_result | paramiko.SFTPAttributes | None) -> tuple[int, int] | None:
@@ -367,6 +398,7 @@ class _State:
     def __init__(self, *, total_bytes: int, total_files: int) -> None:
         self.total_bytes, self.total_files = total_bytes, total_files
         self.bytes_done = self.files_done = 0
+        self.kept: list[str] = []  # partial copies kept to continue from (TransferReport.kept)
         self.lock = threading.Lock()
         self.stop = threading.Event()
 
@@ -378,41 +410,6 @@ class _State:
     def snapshot(self, seconds: float) -> Progress:
         with self.lock:
             return Progress(self.total_files, self.files_done, self.total_bytes, self.bytes_done, seconds)
-
-
-def _listed(dst: Side, to: PurePosixPath, single: bool) -> dict[str, Entry] | None:
-    """What is at the destination already, by rel path: one listing per folder instead of one
-    stat per file (each a round trip). None for a single file (one stat says it)."""
-    if single:
-        return None
-    found = dst.walk(to)
-    return {e.rel: e for e in found.files} if isinstance(found, Tree) else {}
-
-
-def _same(src: Side, dst: Side, s: PurePosixPath, d: PurePosixPath, e: Entry, *, checksum: bool,
-          there: dict[str, Entry] | None) -> bool:
-    if there is not None:
-        have = there.get(e.rel)
-        size, mtime = (have.size, have.mtime) if have else (None, None)
-    else:
-        st = dst.stat(d)
-        size, mtime = (st.st_size, int(st.st_mtime or 0)) if st is not None else (None, None)
-    if size != e.size:
-        return False
-    if not checksum:
-        return mtime == e.mtime
-    return _digest(src, s, e.size) == _digest(dst, d, e.size)
-
-
-def _digest(side: Side, rel: PurePosixPath, size: int) -> str:
-    h = hashlib.sha256()
-    with side.reader(rel, 0, size) as f:
-        for _ in range(size // BLOCK_BYTES + 2):
-            block = f.read(BLOCK_BYTES)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
 
 
 def _copy(src: Side, dst: Side, s: PurePosixPath, d: PurePosixPath, e: Entry, state: _State,
@@ -427,20 +424,24 @@ def _copy(src: Side, dst: Side, s: PurePosixPath, d: PurePosixPath, e: Entry, st
         logger.info("%s: continuing from byte %d", dst.describe(d), offset)
     t0 = time.monotonic()
     sent = 0
-    with src.reader(s, offset, e.size - offset) as r, dst.writer(part, offset) as w:
-        for _ in range((e.size - offset) // BLOCK_BYTES + 2):
-            if state.stop.is_set():
-                raise ClusterError("interrupted")
-            block = r.read(BLOCK_BYTES)
-            if not block:
-                break
-            w.write(block)
-            sent += len(block)
-            state.add(len(block))
-            if opts.bwlimit:
-                ahead = sent / opts.bwlimit - (time.monotonic() - t0)
-                if ahead > 0:
-                    time.sleep(ahead)
+    try:
+        with src.reader(s, offset, e.size - offset) as r, dst.writer(part, offset) as w:
+            for _ in range((e.size - offset) // BLOCK_BYTES + 2):
+                if state.stop.is_set():
+                    raise ClusterError("interrupted")
+                block = r.read(BLOCK_BYTES)
+                if not block:
+                    break
+                w.write(block)
+                sent += len(block)
+                state.add(len(block))
+                if opts.bwlimit:
+                    ahead = sent / opts.bwlimit - (time.monotonic() - t0)
+                    if ahead > 0:
+                        time.sleep(ahead)
+    except BaseException:
+        _left(dst, part, resumable=offset + sent >= RESUME_MIN_BYTES, kept=state.kept)
+        raise
     if offset + sent != e.size:  # written and closed (a failed write raised): the count is what is there
         raise ClusterError(f"{src.describe(s)} changed while it was copied ({e.size} bytes listed, "
                            f"{offset + sent} copied): run the same command again")
