@@ -28,7 +28,7 @@ from typing import Literal
 
 import paramiko
 
-from cluster import sftp_batch, sftp_pipeline
+from cluster import leftovers, sftp_batch, sftp_pipeline
 from cluster.compare import listed, same
 from cluster.errors import ClusterError, UsageError
 from cluster.sides import Entry, LocalSide, RemoteSide, Side, Tree, part_name, plain
@@ -40,7 +40,7 @@ DEFAULT_JOBS = 8  # files in flight through paramiko: small files are round-trip
 OPENSSH_JOBS = max(4, min(8, os.cpu_count() or 2))  # sftp processes of a push (4 measured best on 2 cores)
 MAX_JOBS = 64
 BLOCK_BYTES = 1 << 20  # read and written at a time
-RESUME_MIN_BYTES = 1 << 20  # a part file at least this big is continued, a smaller one restarted
+RESUME_MIN_BYTES = leftovers.RESUME_MIN_BYTES  # a part file at least this big is continued, a smaller one restarted
 STAGING_SUFFIX = ".spotfan-part"  # `.NAME.spotfan-part`: a new folder while a push fills it
 TICK_S = 0.2  # how often the main thread reports progress while files go
 
@@ -170,6 +170,10 @@ def _transfer(direction: Literal["push", "pull"], share: Share, local: LocalSide
         pipe = _pipeline(share, found, opts) if src_local else None
         if pipe is not None:
             stack.enter_context(pipe).start()  # ssh logins while paramiko's does and the destination is listed
+        early = _early_batches(share, found, opts, piped=pipe is not None) if src_local else []
+        for b in early:  # sftp logins likewise
+            stack.callback(b.close)
+            b.start()
         main = make(share.sftp)
         src_side, dst_side = (local, main) if src_local else (main, local)
         dest_shown = dst_side.describe(to)
@@ -210,7 +214,9 @@ def _transfer(direction: Literal["push", "pull"], share: Share, local: LocalSide
         interrupted = False
         sends, plans = _piped(local, main, plans, staged=to != final_to) if pipe is not None else ([], plans)
         puts, plans = _batched(local, main, plans, opts, staged=to != final_to) if src_local else ([], plans)
-        batches = sftp_batch.split(puts, opts.jobs or OPENSSH_JOBS) if puts else []
+        batches = sftp_batch.split(puts, len(early) or opts.jobs or OPENSSH_JOBS) if puts else []
+        for b in early[len(batches):]:
+            b.close()  # its files were there already
         workers = len(batches) + min(opts.jobs or DEFAULT_JOBS, len(plans))
         pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="transfer")
         futures: dict[Future[bool], str] = {}
@@ -219,9 +225,9 @@ def _transfer(direction: Literal["push", "pull"], share: Share, local: LocalSide
         try:
             if pipe is not None and sends:
                 piped.update(pipe.send(sends, lambda f: state.add(f.size, file_done=True)))
-            for batch in batches:
-                b = sftp_batch.Batch(share.login(), batch, bwlimit=opts.bwlimit)
-                ran[pool.submit(b.run, lambda p: state.add(p.sends, file_done=True))] = b
+            for i, batch in enumerate(batches):
+                b = early[i] if i < len(early) else sftp_batch.Batch(share.login(), bwlimit=opts.bwlimit)
+                ran[pool.submit(b.run, batch, lambda p: state.add(p.sends, file_done=True))] = b
             for e, s, d in plans:
                 def one(e: Entry = e, s: PurePosixPath = s, d: PurePosixPath = d) -> bool:
                     side = sessions.side()
@@ -276,7 +282,7 @@ def _transfer(direction: Literal["push", "pull"], share: Share, local: LocalSide
                     elif not interrupted:
                         failed[p.key or frm.name] = b.why(p)
                 if (p := b.current) is not None and not b.ok(p):  # where it stopped: a partial copy
-                    _left(main, PurePosixPath(p.part).relative_to(main.top), kept=state.kept,
+                    leftovers.left(main, PurePosixPath(p.part).relative_to(main.top), kept=state.kept,
                           resumable=by_rel[p.key].size >= RESUME_MIN_BYTES and p.part != p.final)
         if to != final_to and not interrupted and not failed:
             try:
@@ -286,31 +292,10 @@ def _transfer(direction: Literal["push", "pull"], share: Share, local: LocalSide
                                          f"{dest_shown}: {e}; move it there, or push to another --to")
         if to != final_to and (failed or interrupted):
             state.kept.append(str(to))
-        full = _disk_free(main, to if not single else to.parent, tree, failed) if src_local and failed else None
+        full = leftovers.disk_free(main, to if not single else to.parent, tree, failed) if src_local and failed else None
     return TransferReport(direction, shown_src, dest_shown, len(tree.files), copied, skipped, resumed,
                           state.bytes_done, time.monotonic() - started, tree.skipped, failed, interrupted,
                           sorted(state.kept), full)
-
-
-def _left(side: Side, part: PurePosixPath, *, resumable: bool, kept: list[str]) -> None:
-    """A copy that stopped: its part file kept to continue from if that much of it is there,
-    else removed (best effort: the connection may be what failed)."""
-    try:
-        have = side.stat(part) if resumable else None
-        if have is not None and (have.st_size or 0) >= RESUME_MIN_BYTES:
-            kept.append(str(part) if isinstance(side, RemoteSide) else str(side.path(part)))
-        else:
-            side.remove(part)
-    except (OSError, EOFError, paramiko.SSHException) as e:
-        logger.info("%s: not removed: %s", side.describe(part), e)
-
-
-def _disk_free(remote: RemoteSide, where: PurePosixPath, tree: Tree, failed: dict[str, str]) -> int | None:
-    """Bytes free on the head's disk if too few for the files a push could not copy (its disk
-    is full: the reason SFTP's version 3 cannot give), else None."""
-    need = sum(e.size for e in tree.files if not e.rel or e.rel in failed)  # a single file's rel is ""
-    free = remote.free_bytes(where)
-    return free if free is not None and free < need else None
 
 
 def _sized(st: os.stat_result | paramiko.SFTPAttributes | None) -> tuple[int, int] | None:
@@ -340,6 +325,16 @@ def _pipeline(share: Share, found: Tree | Entry | None, opts: Options) -> sftp_p
         return None
     n = min(opts.jobs or sftp_pipeline.SESSIONS, -(-small // sftp_pipeline.WINDOW_FILES))
     return sftp_pipeline.Pipeline(share.login(), sessions=n)
+
+
+def _early_batches(share: Share, found: Tree | Entry, opts: Options, *, piped: bool) -> list[sftp_batch.Batch]:
+    """The `sftp -b` processes a push will need (at most one per file the pipelined sessions do
+    not take), not started; none where OpenSSH's client is not used."""
+    files = found.files if isinstance(found, Tree) else [found]
+    n = sum(1 for e in files if not piped or e.size >= sftp_pipeline.MAX_BYTES)
+    if not n or not _openssh(opts):
+        return []
+    return [sftp_batch.Batch(share.login(), bwlimit=opts.bwlimit) for _ in range(min(n, opts.jobs or OPENSSH_JOBS))]
 
 
 def _piped(local: LocalSide, remote: RemoteSide, plans: list[_Plan], *,
@@ -440,7 +435,7 @@ def _copy(src: Side, dst: Side, s: PurePosixPath, d: PurePosixPath, e: Entry, st
                     if ahead > 0:
                         time.sleep(ahead)
     except BaseException:
-        _left(dst, part, resumable=offset + sent >= RESUME_MIN_BYTES, kept=state.kept)
+        leftovers.left(dst, part, resumable=offset + sent >= RESUME_MIN_BYTES, kept=state.kept)
         raise
     if offset + sent != e.size:  # written and closed (a failed write raised): the count is what is there
         raise ClusterError(f"{src.describe(s)} changed while it was copied ({e.size} bytes listed, "
