@@ -13,7 +13,7 @@ to a cloud head, with no bandwidth cap unless `--rate MB/s` is given. Both still
 head's real host key: a known_hosts of the relay's address and port with the key `fab up`
 recorded for the head (the relay only forwards bytes; it holds no key).
 Usage: python bench/bench_push.py --octet 85 --port 44090 [--files 1000 --file-kb 100 --big-mb 1024 --repeat 3]
-       [--rtt-ms 20 [--rate 100]]
+       [--rtt-ms 20 [--rate 100] [--turns]]
 Every address is 127.OCTET.x.y and every port PORT..PORT+1.
 """
 from __future__ import annotations
