@@ -39,6 +39,12 @@ def _end(report: transfer.TransferReport, *, json: bool) -> None:
     show_transfer.summary(report)
     if report.interrupted:
         raise Exit(code=EXIT_INTERRUPTED)
+    if report.failed and report.disk_free is not None:
+        raise Exit(f"error: the head's disk is full ({show_transfer.size(report.disk_free)} free on the share's disk, "
+                   f"{len(report.failed)} file(s) not copied): free space on the head (`df -h` there shows the disk; "
+                   "delete what is no longer needed, or give the head a bigger disk), then run the same command "
+                   "again: the files already whole are skipped" + (", the part files kept are continued"
+                                                                   if report.kept else ""), code=EXIT_FAILED)
     if report.failed:
         raise Exit(f"error: {len(report.failed)} file(s) not copied; run the same command again to retry them",
                    code=EXIT_FAILED)

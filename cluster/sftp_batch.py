@@ -6,23 +6,27 @@ what to copy (skip, compare, part names, resume, the report); this module only r
 copies it hands over, each `put -p LOCAL PART` (or `reput -p` to continue a part file) then
 `rename PART FINAL` (posix-rename on OpenSSH: an atomic replace), or, inside a staged folder
 that is renamed into place whole afterwards, `put -p` straight to the name; and it reports
-each file as the next line starts. Its caller checks at the end what arrived; a failed command does not stop
-the rest of a batch (each line starts with `-`). Logins trust only the cluster's known_hosts
-and key: no ~/.ssh/config, no agent, no other host keys.
+each file as the next line starts. Its caller checks at the end what arrived. A failed put
+stops its batch (sftp -b's rule for a line without `-`), so the rename after it never runs: a
+write the head refused (a full disk) leaves no partial file at a final path; the rest of that
+batch is reported not copied, and `current` names the put it stopped in. A failed rename does
+not stop the batch (`-`). Logins trust only the cluster's known_hosts and key: no
+~/.ssh/config, no agent, no other host keys.
 """
 from __future__ import annotations
 
 import functools
+import io
 import logging
 import os
 import shutil
 import subprocess
-import tempfile
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from cluster.procs import stop_group
 from cluster.share import Login
@@ -73,7 +77,7 @@ def script(puts: Sequence[Put]) -> list[tuple[str, Put | None]]:
     (part == final: a file of a staged folder, moved into place as a whole) goes from the
     folders `lcd` and `cd` chose, by name: no stat of the destination, no rename, two round
     trips fewer per file. `lcd`/`cd` lines have no `-`: if one fails the batch stops rather
-    than put a file elsewhere.
+    than put a file elsewhere; nor have puts: the rename after a failed one must not run.
     """
     out: list[tuple[str, Put | None]] = []
     here_l = here_r = None
@@ -86,9 +90,9 @@ def script(puts: Sequence[Put]) -> list[tuple[str, Put | None]]:
             if str(final.parent) != here_r:
                 here_r = str(final.parent)
                 out.append((f"cd {quote(here_r)}", None))
-            out.append((f"-put -p {quote('./' + p.local.name)}", p))
+            out.append((f"put -p {quote('./' + p.local.name)}", p))
         else:
-            out.append((f"-{'reput' if p.resume else 'put'} -p {quote(str(p.local))} {quote(p.part)}", p))
+            out.append((f"{'reput' if p.resume else 'put'} -p {quote(str(p.local))} {quote(p.part)}", p))
             out.append((f"-rename {quote(p.part)} {quote(p.final)}", None))
     return out
 
@@ -108,12 +112,21 @@ def options(login: Login) -> list[str]:
 
 
 def argv(login: Login, batch: Path, *, bwlimit: float) -> list[str]:
-    """The sftp command line: this login only, `batch` as its commands, `bwlimit` bytes/s (0: none)."""
+    """The sftp command line: this login only, `batch` as its commands (`-`: stdin), `bwlimit` bytes/s (0: none)."""
     cmd = ["sftp", "-q", "-F", "/dev/null", "-b", str(batch), "-B", str(BUFFER_BYTES), "-R", str(REQUESTS),
            "-P", str(login.port), "-i", str(login.key)]
     if bwlimit:
         cmd += ["-l", str(max(1, round(bwlimit * 8 / 1000)))]  # Kbit/s
     return [*cmd, *options(login), "--", f"{login.user}@{login.address}"]
+
+
+def _feed(stdin: BinaryIO, text: bytes) -> None:
+    """Write a batch's commands and close (sftp's end of input); a process that ended reads no more."""
+    try:
+        stdin.write(text)
+        stdin.close()
+    except OSError:
+        pass
 
 
 def split(puts: Sequence[Put], n: int) -> list[list[Put]]:
@@ -128,53 +141,80 @@ def split(puts: Sequence[Put], n: int) -> list[list[Put]]:
 
 
 class Batch:
-    """One `sftp -b` process over its puts, in a session of its own (stopped by process group)."""
+    """One `sftp -b -` process over its puts, in a session of its own (stopped by process group).
+    `start` logs it in (while the caller lists and compares: the login's round trips overlap),
+    `run` hands it the puts; `close` ends one that was never given any."""
 
-    def __init__(self, login: Login, puts: Sequence[Put], *, bwlimit: float) -> None:
-        self.login, self.puts, self.bwlimit = login, list(puts), bwlimit
-        self._proc: subprocess.Popen[str] | None = None
+    def __init__(self, login: Login, *, bwlimit: float) -> None:
+        self.login, self.bwlimit = login, bwlimit
+        self.puts: list[Put] = []
+        self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
         self._stopped = False
         self.errors: deque[str] = deque(maxlen=ERR_LINES)
         self.sent: set[Put] = set()  # puts whose command ended (its success is `ok`'s to judge)
+        self.current: Put | None = None  # the put of the line sftp started last (where a failed batch stopped)
 
-    def run(self, on_sent: Callable[[Put], None]) -> int:
+    def start(self) -> None:
+        """Start the process (it logs in, then waits for its commands on stdin)."""
+        with self._lock:
+            if self._proc is not None or self._stopped:
+                return
+            self._proc = subprocess.Popen(
+                argv(self.login, Path("-"), bwlimit=self.bwlimit), stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                start_new_session=True,  # stopped by us, by process group, not by the terminal
+                preexec_fn=functools.partial(die_with_parent, os.getpid()))  # nor outlives a killed push
+
+    def run(self, puts: Sequence[Put], on_sent: Callable[[Put], None]) -> int:
         """Copy the puts (blocks); `on_sent(put)` as each one's put command ends (the next line
         starts). The exit code."""
+        self.puts = list(puts)
         lines = script(self.puts)
-        with tempfile.TemporaryDirectory(prefix="spotfan-push-") as tmp:
-            batch = Path(tmp) / "batch"
-            batch.write_text("".join(f"{ln}\n" for ln, _ in lines), encoding="utf-8", errors="surrogateescape")
-            with self._lock:
-                if self._stopped:
-                    return -1
-                self._proc = subprocess.Popen(
-                    argv(self.login, batch, bwlimit=self.bwlimit), stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
-                    start_new_session=True,  # stopped by us, by process group, not by the terminal
-                    preexec_fn=functools.partial(die_with_parent, os.getpid()))  # nor outlives a killed push
+        self.start()
+        with self._lock:
+            if self._stopped:
+                return -1
             proc = self._proc
-            assert proc.stdout is not None and proc.stderr is not None
-            err = threading.Thread(target=self._read_errors, args=(proc.stderr,), daemon=True)
-            err.start()
-            echoed = 0  # sftp echoes each line of the batch as it starts it
-            for line in proc.stdout:
-                if line.startswith("sftp> ") and echoed < len(lines):
-                    if echoed and (sent := lines[echoed - 1][1]) is not None:
-                        self.sent.add(sent)
-                        on_sent(sent)
-                    echoed += 1
-            rc = proc.wait()
-            if rc == 0 and echoed == len(lines) and (sent := lines[-1][1]) is not None:
-                self.sent.add(sent)
-                on_sent(sent)
-            err.join()
+        assert proc is not None and proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        err = threading.Thread(target=self._read_errors, args=(proc.stderr,), daemon=True)
+        err.start()
+        text = "".join(f"{ln}\n" for ln, _ in lines).encode("utf-8", errors="surrogateescape")
+        feed = threading.Thread(target=_feed, args=(proc.stdin, text), daemon=True)  # sftp reads as it goes
+        feed.start()
+        echoed = 0  # sftp echoes each line of the batch as it starts it
+        for line in io.TextIOWrapper(proc.stdout, encoding="utf-8", errors="replace"):
+            if line.startswith("sftp> ") and echoed < len(lines):
+                if echoed and (sent := lines[echoed - 1][1]) is not None:
+                    self.sent.add(sent)
+                    on_sent(sent)
+                self.current = lines[echoed][1]
+                echoed += 1
+        rc = proc.wait()
+        if rc == 0 and echoed == len(lines) and (sent := lines[-1][1]) is not None:
+            self.sent.add(sent)
+            on_sent(sent)
+        err.join()
+        feed.join()
         if rc != 0:
             logger.info("sftp batch of %d file(s) exited %d: %s", len(self.puts), rc, " | ".join(self.errors))
         return rc
 
+    def close(self) -> None:
+        """End a process that was started and not given puts (stdin closed: sftp ends), else stop it."""
+        with self._lock:
+            proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            assert proc.stdin is not None
+            proc.stdin.close()
+            proc.wait(timeout=STOP_S)
+        except (OSError, subprocess.TimeoutExpired):
+            self.stop()
+
     def _read_errors(self, stream) -> None:  # type: ignore[no-untyped-def]
-        for line in stream:
+        for line in io.TextIOWrapper(stream, encoding="utf-8", errors="replace"):
             self.errors.append(line.rstrip("\n"))
 
     def stop(self) -> None:

@@ -5,9 +5,11 @@ waiting for its answer, so a file of 100 KB costs several round trips. Here each
 (`ssh -s ... sftp`: OpenSSH does the crypto, tasks.sftp frames the requests) sends the OPENs
 of a window of files at once; as their handles come back, each file's WRITEs, its FSETSTAT
 (mode and mtime, as `put -p` sets them) and CLOSE go out together with the next window's
-OPENs, so a window costs about one round trip. A file is written to its part name and
-renamed into place (posix-rename: an atomic replace) in the same stream, or, inside a staged
-folder that is renamed into place whole afterwards, straight to its name. The server answers
+OPENs, so a window costs about one round trip. A file is written to its part name and,
+once the server has answered every one of its writes OK, renamed into place (posix-rename:
+an atomic replace) with the next window's requests: a write refused (a full disk) never puts
+a partial file at a final path, and the partial copy is removed. Inside a staged folder that
+is renamed into place whole afterwards, a file goes straight to its name. The server answers
 every request, so each file's fate is known from its answers; cluster.transfer decides what
 to copy and reports. Logins trust only the cluster's known_hosts and key (sftp_batch.options).
 """
@@ -144,10 +146,11 @@ class Pipeline:
         window = self._window()
         held[:] = window
         opens = session.run([_open(o) for o in window])
-        while window:
+        written: list[_Open] = []  # every byte answered OK: renamed into place with the next requests
+        while window or written:
             nxt = self._window()
-            held[:] = window + nxt
-            reqs: list[sftp.Request] = []
+            held[:] = written + window + nxt
+            reqs: list[sftp.Request] = [sftp.posix_rename(o.send.part, o.send.final) for o in written]
             plans: list[tuple[_Open, int]] = []  # each open file and how many requests it sent
             for o, reply in zip(window, opens):
                 if not reply.ok:
@@ -157,21 +160,33 @@ class Pipeline:
                 for at in range(0, len(o.data), BUFFER_BYTES):
                     reqs.append(sftp.write(reply.data, at, o.data[at:at + BUFFER_BYTES]))
                 reqs += [sftp.fsetstat(reply.data, mode=o.send.mode, mtime=o.send.mtime), sftp.close(reply.data)]
-                if o.send.part != o.send.final:
-                    reqs.append(sftp.posix_rename(o.send.part, o.send.final))
                 plans.append((o, len(reqs) - n))
             replies = session.run(reqs + [_open(o) for o in nxt])
-            at = 0
+            for o, reply in zip(written, replies):
+                if reply.ok:
+                    self._done(o.send, on_done)
+                else:
+                    self._failed(o.send, f"cannot rename {o.send.part} to {o.send.final} on the head: {_say(reply)}")
+            at = len(written)
+            written, gone = [], []
             for o, n in plans:
                 bad = next((r for r in replies[at:at + n] if not r.ok), None)
                 at += n
-                if bad is None:
-                    with self._lock:
-                        self.done.add(o.send.key)
-                    on_done(o.send)
-                else:
+                if bad is not None:  # never renamed into place; its partial copy is removed below
                     self._failed(o.send, f"the head refused {o.send.part}: {_say(bad)}")
+                    gone.append(o.send.part)
+                elif o.send.part == o.send.final:
+                    self._done(o.send, on_done)
+                else:
+                    written.append(o)
+            if gone:  # no half-written file is left behind (nor does it hold space on a full disk)
+                session.run([sftp.remove(path) for path in gone])
             window, opens = nxt, replies[at:]
+
+    def _done(self, s: Send, on_done: Callable[[Send], None]) -> None:
+        with self._lock:
+            self.done.add(s.key)
+        on_done(s)
 
     def _window(self) -> list[_Open]:
         """The next files to send, read into memory; a file that cannot be read, or reads

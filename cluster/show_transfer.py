@@ -70,6 +70,10 @@ def summary(r: TransferReport) -> None:
             + (" ..." if len(r.not_files) > SHOWN_FAILED else ""))
     for rel, why in list(r.failed.items())[:SHOWN_FAILED]:
         say(f"    failed: {safe(rel)}: {safe(why)}")
+    where = "the share's " if r.direction == "push" else ""
+    for k in r.kept:
+        say(f"    kept for the same command to continue from: {where}{safe(k)}"
+            + (" (delete it to free its space if you will not push it again)" if r.direction == "push" else ""))
     if r.interrupted:
         say(f"==> {r.direction}: interrupted; run the same command again to copy the rest (whole files "
             "are kept, a big file continues where it stopped)")

@@ -14,6 +14,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Protocol
 
 import paramiko
+import paramiko.sftp
 
 PART_SUFFIX = ".spotfan-part"  # a file being copied: `.NAME.SIZE-MTIME.spotfan-part` beside NAME
 IO_TIMEOUT_S = 60.0  # one SFTP request unanswered this long fails the file
@@ -243,6 +244,18 @@ class RemoteSide:
             self.sftp.remove(self.path(rel))
         except FileNotFoundError:
             pass
+
+    def free_bytes(self, rel: PurePosixPath) -> int | None:
+        """Bytes free (to its user) on the disk that holds `rel`, from OpenSSH's statvfs@openssh.com;
+        None where the server cannot say."""
+        try:  # paramiko has no call for this extension: its request, framed by paramiko
+            kind, msg = self.sftp._request(paramiko.sftp.CMD_EXTENDED, "statvfs@openssh.com", self.path(rel))
+        except (OSError, EOFError, paramiko.SSHException):
+            return None
+        if kind != paramiko.sftp.CMD_EXTENDED_REPLY:
+            return None
+        _bsize, frsize, _blocks, _bfree, bavail = (msg.get_int64() for _ in range(5))
+        return frsize * bavail
 
     def makedirs(self, rel: PurePosixPath) -> None:
         parts = rel.parts

@@ -14,7 +14,6 @@ is in place.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -29,7 +28,8 @@ from typing import Literal
 
 import paramiko
 
-from cluster import sftp_batch, sftp_pipeline
+from cluster import leftovers, sftp_batch, sftp_pipeline
+from cluster.compare import listed, same
 from cluster.errors import ClusterError, UsageError
 from cluster.sides import Entry, LocalSide, RemoteSide, Side, Tree, part_name, plain
 from cluster.share import Share
@@ -40,7 +40,7 @@ DEFAULT_JOBS = 8  # files in flight through paramiko: small files are round-trip
 OPENSSH_JOBS = max(4, min(8, os.cpu_count() or 2))  # sftp processes of a push (4 measured best on 2 cores)
 MAX_JOBS = 64
 BLOCK_BYTES = 1 << 20  # read and written at a time
-RESUME_MIN_BYTES = 1 << 20  # a part file at least this big is continued, a smaller one restarted
+RESUME_MIN_BYTES = leftovers.RESUME_MIN_BYTES  # a part file at least this big is continued, a smaller one restarted
 STAGING_SUFFIX = ".spotfan-part"  # `.NAME.spotfan-part`: a new folder while a push fills it
 TICK_S = 0.2  # how often the main thread reports progress while files go
 
@@ -72,6 +72,9 @@ class TransferReport:
     not_files: list[str] = field(default_factory=list)  # links, special files, refused names: not copied
     failed: dict[str, str] = field(default_factory=dict)  # rel path -> what went wrong
     interrupted: bool = False  # stopped by Ctrl-C: run the same command again to go on
+    kept: list[str] = field(default_factory=list)  # part files and staged folders left for the same command to
+    # continue from (below the share's root for a push, local paths for a pull); other partial copies are removed
+    disk_free: int | None = None  # a push that failed for want of space: bytes the head's disk had free after it
 
     @property
     def rate(self) -> float:
@@ -167,6 +170,10 @@ def _transfer(direction: Literal["push", "pull"], share: Share, local: LocalSide
         pipe = _pipeline(share, found, opts) if src_local else None
         if pipe is not None:
             stack.enter_context(pipe).start()  # ssh logins while paramiko's does and the destination is listed
+        early = _early_batches(share, found, opts, piped=pipe is not None) if src_local else []
+        for b in early:  # sftp logins likewise
+            stack.callback(b.close)
+            b.start()
         main = make(share.sftp)
         src_side, dst_side = (local, main) if src_local else (main, local)
         dest_shown = dst_side.describe(to)
@@ -190,11 +197,11 @@ def _transfer(direction: Literal["push", "pull"], share: Share, local: LocalSide
                 dst_side.makedirs(to.parent)
         except OSError as e:
             raise ClusterError(f"cannot create folders under {dest_shown}: {e}") from e
-        there = _listed(dst_side, to, single)
+        there = listed(dst_side, to, single)
         for e in tree.files:
             s, d = (frm, to) if single else (frm / e.rel, to / e.rel)
             try:
-                if _same(src_side, dst_side, s, d, e, checksum=opts.checksum, there=there):
+                if same(src_side, dst_side, s, d, e, checksum=opts.checksum, there=there):
                     skipped += 1
                     continue
             except OSError as err:
@@ -207,7 +214,9 @@ def _transfer(direction: Literal["push", "pull"], share: Share, local: LocalSide
         interrupted = False
         sends, plans = _piped(local, main, plans, staged=to != final_to) if pipe is not None else ([], plans)
         puts, plans = _batched(local, main, plans, opts, staged=to != final_to) if src_local else ([], plans)
-        batches = sftp_batch.split(puts, opts.jobs or OPENSSH_JOBS) if puts else []
+        batches = sftp_batch.split(puts, len(early) or opts.jobs or OPENSSH_JOBS) if puts else []
+        for b in early[len(batches):]:
+            b.close()  # its files were there already
         workers = len(batches) + min(opts.jobs or DEFAULT_JOBS, len(plans))
         pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="transfer")
         futures: dict[Future[bool], str] = {}
@@ -216,9 +225,9 @@ def _transfer(direction: Literal["push", "pull"], share: Share, local: LocalSide
         try:
             if pipe is not None and sends:
                 piped.update(pipe.send(sends, lambda f: state.add(f.size, file_done=True)))
-            for batch in batches:
-                b = sftp_batch.Batch(share.login(), batch, bwlimit=opts.bwlimit)
-                ran[pool.submit(b.run, lambda p: state.add(p.sends, file_done=True))] = b
+            for i, batch in enumerate(batches):
+                b = early[i] if i < len(early) else sftp_batch.Batch(share.login(), bwlimit=opts.bwlimit)
+                ran[pool.submit(b.run, batch, lambda p: state.add(p.sends, file_done=True))] = b
             for e, s, d in plans:
                 def one(e: Entry = e, s: PurePosixPath = s, d: PurePosixPath = d) -> bool:
                     side = sessions.side()
@@ -259,7 +268,7 @@ def _transfer(direction: Literal["push", "pull"], share: Share, local: LocalSide
             if not interrupted:
                 failed.update(pipe.failed)
         if ran:  # a batch's file counts as copied once it is at its final path, whole
-            arrived = _listed(dst_side, to, single)
+            arrived = listed(dst_side, to, single)
             by_rel = {e.rel: e for e in tree.files}
             for b in ran.values():
                 for p in b.puts:
@@ -272,14 +281,21 @@ def _transfer(direction: Literal["push", "pull"], share: Share, local: LocalSide
                         resumed += p.resume
                     elif not interrupted:
                         failed[p.key or frm.name] = b.why(p)
+                if (p := b.current) is not None and not b.ok(p):  # where it stopped: a partial copy
+                    leftovers.left(main, PurePosixPath(p.part).relative_to(main.top), kept=state.kept,
+                          resumable=by_rel[p.key].size >= RESUME_MIN_BYTES and p.part != p.final)
         if to != final_to and not interrupted and not failed:
             try:
                 main.sftp.posix_rename(main.path(to), main.path(final_to))
             except OSError as e:
                 failed[final_to.name] = (f"all copied to {main.describe(to)}, but it could not be renamed to "
                                          f"{dest_shown}: {e}; move it there, or push to another --to")
+        if to != final_to and (failed or interrupted):
+            state.kept.append(str(to))
+        full = leftovers.disk_free(main, to if not single else to.parent, tree, failed) if src_local and failed else None
     return TransferReport(direction, shown_src, dest_shown, len(tree.files), copied, skipped, resumed,
-                          state.bytes_done, time.monotonic() - started, tree.skipped, failed, interrupted)
+                          state.bytes_done, time.monotonic() - started, tree.skipped, failed, interrupted,
+                          sorted(state.kept), full)
 
 
 def _sized(st: os.stat_result | paramiko.SFTPAttributes | None) -> tuple[int, int] | None:
@@ -309,6 +325,16 @@ def _pipeline(share: Share, found: Tree | Entry | None, opts: Options) -> sftp_p
         return None
     n = min(opts.jobs or sftp_pipeline.SESSIONS, -(-small // sftp_pipeline.WINDOW_FILES))
     return sftp_pipeline.Pipeline(share.login(), sessions=n)
+
+
+def _early_batches(share: Share, found: Tree | Entry, opts: Options, *, piped: bool) -> list[sftp_batch.Batch]:
+    """The `sftp -b` processes a push will need (at most one per file the pipelined sessions do
+    not take), not started; none where OpenSSH's client is not used."""
+    files = found.files if isinstance(found, Tree) else [found]
+    n = sum(1 for e in files if not piped or e.size >= sftp_pipeline.MAX_BYTES)
+    if not n or not _openssh(opts):
+        return []
+    return [sftp_batch.Batch(share.login(), bwlimit=opts.bwlimit) for _ in range(min(n, opts.jobs or OPENSSH_JOBS))]
 
 
 def _piped(local: LocalSide, remote: RemoteSide, plans: list[_Plan], *,
@@ -367,6 +393,7 @@ class _State:
     def __init__(self, *, total_bytes: int, total_files: int) -> None:
         self.total_bytes, self.total_files = total_bytes, total_files
         self.bytes_done = self.files_done = 0
+        self.kept: list[str] = []  # partial copies kept to continue from (TransferReport.kept)
         self.lock = threading.Lock()
         self.stop = threading.Event()
 
@@ -378,41 +405,6 @@ class _State:
     def snapshot(self, seconds: float) -> Progress:
         with self.lock:
             return Progress(self.total_files, self.files_done, self.total_bytes, self.bytes_done, seconds)
-
-
-def _listed(dst: Side, to: PurePosixPath, single: bool) -> dict[str, Entry] | None:
-    """What is at the destination already, by rel path: one listing per folder instead of one
-    stat per file (each a round trip). None for a single file (one stat says it)."""
-    if single:
-        return None
-    found = dst.walk(to)
-    return {e.rel: e for e in found.files} if isinstance(found, Tree) else {}
-
-
-def _same(src: Side, dst: Side, s: PurePosixPath, d: PurePosixPath, e: Entry, *, checksum: bool,
-          there: dict[str, Entry] | None) -> bool:
-    if there is not None:
-        have = there.get(e.rel)
-        size, mtime = (have.size, have.mtime) if have else (None, None)
-    else:
-        st = dst.stat(d)
-        size, mtime = (st.st_size, int(st.st_mtime or 0)) if st is not None else (None, None)
-    if size != e.size:
-        return False
-    if not checksum:
-        return mtime == e.mtime
-    return _digest(src, s, e.size) == _digest(dst, d, e.size)
-
-
-def _digest(side: Side, rel: PurePosixPath, size: int) -> str:
-    h = hashlib.sha256()
-    with side.reader(rel, 0, size) as f:
-        for _ in range(size // BLOCK_BYTES + 2):
-            block = f.read(BLOCK_BYTES)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
 
 
 def _copy(src: Side, dst: Side, s: PurePosixPath, d: PurePosixPath, e: Entry, state: _State,
@@ -427,20 +419,24 @@ def _copy(src: Side, dst: Side, s: PurePosixPath, d: PurePosixPath, e: Entry, st
         logger.info("%s: continuing from byte %d", dst.describe(d), offset)
     t0 = time.monotonic()
     sent = 0
-    with src.reader(s, offset, e.size - offset) as r, dst.writer(part, offset) as w:
-        for _ in range((e.size - offset) // BLOCK_BYTES + 2):
-            if state.stop.is_set():
-                raise ClusterError("interrupted")
-            block = r.read(BLOCK_BYTES)
-            if not block:
-                break
-            w.write(block)
-            sent += len(block)
-            state.add(len(block))
-            if opts.bwlimit:
-                ahead = sent / opts.bwlimit - (time.monotonic() - t0)
-                if ahead > 0:
-                    time.sleep(ahead)
+    try:
+        with src.reader(s, offset, e.size - offset) as r, dst.writer(part, offset) as w:
+            for _ in range((e.size - offset) // BLOCK_BYTES + 2):
+                if state.stop.is_set():
+                    raise ClusterError("interrupted")
+                block = r.read(BLOCK_BYTES)
+                if not block:
+                    break
+                w.write(block)
+                sent += len(block)
+                state.add(len(block))
+                if opts.bwlimit:
+                    ahead = sent / opts.bwlimit - (time.monotonic() - t0)
+                    if ahead > 0:
+                        time.sleep(ahead)
+    except BaseException:
+        leftovers.left(dst, part, resumable=offset + sent >= RESUME_MIN_BYTES, kept=state.kept)
+        raise
     if offset + sent != e.size:  # written and closed (a failed write raised): the count is what is there
         raise ClusterError(f"{src.describe(s)} changed while it was copied ({e.size} bytes listed, "
                            f"{offset + sent} copied): run the same command again")
