@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tasks.errors import SpecError
-from tasks.keys import SHOWN_EXAMPLES, Item, shared_template, shown
+from tasks.items import Item, shared_template
+from tasks.keys import SHOWN_EXAMPLES, shown
 
 
 def scan_done(root: Path, items: Sequence[Item]) -> set[str]:

@@ -19,7 +19,7 @@ import inspect
 import shlex
 import sys
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -27,7 +27,8 @@ from typing import Any, Literal, Union
 from tasks.bounds import MAX_TIMEOUT_S
 from tasks import cmdout
 from tasks.errors import SpecError, UnsafePath
-from tasks.keys import (KEY_FIELDS, SRC_FIELDS, Item, Limits, check_name, check_nesting,
+from tasks.items import Item
+from tasks.keys import (KEY_FIELDS, SRC_FIELDS, Limits, check_name, check_nesting,
                         check_template, check_unique, gc_paused, key_items, normal, path_problem,
                         relative, render, safe_relpath, template_fields, unsafe_outputs)
 from tasks.sources import content_hashes, glob_base, glob_sources, src_fields
@@ -88,14 +89,14 @@ class KeySource:
         """The output template as rendered: no leading "./", no trailing "/"."""
         return relative(self.out).rstrip("/")
 
-    def items(self, root: Path) -> list[Item]:
+    def items(self, root: Path) -> Sequence[Item]:
         """Every key with its output path, checked all at once before any work: a message
         names the first few keys whose output cannot be used (outside the root, `.`, too
         long for the filesystem), that share one output, or whose output is another's folder."""
         with gc_paused():
             return self._items(root)
 
-    def _items(self, root: Path) -> list[Item]:
+    def _items(self, root: Path) -> Sequence[Item]:
         template, is_dir = self.template, self.is_dir
         limits = Limits.of(root)
         items: list[Item] = []
@@ -146,14 +147,15 @@ class KeySource:
                 add(key, src, f)
         else:
             raw = self.keys() if callable(self.keys) else self.keys
-            keys = list(dict.fromkeys(raw))  # keep order, drop repeats
+            keys = list(raw)
+            if len(set(keys)) < len(keys):  # a set is quicker than a dict and caches each hash
+                keys = list(dict.fromkeys(keys))  # keep order, drop repeats
             if not keys:
                 raise SpecError("keys= produced no keys; check the function or list it names")
-            items, checked = key_items(template, keys, limits=limits, is_dir=is_dir,
-                                       unsafe=unsafe)
+            made, checked = key_items(template, keys, limits=limits, is_dir=is_dir, unsafe=unsafe)
             if unsafe:
                 raise unsafe_outputs(unsafe)
-            return check_nesting(check_unique(items)) if checked else items
+            return check_nesting(check_unique(made)) if checked else made
         if unsafe:
             raise unsafe_outputs(unsafe)
         return check_nesting(check_unique(items))
@@ -191,7 +193,7 @@ class FileTask:
     def is_dir(self) -> bool:
         return self.source.is_dir
 
-    def items(self, root: Path) -> list[Item]:
+    def items(self, root: Path) -> Sequence[Item]:
         return self.source.items(root)
 
     def ref(self) -> "FuncRef":
@@ -330,7 +332,7 @@ class CmdTask:
     def is_dir(self) -> bool:
         return self.source.is_dir
 
-    def items(self, root: Path) -> list[Item]:
+    def items(self, root: Path) -> Sequence[Item]:
         return self.source.items(root)
 
     def ref(self) -> "CmdTask":
