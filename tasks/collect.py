@@ -165,7 +165,7 @@ def collect(task: Task, *, root: str | Path = ".", workers: int | None = None,
     items = task.items(root)
     read_one = reader or reader_for(task, items)
     done = scan_done(root, items)
-    todo = [it for it in items if it.key in done]
+    todo = [it for it in items if it.key not in done.left_keys]
     frames: list[pd.DataFrame | None] = [None] * len(todo)
     failed: list[Unreadable] = []
     logger.info("%s: reading %d outputs (%d keys not done) with %d threads", task.name,

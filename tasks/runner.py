@@ -164,8 +164,7 @@ def run_with(task: Task, root: Path, opts: RunOptions) -> RunReport:
     gave_up = {k for k, f in failures.items()
                if f.gave_up and not opts.retry_failed and k not in done}
     report.failed = sorted(gave_up)
-    pending = [] if len(done) == len(items) else [  # done holds keys of items only
-        it for it in items if it.key not in done and it.key not in gave_up]
+    pending = [it for it in done.left if it.key not in gave_up]
     logger.info("%s: %d keys, %d done, %d failed earlier, %d to run", task.name, len(items),
                 len(done), len(gave_up), len(pending))
     if not pending:
@@ -176,6 +175,7 @@ def run_with(task: Task, root: Path, opts: RunOptions) -> RunReport:
         report.seconds = time.monotonic() - started
         return report
     _raise_fd_limit()
+    done_now = set(done)  # the dispatch adds the keys it finishes
 
     owner_id = new_owner_id()
     stamp = Stamp.mine()
@@ -225,7 +225,7 @@ def run_with(task: Task, root: Path, opts: RunOptions) -> RunReport:
         if starting is not None:
             direct, starting = starting.result(), None
         dispatch = Dispatch(
-            root=root, pending=pending, unit_of=unit_of, done=done, attempts=attempts,
+            root=root, pending=pending, unit_of=unit_of, done=done_now, attempts=attempts,
             report=report, claims=claims, view=UnitView(claims.done, claims.folder, markers_before,
                                                        lister=direct.listings if direct else None),
             pool=pool, store=store, log=log, owner=owner_id, started=started,
@@ -258,7 +258,7 @@ def run_with(task: Task, root: Path, opts: RunOptions) -> RunReport:
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
         if state is not None:  # the runner is gone, however it ended
-            state.update(phase="finished", done=len(done), failed=len(report.failed),
+            state.update(phase="finished", done=len(done_now), failed=len(report.failed),
                          running=[], waiting=[])
             state.__exit__(None, None, None)
     assert dispatch is not None
