@@ -85,11 +85,20 @@ class KeyItems(Sequence[Item]):
     million tuples too (~60 MB and ~0.25 s at every start), and a scan that finds every
     output in place makes no Item at all."""
 
-    __slots__ = ("keys", "shared")
+    __slots__ = ("keys", "shared", "_unique")
 
-    def __init__(self, keys: list[str], shared: tuple[str, str, bool]) -> None:
+    def __init__(self, keys: list[str], shared: tuple[str, str, bool], *,
+                 unique: set[str] | None = None) -> None:
         self.keys = keys  # unique, in the task's order; never changed
         self.shared = shared  # (PRE, POST, is_dir)
+        self._unique = unique  # a set of the keys, if one was made already; see key_set
+
+    def key_set(self) -> set[str]:
+        """A set of the keys, the caller's to change: the first call is handed the one the
+        keys were de-duplicated with (a million keys: ~0.2 s and ~60 MB not spent twice),
+        later calls get a new one."""
+        unique, self._unique = self._unique, None
+        return unique if unique is not None else set(self.keys)
 
     def __len__(self) -> int:
         return len(self.keys)

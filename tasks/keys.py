@@ -294,14 +294,15 @@ def gc_paused() -> Iterator[None]:
 
 
 def key_items(template: str, keys: list[str], *, limits: Limits, is_dir: bool,
-              unsafe: list[tuple[str, str, str]]) -> tuple[Sequence[Item], bool]:
+              unsafe: list[tuple[str, str, str]],
+              unique: set[str] | None = None) -> tuple[Sequence[Item], bool]:
     """The items of a keys= task, and whether they may collide or nest (then the caller
     checks). A template whose one placeholder is a plain {key} renders by concatenation; a
     key without "/" then changes one path component only, which alone needs checking, and
     such outputs cannot collide or nest (the key is the only varying part): the common
     case, cheap for a million keys, whose items are then the keys alone (KeyItems). Keys
     whose output cannot be used go to `unsafe` as (key, output, why), so the caller names
-    them all at once."""
+    them all at once. `unique`, a set of the keys, is handed to the KeyItems (see key_set)."""
     pre, sep, post = template.partition("{key}")
     simple = bool(sep) and not any(c in pre + post for c in "{}\0")
     pre_parts, post_parts = pre.split("/"), post.split("/")
@@ -314,7 +315,7 @@ def key_items(template: str, keys: list[str], *, limits: Limits, is_dir: bool,
     fixed_bytes = len(os.fsencode(pre + post)) - len(os.fsencode(left + right)) if fast else 0
     shared = (pre, post, is_dir)  # every fast item builds its path from this one triple
     if fast and _all_plain(keys, left, right, first=first, fixed_bytes=fixed_bytes, limits=limits):
-        return KeyItems(keys, shared), False
+        return KeyItems(keys, shared, unique=unique), False
     items: list[Item] = []
     checked = False  # some item went the slow way: the caller checks uniqueness and nesting
     for key in keys:

@@ -65,7 +65,7 @@ def scan_done(root: Path, items: Sequence[Item]) -> DoneKeys:
     if pair is not None and "/" not in pair[1]:  # one folder, names PRE + key + POST
         keys = _keys(items)
         wrong_keys: list[str] = []
-        missing = _missing_keys(root, pair, keys, is_dir, items[0], wrong, wrong_keys)
+        missing = _missing_keys(root, items, pair, keys, is_dir, wrong, wrong_keys)
         if wrong_keys:
             wrong += [_wrong_kind(it) for it in _items_of(items, keys, set(wrong_keys))]
     else:
@@ -86,16 +86,16 @@ def _items_of(items: Sequence[Item], keys: Sequence[str], chosen: set[str]) -> l
     return [it for it in items if it.key in chosen]
 
 
-def _missing_keys(root: Path, pair: tuple[str, str], keys: Sequence[str], is_dir: bool,
-                  first: Item, wrong: list[str], wrong_keys: list[str]) -> set[str]:
+def _missing_keys(root: Path, items: Sequence[Item], pair: tuple[str, str], keys: Sequence[str],
+                  is_dir: bool, wrong: list[str], wrong_keys: list[str]) -> set[str]:
     """The keys whose output, PRE + key + POST (POST without "/"), is not in its folder's
     listing as the kind the task writes; keys whose output is of the other kind go to
     `wrong_keys`. Each listed name is turned back into its key in C loops (filter, slice)
-    and struck off a set of the keys: a million names, no set of them, no path built, and
-    the keys' hashes were made when they were de-duplicated."""
+    and struck off a set of the keys (KeyItems: the one they were de-duplicated with): a
+    million names, no set of them, no path built."""
     parent, _, head = pair[0].rpartition("/")
     post = pair[1]
-    missing = set(keys)
+    missing = items.key_set() if isinstance(items, KeyItems) else set(keys)
     others: list[str] = []  # names of the other kind (a folder for a file output, ...)
     try:
         with os.scandir(root / parent if parent else root) as entries:
@@ -103,7 +103,7 @@ def _missing_keys(root: Path, pair: tuple[str, str], keys: Sequence[str], is_dir
     except FileNotFoundError:
         return missing
     except NotADirectoryError:
-        wrong.append(f"{shown(parent)}, the folder of {shown(first.out)}, is a file")
+        wrong.append(f"{shown(parent)}, the folder of {shown(items[0].out)}, is a file")
         return missing
     if others:
         other_keys = set(_as_keys(others, head, post))

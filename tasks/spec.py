@@ -148,11 +148,13 @@ class KeySource:
         else:
             raw = self.keys() if callable(self.keys) else self.keys
             keys = list(raw)
-            if len(set(keys)) < len(keys):  # a set is quicker than a dict and caches each hash
+            unique = set(keys)  # quicker than a dict; the scan strikes the done keys off it
+            if len(unique) < len(keys):
                 keys = list(dict.fromkeys(keys))  # keep order, drop repeats
             if not keys:
                 raise SpecError("keys= produced no keys; check the function or list it names")
-            made, checked = key_items(template, keys, limits=limits, is_dir=is_dir, unsafe=unsafe)
+            made, checked = key_items(template, keys, limits=limits, is_dir=is_dir, unsafe=unsafe,
+                                      unique=unique)
             if unsafe:
                 raise unsafe_outputs(unsafe)
             return check_nesting(check_unique(made)) if checked else made
