@@ -22,11 +22,11 @@ from typing import Any, Literal
 import psutil
 
 from tasks import worker
+from tasks.bounds import START_METHODS
 from tasks.worker import SLOT_FIELDS, Chunk, Outcome, WorkerSetup
 
 logger = logging.getLogger(__name__)
 
-START_METHODS = ("forkserver", "spawn", "fork")
 KILL_WAIT_S = 5.0  # how long to wait for killed workers to be reaped
 FORKSERVER_PRELOAD = ["__main__", "tasks.forkserver_init"]
 
