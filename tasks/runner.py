@@ -186,6 +186,7 @@ def run_with(task: Task, root: Path, opts: RunOptions) -> RunReport:
 
     _raise_fd_limit()
     done_now = set(done)  # the dispatch adds the keys it finishes
+    del done  # and the keys left are in `pending`: no second set of them while the work runs
 
     owner_id = new_owner_id()
     stamp = Stamp.mine()
