@@ -19,6 +19,7 @@ MAX_LIMIT = 10**9  # --limit: more keys than one run can list
 MAX_CHUNK_SIZE = 100_000  # a fixed --chunk-size: keys one worker holds at once
 MAX_READ_WORKERS = 256  # `collect --workers`: concurrent reads (threads)
 WORKERS_PER_CPU_MAX = 8  # `run --workers` beyond this many per core is capped, with a warning
+START_METHODS = ("forkserver", "spawn", "fork")  # `run --start-method`: the pool's choices
 
 
 def count_problem(value: object, lo: int, hi: int) -> str | None:

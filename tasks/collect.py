@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +33,7 @@ import pandas as pd
 
 from tasks.fs import is_network as network_filesystem
 from tasks.errors import CollectError, SpecError, Unreadable
-from tasks.keys import Item
+from tasks.items import Item
 from tasks.progress import ProgressFn, Snapshot
 from tasks.scan import scan_done
 from tasks.spec import Task
@@ -124,7 +124,7 @@ class Collected:
     seconds: float  # time spent listing and reading
 
 
-def reader_for(task: Task, items: list[Item]) -> Reader:
+def reader_for(task: Task, items: Sequence[Item]) -> Reader:
     """The built-in reader for a task's outputs, chosen by their suffix."""
     if task.is_dir:
         raise SpecError(f"the outputs of {task.name} are directories; pass reader= (or "
@@ -165,7 +165,7 @@ def collect(task: Task, *, root: str | Path = ".", workers: int | None = None,
     items = task.items(root)
     read_one = reader or reader_for(task, items)
     done = scan_done(root, items)
-    todo = [it for it in items if it.key in done]
+    todo = [it for it in items if it.key not in done.left_keys]
     frames: list[pd.DataFrame | None] = [None] * len(todo)
     failed: list[Unreadable] = []
     logger.info("%s: reading %d outputs (%d keys not done) with %d threads", task.name,

@@ -34,7 +34,7 @@ from tasks.fs import fault
 from tasks.publish import Fence, Published, Publisher, discard, lost_temp
 
 if TYPE_CHECKING:
-    from tasks.keys import Item
+    from tasks.items import Item
     from tasks.worker import Outcome
 
 logger = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from tasks.chunks import ChunkSizer
 from tasks.claims import Claims
 from tasks.direct import Direct, settle
 from tasks.errors import EnvironmentFault, TaskError
-from tasks.keys import Item
+from tasks.items import Item
 from tasks.pool import Pool
 from tasks.progress import Snapshot
 from tasks.publish import Fence

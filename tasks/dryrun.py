@@ -68,7 +68,7 @@ def dry_run(task: Task, *, root: str | Path = ".", workers: int | None = None,
     done = scan_done(root, items)
     failures = FailureStore(layout.failed, layout.tmp).load()
     gave_up = set() if retry_failed else {k for k, f in failures.items() if f.gave_up and k not in done}
-    pending = [it for it in items if it.key not in done and it.key not in gave_up]
+    pending = [it for it in done.left if it.key not in gave_up]
     retrying = sum(1 for it in pending if it.key in failures)
     would = len(pending) if limit is None else min(limit, len(pending))
     first = pending[:min(shown, would)]

@@ -16,11 +16,11 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from tasks.keys import Item
+from tasks.items import Item
 from tasks.layout import Layout, new_owner_id
 from tasks.records import Failure, FailureStore
 from tasks.scan import scan_done
@@ -106,7 +106,7 @@ def open_failures(task: Task, *, root: str | Path = ".") -> list[Failure]:
     return _open_failures(Layout(root, task.name), task.items(root))
 
 
-def _open_failures(layout: Layout, items: list[Item]) -> list[Failure]:
+def _open_failures(layout: Layout, items: Sequence[Item]) -> list[Failure]:
     root = layout.root
     records = FailureStore(layout.failed, layout.tmp).load()
     if not records:

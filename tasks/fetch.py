@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from tasks import sftp
 from tasks.direct import Direct
-from tasks.keys import Item
+from tasks.items import Item
 
 if TYPE_CHECKING:
     from tasks.worker import Chunk

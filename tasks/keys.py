@@ -14,11 +14,10 @@ import string
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from itertools import repeat
-from operator import itemgetter
 from pathlib import Path
 
 from tasks.errors import OutputCollision, SpecError, UnsafePath
+from tasks.items import Item, KeyItems
 from tasks.layout import BOOKKEEPING_DIR
 
 # Placeholders an output template may use, by where the keys come from.
@@ -32,83 +31,6 @@ PATH_MAX = 4096  # bytes in a whole path, its terminating NUL included (Linux)
 # the owner id is at most ~56 bytes and tasks.publish.temp_path keeps at most the last 200
 # bytes of an output's name, so a temporary's name is never longer than an output's limit.
 TEMP_PATH_RESERVE = 320
-
-
-class Item(tuple):  # type: ignore[type-arg]
-    """One unit of work: a key, its source and its output path (all root-relative).
-
-    Immutable. Small and quick to make, because a million are made at every start: a
-    tuple (no per-field setattr). For a keys= task whose template is `PRE{key}POST` it is
-    the pair (key, (PRE, POST, is_dir)), the triple shared by every item, and the output
-    path is built on access; any other item is (key, src, out, fields, is_dir)."""
-
-    __slots__ = ()
-
-    def __new__(cls, key: str, src: str | None, out: str | tuple[str, str],
-                fields: tuple[tuple[str, str], ...] = (), is_dir: bool = False) -> Item:
-        if isinstance(out, tuple):
-            assert src is None and not fields, "a shared template is for keys= items only"
-            return tuple.__new__(cls, (key, (out[0], out[1], is_dir)))
-        return tuple.__new__(cls, (key, src, out, fields, is_dir))
-
-    key: str = property(itemgetter(0))  # type: ignore[assignment]  # the task's key
-
-    @property
-    def src(self) -> str | None:
-        """The source path relative to the root, or None for keys= tasks."""
-        return self[1] if len(self) == 5 else None
-
-    @property
-    def out(self) -> str:
-        """The final output path relative to the root (no trailing slash)."""
-        if len(self) == 5:
-            return self[2]
-        shared = self[1]
-        return shared[0] + self[0] + shared[1]
-
-    @property
-    def fields(self) -> tuple[tuple[str, str], ...]:
-        """Placeholder values, for --cmd rendering."""
-        return self[3] if len(self) == 5 else ()
-
-    @property
-    def is_dir(self) -> bool:
-        """The output is a directory (the template ends in "/")."""
-        return self[4] if len(self) == 5 else self[1][2]
-
-    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
-        return _item, (tuple(self),)
-
-    def _tuple(self) -> tuple[object, ...]:
-        return self.key, self.src, self.out, self.fields, self.is_dir
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Item) and self._tuple() == other._tuple()
-
-    def __ne__(self, other: object) -> bool:
-        return not self == other
-
-    def __hash__(self) -> int:
-        return hash(self._tuple())
-
-    def __repr__(self) -> str:
-        return f"Item(key={self.key!r}, src={self.src!r}, out={self.out!r})"
-
-
-def _item(t: tuple[object, ...]) -> Item:
-    """An Item from its tuple (unpickling)."""
-    return tuple.__new__(Item, t)
-
-
-def shared_template(items: Sequence[Item]) -> tuple[str, str] | None:
-    """(PRE, POST) if every item's output is PRE + key + POST from one shared pair (see
-    key_items), so callers can work on keys without building a million paths; else None."""
-    if not items or len(items[0]) != 2:
-        return None
-    shared = items[0][1]
-    if not all(len(it) == 2 and it[1] is shared for it in items):
-        return None
-    return shared[0], shared[1]
 
 
 def name_problem(name: str, *, name_max: int = NAME_MAX) -> str | None:
@@ -372,13 +294,15 @@ def gc_paused() -> Iterator[None]:
 
 
 def key_items(template: str, keys: list[str], *, limits: Limits, is_dir: bool,
-              unsafe: list[tuple[str, str, str]]) -> tuple[list[Item], bool]:
+              unsafe: list[tuple[str, str, str]],
+              unique: set[str] | None = None) -> tuple[Sequence[Item], bool]:
     """The items of a keys= task, and whether they may collide or nest (then the caller
     checks). A template whose one placeholder is a plain {key} renders by concatenation; a
     key without "/" then changes one path component only, which alone needs checking, and
     such outputs cannot collide or nest (the key is the only varying part): the common
-    case, cheap for a million keys. Keys whose output cannot be used go to `unsafe` as
-    (key, output, why), so the caller names them all at once."""
+    case, cheap for a million keys, whose items are then the keys alone (KeyItems). Keys
+    whose output cannot be used go to `unsafe` as (key, output, why), so the caller names
+    them all at once. `unique`, a set of the keys, is handed to the KeyItems (see key_set)."""
     pre, sep, post = template.partition("{key}")
     simple = bool(sep) and not any(c in pre + post for c in "{}\0")
     pre_parts, post_parts = pre.split("/"), post.split("/")
@@ -391,7 +315,7 @@ def key_items(template: str, keys: list[str], *, limits: Limits, is_dir: bool,
     fixed_bytes = len(os.fsencode(pre + post)) - len(os.fsencode(left + right)) if fast else 0
     shared = (pre, post, is_dir)  # every fast item builds its path from this one triple
     if fast and _all_plain(keys, left, right, first=first, fixed_bytes=fixed_bytes, limits=limits):
-        return list(map(tuple.__new__, repeat(Item), zip(keys, repeat(shared)))), False
+        return KeyItems(keys, shared, unique=unique), False
     items: list[Item] = []
     checked = False  # some item went the slow way: the caller checks uniqueness and nesting
     for key in keys:

@@ -22,25 +22,13 @@ from typing import Any, Literal
 import psutil
 
 from tasks import worker
+from tasks.bounds import START_METHODS
 from tasks.worker import SLOT_FIELDS, Chunk, Outcome, WorkerSetup
 
 logger = logging.getLogger(__name__)
 
-START_METHODS = ("forkserver", "spawn", "fork")
 KILL_WAIT_S = 5.0  # how long to wait for killed workers to be reaped
 FORKSERVER_PRELOAD = ["__main__", "tasks.forkserver_init"]
-
-
-def warm(start_method: str) -> None:
-    """Start the forkserver now, without waiting for it: its interpreter and imports (a few
-    hundred milliseconds) then overlap the runner's listing of the keys, instead of
-    delaying the first chunk. Nothing for the other start methods."""
-    if start_method != "forkserver":
-        return
-    from multiprocessing import forkserver
-
-    multiprocessing.get_context("forkserver").set_forkserver_preload(FORKSERVER_PRELOAD)
-    forkserver.ensure_running()
 
 
 @dataclass(frozen=True)

@@ -15,36 +15,33 @@ import signal
 import sys
 import threading
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from tasks import gpus as gpu_groups
 from tasks import plan as plans
 from tasks.claims import Claims, listing, parse_claim_name
-from tasks.direct import Direct
-from tasks.dispatch import Dispatch, UnitView
 from tasks.runreport import DispatchOptions, RunReport
 from tasks.errors import SpecError
 from tasks.fs import ENV_ERRNOS, FsClock, fault, is_network, probe_publish
 from tasks.layout import Layout, new_owner_id
-from tasks.owners import Heartbeat, Owner, heartbeat_interval, live_owners, sweep
 from tasks.bounds import (MAX_ATTEMPTS_LIMIT, MAX_CHUNK_SIZE, MAX_LEASE_S, MAX_LIMIT,
-                          MAX_TIMEOUT_S, MIN_LEASE_S, MIN_TIMEOUT_S, check_count, check_seconds,
-                          worker_count)
+                          MAX_TIMEOUT_S, MIN_LEASE_S, MIN_TIMEOUT_S, START_METHODS, check_count,
+                          check_seconds, worker_count)
 from tasks.plan import DEFAULT_LEASE_S
-from tasks.pool import START_METHODS, Pool
-from tasks.pool import warm as pool_warm
 from tasks.progress import ProgressFn
-from tasks.publish import Publisher
 from tasks.records import ExecLog, FailureStore, OwnerRecord, Stamp
 from tasks.runstate import StateFile
 from tasks.scan import scan_done
 from tasks.spec import Task
-from tasks.staging import Staging
-from tasks.staging import sweep as sweep_staging
-from tasks.worker import WorkerSetup
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+    from tasks.direct import Direct
+    from tasks.dispatch import Dispatch
+    from tasks.pool import Pool
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +146,6 @@ def run_with(task: Task, root: Path, opts: RunOptions) -> RunReport:
                         "process (a thread cannot be stopped)")
     if opts.executor == "process":
         task.check_importable()
-        pool_warm(opts.start_method)  # its start overlaps the listing below
     items = task.items(root)
     layout = Layout(root, task.name)
     report = RunReport(task.name, root, total=len(items))
@@ -166,8 +162,7 @@ def run_with(task: Task, root: Path, opts: RunOptions) -> RunReport:
     gave_up = {k for k, f in failures.items()
                if f.gave_up and not opts.retry_failed and k not in done}
     report.failed = sorted(gave_up)
-    pending = [] if len(done) == len(items) else [  # done holds keys of items only
-        it for it in items if it.key not in done and it.key not in gave_up]
+    pending = [it for it in done.left if it.key not in gave_up]
     logger.info("%s: %d keys, %d done, %d failed earlier, %d to run", task.name, len(items),
                 len(done), len(gave_up), len(pending))
     if not pending:
@@ -177,7 +172,21 @@ def run_with(task: Task, root: Path, opts: RunOptions) -> RunReport:
                           waiting=[])
         report.seconds = time.monotonic() - started
         return report
+    # With work to do, and only then, the dispatch loop, the pool, the SSH session and what
+    # they import (~0.15 s): a re-run that finds every key done (each VM's restart) never
+    # uses them.
+    from tasks.direct import Direct
+    from tasks.dispatch import Dispatch, UnitView
+    from tasks.owners import Heartbeat, Owner, heartbeat_interval, live_owners, sweep
+    from tasks.pool import Pool
+    from tasks.publish import Publisher
+    from tasks.staging import Staging
+    from tasks.staging import sweep as sweep_staging
+    from tasks.worker import WorkerSetup
+
     _raise_fd_limit()
+    done_now = set(done)  # the dispatch adds the keys it finishes
+    del done  # and the keys left are in `pending`: no second set of them while the work runs
 
     owner_id = new_owner_id()
     stamp = Stamp.mine()
@@ -231,7 +240,7 @@ def run_with(task: Task, root: Path, opts: RunOptions) -> RunReport:
                         "session" if direct and not direct.lost else "no direct SFTP session here, "
                         "so the task reads its inputs through the mount")
         dispatch = Dispatch(
-            root=root, pending=pending, unit_of=unit_of, done=done, attempts=attempts,
+            root=root, pending=pending, unit_of=unit_of, done=done_now, attempts=attempts,
             report=report, claims=claims, view=UnitView(claims.done, claims.folder, markers_before,
                                                        lister=direct.listings if direct else None),
             pool=pool, store=store, log=log, owner=owner_id, started=started,
@@ -265,7 +274,7 @@ def run_with(task: Task, root: Path, opts: RunOptions) -> RunReport:
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
         if state is not None:  # the runner is gone, however it ended
-            state.update(phase="finished", done=len(done), failed=len(report.failed),
+            state.update(phase="finished", done=len(done_now), failed=len(report.failed),
                          running=[], waiting=[])
             state.__exit__(None, None, None)
     assert dispatch is not None

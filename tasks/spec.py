@@ -19,7 +19,7 @@ import inspect
 import shlex
 import sys
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -27,7 +27,8 @@ from typing import Any, Literal, Union
 from tasks.bounds import MAX_TIMEOUT_S
 from tasks import cmdout
 from tasks.errors import SpecError, UnsafePath
-from tasks.keys import (KEY_FIELDS, SRC_FIELDS, Item, Limits, check_name, check_nesting,
+from tasks.items import Item
+from tasks.keys import (KEY_FIELDS, SRC_FIELDS, Limits, check_name, check_nesting,
                         check_template, check_unique, gc_paused, key_items, normal, path_problem,
                         relative, render, safe_relpath, template_fields, unsafe_outputs)
 from tasks.sources import content_hashes, glob_base, glob_sources, src_fields
@@ -88,14 +89,14 @@ class KeySource:
         """The output template as rendered: no leading "./", no trailing "/"."""
         return relative(self.out).rstrip("/")
 
-    def items(self, root: Path) -> list[Item]:
+    def items(self, root: Path) -> Sequence[Item]:
         """Every key with its output path, checked all at once before any work: a message
         names the first few keys whose output cannot be used (outside the root, `.`, too
         long for the filesystem), that share one output, or whose output is another's folder."""
         with gc_paused():
             return self._items(root)
 
-    def _items(self, root: Path) -> list[Item]:
+    def _items(self, root: Path) -> Sequence[Item]:
         template, is_dir = self.template, self.is_dir
         limits = Limits.of(root)
         items: list[Item] = []
@@ -146,14 +147,17 @@ class KeySource:
                 add(key, src, f)
         else:
             raw = self.keys() if callable(self.keys) else self.keys
-            keys = list(dict.fromkeys(raw))  # keep order, drop repeats
+            keys = list(raw)
+            unique = set(keys)  # quicker than a dict; the scan strikes the done keys off it
+            if len(unique) < len(keys):
+                keys = list(dict.fromkeys(keys))  # keep order, drop repeats
             if not keys:
                 raise SpecError("keys= produced no keys; check the function or list it names")
-            items, checked = key_items(template, keys, limits=limits, is_dir=is_dir,
-                                       unsafe=unsafe)
+            made, checked = key_items(template, keys, limits=limits, is_dir=is_dir, unsafe=unsafe,
+                                      unique=unique)
             if unsafe:
                 raise unsafe_outputs(unsafe)
-            return check_nesting(check_unique(items)) if checked else items
+            return check_nesting(check_unique(made)) if checked else made
         if unsafe:
             raise unsafe_outputs(unsafe)
         return check_nesting(check_unique(items))
@@ -169,7 +173,7 @@ class FileTask:
         self.source = source
         self.init = init
         self.fsync = fsync
-        if fetch and source.src is None:
+        if fetch and source.src is None:  # the copy's source
             raise SpecError(f"@filetask {func.__qualname__}: fetch=True needs src= (a keys= task has no input)")
         self.fetch = fetch
         self.module = func.__module__
@@ -194,7 +198,7 @@ class FileTask:
     def is_dir(self) -> bool:
         return self.source.is_dir
 
-    def items(self, root: Path) -> list[Item]:
+    def items(self, root: Path) -> Sequence[Item]:
         return self.source.items(root)
 
     def ref(self) -> "FuncRef":
@@ -334,7 +338,7 @@ class CmdTask:
     def is_dir(self) -> bool:
         return self.source.is_dir
 
-    def items(self, root: Path) -> list[Item]:
+    def items(self, root: Path) -> Sequence[Item]:
         return self.source.items(root)
 
     def ref(self) -> "CmdTask":
@@ -350,8 +354,7 @@ class CmdTask:
         return None
 
     def command_line(self, item: Item, out: Path, root: Path, *, src: Path | None = None) -> str:
-        """The shell line run for `item`, writing to `out` (placeholders shell-quoted); `src`:
-        a local copy of its input (tasks.fetch)."""
+        """The shell line run for `item` (placeholders shell-quoted); `src`: its input's copy."""
         values = dict(item.fields) if item.fields else {"key": item.key}
         if item.src is not None:
             values["src"] = str(src or root / item.src)
@@ -359,8 +362,7 @@ class CmdTask:
         return render(self.cmd, {k: shlex.quote(v) for k, v in values.items()}, what="--cmd")
 
     def execute(self, item: Item, out: Path, root: Path, ctx: Any, *, src: Path | None = None) -> None:
-        done = cmdout.run_command(self.command_line(item, out, root, src=src), root=root,
-                                  keep=self.keep_output)
+        done = cmdout.run_command(self.command_line(item, out, root, src=src), root=root, keep=self.keep_output)
         if self.keep_output:
             cmdout.keep_output(root, self.name, item.key, done)
         if done.returncode != 0:
@@ -390,8 +392,7 @@ def filetask(*, out: str, src: str | None = None, keys: KeysArg = None, key: Key
     fsync: flush each output to stable storage before publishing it.
     timeout: seconds one key may run; a key running longer is killed (its worker
            process) and charged a failed attempt (`tasks run --timeout` overrides).
-    fetch: the task reads only its own `src`: on a cluster the runner fetches small
-           inputs in batches and `src` is a local copy (same name, size and mtime).
+    fetch: the task reads only its `src`: on a cluster `src` is a local copy (tasks.fetch).
     """
     source = KeySource(src=src, keys=keys, key=key, out=out)
 

@@ -53,18 +53,18 @@ def status(task: Task, *, root: str | Path = ".", lease_s: float | None = None) 
     layout = Layout(root, task.name)
     items = task.items(root)
     done = scan_done(root, items)
+    left = done.left_keys  # the keys not done
     failures = FailureStore(layout.failed, layout.tmp).load()
-    keys = {it.key for it in items}
     plan = _plan(layout)
     lease = plan.lease_s if plan is not None else (lease_s or DEFAULT_LEASE_S)
     clock = _clock(layout)
     live_units = set(live_claims(layout.claims, lease_s=lease, clock=clock)) if plan else set()
     live: set[str] = set()
     if live_units and plan is not None:
-        live = {it.key for it in items if it.key not in done and plan.unit(it.key) in live_units}
-    failed = {k for k, f in failures.items() if f.gave_up and k not in done and k in keys}
-    running = live - done - failed
-    retrying = {k for k, f in failures.items() if not f.gave_up and k not in done and k in keys}
+        live = {k for k in left if plan.unit(k) in live_units}
+    failed = {k for k, f in failures.items() if f.gave_up and k in left}
+    running = live - failed
+    retrying = {k for k, f in failures.items() if not f.gave_up and k in left}
     owners = [Owner(o.record.owner, o.record.host, o.record.pid, o.record.task, o.age)
               for o in live_owners(layout, lease_s=lease, clock=clock, task=task.name)]
     return TaskStatus(task.name, str(root), len(items), len(done), len(failed), len(running),

@@ -23,7 +23,7 @@ from tasks.deathsig import die_with_parent
 from tasks.direct import stageable
 from tasks.errors import EnvironmentFault
 from tasks.fs import PublishMethod, env_errno, fault
-from tasks.keys import Item
+from tasks.items import Item
 from tasks.memo import ROOT_ENV
 from tasks.publish import Fence, Published, Publisher, discard, temp_path
 from tasks.spec import CommandFailed, Task, TaskRef

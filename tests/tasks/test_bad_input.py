@@ -206,6 +206,32 @@ def test_an_output_that_exists_as_a_folder_for_a_file_task_is_refused(box: Sandb
     assert box.outside() == box.outside_before
 
 
+@pytest.mark.parametrize("out", ["o/x{key}.txt", "o/{key}"])
+def test_a_keys_output_that_exists_as_the_wrong_kind_is_refused(box: Sandbox, out: str) -> None:
+    """keys= outputs are found by turning listed names back into keys (tasks.scan): a
+    folder where a key's file goes is still named, with its key."""
+    name = out[2:].replace("{key}", "b")
+    (box.root / "o" / name).mkdir(parents=True)
+    (box.root / "o" / out[2:].replace("{key}", "a")).write_text("done\n")
+    proc = box.run("run", "--cmd", KEYS_CMD, "--keys", keys_file(box, ["a", "b", "c"]), "--out", out)
+    assert proc.returncode == 2, proc.stderr
+    assert "1 output path(s) exist, but not as what this task writes (file outputs)" in proc.stderr
+    assert f"'o/{name}' (key 'b') is a folder" in proc.stderr
+    assert not (box.root / "ran.txt").exists(), "no key ran, not even the good ones"
+    assert box.outside() == box.outside_before
+
+
+def test_a_keys_output_that_exists_as_a_file_for_a_directory_task_is_refused(box: Sandbox) -> None:
+    (box.root / "o" / "pa").mkdir(parents=True)
+    (box.root / "o" / "pb").write_text("mine\n")
+    proc = box.run("run", "--cmd", "printf '%s' {key} > {out}/k && echo ran >> ran.txt",
+                   "--keys", keys_file(box, ["a", "b", "c"]), "--out", "o/p{key}/")
+    assert proc.returncode == 2, proc.stderr
+    assert "(directory outputs): 'o/pb' (key 'b') is a file" in proc.stderr
+    assert not (box.root / "ran.txt").exists()
+    assert (box.root / "o" / "pb").read_text() == "mine\n"
+
+
 def test_an_output_that_exists_as_a_file_for_a_directory_task_is_refused(box: Sandbox) -> None:
     (box.root / "o").mkdir()
     (box.root / "o" / "a").write_text("mine\n")

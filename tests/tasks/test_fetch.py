@@ -13,7 +13,7 @@ import pytest
 from tasks import fetch
 from tasks.direct import COMMAND_ENV, Direct
 from tasks.fs import probe_publish
-from tasks.keys import Item
+from tasks.items import Item
 from tasks.publish import Publisher
 from tests.tasks.two_mounts import fresh, kill_session_when, sftp_command, two_machines  # noqa: F401 (fixtures)
 

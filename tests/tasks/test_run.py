@@ -53,6 +53,37 @@ def test_run_publishes_every_output_and_skips_done_keys(tmp_path: Path, write_mo
     assert list((tmp_path / ".spotfan/tmp").iterdir()) == []
 
 
+def test_only_names_that_are_a_keys_output_count_as_done(tmp_path: Path) -> None:
+    """The scan turns each listed name back into its key: names without the template's
+    prefix or suffix, or too short to hold a key, are not any key's output."""
+    out = tmp_path / "o"
+    out.mkdir()
+    strays = {"b.txt": "no prefix", "zb.txt": "another prefix", "xc": "no suffix",
+              "xcnope": "another suffix", "x.txt": "no key", "xz.txt": "not a key",
+              "xa.txt.tmp": "longer", "y": "a folder"}
+    for name, text in strays.items():
+        if name == "y":
+            (out / name).mkdir()
+        else:
+            (out / name).write_text(text)
+    (out / "xa.txt").write_text("done before\n")
+    (tmp_path / "keys.txt").write_text("a\nb\nc\nx\n.txt\n")
+    args = ["--cmd", "printf '%s' {key} > {out}", "--keys", "keys.txt", "--out", "o/x{key}.txt"]
+    st = json.loads(run_cli(["status", *args, "--json"], tmp_path).stdout)
+    assert (st["total"], st["done"], st["pending"]) == (5, 1, 4)
+    dry = json.loads(run_cli(["run", *args, "--dry-run", "--json"], tmp_path).stdout)
+    assert (dry["done"], dry["left"]) == (1, 4), dry
+    proc = run_cli(["run", *args], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (report["done_before"], report["succeeded"]) == (1, 4), report
+    assert (out / "xa.txt").read_text() == "done before\n", "a done key is not run again"
+    for key in ("b", "c", "x", ".txt"):
+        assert (out / f"x{key}.txt").read_text() == key
+    for name, text in strays.items():
+        assert name == "y" or (out / name).read_text() == text, f"{name} is left alone"
+
+
 def test_a_failing_key_does_not_stop_the_others(tmp_path: Path, write_module) -> None:
     write_module("t", """
         from pathlib import Path
