@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import BinaryIO, Literal, Protocol, runtime_checkable
+from typing import Any, BinaryIO, Literal, Protocol, runtime_checkable
 
 ATTEMPTS = 5  # tries of one call on a transient failure (5xx, 429, reset, timeout), the first included
 RETRY_DEADLINE_S = 60.0  # GCS: no retry starts after this long; S3: ATTEMPTS bounds it
@@ -79,6 +79,32 @@ class Retries:
     deadline_s: float = RETRY_DEADLINE_S
     connect_timeout_s: float = CONNECT_TIMEOUT_S
     read_timeout_s: float = READ_TIMEOUT_S
+
+
+class ClientHolder:
+    """What both adaptors share: a lazily made SDK client, closed once, never pickled (a
+    worker process connects again), and `where` for messages."""
+
+    scheme = ""  # "s3" or "gs"
+    name: str  # the bucket
+    _client: Any = None
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_client": None}
+
+    def where(self, name: str = "") -> str:
+        return f"{self.scheme}://{self.name}/{name}"
 
 
 @runtime_checkable

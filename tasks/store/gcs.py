@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import quote
 
 from tasks.errors import NoSuchBucket, SpecError, StoreAccessError, StoreUnreachable
-from tasks.store.bucket import (COPY_CHUNK, LIST_PAGE, ObjectData, ObjectInfo, Prefix, Refused, Retries,
+from tasks.store.bucket import (ClientHolder, COPY_CHUNK, LIST_PAGE, ObjectData, ObjectInfo, Prefix, Refused, Retries,
                                 atomic_download, md5_b64)
 
 try:
@@ -68,7 +68,7 @@ class _Attempts:
         self.retried = True
 
 
-class GcsBucket:
+class GcsBucket(ClientHolder):
     """One Cloud Storage bucket (see tasks.store.bucket.Bucket)."""
 
     scheme = "gs"
@@ -91,23 +91,6 @@ class GcsBucket:
     @property
     def timeout(self) -> tuple[float, float]:
         return (self.retries.connect_timeout_s, self.retries.read_timeout_s)
-
-    def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
-
-    def __enter__(self) -> "GcsBucket":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_client": None}  # a worker process connects again
-
-    def where(self, name: str = "") -> str:
-        return f"gs://{self.name}/{name}"
 
     def _bucket(self) -> Any:
         return self.client.bucket(self.name)

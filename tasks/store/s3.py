@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from tasks.errors import NoSuchBucket, SpecError, StoreAccessError, StoreUnreachable
-from tasks.store.bucket import (CONFLICT_RETRIES, CONFLICT_WAIT_S, COPY_CHUNK, LIST_PAGE, ObjectData, ObjectInfo,
-                                Prefix, Refused, Retries, atomic_download, md5_hex)
+from tasks.store.bucket import (CONFLICT_RETRIES, CONFLICT_WAIT_S, COPY_CHUNK, LIST_PAGE, ClientHolder, ObjectData,
+                                ObjectInfo, Prefix, Refused, Retries, atomic_download, md5_hex)
 
 try:
     import boto3
@@ -51,7 +51,7 @@ class _Missing(Exception):
     """The object (or that version of it) is not there: ends a download without a file."""
 
 
-class S3Bucket:
+class S3Bucket(ClientHolder):
     """One S3 bucket (see tasks.store.bucket.Bucket)."""
 
     scheme = "s3"
@@ -73,23 +73,6 @@ class S3Bucket:
                             connect_timeout=self.retries.connect_timeout_s, read_timeout=self.retries.read_timeout_s)
             self._client = boto3.session.Session().client("s3", config=config)
         return self._client
-
-    def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
-
-    def __enter__(self) -> "S3Bucket":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_client": None}  # a worker process connects again
-
-    def where(self, name: str = "") -> str:
-        return f"s3://{self.name}/{name}"
 
     # --- reads --------------------------------------------------------------------------
 
