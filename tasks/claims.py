@@ -8,6 +8,10 @@ taken over by creating the next generation, `claims/<unit>.1`, `<unit>.2`, ... a
 O_EXCL, so that of two takers only one wins. A finished unit leaves `done/<unit>`, so one
 listing of `done/` tells a runner which units peers finished. Works over SSHFS, where a
 lost exclusive create fails with EPERM rather than EEXIST.
+
+The bookkeeping every root shares (which claims are held, lost while frozen, due for a
+heartbeat) is `ClaimBook`; `Claims` is its POSIX store, `tasks.store.claims.BucketClaims`
+the object-store one (the same names, created only if absent, renewed by compare-and-swap).
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from tasks.errors import ClaimError
 from tasks.fs import ENV_ERRNOS, FsClock, fault
@@ -43,9 +47,9 @@ class Held:
     """A claim this process holds."""
 
     unit: str  # the unit's name
-    path: Path  # the claim file
+    name: str  # the claim's name in the claims folder: <unit> or <unit>.<generation>
     generation: int  # 0 for a first claim, n for the n-th takeover
-    fd: int  # the claim file, open for its heartbeat writes
+    handle: Any  # what its heartbeat writes through: an open fd (POSIX), a version (object store)
     touched: float  # time.monotonic() of the last successful refresh
 
 
@@ -123,15 +127,14 @@ class Folder:
         return listing(self.path)
 
 
-class Claims:
-    """The claims one `run` process holds on one task's units."""
+class ClaimBook:
+    """The claims one `run` process holds on one task's units: what is shared by every
+    kind of root (which units are held, which were lost while frozen, when to refresh).
+    A subclass says how one claim is made, refreshed and released on its store."""
 
-    def __init__(self, claims_dir: Path, done_dir: Path, *, lease_s: float, clock: FsClock,
-                 pipelined: bool) -> None:
-        self.dir = claims_dir
-        self.done_dir = done_dir
-        self.folder = Folder(claims_dir)
-        self.done = Folder(done_dir)
+    dir: Any  # where the claims are (a folder, or an object-name prefix), for fences
+
+    def __init__(self, *, lease_s: float, clock: FsClock, pipelined: bool) -> None:
         self.lease_s = lease_s
         self.clock = clock
         self.pipelined = pipelined
@@ -140,6 +143,25 @@ class Claims:
         self._lost: list[str] = []  # units whose claim expired while held, not yet reported
         self._checked = 0.0  # time.monotonic() of the last check_lost
         self._lock = threading.Lock()
+
+    # -- what each store does ----------------------------------------------------------
+    def _acquire_one(self, unit: str) -> tuple[Held, bool] | None:
+        """Claim one unit: (the claim, whether done/<unit> exists), or None if a live
+        owner holds it."""
+        raise NotImplementedError
+
+    def _release_one(self, held: Held, done: bool) -> None:
+        raise NotImplementedError
+
+    def _rewrite(self, held: Held) -> bool:
+        """One heartbeat of a held claim: True if it took (it carries the store's clock)."""
+        raise NotImplementedError
+
+    def _let_go(self, held: Held) -> None:
+        """Stop renewing a claim that was lost (the claim itself stays)."""
+
+    def close(self) -> None:
+        """Release descriptors or connections."""
 
     def __len__(self) -> int:
         return len(self._held)
@@ -167,6 +189,82 @@ class Claims:
                     won.append(Won(unit, held.generation, marked))
         return won, busy
 
+    def generation(self, unit: str) -> int:
+        with self._lock:
+            held = self._held.get(unit)
+        return held.generation if held is not None else 0
+
+    # -- release -----------------------------------------------------------------------
+    def release(self, units: Iterable[str], *, done: bool) -> None:
+        """Give up claims; `done`: every key of these units is settled, so leave the
+        marker that tells peers so (written before the claim goes: a peer that wins the
+        claim next then sees the marker)."""
+        with self._lock:
+            held = [self._held.pop(u) for u in units if u in self._held]
+        if held:
+            self.map(lambda h: self._release_one(h, done), held)
+
+    def release_all(self) -> None:
+        self.release(list(self._held), done=False)
+
+    # -- heartbeat ---------------------------------------------------------------------
+    def check_lost(self) -> None:
+        """Drop claims not refreshed for most of the lease (this process was frozen, or
+        the mount hung): a peer may hold them now. They are reported by take_lost()."""
+        now = time.monotonic()
+        if now - self._checked < LOST_CHECK_S:
+            return
+        self._checked = now
+        limit = now - self.lease_s * LOST_FRACTION
+        with self._lock:
+            lost = [h for h in self._held.values() if h.touched < limit]
+            for h in lost:
+                del self._held[h.unit]
+                self._lost.append(h.unit)
+        for h in lost:
+            logger.warning("claim %s went %.0fs without a refresh (lease %.0fs): a peer may "
+                           "have taken it over; leaving its keys to that peer", h.name,
+                           time.monotonic() - h.touched, self.lease_s)
+            self._let_go(h)
+
+    def take_lost(self) -> list[str]:
+        self.check_lost()
+        with self._lock:
+            lost, self._lost = self._lost, []
+        return lost
+
+    def refresh(self) -> int:
+        """Rewrite the claims that are getting old (a heartbeat each); returns how many."""
+        self.check_lost()
+        now = time.monotonic()
+        with self._lock:
+            due = [h for h in self._held.values()
+                   if now - h.touched > self.lease_s * REFRESH_FRACTION]
+        for h in due:
+            if self._rewrite(h):
+                h.touched = time.monotonic()
+        return len(due)
+
+    def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+        """fn over items; concurrently on a network filesystem, where each call is a round
+        trip and SSHFS pipelines concurrent requests over one connection."""
+        if self.pipelined and len(items) > 1:
+            with ThreadPoolExecutor(min(CLAIM_THREADS, len(items))) as pool:
+                return list(pool.map(fn, items))
+        return [fn(i) for i in items]
+
+
+class Claims(ClaimBook):
+    """Claims on a folder (a local disk or an SSHFS mount; see the module docstring)."""
+
+    def __init__(self, claims_dir: Path, done_dir: Path, *, lease_s: float, clock: FsClock,
+                 pipelined: bool) -> None:
+        super().__init__(lease_s=lease_s, clock=clock, pipelined=pipelined)
+        self.dir = claims_dir
+        self.done_dir = done_dir
+        self.folder = Folder(claims_dir)
+        self.done = Folder(done_dir)
+
     def _acquire_one(self, unit: str) -> tuple[Held, bool] | None:
         for gen in range(MAX_GENERATIONS):
             path = generation_path(self.dir, unit, gen)
@@ -185,7 +283,7 @@ class Claims:
                     logger.info("claim %s is %.0fs old (lease %.0fs) or its holder on this "
                                 "host is gone: taking over", path.name, age, self.lease_s)
                     continue
-            held = Held(unit, path, gen, fd, time.monotonic())
+            held = Held(unit, path.name, gen, fd, time.monotonic())
             return held, self.done.exists(unit)
         logger.warning("claim unit %s was taken over %d times; leaving it for this run",
                        unit, MAX_GENERATIONS)
@@ -231,33 +329,26 @@ class Claims:
             raise
         return fd
 
-    def generation(self, unit: str) -> int:
-        with self._lock:
-            held = self._held.get(unit)
-        return held.generation if held is not None else 0
-
-    # -- release -----------------------------------------------------------------------
-    def release(self, units: Iterable[str], *, done: bool) -> None:
-        """Give up claims; `done`: every key of these units is settled, so leave the
-        marker that tells peers so (written before the claim goes: a peer that wins the
-        claim next then sees the marker)."""
-        with self._lock:
-            held = [self._held.pop(u) for u in units if u in self._held]
-        if held:
-            self.map(lambda h: self._release_one(h, done), held)
-
-    def release_all(self) -> None:
-        self.release(list(self._held), done=False)
-
     def close(self) -> None:
         self.folder.close()
         self.done.close()
 
-    def _release_one(self, held: Held, done: bool) -> None:
+    def _rewrite(self, held: Held) -> bool:
         try:
-            os.close(held.fd)
+            os.pwrite(held.handle, self.stamp[:1], 0)
+            return True
+        except OSError as e:
+            logger.warning("could not refresh claim %s: %s", held.name, e)
+            return False
+
+    def _let_go(self, held: Held) -> None:
+        try:
+            os.close(held.handle)
         except OSError:
             pass
+
+    def _release_one(self, held: Held, done: bool) -> None:
+        self._let_go(held)
         if done:
             try:
                 os.close(self.done.open(held.unit, os.O_CREAT | os.O_WRONLY))
@@ -267,65 +358,13 @@ class Claims:
             # Our lease ran out while we worked: someone may hold the next generation now,
             # and removing ours would let a newcomer claim generation 0 beside them.
             logger.warning("claim %s expired while held (no refresh for %.0fs); leaving it",
-                           held.path.name, time.monotonic() - held.touched)
+                           held.name, time.monotonic() - held.touched)
             return
         for gen in range(held.generation + 1):
             try:
                 self.folder.unlink(generation_path(self.dir, held.unit, gen).name)
             except FileNotFoundError:
                 pass
-
-    # -- heartbeat ---------------------------------------------------------------------
-    def check_lost(self) -> None:
-        """Drop claims not refreshed for most of the lease (this process was frozen, or
-        the mount hung): a peer may hold them now. They are reported by take_lost()."""
-        now = time.monotonic()
-        if now - self._checked < LOST_CHECK_S:
-            return
-        self._checked = now
-        limit = now - self.lease_s * LOST_FRACTION
-        with self._lock:
-            lost = [h for h in self._held.values() if h.touched < limit]
-            for h in lost:
-                del self._held[h.unit]
-                self._lost.append(h.unit)
-        for h in lost:
-            logger.warning("claim %s went %.0fs without a refresh (lease %.0fs): a peer may "
-                           "have taken it over; leaving its keys to that peer", h.path.name,
-                           time.monotonic() - h.touched, self.lease_s)
-            try:
-                os.close(h.fd)
-            except OSError:
-                pass
-
-    def take_lost(self) -> list[str]:
-        self.check_lost()
-        with self._lock:
-            lost, self._lost = self._lost, []
-        return lost
-
-    def refresh(self) -> int:
-        """Rewrite a byte of the claims that are getting old; returns how many."""
-        self.check_lost()
-        now = time.monotonic()
-        with self._lock:
-            due = [h for h in self._held.values()
-                   if now - h.touched > self.lease_s * REFRESH_FRACTION]
-        for h in due:
-            try:
-                os.pwrite(h.fd, self.stamp[:1], 0)
-                h.touched = time.monotonic()
-            except OSError as e:
-                logger.warning("could not refresh claim %s: %s", h.path.name, e)
-        return len(due)
-
-    def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
-        """fn over items; concurrently on a network filesystem, where each call is a round
-        trip and SSHFS pipelines concurrent requests over one connection."""
-        if self.pipelined and len(items) > 1:
-            with ThreadPoolExecutor(min(CLAIM_THREADS, len(items))) as pool:
-                return list(pool.map(fn, items))
-        return [fn(i) for i in items]
 
 
 def _holder_died_here(path: Path) -> bool:

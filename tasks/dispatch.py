@@ -14,14 +14,15 @@ import random
 import socket
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tasks import fetch
 from tasks.chunks import ChunkSizer
-from tasks.claims import Claims
+from tasks.claims import ClaimBook
 from tasks.direct import Direct, settle
 from tasks.errors import EnvironmentFault, TaskError
 from tasks.items import Item
@@ -32,6 +33,9 @@ from tasks.records import ExecLog, Failure, FailureStore
 from tasks.units import UnitRing, UnitView
 from tasks.runreport import DispatchOptions, RunReport
 from tasks.worker import Chunk, Outcome
+
+if TYPE_CHECKING:
+    from tasks.store.records import BucketFailures, BucketLog
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +59,15 @@ class Dispatch:
     """The loop of one run (see the module docstring)."""
 
     def __init__(self, *, root: Path, pending: list[Item], unit_of: dict[str, str], done: set[str],
-                 attempts: dict[str, int], report: RunReport, claims: Claims, view: UnitView,
-                 pool: Pool, store: FailureStore, log: ExecLog, owner: str,
+                 attempts: dict[str, int], report: RunReport, claims: ClaimBook, view: UnitView,
+                 pool: Pool, store: FailureStore | BucketFailures, log: ExecLog | BucketLog, owner: str,
                  opts: DispatchOptions, started: float, rng: random.Random,
-                 direct: Direct | None = None) -> None:
+                 direct: Direct | None = None,
+                 exists: Callable[[Item], bool] | None = None) -> None:
         self.root = root
+        # Whether one key's output is published (a lstat on a folder, a HEAD on a bucket):
+        # only for keys a dead owner or a broken pool may have finished.
+        self.exists = exists or (lambda it: os.path.lexists(self.root / it.out))
         self.direct = direct  # publishes staged outputs (tasks.direct), or None
         self.unit_of, self.done, self.attempts, self.report = unit_of, done, attempts, report
         self.claims, self.view, self.pool, self.store, self.log = claims, view, pool, store, log
@@ -216,7 +224,7 @@ class Dispatch:
             self.view.refresh(force=True)
             self.order.jump(self.view.held)
         if check:
-            there = self.claims.map(lambda it: os.path.lexists(self.root / it.out), check)
+            there = self.claims.map(self.exists, check)
             for it, exists in zip(check, there):
                 if exists:
                     self.report.by_peers += 1
@@ -353,7 +361,7 @@ class Dispatch:
         self.inflight.clear()
         self.suspect = None
         back = [it for it in back if self.unit_of[it.key] in self.held]
-        there = self.claims.map(lambda it: os.path.lexists(self.root / it.out), back)
+        there = self.claims.map(self.exists, back)
         for it, exists in zip(back, there):
             if exists:  # published by our worker before it was killed
                 self.report.succeeded += 1

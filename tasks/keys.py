@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import os
+import shlex
 import string
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -337,3 +338,22 @@ def key_items(template: str, keys: list[str], *, limits: Limits, is_dir: bool,
         else:
             items.append(Item(key, None, normal(out), (("key", key),), is_dir))
     return items, checked
+
+def read_keys(path: str) -> list[str]:
+    """The keys of a --keys file: UTF-8 text, one key per "\\n"-separated line (a "\\r"
+    before it is dropped, so Windows line ends work); blank lines are skipped. Nothing else
+    splits a key: form feeds, U+2028 and friends stay part of it."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise SpecError(f"cannot read the keys file {path!r}: {e.strerror}; give a text file "
+                        "with one key per line") from e
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise SpecError(f"the keys file {path!r} is not UTF-8 text: byte {data[e.start]:#04x} on "
+                        f"line {line} ({e.reason}); convert it first, e.g. `iconv -f latin1 -t "
+                        f"utf-8 {shlex.quote(path)} > keys-utf8.txt`") from e
+    keys = (line.removesuffix("\r") for line in text.removeprefix("\ufeff").split("\n"))
+    return [key for key in keys if key.strip()]

@@ -11,30 +11,27 @@ import logging
 import os
 import random
 import resource
-import signal
 import sys
-import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from tasks import gpus as gpu_groups
 from tasks import plan as plans
 from tasks.claims import Claims, listing, parse_claim_name
-from tasks.runreport import DispatchOptions, RunReport
-from tasks.errors import SpecError
 from tasks.fs import ENV_ERRNOS, FsClock, fault, is_network, probe_publish
 from tasks.layout import Layout, new_owner_id
-from tasks.bounds import (MAX_ATTEMPTS_LIMIT, MAX_CHUNK_SIZE, MAX_LEASE_S, MAX_LIMIT,
-                          MAX_TIMEOUT_S, MIN_LEASE_S, MIN_TIMEOUT_S, START_METHODS, check_count,
-                          check_seconds, worker_count)
+from tasks.bounds import START_METHODS
 from tasks.plan import DEFAULT_LEASE_S
 from tasks.progress import ProgressFn
 from tasks.records import ExecLog, FailureStore, OwnerRecord, Stamp
+from tasks.runparts import (DEFAULT_MAX_ATTEMPTS, RunOptions, drive, end_state, finish,
+                            finish_early, left_to_run, raise_on_sigterm, restore_sigterm,
+                            task_timeout)
+from tasks.runreport import DispatchOptions, RunReport
 from tasks.runstate import StateFile
 from tasks.scan import scan_done
 from tasks.spec import Task
+from tasks.store.url import is_object_url
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -45,73 +42,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_ATTEMPTS = 3
-
 __all__ = ["run", "RunOptions", "RunReport", "DEFAULT_LEASE_S", "DEFAULT_MAX_ATTEMPTS",
            "START_METHODS"]
-
-
-@dataclass(frozen=True, kw_only=True)
-class RunOptions:
-    """The options of one `run`, checked before any work (see `check`)."""
-
-    workers: int | None = None  # pool size; default one per core
-    executor: Literal["process", "thread"] = "process"
-    max_attempts: int = DEFAULT_MAX_ATTEMPTS  # tries per key before it is given up
-    lease_s: float | None = None  # asked for by this runner; the plan's lease wins
-    limit: int | None = None  # run at most this many keys
-    retry_failed: bool = False  # also run keys given up earlier
-    fsync: bool = False  # flush each output before publishing it
-    chunk_size: int | None = None  # keys per chunk; default adaptive
-    start_method: str = "forkserver"
-    timeout_s: float | None = None  # a key running longer is killed and charged an attempt
-    progress: ProgressFn | None = None
-    state_file: Path | None = None  # write a RunState here (on a local disk) while running
-    seed: int | None = None  # of the shuffle of pending keys (tests)
-    gpus: int | None = None  # GPUs to share out, one group per worker process (tasks.gpus); None: leave CUDA alone
-    gpus_per_worker: int = 1  # GPUs in each worker process's group
-
-    def gpu_groups(self) -> tuple[str, ...]:
-        """Each worker process's CUDA_VISIBLE_DEVICES, or () without --gpus."""
-        if self.gpus is None:
-            if self.gpus_per_worker != 1:
-                raise SpecError("--gpus-per-worker needs --gpus N (how many GPUs to share out)")
-            return ()
-        return gpu_groups.split(self.gpus, self.gpus_per_worker,
-                                visible=os.environ.get(gpu_groups.CUDA_ENV)).groups
-
-    def check(self, root: Path) -> int:
-        """Refuse options out of their bounds (tasks.bounds: nan, inf, negative, huge);
-        return how many workers to start."""
-        if not root.is_dir():
-            raise SpecError(f"run root {root} is not a directory; pass --root DIR (on a "
-                            "cluster, the shared mount point)")
-        if self.executor not in ("process", "thread"):
-            raise SpecError(f"--executor must be process or thread, got {self.executor!r}")
-        check_count("--max-attempts", self.max_attempts, 1, MAX_ATTEMPTS_LIMIT)
-        if self.lease_s is not None:
-            check_seconds("--lease", self.lease_s, MIN_LEASE_S, MAX_LEASE_S)
-        if self.limit is not None:
-            check_count("--limit", self.limit, 1, MAX_LIMIT)
-        if self.chunk_size is not None:
-            check_count("--chunk-size", self.chunk_size, 1, MAX_CHUNK_SIZE)
-        if self.start_method not in START_METHODS:
-            raise SpecError(f"--start-method must be one of {', '.join(START_METHODS)}")
-        if self.timeout_s is not None:
-            check_seconds("--timeout", self.timeout_s, MIN_TIMEOUT_S, MAX_TIMEOUT_S)
-            if self.executor == "thread":
-                raise SpecError("--timeout needs --executor process: a thread cannot be "
-                                "stopped, a worker process can")
-        groups = self.gpu_groups()
-        if groups:
-            if self.executor == "thread":
-                raise SpecError("--gpus needs --executor process: threads share one CUDA_VISIBLE_DEVICES")
-            if self.workers is not None and self.workers != len(groups):
-                raise SpecError(f"--workers {self.workers} with --gpus {self.gpus} --gpus-per-worker "
-                                f"{self.gpus_per_worker}: there is one worker process per GPU group, "
-                                f"{len(groups)}; leave --workers out")
-            return len(groups)
-        return worker_count(self.workers)
 
 
 def run(task: Task, *, root: str | Path = ".", workers: int | None = None,
@@ -134,18 +66,17 @@ def run(task: Task, *, root: str | Path = ".", workers: int | None = None,
                       chunk_size=chunk_size, start_method=start_method, timeout_s=timeout_s,
                       progress=progress, state_file=state_file, seed=seed, gpus=gpus,
                       gpus_per_worker=gpus_per_worker)
-    return run_with(task, Path(root).resolve(), opts)
+    return run_with(task, root if is_object_url(str(root)) else Path(root).resolve(), opts)
 
 
-def run_with(task: Task, root: Path, opts: RunOptions) -> RunReport:
+def run_with(task: Task, root: Path | str, opts: RunOptions) -> RunReport:
+    if not isinstance(root, Path):
+        from tasks.store.run import run_on_bucket  # an object-store root (s3://, gs://)
+
+        return run_on_bucket(task, str(root), opts)
     started = time.monotonic()
     workers = opts.check(root)
-    timeout_s = opts.timeout_s if opts.timeout_s is not None else task.timeout
-    if timeout_s is not None and opts.executor == "thread":
-        raise SpecError(f"task {task.name} has timeout={timeout_s:g}, which needs --executor "
-                        "process (a thread cannot be stopped)")
-    if opts.executor == "process":
-        task.check_importable()
+    timeout_s = task_timeout(task, opts)
     items = task.items(root)
     layout = Layout(root, task.name)
     report = RunReport(task.name, root, total=len(items))
@@ -157,21 +88,9 @@ def run_with(task: Task, root: Path, opts: RunOptions) -> RunReport:
         failures = store.load()
     except OSError as e:
         raise _as_fault(e, root) from e
-    report.done_before = len(done)
-    attempts = {k: (0 if opts.retry_failed else f.attempts) for k, f in failures.items()}
-    gave_up = {k for k, f in failures.items()
-               if f.gave_up and not opts.retry_failed and k not in done}
-    report.failed = sorted(gave_up)
-    pending = [it for it in done.left if it.key not in gave_up]
-    logger.info("%s: %d keys, %d done, %d failed earlier, %d to run", task.name, len(items),
-                len(done), len(gave_up), len(pending))
+    pending, attempts = left_to_run(task, opts, report, done, failures, total=len(items))
     if not pending:
-        if opts.state_file is not None:
-            with StateFile(opts.state_file, task=task.name, total=len(items)) as st:
-                st.update(phase="finished", done=len(done), failed=len(gave_up), running=[],
-                          waiting=[])
-        report.seconds = time.monotonic() - started
-        return report
+        return finish_early(report, opts, started, done=len(done))
     # With work to do, and only then, the dispatch loop, the pool, the SSH session and what
     # they import (~0.15 s): a re-run that finds every key done (each VM's restart) never
     # uses them.
@@ -199,7 +118,7 @@ def run_with(task: Task, root: Path, opts: RunOptions) -> RunReport:
     local = Staging(owner_id) if network else None  # the tasks' own writes go to local disk
     staging = local.path if local is not None else owner.tmp
     state = StateFile(opts.state_file, task=task.name, total=len(items)) if opts.state_file else None
-    old_term = _raise_on_sigterm()
+    old_term = raise_on_sigterm()
     dispatch: Dispatch | None = None
     claims: Claims | None = None
     direct: Direct | None = None
@@ -250,11 +169,7 @@ def run_with(task: Task, root: Path, opts: RunOptions) -> RunReport:
                                  timeout_s=timeout_s, lease_s=plan.lease_s,
                                  progress=opts.progress, state=state,
                                  fetch_into=staging if direct and task.fetch else None))
-        with Heartbeat(owner, claims, heartbeat_interval(plan.lease_s)):
-            try:
-                dispatch.loop()
-            finally:
-                pool.shutdown(kill=True)
+        drive(dispatch, pool, Heartbeat(owner, claims, heartbeat_interval(plan.lease_s)))
     except OSError as e:
         raise _as_fault(e, root) from e
     finally:
@@ -271,28 +186,13 @@ def run_with(task: Task, root: Path, opts: RunOptions) -> RunReport:
         owner.close()
         if local is not None:
             local.close()
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
-        if state is not None:  # the runner is gone, however it ended
-            state.update(phase="finished", done=len(done_now), failed=len(report.failed),
-                         running=[], waiting=[])
-            state.__exit__(None, None, None)
+        restore_sigterm(old_term)
+        end_state(state, len(done_now), report)
     assert dispatch is not None
-    _finish(report, dispatch, layout, len(items))
+    finish(report, dispatch, store, len(items))
     _sweep_stale_claims(layout, claims, set(unit_of.values()) - set(dispatch.open))
     report.seconds = time.monotonic() - started
     return report
-
-
-def _finish(report: RunReport, dispatch: Dispatch, layout: Layout, total: int) -> None:
-    """Keys of units peers marked done: done, or given up there (their failure records)."""
-    settled = dispatch.peer_settled - dispatch.done
-    if settled:
-        records = FailureStore(layout.failed, layout.tmp).load(settled)
-        failed = {k for k, f in records.items() if f.gave_up}
-        report.failed.extend(sorted(failed - set(report.failed)))
-        dispatch.done.update(settled - failed)
-    report.left = total - len(dispatch.done) - len(report.failed)
 
 
 def _sweep_stale_claims(layout: Layout, claims: Claims | None, finished: set[str]) -> None:
@@ -345,12 +245,4 @@ def _raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def _raise_on_sigterm():  # type: ignore[no-untyped-def]
-    """Turn SIGTERM into KeyboardInterrupt so claims are released and temporaries removed."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
 
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    return signal.signal(signal.SIGTERM, handler)

@@ -22,7 +22,7 @@ import traceback
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 from tasks.bounds import MAX_TIMEOUT_S
 from tasks import cmdout
@@ -30,8 +30,12 @@ from tasks.errors import SpecError, UnsafePath
 from tasks.items import Item
 from tasks.keys import (KEY_FIELDS, SRC_FIELDS, Limits, check_name, check_nesting,
                         check_template, check_unique, gc_paused, key_items, normal, path_problem,
+                        read_keys,
                         relative, render, safe_relpath, template_fields, unsafe_outputs)
 from tasks.sources import content_hashes, glob_base, glob_sources, src_fields
+
+if TYPE_CHECKING:
+    from tasks.store.root import BucketRoot
 
 KeyMode = Union[Literal["path", "stem", "hash"], Callable[[str], str]]
 KeysArg = Union[Iterable[str], Callable[[], Iterable[str]], None]
@@ -89,16 +93,17 @@ class KeySource:
         """The output template as rendered: no leading "./", no trailing "/"."""
         return relative(self.out).rstrip("/")
 
-    def items(self, root: Path) -> Sequence[Item]:
+    def items(self, root: Path | BucketRoot) -> Sequence[Item]:
         """Every key with its output path, checked all at once before any work: a message
         names the first few keys whose output cannot be used (outside the root, `.`, too
         long for the filesystem), that share one output, or whose output is another's folder."""
         with gc_paused():
             return self._items(root)
 
-    def _items(self, root: Path) -> Sequence[Item]:
+    def _items(self, root: Path | BucketRoot) -> Sequence[Item]:
         template, is_dir = self.template, self.is_dir
-        limits = Limits.of(root)
+        folder = isinstance(root, Path)  # else an object-store root (tasks.store.root.BucketRoot)
+        limits = Limits.of(root) if folder else root.limits()
         items: list[Item] = []
         unsafe: list[tuple[str, str, str]] = []
 
@@ -112,7 +117,10 @@ class KeySource:
 
         if self.src is not None:
             pattern = safe_relpath(relative(self.src), what="source glob")
-            found = glob_sources(root, pattern)
+            if self.key == "hash" and not folder:
+                raise SpecError("key=\"hash\" reads every input to hash it, which an object-store "
+                                "root would download: use key=\"path\" or \"stem\" there")
+            found = glob_sources(root, pattern) if folder else root.glob(pattern)
             srcs = found.files
             if not srcs:
                 folders = (f" ({found.folders} folder(s) matched: folders are not inputs)"
@@ -198,7 +206,7 @@ class FileTask:
     def is_dir(self) -> bool:
         return self.source.is_dir
 
-    def items(self, root: Path) -> Sequence[Item]:
+    def items(self, root: Path | BucketRoot) -> Sequence[Item]:
         return self.source.items(root)
 
     def ref(self) -> "FuncRef":
@@ -338,7 +346,7 @@ class CmdTask:
     def is_dir(self) -> bool:
         return self.source.is_dir
 
-    def items(self, root: Path) -> Sequence[Item]:
+    def items(self, root: Path | BucketRoot) -> Sequence[Item]:
         return self.source.items(root)
 
     def ref(self) -> "CmdTask":
@@ -414,7 +422,7 @@ def load_spec(spec: str | None, *, cmd: str | None = None, src: str | None = Non
             raise SpecError("--cmd needs --out, e.g. --out 'thumbs/{stem}.png'")
         keys: KeysArg = None
         if keys_file is not None:
-            keys = _read_keys(keys_file)
+            keys = read_keys(keys_file)
         return CmdTask(cmd, KeySource(src=src, keys=keys, key=key, out=out),  # type: ignore[arg-type]
                        name=name or "")
     if not spec:
@@ -429,22 +437,3 @@ def load_spec(spec: str | None, *, cmd: str | None = None, src: str | None = Non
         sys.path.insert(0, str(Path.cwd()))
     return FuncRef(module, qualname).load()
 
-
-def _read_keys(path: str) -> list[str]:
-    """The keys of a --keys file: UTF-8 text, one key per "\\n"-separated line (a "\\r"
-    before it is dropped, so Windows line ends work); blank lines are skipped. Nothing else
-    splits a key: form feeds, U+2028 and friends stay part of it."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise SpecError(f"cannot read the keys file {path!r}: {e.strerror}; give a text file "
-                        "with one key per line") from e
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise SpecError(f"the keys file {path!r} is not UTF-8 text: byte {data[e.start]:#04x} on "
-                        f"line {line} ({e.reason}); convert it first, e.g. `iconv -f latin1 -t "
-                        f"utf-8 {shlex.quote(path)} > keys-utf8.txt`") from e
-    keys = (line.removesuffix("\r") for line in text.removeprefix("\ufeff").split("\n"))
-    return [key for key in keys if key.strip()]

@@ -21,7 +21,7 @@ from typing import Any
 from tasks import gpus
 from tasks.deathsig import die_with_parent
 from tasks.direct import stageable
-from tasks.errors import EnvironmentFault
+from tasks.errors import RootError
 from tasks.fs import PublishMethod, env_errno, fault
 from tasks.items import Item
 from tasks.memo import ROOT_ENV
@@ -77,6 +77,7 @@ class WorkerSetup:
     runner_pid: int  # the runner; a process worker dies with it
     gpu_groups: tuple[str, ...] = ()  # CUDA_VISIBLE_DEVICES per worker process (tasks.gpus); () = leave it
     direct: bool = False  # the runner publishes small outputs itself (tasks.direct)
+    bucket: Any = None  # an object-store root (tasks.store.root.BucketRoot), `root` its URL
 
 
 @dataclass
@@ -90,6 +91,7 @@ class _State:
     slot: int  # this worker's slot
     publishing: ThreadPoolExecutor | None  # network root: publishes overlap the next keys
     direct: bool  # leave small outputs staged for the runner (tasks.direct)
+    fetcher: Any = None  # downloads inputs from an object-store root (BucketPublisher)
 
 
 _state: _State | None = None
@@ -112,15 +114,25 @@ def init_worker(setup: WorkerSetup, slots: Any = None, slot_lock: Any = None,
             slot = slot_next.value % (len(slots) // SLOT_FIELDS)
             slot_next.value += 1
         slots[slot * SLOT_FIELDS] = os.getpid()
-    if process:
-        os.chdir(setup.root)
-    os.environ[ROOT_ENV] = setup.root  # where @memo results live (tasks/memo.py)
     share_tmp = Path(setup.share_tmp) if setup.share_tmp else None
-    publisher = Publisher(Path(setup.root), method=setup.method, share_tmp=share_tmp,
-                          fsync=setup.fsync or task.fsync)
-    publishing = ThreadPoolExecutor(PUBLISH_THREADS) if share_tmp is not None else None
-    _state = _State(task, Path(setup.root), Path(setup.staging), publisher, task.open(), slots,
-                    slot, publishing, setup.direct and not publisher.fsync)
+    root = Path(setup.root)
+    publisher: Any
+    if setup.bucket is not None:
+        from tasks.store.publish import BucketPublisher
+
+        publisher = BucketPublisher(setup.bucket)
+        root = Path(setup.staging)  # the task's `root` and a command's folder: local disk
+    else:
+        publisher = Publisher(root, method=setup.method, share_tmp=share_tmp,
+                              fsync=setup.fsync or task.fsync)
+    if process:
+        os.chdir(root)
+    os.environ[ROOT_ENV] = setup.root  # where @memo results live (tasks/memo.py)
+    remote = share_tmp is not None or setup.bucket is not None  # every publish a round trip
+    publishing = ThreadPoolExecutor(PUBLISH_THREADS) if remote else None
+    _state = _State(task, root, Path(setup.staging), publisher, task.open(), slots,
+                    slot, publishing, setup.direct and not publisher.fsync,
+                    publisher if setup.bucket is not None else None)
 
 
 def ready() -> None:
@@ -132,7 +144,7 @@ def run_chunk(chunk: Chunk) -> list[Outcome]:
     state = _state
     try:
         state.publisher.open()
-    except EnvironmentFault as e:
+    except RootError as e:
         return [Outcome(it.key, False, time.time(), 0.0, str(e), env=str(e)) for it in chunk.items]
     out: list[Outcome | Future[Outcome]] = []
     try:
@@ -175,7 +187,12 @@ def run_one(state: _State, item: Item, fence: Fence,
     tmp = temp_path(state.staging, item.out)
     started = time.time()
     t0 = time.perf_counter()
+    inbox = None
     try:
+        if state.fetcher is not None and item.src is not None and src is None:
+            inbox = temp_path(state.staging, "input")  # the input, downloaded, under its own name
+            inbox.mkdir()
+            src = state.fetcher.fetch(item, inbox)
         if state.task.is_dir:
             tmp.mkdir()
         state.task.execute(item, tmp, state.root, state.ctx, src=src)
@@ -183,6 +200,9 @@ def run_one(state: _State, item: Item, fence: Fence,
         if not isinstance(e, Exception | SystemExit):
             raise
         return _failed(state, item, tmp, started, time.perf_counter() - t0, e)
+    finally:
+        if inbox is not None:
+            discard(inbox)
     seconds = time.perf_counter() - t0
     if state.direct and seconds < STAGE_BELOW_S and not state.task.is_dir and stageable(tmp):
         return Outcome(item.key, True, started, seconds, staged=str(tmp))
@@ -203,7 +223,7 @@ def _publish(state: _State, item: Item, fence: Fence, tmp: Path, started: float,
 def _failed(state: _State, item: Item, tmp: Path, started: float, seconds: float,
             e: BaseException) -> Outcome:
     discard(tmp)
-    if isinstance(e, EnvironmentFault):
+    if isinstance(e, RootError):  # a full disk, a dead mount, a store that cannot be used
         return Outcome(item.key, False, started, seconds, str(e), env=str(e))
     if isinstance(e, CommandFailed):
         return Outcome(item.key, False, started, seconds, f"exit status {e.returncode}",
