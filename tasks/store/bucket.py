@@ -37,6 +37,7 @@ CONFLICT_RETRIES = 3  # S3 409 ConditionalRequestConflict: tries again, then Sto
 CONFLICT_WAIT_S = 0.2  # first wait after a 409, doubled each time
 LIST_PAGE = 1000  # names per list request: the most either store answers
 COPY_CHUNK = 1 << 20  # bytes read or written at a time when streaming a file
+POOL_CONNECTIONS = 64  # kept-alive connections per client: a runner has ~35 requests in flight
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import quote
 
 from tasks.errors import NoSuchBucket, SpecError, StoreAccessError, StoreUnreachable
-from tasks.store.bucket import (ClientHolder, COPY_CHUNK, LIST_PAGE, ObjectData, ObjectInfo, Prefix, Refused, Retries,
+from tasks.store.bucket import (POOL_CONNECTIONS, ClientHolder, COPY_CHUNK, LIST_PAGE, ObjectData, ObjectInfo, Prefix, Refused, Retries,
                                 atomic_download, md5_b64)
 
 try:
@@ -85,7 +85,11 @@ class GcsBucket(ClientHolder):
     def client(self) -> Any:
         if self._client is None:
             with self._errors("storage.objects.list", ""):
-                self._client = storage.Client()
+                client = storage.Client()
+            adapter = requests.adapters.HTTPAdapter(pool_connections=POOL_CONNECTIONS, pool_maxsize=POOL_CONNECTIONS)
+            for scheme in ("http://", "https://"):  # requests keeps 10 by default: threads would reconnect
+                client._http.mount(scheme, adapter)
+            self._client = client
         return self._client
 
     @property

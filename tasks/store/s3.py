@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from tasks.errors import NoSuchBucket, SpecError, StoreAccessError, StoreUnreachable
-from tasks.store.bucket import (CONFLICT_RETRIES, CONFLICT_WAIT_S, COPY_CHUNK, LIST_PAGE, ClientHolder, ObjectData,
+from tasks.store.bucket import (CONFLICT_RETRIES, CONFLICT_WAIT_S, COPY_CHUNK, LIST_PAGE, POOL_CONNECTIONS,
+                                ClientHolder, ObjectData,
                                 ObjectInfo, Prefix, Refused, Retries, atomic_download, md5_hex)
 
 try:
@@ -70,7 +71,8 @@ class S3Bucket(ClientHolder):
     def client(self) -> Any:
         if self._client is None:
             config = Config(retries={"total_max_attempts": self.retries.attempts, "mode": "standard"},
-                            connect_timeout=self.retries.connect_timeout_s, read_timeout=self.retries.read_timeout_s)
+                            connect_timeout=self.retries.connect_timeout_s, read_timeout=self.retries.read_timeout_s,
+                            max_pool_connections=POOL_CONNECTIONS)
             self._client = boto3.session.Session().client("s3", config=config)
         return self._client
 
