@@ -102,6 +102,9 @@ def _root(given: str | Path | None, name: str) -> str:
     if not root:
         raise MemoError(f"@memo {name}: no run root. Call it from a task that `tasks run` runs, "
                         "or give the root: @memo(root=\"/path/to/root\")")
+    if "://" in root:
+        raise MemoError(f"@memo {name}: the run root {root} is an object store, where @memo does not "
+                        "work yet; give it a folder every caller shares: @memo(root=\"/path\")")
     return root
 
 

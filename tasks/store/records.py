@@ -125,7 +125,10 @@ class BucketOwner:
             self.reregistered += 1
             logger.warning("this runner's owner object %s was removed (a peer judged it dead: "
                            "was it frozen for longer than the lease?); registering again", self.rel)
-            self.register()
+            try:
+                self.register()
+            except Exception as e:  # the next beat tries again
+                logger.warning("could not register again: %s", e)
             return
         self.root.learn(made)
         with self._lock:

@@ -21,6 +21,7 @@ import random
 import time
 
 from tasks.dispatch import Dispatch
+from tasks.errors import SpecError
 from tasks.layout import new_owner_id
 from tasks.owners import Heartbeat, heartbeat_interval
 from tasks.plan import DEFAULT_LEASE_S
@@ -52,6 +53,12 @@ def run_on_bucket(task: Task, url: str, opts: RunOptions) -> RunReport:
     if opts.fsync or task.fsync:
         logger.info("fsync: an object is durable once the store has answered its upload")
     timeout_s = task_timeout(task, opts)
+    if "root" in getattr(task, "_params", ()):
+        raise SpecError(f"task {task.name} takes `root` (to read files under the run root), which an "
+                        "object-store root does not have as a folder: read the objects you need with "
+                        "your own client, or run the task on a folder root")
+    if task.fetch:
+        logger.info("fetch: on an object-store root every input is downloaded before its key runs")
     root = BucketRoot(url)
     root.check()  # no such bucket, no credentials, no permission: refused before any work
     items = task.items(root)

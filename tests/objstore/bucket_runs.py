@@ -41,9 +41,10 @@ class BucketRun:
         return subprocess.run([sys.executable, "-m", "tasks", *args], cwd=self.cwd, env=kw.pop("env", self.env),
                               capture_output=True, text=True, timeout=timeout, **kw)
 
-    def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    def start(self, *args: str, env: dict[str, str] | None = None,
+              prefix: tuple[str, ...] = ()) -> subprocess.Popen:
         """`tasks run ARGS --root URL`, in its own process group (a whole "VM" to freeze or kill)."""
-        return subprocess.Popen([sys.executable, "-m", "tasks", "run", *args, "--root", self.url], cwd=self.cwd,
+        return subprocess.Popen([*prefix, sys.executable, "-m", "tasks", "run", *args, "--root", self.url], cwd=self.cwd,
                                 env=env or self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)
 

@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import os
 import random
+import shutil
 import signal
 import time
 
@@ -137,3 +138,18 @@ def test_sigkill_at_random_moments_then_a_final_run(run: BucketRun) -> None:
     status = run.cli("status", "t:chaos", "--root", run.url, "--json")
     assert status.returncode == 0, status.stderr
     assert '"done": 40' in status.stdout and '"pending": 0' in status.stdout, status.stdout
+
+
+def test_a_runner_with_a_skewed_clock_steals_no_live_claim(run: BucketRun) -> None:
+    """Ages are judged on the store's clock (the `updated` of our own writes), never ours."""
+    if not shutil.which("faketime"):
+        pytest.skip("needs faketime (apt-get install faketime)")
+    run.write(slow_task(32, 0.3))
+    a = run.start("t:slow", "--workers", "1", "--lease", "20")
+    wait_for(lambda: len(run.outputs()) >= 1, "runner A starts working", alive=a)
+    b = run.start("t:slow", "--workers", "1", prefix=("faketime", "-f", "+600s"))
+    (code_a, _, err_a), (code_b, rep_b, err_b) = finish(a), finish(b)
+    assert (code_a, code_b) == (0, 0), (err_a, err_b)
+    runs = run.executions("slow")
+    assert len(runs) == 32 and max(runs.values()) == 1, "the skewed runner stole a live claim"
+    assert rep_b["succeeded"] >= 1, "the skewed runner did no work: the test proved nothing"

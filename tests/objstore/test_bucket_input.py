@@ -154,3 +154,21 @@ def test_hostile_key_names_are_published_as_they_are(run: BucketRun) -> None:
     assert run.outputs() == {f"out/{n}.txt": n.encode() for n in names}
     rerun = run.cli("run", "t:hostile", "--root", run.url)
     assert '"done_before": 6' in rerun.stdout, rerun.stdout
+
+
+ROOTED = """
+from pathlib import Path
+from tasks import filetask
+
+@filetask(keys=["a"], out="out/{key}.txt")
+def rooted(key: str, out: Path, root: Path) -> None:
+    out.write_text((root / "meta.json").read_text())
+"""
+
+
+def test_a_task_that_reads_beside_its_input_is_refused_before_any_work(run: BucketRun) -> None:
+    run.write(ROOTED)
+    done = run.cli("run", "t:rooted", "--root", run.url)
+    assert done.returncode == 2, done.stderr
+    assert "takes `root`" in done.stderr and "folder root" in done.stderr
+    assert run.names() == [], "a refused run wrote to the bucket"
