@@ -3,9 +3,9 @@
     open_bucket("s3://BUCKET/PREFIX")  S3 through boto3 ('spotfan[s3]')                tasks/store/s3.py
     open_bucket("gs://BUCKET/PREFIX")  GCS through google-cloud-storage ('spotfan[gcs]') tasks/store/gcs.py
 
-This is the layer the object-store run root (issue 17) will stand on; the runner does not
-use it yet. This module is the only importer of the adaptors, each imported when its
-scheme is first used, so `import tasks` never pays for boto3 or google-cloud-storage.
+The object-store run root (tasks/store/root.py, run.py) stands on this layer. This module
+is the only importer of the adaptors, each imported when its scheme is first used, so
+`import tasks` never pays for boto3 or google-cloud-storage.
 """
 from __future__ import annotations
 
