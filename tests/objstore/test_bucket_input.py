@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from .backends import clean_env
 from .bucket_runs import BucketRun
 
 
@@ -172,3 +173,17 @@ def test_a_task_that_reads_beside_its_input_is_refused_before_any_work(run: Buck
     assert done.returncode == 2, done.stderr
     assert "takes `root`" in done.stderr and "folder root" in done.stderr
     assert run.names() == [], "a refused run wrote to the bucket"
+
+
+def test_no_credentials_stop_the_run_with_where_to_get_them(run: BucketRun) -> None:
+    run.write(KEYS)
+    if run.backend.scheme == "s3":
+        env = clean_env({"AWS_ENDPOINT_URL": run.backend.endpoint, "AWS_DEFAULT_REGION": "us-east-1"})
+        says = "no AWS credentials were found"
+    else:
+        env = clean_env({"GOOGLE_CLOUD_PROJECT": run.backend.server.project})
+        says = "no Google credentials were found"
+    done = run.cli("run", "t:make", "--root", run.url, env=env, timeout=120)
+    assert done.returncode == 3, done.stderr
+    assert says in done.stderr and "run the same command again" in done.stderr
+    assert run.names() == []
