@@ -11,7 +11,10 @@ import shutil
 import signal
 import time
 
+import psutil
 import pytest
+
+from tasks.runstate import RunState
 
 from .bucket_runs import BucketRun, finish, wait_for
 
@@ -153,3 +156,33 @@ def test_a_runner_with_a_skewed_clock_steals_no_live_claim(run: BucketRun) -> No
     runs = run.executions("slow")
     assert len(runs) == 32 and max(runs.values()) == 1, "the skewed runner stole a live claim"
     assert rep_b["succeeded"] >= 1, "the skewed runner did no work: the test proved nothing"
+
+
+def test_sigkill_of_the_runner_alone_leaves_no_worker_and_no_late_output(run: BucketRun, tmp_path) -> None:
+    run.write(slow_task(12, 3.0))
+    state = tmp_path / "state.json"
+    runner = run.start("t:slow", "--workers", "2", "--state-file", str(state))
+    try:
+        wait_for(lambda: (s := RunState.read(state)) is not None and len(s.running) > 0,
+                 "the runner reports keys running", alive=runner)
+        family = psutil.Process(runner.pid).children(recursive=True)
+        assert family, "the runner started no process"
+        before = run.outputs()
+        os.kill(runner.pid, signal.SIGKILL)  # the runner alone: its workers are not signalled
+        runner.wait()
+
+        def all_gone() -> bool:
+            for p in family:
+                try:
+                    if p.status() != psutil.STATUS_ZOMBIE:
+                        return False
+                except psutil.NoSuchProcess:
+                    continue
+            return True
+
+        wait_for(all_gone, "every process of the killed runner is gone", timeout=10)
+        time.sleep(4)  # longer than a key: a surviving worker would upload by now
+        assert run.outputs() == before, "an output appeared after its runner was killed"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(runner.pid, signal.SIGKILL)
