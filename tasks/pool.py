@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import tempfile
 import time
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,12 +24,15 @@ import psutil
 
 from tasks import worker
 from tasks.bounds import START_METHODS
+from tasks.errors import SpecError
 from tasks.worker import SLOT_FIELDS, Chunk, Outcome, WorkerSetup
 
 logger = logging.getLogger(__name__)
 
 KILL_WAIT_S = 5.0  # how long to wait for killed workers to be reaped
 FORKSERVER_PRELOAD = ["__main__", "tasks.forkserver_init"]
+SOCKET_PATH_MAX = 107  # bytes of a Unix socket's path (sun_path, its NUL not counted)
+FORKSERVER_SOCKET_ROOM = 32  # what multiprocessing adds to $TMPDIR: /pymp-XXXXXXXX/listener-XXXXXXXX
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,7 @@ class Pool:
             return
         ctx = multiprocessing.get_context(self.start_method)
         if self.start_method == "forkserver":
+            _check_socket_room()
             ctx.set_forkserver_preload(FORKSERVER_PRELOAD)  # taken when the forkserver starts
         args: tuple[Any, ...] = (self.setup, None, None, None)
         if self.timeout_s is not None:
@@ -145,3 +150,14 @@ def _kill_workers(pool: ProcessPoolExecutor) -> None:
         except psutil.Error:
             pass
     psutil.wait_procs(procs, timeout=KILL_WAIT_S)
+
+
+def _check_socket_room() -> None:
+    """The forkserver listens on a Unix socket under $TMPDIR: refuse a TMPDIR too long for
+    one up front (multiprocessing would fail with "AF_UNIX path too long")."""
+    tmp = tempfile.gettempdir()
+    if len(os.fsencode(tmp)) + FORKSERVER_SOCKET_ROOM > SOCKET_PATH_MAX:
+        raise SpecError(f"TMPDIR {tmp} is {len(os.fsencode(tmp))} bytes long: the worker processes' "
+                        f"forkserver socket under it would pass the {SOCKET_PATH_MAX}-byte limit of a "
+                        "Unix socket path; set TMPDIR to a shorter folder (e.g. /tmp) or pass "
+                        "--start-method spawn")

@@ -4,6 +4,10 @@ hostile key names. Each on S3 (moto) and GCS (our emulator), through the command
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -187,3 +191,39 @@ def test_no_credentials_stop_the_run_with_where_to_get_them(run: BucketRun) -> N
     assert done.returncode == 3, done.stderr
     assert says in done.stderr and "run the same command again" in done.stderr
     assert run.names() == []
+
+
+BIG = """
+from pathlib import Path
+from tasks import filetask
+
+@filetask(keys=[f"k{i:02d}" for i in range(20)], out="out/{key}.bin")
+def big(key: str, out: Path) -> None:
+    out.write_bytes(key.encode() * 50_000)  # 200 KB, written on the local staging disk
+"""
+
+
+def test_a_full_local_disk_stops_the_run_charges_nothing_and_the_rerun_finishes(run: BucketRun) -> None:
+    """The outputs are staged on local disk ($TMPDIR) before their upload: a full one is
+    the environment's fault, not the keys'."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    run.write(BIG)
+    disk = Path(tempfile.mkdtemp(prefix="sf-disk-", dir="/tmp"))  # short: the forkserver's socket is in it
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], check=True)
+    try:
+        (disk / "ballast").write_bytes(b"\0" * (700 * 1024))  # room for one output at most
+        done = run.cli("run", "t:big", "--root", run.url, "--workers", "2", env={**run.env, "TMPDIR": str(disk)})
+        assert done.returncode == 3, done.stderr
+        assert "no space left on the device" in done.stderr and "no key was charged" in done.stderr
+        assert run.names(".spotfan/tasks/big/failed/") == []
+        assert len(run.outputs()) < 20, "the disk never filled up: the test proved nothing"
+        (disk / "ballast").unlink()
+        again = run.cli("run", "t:big", "--root", run.url, "--workers", "2", env={**run.env, "TMPDIR": str(disk)})
+        assert again.returncode == 0, again.stderr
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+        disk.rmdir()
+    got = run.outputs()
+    assert sorted(got) == [f"out/k{i:02d}.bin" for i in range(20)]
+    assert all(data == n[4:-4].encode() * 50_000 for n, data in got.items())

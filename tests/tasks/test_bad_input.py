@@ -421,3 +421,24 @@ def test_a_module_not_found_gets_the_hint(box: Sandbox) -> None:
     assert ("cannot import module 'not_a_module_here': no module named 'not_a_module_here'. "
             "Run from the folder that holds it, or add that folder to PYTHONPATH") in proc.stderr
     assert ".." not in proc.stderr
+
+
+def test_a_tmpdir_too_long_for_the_forkserver_socket_is_refused_with_the_fix(tmp_path: Path,
+                                                                             write_module) -> None:
+    write_module("t", """
+        from pathlib import Path
+        from tasks import filetask
+
+        @filetask(keys=["a", "b"], out="out/{key}.txt")
+        def make(key: str, out: Path) -> None:
+            out.write_text(key)
+        """)
+    long_tmp = tmp_path / ("t" * 90)
+    long_tmp.mkdir()
+    done = run_cli(["run", "t:make"], tmp_path, env={**os.environ, "TMPDIR": str(long_tmp)})
+    assert done.returncode == 2, done.stderr
+    assert "Unix socket path" in done.stderr and "set TMPDIR to a shorter folder" in done.stderr
+    assert not (tmp_path / "out").exists()
+    spawned = run_cli(["run", "t:make", "--start-method", "spawn"], tmp_path,
+                      env={**os.environ, "TMPDIR": str(long_tmp)})
+    assert spawned.returncode == 0, spawned.stderr
