@@ -160,6 +160,16 @@ class ClaimBook:
     def _let_go(self, held: Held) -> None:
         """Stop renewing a claim that was lost (the claim itself stays)."""
 
+    def _expired(self, held: Held) -> bool:
+        """Our lease ran out while we worked: someone may hold the next generation now,
+        and removing ours would let a newcomer claim generation 0 beside them. So a
+        release leaves such a claim (it is swept once stale)."""
+        if time.monotonic() - held.touched <= self.lease_s * LOST_FRACTION:
+            return False
+        logger.warning("claim %s expired while held (no refresh for %.0fs); leaving it",
+                       held.name, time.monotonic() - held.touched)
+        return True
+
     def close(self) -> None:
         """Release descriptors or connections."""
 
@@ -354,11 +364,7 @@ class Claims(ClaimBook):
                 os.close(self.done.open(held.unit, os.O_CREAT | os.O_WRONLY))
             except OSError as e:
                 logger.warning("could not mark unit %s done: %s", held.unit, e)
-        if time.monotonic() - held.touched > self.lease_s * LOST_FRACTION:
-            # Our lease ran out while we worked: someone may hold the next generation now,
-            # and removing ours would let a newcomer claim generation 0 beside them.
-            logger.warning("claim %s expired while held (no refresh for %.0fs); leaving it",
-                           held.name, time.monotonic() - held.touched)
+        if self._expired(held):
             return
         for gen in range(held.generation + 1):
             try:

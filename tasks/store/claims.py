@@ -19,7 +19,7 @@ import logging
 import time
 from pathlib import Path
 
-from tasks.claims import LOST_FRACTION, MAX_GENERATIONS, ClaimBook, Held, parse_claim_name
+from tasks.claims import MAX_GENERATIONS, ClaimBook, Held, parse_claim_name
 from tasks.layout import Layout
 from tasks.records import Stamp
 from tasks.store.bucket import ObjectInfo, Refused
@@ -106,9 +106,7 @@ class BucketClaims(ClaimBook):
                 self.root.create(f"{self.done_rel}/{held.unit}", b"")
             except Exception as e:
                 logger.warning("could not mark unit %s done: %s", held.unit, e)
-        if time.monotonic() - held.touched > self.lease_s * LOST_FRACTION:
-            logger.warning("claim %s expired while held (no refresh for %.0fs); leaving it",
-                           held.name, time.monotonic() - held.touched)
+        if self._expired(held):
             return
         try:
             # Ours only if it is still our version; earlier generations are dead owners'.

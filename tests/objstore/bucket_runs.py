@@ -7,11 +7,11 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
 
 from .backends import Backend
 
@@ -84,15 +84,3 @@ def finish(p: subprocess.Popen) -> tuple[int, dict, str]:
     lines = out.strip().splitlines()
     return p.returncode, (json.loads(lines[-1]) if lines else {}), err
 
-
-def wait_for(what: Any, message: str, *, alive: subprocess.Popen | None = None,
-             timeout: float = DEADLINE_S) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if what():
-            return
-        if alive is not None and alive.poll() is not None:
-            raise AssertionError(f"the runner exited ({alive.returncode}) before: {message}; stderr: "
-                                 f"{alive.stderr.read() if alive.stderr else ''}")
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting: {message}")

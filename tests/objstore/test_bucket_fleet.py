@@ -16,7 +16,9 @@ import pytest
 
 from tasks.runstate import RunState
 
-from .bucket_runs import BucketRun, finish, wait_for
+from tests.conftest import all_gone, wait_for
+
+from .bucket_runs import BucketRun, finish
 
 SLOW = """
 import os, time
@@ -171,16 +173,7 @@ def test_sigkill_of_the_runner_alone_leaves_no_worker_and_no_late_output(run: Bu
         os.kill(runner.pid, signal.SIGKILL)  # the runner alone: its workers are not signalled
         runner.wait()
 
-        def all_gone() -> bool:
-            for p in family:
-                try:
-                    if p.status() != psutil.STATUS_ZOMBIE:
-                        return False
-                except psutil.NoSuchProcess:
-                    continue
-            return True
-
-        wait_for(all_gone, "every process of the killed runner is gone", timeout=10)
+        wait_for(lambda: all_gone(family), "every process of the killed runner is gone", 10)
         time.sleep(4)  # longer than a key: a surviving worker would upload by now
         assert run.outputs() == before, "an output appeared after its runner was killed"
     finally:

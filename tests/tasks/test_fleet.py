@@ -22,6 +22,7 @@ from tasks.records import read_logs
 from tasks.direct import COMMAND_ENV
 from tests.tasks.two_mounts import sftp_command, two_machines  # noqa: F401 (a fixture)
 from tasks.runstate import RunState
+from tests.conftest import all_gone, wait_for
 
 DEADLINE_S = 180  # every wait in these tests ends by then
 DIE_WITHIN_S = 10  # processes of a SIGKILLed runner are gone within this
@@ -78,19 +79,6 @@ def finish(p: subprocess.Popen) -> tuple[int, dict, str]:
     out, err = p.communicate(timeout=DEADLINE_S)
     lines = out.strip().splitlines()
     return p.returncode, (json.loads(lines[-1]) if lines else {}), err
-
-
-def wait_for(what, message: str, timeout: float = DEADLINE_S,
-             alive: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if what():
-            return
-        if alive is not None and alive.poll() is not None:
-            raise AssertionError(f"the runner exited ({alive.returncode}) before: {message}; "
-                                 f"stderr: {alive.stderr.read() if alive.stderr else ''}")
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting: {message}")
 
 
 def outputs(share: Path) -> dict[str, tuple[int, bytes]]:
@@ -177,16 +165,7 @@ def test_sigkill_of_the_runner_alone_leaves_no_worker_and_no_late_output(
         os.kill(runner.pid, signal.SIGKILL)  # the runner alone: its workers are not signalled
         runner.wait()
 
-        def all_gone() -> bool:
-            for p in family:
-                try:
-                    if p.status() != psutil.STATUS_ZOMBIE:
-                        return False
-                except psutil.NoSuchProcess:
-                    continue
-            return True
-
-        wait_for(all_gone, "every process of the killed runner is gone", DIE_WITHIN_S)
+        wait_for(lambda: all_gone(family), "every process of the killed runner is gone", DIE_WITHIN_S)
         time.sleep(4)  # longer than a key: a surviving worker would publish by now
         assert outputs(m.share) == before, "an output appeared after its runner was killed"
     finally:
