@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tasks.errors import EnvironmentFault, PublishError, RootError, SpecError
 from tasks.items import Item
+from tasks.keys import NAME_MAX
 from tasks.publish import Fence, Published, discard
 from tasks.store.bucket import ObjectInfo, Refused
 from tasks.store.root import DIR_MARKER, BucketRoot
@@ -41,7 +42,11 @@ class BucketPublisher:
         """The key's input, downloaded whole to `into/<its name>` (the name kept: a task
         may go by its suffix)."""
         assert item.src is not None
-        local = into / item.src.rsplit("/", 1)[-1]
+        name = item.src.rsplit("/", 1)[-1]
+        if name in ("", ".", "..") or len(name.encode()) > NAME_MAX:
+            raise PublishError(f"the input {self.root.where(item.src)} has a name no local file can "
+                               "have; rename the object")
+        local = into / name
         got = self.root.bucket.download(self.root.name(item.src), local)
         if got is None:
             raise PublishError(f"the input {self.root.where(item.src)} is gone (deleted after the "
