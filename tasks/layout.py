@@ -27,6 +27,12 @@ BOOKKEEPING_DIR = ".spotfan"
 METRICS_DIR = f"{BOOKKEEPING_DIR}/metrics"  # relative to the run root: <host>.jsonl per host
 
 
+def is_object_url(text: str) -> bool:
+    """Whether a root names an object store (has a `scheme://`), right or wrong: checked by
+    tasks.store.url.parse_root, which only a run on such a root imports."""
+    return "://" in text
+
+
 def key_id(key: str) -> str:
     """A file-name-safe, fixed-length id for a key (keys may hold any character)."""
     return hashlib.sha1(key.encode("utf-8", "surrogatepass")).hexdigest()

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Literal
 from tasks import plan as plans
 from tasks.claims import Claims, listing, parse_claim_name
 from tasks.fs import ENV_ERRNOS, FsClock, fault, is_network, probe_publish
-from tasks.layout import Layout, new_owner_id
+from tasks.layout import Layout, is_object_url, new_owner_id
 from tasks.bounds import START_METHODS
 from tasks.plan import DEFAULT_LEASE_S
 from tasks.progress import ProgressFn
@@ -31,7 +31,6 @@ from tasks.runreport import DispatchOptions, RunReport
 from tasks.runstate import StateFile
 from tasks.scan import scan_done
 from tasks.spec import Task
-from tasks.store.url import is_object_url
 
 if TYPE_CHECKING:
     from concurrent.futures import Future

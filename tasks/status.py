@@ -9,14 +9,13 @@ from pathlib import Path
 
 from tasks.claims import live_claims
 from tasks.fs import FsClock
-from tasks.layout import Layout
+from tasks.layout import Layout, is_object_url
 from tasks.owners import LiveOwner, live_owners
 from tasks.plan import DEFAULT_LEASE_S, Plan
 from tasks.items import Item
 from tasks.records import Failure, FailureStore
 from tasks.scan import DoneKeys, scan_done
 from tasks.spec import Task
-from tasks.store.url import is_object_url
 
 
 @dataclass(frozen=True)

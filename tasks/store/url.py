@@ -45,11 +45,6 @@ class RootURL:
         return f"{self.scheme}://{self.bucket}/{name}"
 
 
-def is_object_url(text: str) -> bool:
-    """Whether `text` names an object-store root (has a `scheme://`), right or wrong."""
-    return "://" in text
-
-
 def parse_root(text: str) -> RootURL:
     """`text` (`s3://BUCKET/PREFIX` or `gs://BUCKET/PREFIX`) checked; SpecError saying how
     to fix it otherwise."""
