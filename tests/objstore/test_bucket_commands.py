@@ -13,6 +13,8 @@ import pandas as pd
 from tasks.layout import key_id
 from tests.conftest import run_cli
 
+from .backends import clean_env
+
 TASK = """
 import json
 import os
@@ -220,3 +222,63 @@ def test_a_dry_run_on_a_bucket_counts_and_lists_keys_and_sends_no_write(backend,
     assert shown.returncode == 0
     assert "==> 'f4.txt': attempt 1 of 1 failed at " in shown.stdout and "exit status 1" in shown.stdout
     assert "(no output kept: --keep-output is not supported on an object-store root yet)" in shown.stdout
+
+
+# Every command on a bucket root, with what it needs besides the root.
+COMMANDS = {"status": ["status", "t:make"], "collect": ["collect", "t:make", "--to", "res.parquet"],
+            "failures": ["failures", "t:make"], "retry": ["failures", "t:make", "--retry"],
+            "report": ["report", "t:make"], "logs": ["logs", "t:make", "k00"],
+            "dry-run": ["run", "t:make", "--dry-run"], "run": ["run", "t:make"]}
+MAKE_BUCKET = {"s3": "aws s3 mb s3://", "gs": "gcloud storage buckets create gs://"}
+LIST_PERMISSION = {"s3": "s3:ListBucket", "gs": "storage.objects.list"}
+
+
+def test_every_command_names_a_missing_bucket_and_how_to_make_it(backend, tmp_path):
+    url, env = _setup(backend, tmp_path, "runs/x")
+    url = url.replace(backend.bucket_name, "spotfan-no-such-bucket")
+    for name, args in COMMANDS.items():
+        done = _cli([*args, "--root", url], tmp_path, env)
+        assert done.returncode == 3, name
+        assert "the run root could not be used" in done.stderr and "spotfan-no-such-bucket does not exist" in done.stderr
+        assert f"{MAKE_BUCKET[backend.scheme]}spotfan-no-such-bucket" in done.stderr, name
+        assert "fab heal" not in done.stderr and "Traceback" not in done.stderr, name
+    assert not (tmp_path / "res.parquet").exists()
+
+
+def test_every_command_names_a_denied_listing_and_changes_nothing(backend, tmp_path):
+    url, env = _setup(backend, tmp_path, "runs/x")
+    backend.seed("runs/x/out/k00.json", b'{"n": 0}')
+    backend.deny("list")
+    for name, args in COMMANDS.items():
+        done = _cli([*args, "--root", url], tmp_path, env)
+        assert done.returncode == 3, name
+        assert f"grant {LIST_PERMISSION[backend.scheme]} on" in done.stderr, name
+        assert "Traceback" not in done.stderr, name
+    writes = [r for r in backend.request_log.select(bucket=backend.bucket_name) if r.method not in ("GET", "HEAD")]
+    assert writes == []
+
+
+def test_commands_without_credentials_say_where_to_get_them(backend, tmp_path):
+    url, _ = _setup(backend, tmp_path, "runs/x")
+    if backend.scheme == "s3":
+        env = clean_env({"AWS_ENDPOINT_URL": backend.endpoint, "AWS_DEFAULT_REGION": "us-east-1"})
+        needed = "no AWS credentials were found"
+    else:
+        env = clean_env({"GOOGLE_CLOUD_PROJECT": backend.server.project})
+        needed = "no Google credentials were found"
+    env["HOME"] = str(tmp_path)  # no user configuration either
+    for name in ("collect", "failures", "report", "dry-run"):
+        done = _cli([*COMMANDS[name], "--root", url], tmp_path, env)
+        assert done.returncode == 3 and needed in done.stderr, name
+
+
+def test_a_malformed_root_url_is_refused_with_how_to_write_it(tmp_path):
+    (tmp_path / "t.py").write_text(textwrap.dedent(TASK))
+    env = clean_env({})
+    urls = [("gcs://my-bucket/runs", "did you mean gs://my-bucket/runs?"),
+            ("s3://My_Bucket/runs", "S3 bucket names use only lowercase letters"),
+            ("s3:///runs", "names no bucket; write s3://BUCKET/PREFIX")]
+    for i, (name, args) in enumerate(COMMANDS.items()):  # each command, each mistake in turn
+        url, says = urls[i % len(urls)]
+        done = _cli([*args, "--root", url], tmp_path, env)
+        assert done.returncode == 2 and says in done.stderr, (name, url)
