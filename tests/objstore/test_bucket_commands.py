@@ -134,12 +134,14 @@ def test_collect_on_a_bucket_downloads_each_output_for_its_reader(backend, tmp_p
     url, env = _setup(backend, tmp_path, "runs/c")
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    env["TMPDIR"] = str(scratch)  # where collect's local copies go: empty again after each run
+    # Where collect's local copies go (empty again after each collect); only for collect: a
+    # run's forkserver puts its socket there, and a long AF_UNIX path is refused.
+    local = {"TMPDIR": str(scratch)}
     ran = _cli(["run", "t:make", "--root", url, "--workers", "2", "--max-attempts", "1"], tmp_path, env,
                FAIL_KEYS="k03")
     assert ran.returncode == 1
 
-    got = _cli(["collect", "t:make", "--root", url, "--to", "res.parquet"], tmp_path, env)
+    got = _cli(["collect", "t:make", "--root", url, "--to", "res.parquet"], tmp_path, env, **local)
     assert got.returncode == 0
     summary = json.loads(got.stdout)
     assert (summary["rows"], summary["outputs"], summary["missing"], summary["unreadable"]) == (11, 11, 1, 0)
@@ -150,27 +152,29 @@ def test_collect_on_a_bucket_downloads_each_output_for_its_reader(backend, tmp_p
     assert list(scratch.iterdir()) == []
 
     backend.seed("runs/c/out/k03.json", b'{"n": 3, "sq"')  # torn by someone else's writer
-    torn = _cli(["collect", "t:make", "--root", url, "--to", "res.parquet"], tmp_path, env)
+    torn = _cli(["collect", "t:make", "--root", url, "--to", "res.parquet"], tmp_path, env, **local)
     assert torn.returncode == 1
     assert "1 of 12 outputs of make cannot be read:\n  'k03' (out/k03.json): JSONDecodeError" in torn.stderr
-    skipped = _cli(["collect", "t:make", "--root", url, "--to", "res.parquet", "--skip-unreadable"], tmp_path, env)
+    skipped = _cli(["collect", "t:make", "--root", url, "--to", "res.parquet", "--skip-unreadable"],
+                   tmp_path, env, **local)
     assert skipped.returncode == 0 and json.loads(skipped.stdout)["unreadable"] == 1
     assert "skipped 1 unreadable output(s):\n  'k03' (out/k03.json): JSONDecodeError" in skipped.stderr
     assert list(scratch.iterdir()) == []
 
-    remote = _cli(["collect", "t:make", "--root", url, "--to", f"{url}/res.parquet"], tmp_path, env)
+    remote = _cli(["collect", "t:make", "--root", url, "--to", f"{url}/res.parquet"], tmp_path, env, **local)
     assert remote.returncode == 2 and "the table is written to a local file" in remote.stderr
 
     assert _cli(["run", "t:folders", "--root", url], tmp_path, env).returncode == 0
     dirs = _cli(["collect", "t:folders", "--root", url, "--to", "dirs.pkl", "--reader", "t:read_folder"],
-                tmp_path, env)
+                tmp_path, env, **local)
     assert dirs.returncode == 0
     table = pd.read_pickle(tmp_path / "dirs.pkl")
     assert table.to_dict("records") == [{"key": "a", "one": "a", "two": "aa", "files": 2},
                                         {"key": "b", "one": "b", "two": "bb", "files": 2}]
 
     backend.deny("get")  # the store refuses the reads: the root is unusable, no output is to blame
-    denied = _cli(["collect", "t:make", "--root", url, "--to", "res.parquet", "--skip-unreadable"], tmp_path, env)
+    denied = _cli(["collect", "t:make", "--root", url, "--to", "res.parquet", "--skip-unreadable"],
+                  tmp_path, env, **local)
     assert denied.returncode == 3
     assert {"s3": "s3:GetObject", "gs": "storage.objects.get"}[backend.scheme] in denied.stderr
     assert "unreadable" not in denied.stderr and "fab heal" not in denied.stderr
