@@ -18,19 +18,18 @@ from tasks.bounds import (MAX_ATTEMPTS_LIMIT, MAX_CHUNK_SIZE, MAX_LEASE_S, MAX_L
                           WORKERS_PER_CPU_MAX, count_problem, seconds_problem)
 from tasks.dryrun import dry_run
 from tasks.errors import RootError, SpecError, TaskError
+from tasks.failedkeys import failed_note
 from tasks.failures import EXAMPLE_KEYS, FailureReport, failures, retry
 from tasks.gpus import MAX_GPUS
 from tasks.keylog import key_log
 from tasks.keys import shown
-from tasks.layout import Layout
 from tasks.progress import make_progress
-from tasks.records import FailureStore
-from tasks.runner import DEFAULT_LEASE_S, DEFAULT_MAX_ATTEMPTS, START_METHODS, RunReport, run
+from tasks.runner import DEFAULT_LEASE_S, DEFAULT_MAX_ATTEMPTS, START_METHODS, run
 from tasks.spec import CmdTask, Task, import_module, load_spec
 from tasks.status import status
+from tasks.layout import is_object_url
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-SHOWN_FAILED = 5  # failed keys named in the message after a run
 MAX_WORKERS_ARG = 10**6  # `run --workers` parses up to this; the engine caps it per core
 
 
@@ -160,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="draw tasks completed and CPU use over time per host "
                                       "(PNG + HTML in .spotfan/tasks/<task>/)")
     _spec_args(p)
+    p.add_argument("--to", metavar="DIR",
+                   help="write <task>.report.png and .html into this local folder (default: the "
+                        "task's .spotfan/tasks/<task>/ on a folder root, the current folder on a "
+                        "bucket root)")
     lg = sub.add_parser("logs", help="print what a --cmd key printed (kept by --keep-output), or "
                                      "the error of its last failed attempt")
     _spec_args(lg)
@@ -199,13 +202,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not isinstance(task, CmdTask):
                 raise SpecError("--keep-output is for --cmd tasks; a function task writes what "
                                 "it wants to keep itself (its errors are in `tasks failures`)")
+            if is_object_url(args.root):
+                raise SpecError("--keep-output is not supported on an object-store root (s3://, gs://) "
+                                "yet: each key's stdout and stderr would stay on the worker's local disk. "
+                                "Run without it: a failed key's stderr end is still in its failure record "
+                                "(`tasks failures`, `tasks logs SPEC KEY`)")
             task = dataclasses.replace(task, keep_output=True)
         if args.command == "run" and args.fetch:
             task = _fetching(task)
         if args.command == "report":
             from tasks.report import write_report  # numpy, matplotlib: only when asked
 
-            rep = write_report(task.name, root=args.root)
+            rep = write_report(task.name, root=args.root, to=args.to)
             print(json.dumps({"task": rep.task, "png": str(rep.png), "html": str(rep.html),
                               "tasks": rep.tasks, "failures": rep.failures,
                               "hosts": len(rep.hosts)}))
@@ -230,9 +238,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RootError, OSError) as e:
         # The root itself could not be used (a dead mount, a full disk, no permission):
         # nothing is wrong with the keys, so this is not "failed" (1); try again later.
-        print(f"error: the run root could not be used: {e}. Nothing is lost: fix it (on a "
-              "cluster, `fab heal` remounts dead mounts) and run the same command again",
-              file=sys.stderr)
+        heal = "" if is_object_url(args.root) else " (on a cluster, `fab heal` remounts dead mounts)"
+        print(f"error: the run root could not be used: {e}. Nothing is lost: fix it{heal} and "
+              "run the same command again", file=sys.stderr)
         return EXIT_UNAVAILABLE
     except TaskError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -246,8 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "failed": len(report.failed), "left": report.left,
                       "seconds": round(report.seconds, 3)}))
     if report.failed:
-        print(f"{_failed_after(report)}. Errors are in {args.root}/.spotfan/tasks/{report.task}/"
-              "failed/; rerun with --retry-failed after fixing the cause", file=sys.stderr)
+        print(failed_note(report, args.root), file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
 
@@ -265,6 +272,9 @@ def _dry_run(task: Task, args: argparse.Namespace) -> int:
     if got.keys:
         more = f" (of {got.would_run})" if got.would_run > len(got.keys) else ""
         print(f"first keys that would run{more}:")
+        if got.commands and is_object_url(args.root):
+            print(f"  (paths relative to {got.root}: each command gets a local copy of its input "
+                  "and writes a local temporary, uploaded when it exits)")
         for i, key in enumerate(got.keys):
             line = got.commands[i] if got.commands else ""
             print(f"  {shown(key)}" + (f"\n    $ {line if line.isprintable() else repr(line)}"
@@ -272,25 +282,6 @@ def _dry_run(task: Task, args: argparse.Namespace) -> int:
     print(f"chunking: {got.chunking.describe()}")
     print("nothing was claimed or written; run without --dry-run to start")
     return EXIT_OK
-
-
-def _failed_after(report: RunReport) -> str:
-    """The failed keys, each with the attempts its failure record counts (earlier runs and
-    other machines included, not this run's --max-attempts)."""
-    keys = report.failed[:SHOWN_FAILED]
-    layout = Layout(report.root, report.task)
-    try:
-        records = FailureStore(layout.failed, layout.tmp).load(keys)
-    except OSError:
-        records = {}
-    counts = {records[k].attempts for k in keys if k in records}
-    more = " ..." if len(report.failed) > SHOWN_FAILED else ""
-    if len(counts) == 1 and len(records) == len(keys):
-        shown = ", ".join(repr(k) for k in keys)
-        return f"{len(report.failed)} key(s) failed after {counts.pop()} attempt(s): {shown}{more}"
-    shown = ", ".join(f"{k!r} ({records[k].attempts} attempt(s))" if k in records else repr(k)
-                      for k in keys)
-    return f"{len(report.failed)} key(s) failed: {shown}{more}"
 
 
 def _load_reader(spec: str) -> Callable[[Path], Any]:
@@ -320,6 +311,9 @@ def _collect(task: Task, args: argparse.Namespace) -> int:
     # pandas is imported here, not at the top: `run` and `status` start without it.
     from tasks.collect import collect, table_format, write_table
 
+    if is_object_url(args.to):
+        raise SpecError(f"--to {args.to!r}: the table is written to a local file; copy it to a "
+                        "bucket afterwards (aws s3 cp, gcloud storage cp) if you need it there")
     fmt = table_format(args.to, args.format)  # refuse a bad --to before reading anything
     reader = _load_reader(args.reader) if args.reader else None
     progress = make_progress()
@@ -381,7 +375,7 @@ def _print_failures(rep: FailureReport) -> None:
 
 def _logs(task: Task, args: argparse.Namespace) -> int:
     """How a key's last attempt ended (failed: which attempt, why, when), then its kept output."""
-    log = key_log(task, root=Path(args.root), key=args.logs_key)
+    log = key_log(task, root=args.root, key=args.logs_key)
     name = repr(args.logs_key)
     f = log.failure
     if log.done:
@@ -403,7 +397,9 @@ def _logs(task: Task, args: argparse.Namespace) -> int:
             print(f"==> stderr of {name}, its end (last attempt)")
             print(f.detail.rstrip())
         if isinstance(task, CmdTask) and (log.done or f is not None):
-            print("(no output kept: run the task with --keep-output to keep each key's stdout and stderr)")
+            print("(no output kept: --keep-output is not supported on an object-store root yet)"
+                  if is_object_url(args.root) else
+                  "(no output kept: run the task with --keep-output to keep each key's stdout and stderr)")
         return EXIT_OK
     for label, path in (("stdout", log.stdout), ("stderr", log.stderr)):
         data = path.read_bytes() if path is not None else b""

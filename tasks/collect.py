@@ -14,6 +14,8 @@ in READERS) for anything else. A reader takes an output's path and returns a Dat
 
 Keys that are not done have no output and are simply absent from the table; outputs
 that exist but cannot be read are all listed in one CollectError (or skipped on request).
+On an object-store root each output is downloaded to a local temporary for its reader
+(tasks/store/views.py) and removed once read; the table is always written locally.
 """
 from __future__ import annotations
 
@@ -26,17 +28,21 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 import numpy as np
 import pandas as pd
 
 from tasks.fs import is_network as network_filesystem
-from tasks.errors import CollectError, SpecError, Unreadable
+from tasks.errors import CollectError, RootError, SpecError, Unreadable
 from tasks.items import Item
 from tasks.progress import ProgressFn, Snapshot
-from tasks.scan import scan_done
+from tasks.scan import DoneKeys, scan_done
 from tasks.spec import Task
+from tasks.layout import is_object_url
+
+if TYPE_CHECKING:
+    from tasks.store.views import BucketOutputs
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +149,32 @@ def reader_for(task: Task, items: Sequence[Item]) -> Reader:
     return lambda path: by_suffix[path.suffix.lower()](path)
 
 
+class FolderOutputs:
+    """A task's outputs in a run root folder, read where they are."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.label = str(root)
+
+    def __enter__(self) -> "FolderOutputs":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Nothing to clean up."""
+
+    def items(self, task: Task) -> Sequence[Item]:
+        return task.items(self.root)
+
+    def done(self, items: Sequence[Item]) -> DoneKeys:
+        return scan_done(self.root, items)
+
+    def local(self, item: Item) -> Path:
+        return self.root / item.out
+
+    def release(self, path: Path) -> None:
+        """The output stays where it is."""
+
+
 def collect(task: Task, *, root: str | Path = ".", workers: int | None = None,
             reader: Reader | None = None, skip_unreadable: bool = False,
             key_column: str = KEY_COLUMN, progress: ProgressFn | None = None) -> Collected:
@@ -152,19 +184,33 @@ def collect(task: Task, *, root: str | Path = ".", workers: int | None = None,
     gives n rows with its key. Raises CollectError listing every output that could not
     be read, unless `skip_unreadable`, in which case they are left out and reported in
     `Collected.unreadable`. `workers` reading threads: default READ_THREADS on a network
-    mount, LOCAL_READ_THREADS on a local disk.
+    mount or an object-store root (`s3://B/P`, `gs://B/P`: each output is downloaded to a
+    local temporary for its reader, then removed), LOCAL_READ_THREADS on a local disk.
     """
     started = time.monotonic()
+    if workers is not None and workers < 1:
+        raise SpecError(f"--workers must be at least 1, got {workers}")
+    if is_object_url(str(root)):
+        from tasks.store.views import BucketOutputs, opened  # the SDKs: only for a bucket
+
+        with opened(str(root)) as bucket, BucketOutputs(bucket) as outputs:
+            return _collect(task, outputs, workers or READ_THREADS, reader, skip_unreadable,
+                            key_column, progress, started)
     root = Path(root).resolve()
     if not root.is_dir():
         raise SpecError(f"run root {root} is not a directory; pass --root DIR")
     if workers is None:
         workers = READ_THREADS if network_filesystem(root) else LOCAL_READ_THREADS
-    if workers < 1:
-        raise SpecError(f"--workers must be at least 1, got {workers}")
-    items = task.items(root)
+    return _collect(task, FolderOutputs(root), workers, reader, skip_unreadable, key_column,
+                    progress, started)
+
+
+def _collect(task: Task, outputs: "FolderOutputs | BucketOutputs", workers: int,
+             reader: Reader | None, skip_unreadable: bool, key_column: str,
+             progress: ProgressFn | None, started: float) -> Collected:
+    items = outputs.items(task)
     read_one = reader or reader_for(task, items)
-    done = scan_done(root, items)
+    done = outputs.done(items)
     todo = [it for it in items if it.key not in done.left_keys]
     frames: list[pd.DataFrame | None] = [None] * len(todo)
     failed: list[Unreadable] = []
@@ -172,7 +218,11 @@ def collect(task: Task, *, root: str | Path = ".", workers: int | None = None,
                 len(todo), len(items) - len(todo), workers)
 
     def one(i: int) -> pd.DataFrame:
-        got = read_one(root / todo[i].out)
+        path = outputs.local(todo[i])
+        try:
+            got = read_one(path)
+        finally:
+            outputs.release(path)
         if isinstance(got, Mapping):
             return pd.DataFrame([dict(got)])
         if not isinstance(got, pd.DataFrame):
@@ -189,6 +239,8 @@ def collect(task: Task, *, root: str | Path = ".", workers: int | None = None,
             i = futures[fut]
             try:
                 frames[i] = fut.result()
+            except RootError:
+                raise  # the store refused us or stopped answering: no output is to blame
             except Exception as e:  # any reader may raise anything; report them all
                 failed.append(Unreadable(todo[i].key, todo[i].out, _one_line(e)))
             finished += 1

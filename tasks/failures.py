@@ -9,22 +9,28 @@ exit status plus the masked last line of its stderr.
 up), keeping their last error for reference. It runs nothing itself: the next `run`
 of the task, on any machine, retries them. A `run` already in progress read the records
 when it started and does not pick them up; every record is replaced by an atomic
-rename, so resetting while runs are active loses nothing and corrupts nothing.
+rename (on an object-store root, a whole-object write), so resetting while runs are
+active loses nothing and corrupts nothing.
 """
 from __future__ import annotations
 
 import json
 import re
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, ContextManager
 
 from tasks.items import Item
 from tasks.layout import Layout, new_owner_id
 from tasks.records import Failure, FailureStore
-from tasks.scan import scan_done
+from tasks.scan import DoneKeys, scan_done
 from tasks.spec import Task
+from tasks.layout import is_object_url
+
+if TYPE_CHECKING:
+    from tasks.store.root import BucketRoot
 
 DETAIL_LINES = 6  # lines of a traceback or stderr shown per group: its innermost end
 EXAMPLE_KEYS = 5  # keys shown per group in the human-readable listing
@@ -102,6 +108,9 @@ def tail(detail: str, lines: int = DETAIL_LINES) -> str:
 
 def open_failures(task: Task, *, root: str | Path = ".") -> list[Failure]:
     """Failure records of the task's keys that are not done, sorted by key."""
+    if is_object_url(str(root)):
+        with _opened(str(root)) as bucket:
+            return _bucket_failures(bucket, task)[1]
     root = Path(root).resolve()
     return _open_failures(Layout(root, task.name), task.items(root))
 
@@ -109,11 +118,18 @@ def open_failures(task: Task, *, root: str | Path = ".") -> list[Failure]:
 def _open_failures(layout: Layout, items: Sequence[Item]) -> list[Failure]:
     root = layout.root
     records = FailureStore(layout.failed, layout.tmp).load()
+    return not_done(records, items, lambda candidates: scan_done(root, candidates))
+
+
+def not_done(records: dict[str, Failure], items: Sequence[Item],
+             scan: Callable[[Sequence[Item]], DoneKeys]) -> list[Failure]:
+    """The records of keys of `items` whose output does not exist, sorted by key (`scan`
+    lists only the outputs of keys with a record)."""
     if not records:
         return []
     keys = {it.key for it in items}
     candidates = [it for it in items if it.key in records]
-    done = scan_done(root, candidates)
+    done = scan(candidates)
     return sorted((f for k, f in records.items() if k in keys and k not in done),
                   key=lambda f: f.key)
 
@@ -135,10 +151,14 @@ def group_failures(found: Iterable[Failure]) -> list[FailureGroup]:
 
 def failures(task: Task, *, root: str | Path = ".") -> FailureReport:
     """What failed in a task, grouped by error."""
-    root = Path(root).resolve()
-    items = task.items(root)
-    found = _open_failures(Layout(root, task.name), items)
-    return FailureReport(task.name, len(items), len(found),
+    if is_object_url(str(root)):
+        with _opened(str(root)) as bucket:
+            total, found = _bucket_failures(bucket, task)
+    else:
+        root = Path(root).resolve()
+        items = task.items(root)
+        total, found = len(items), _open_failures(Layout(root, task.name), items)
+    return FailureReport(task.name, total, len(found),
                          sum(1 for f in found if f.gave_up), tuple(group_failures(found)))
 
 
@@ -146,9 +166,17 @@ def retry(task: Task, *, root: str | Path = ".", keys: Iterable[str] | None = No
     """Send failed keys back: reset their failure records so the next `run` tries each
     again for up to --max-attempts. `keys` limits it to some keys (default: every failed
     key that is not done). Returns the keys reset, sorted."""
+    wanted = set(keys) if keys is not None else None
+    if is_object_url(str(root)):
+        from tasks.store.records import BucketFailures
+
+        with _opened(str(root)) as bucket:
+            found = [f for f in _bucket_failures(bucket, task)[1] if wanted is None or f.key in wanted]
+            store = BucketFailures(bucket, bucket.layout(task.name))
+            bucket.map(lambda f: store.record(replace(f, attempts=0, gave_up=False)), found)
+        return [f.key for f in found]
     root = Path(root).resolve()
     layout = Layout(root, task.name)
-    wanted = set(keys) if keys is not None else None
     found = [f for f in open_failures(task, root=root) if wanted is None or f.key in wanted]
     if not found:
         return []
@@ -163,3 +191,20 @@ def retry(task: Task, *, root: str | Path = ".", keys: Iterable[str] | None = No
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return [f.key for f in found]
+
+
+def _opened(url: str) -> ContextManager["BucketRoot"]:
+    from tasks.store.views import opened  # the SDKs: only for an object-store root
+
+    return opened(url)
+
+
+def _bucket_failures(root: "BucketRoot", task: Task) -> tuple[int, list[Failure]]:
+    """(keys of the task, records of those not done) on an object-store root: one listing
+    of `failed/`, the records read in parallel, a LIST per output folder of failed keys."""
+    from tasks.store.records import BucketFailures
+    from tasks.store.scan import scan_done as scan_bucket
+
+    items = task.items(root)
+    records = BucketFailures(root, root.layout(task.name)).load()
+    return len(items), not_done(records, items, lambda candidates: scan_bucket(root, candidates))

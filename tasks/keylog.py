@@ -8,6 +8,7 @@ from tasks.cmdout import output_paths
 from tasks.layout import Layout
 from tasks.records import Failure, FailureStore
 from tasks.spec import Task
+from tasks.layout import is_object_url
 
 
 @dataclass(frozen=True)
@@ -24,8 +25,13 @@ class KeyLog:
     keys: int  # how many keys the task has
 
 
-def key_log(task: Task, *, root: Path, key: str) -> KeyLog:
-    """Read one key's output, failure record and kept output; writes nothing."""
+def key_log(task: Task, *, root: str | Path, key: str) -> KeyLog:
+    """Read one key's output, failure record and kept output; writes nothing. On an
+    object-store root nothing is kept (`run --keep-output` is refused there): stdout and
+    stderr are None, and the failure record holds the end of a failed command's stderr."""
+    if is_object_url(str(root)):
+        return _on_bucket(task, str(root), key)
+    root = Path(root)
     items = task.items(root)
     item = next((i for i in items if i.key == key), None)
     out = item.out if item is not None else ""
@@ -35,3 +41,17 @@ def key_log(task: Task, *, root: Path, key: str) -> KeyLog:
     stdout, stderr = output_paths(root, task.name, key)
     return KeyLog(key, item is not None, out, done, None if done else failure,
                   stdout if stdout.exists() else None, stderr if stderr.exists() else None, len(items))
+
+
+def _on_bucket(task: Task, url: str, key: str) -> KeyLog:
+    from tasks.store.publish import published  # the SDKs: only for an object-store root
+    from tasks.store.records import BucketFailures
+    from tasks.store.views import opened
+
+    with opened(url) as root:
+        items = task.items(root)
+        item = next((i for i in items if i.key == key), None)
+        done = item is not None and published(root, item)
+        failure = BucketFailures(root, root.layout(task.name)).load([key]).get(key)
+    return KeyLog(key, item is not None, item.out if item is not None else "", done,
+                  None if done else failure, None, None, len(items))

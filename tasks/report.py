@@ -1,6 +1,7 @@
 """A picture of a run: tasks completed over time per host, CPU use per host (and GPU use per host
 when the samples have it), as a PNG and an HTML page in the task's bookkeeping folder
-(`.spotfan/tasks/<task>/report.*`).
+(`.spotfan/tasks/<task>/report.*`), or in a local folder as `<task>.report.*` (`to=`; on an
+object-store root, where the logs and samples are objects, the current folder by default).
 
 Reads only files under the root, so it works while the run goes on:
   - the execution logs, `.spotfan/tasks/<task>/log/*.jsonl`, one row per execution:
@@ -18,16 +19,18 @@ import io
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tasks.errors import ReportError
+from tasks.errors import ReportError, SpecError
 from tasks.fs import atomic_write
 from tasks.layout import METRICS_DIR, Layout
 from tasks.records import gpu_metrics, read_jsonl, read_logs
+from tasks.layout import is_object_url
 
 logger = logging.getLogger(__name__)
 
@@ -75,28 +78,65 @@ class Report:
     hosts: tuple[HostSummary, ...]  # by host name
 
 
-def write_report(task: str, *, root: str | Path = ".") -> Report:
-    """Draw the report of the task named `task` under `root` and write it next to its logs.
-    Raises ReportError if nothing was logged yet."""
-    root = Path(root).resolve()
-    layout = Layout(root, task)
-    rows = [r for r in read_logs(layout.log) if _is_row(r)]
-    if not rows:
-        raise ReportError(f"no executions of {task} are logged under {layout.log}; run the task "
-                          "first (python -m tasks run ...), or check --root and the task name")
+def write_report(task: str, *, root: str | Path = ".", to: str | Path | None = None) -> Report:
+    """Draw the report of the task named `task` under `root` and write it next to its logs
+    (or into the folder `to`, as `<task>.report.png|html`). On an object-store root
+    (`s3://B/P`, `gs://B/P`) the logs and metric samples are objects under the prefix and
+    the files are written locally: into `to`, by default the current folder. Raises
+    ReportError if nothing was logged yet."""
+    folder = _report_folder(to)
+    if is_object_url(str(root)):
+        from tasks.store.records import read_logs as read_bucket_logs  # the SDKs: only for a bucket
+        from tasks.store.views import jsonl_objects, opened
+
+        with opened(str(root)) as bucket:
+            layout = Layout(Path(), task)
+            where = f"{bucket.where(layout.log)}/"
+            rows = [r for r in read_bucket_logs(bucket, layout) if _is_row(r)]
+            _refuse_empty(task, rows, where)
+            samples = list(jsonl_objects(bucket, METRICS_DIR))
+        shown = str(bucket)
+        base = Path(folder or ".").resolve() / f"{task}.report"
+    else:
+        here = Path(root).resolve()
+        layout = Layout(here, task)
+        rows = [r for r in read_logs(layout.log) if _is_row(r)]
+        _refuse_empty(task, rows, str(layout.log))
+        samples = list(read_jsonl(here / METRICS_DIR))
+        shown = str(here)
+        base = folder.resolve() / f"{task}.report" if folder else layout.task_dir / "report"
     start = min(r["start"] for r in rows)
     end = max(r["start"] + r["seconds"] for r in rows)
-    metrics = read_metrics(root, since=start - METRICS_MARGIN_S, until=end + METRICS_MARGIN_S)
+    metrics = _metrics(samples, since=start - METRICS_MARGIN_S, until=end + METRICS_MARGIN_S)
     hosts = _summaries(rows, metrics)
     png_bytes = _draw(task, rows, metrics, start, end, hosts)
-    png = layout.task_dir / "report.png"
-    page = layout.task_dir / "report.html"
+    png = base.with_name(base.name + ".png")
+    page = base.with_name(base.name + ".html")
     atomic_write(png, png_bytes, make_parents=True)
     report = Report(task, png, page, start, end, sum(h.tasks for h in hosts),
                     sum(h.failures for h in hosts), tuple(hosts))
-    atomic_write(page, _html(report, root, png_bytes, bool(metrics)).encode("utf-8"), make_parents=True)
+    atomic_write(page, _html(report, shown, png_bytes, bool(metrics)).encode("utf-8"), make_parents=True)
     logger.info("report of %s: %s, %s", task, png, page)
     return report
+
+
+def _report_folder(to: str | Path | None) -> Path | None:
+    """The local folder `to`, checked before anything is read."""
+    if to is None:
+        return None
+    if is_object_url(str(to)):
+        raise SpecError(f"--to {str(to)!r}: the report is written to a local folder; copy it to "
+                        "a bucket afterwards (aws s3 cp, gcloud storage cp) if you need it there")
+    folder = Path(to)
+    if not folder.is_dir():
+        raise SpecError(f"--to {str(to)!r} is not a folder; create it first, or leave --to out")
+    return folder
+
+
+def _refuse_empty(task: str, rows: list[dict[str, Any]], where: str) -> None:
+    if not rows:
+        raise ReportError(f"no executions of {task} are logged under {where}; run the task "
+                          "first (python -m tasks run ...), or check --root and the task name")
 
 
 def _is_row(r: Any) -> bool:
@@ -109,8 +149,13 @@ def read_metrics(root: str | Path, *, since: float = 0.0,
     """Metric samples per host between `since` and `until`, sorted by time; each one's "gpus"
     is a validated tuple of records.GpuMetric (() for a host without). Torn or foreign lines
     are skipped: a recorder may be killed mid-line."""
+    return _metrics(read_jsonl(Path(root) / METRICS_DIR), since=since, until=until)
+
+
+def _metrics(lines: Iterable[tuple[str, dict[str, Any]]], *, since: float,
+             until: float) -> dict[str, list[dict[str, Any]]]:
     found: dict[str, list[dict[str, Any]]] = {}
-    for name, s in read_jsonl(Path(root) / METRICS_DIR):
+    for name, s in lines:
         if (isinstance(s.get("t"), (int, float)) and isinstance(s.get("cpu"), (int, float))
                 and since <= s["t"] <= until):
             gpus = gpu_metrics(s.get("gpus"))
@@ -282,7 +327,7 @@ def _pct(v: float | None) -> str:
     return "" if v is None else f"{v:.0f}"
 
 
-def _html(report: Report, root: Path, png: bytes, has_metrics: bool) -> str:
+def _html(report: Report, root: str, png: bytes, has_metrics: bool) -> str:
     esc = html.escape
     span = max(report.end - report.start, 1e-9)
     with_gpus = any(h.gpu_mean is not None for h in report.hosts)
@@ -306,13 +351,13 @@ img {{ max-width: 100%; }}
 .note {{ color: #666; }}
 </style></head><body>
 <h1>{esc(report.task)}</h1>
-<p>Run root <code>{esc(str(root))}</code>: {report.tasks} tasks succeeded and
+<p>Run root <code>{esc(root)}</code>: {report.tasks} tasks succeeded and
 {report.failures} executions failed on {len(report.hosts)} host(s), from
 {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(report.start))} to
 {time.strftime('%H:%M:%S UTC', time.gmtime(report.end))} ({_duration(span)},
 {_rate(report.tasks, span)}). Written
 {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}.</p>
-<a href="report.png"><img alt="tasks completed over time per host, and CPU use per host"
+<a href="{esc(report.png.name)}"><img alt="tasks completed over time per host, and CPU use per host"
  src="data:image/png;base64,{data}"></a>
 <table>
 <tr><th>host</th><th>tasks</th><th>failures</th><th>tasks/min</th><th>task time</th>

@@ -57,6 +57,9 @@ def run_on_bucket(task: Task, url: str, opts: RunOptions) -> RunReport:
         raise SpecError(f"task {task.name} takes `root` (to read files under the run root), which an "
                         "object-store root does not have as a folder: read the objects you need with "
                         "your own client, or run the task on a folder root")
+    if getattr(task, "keep_output", False):
+        raise SpecError("--keep-output is not supported on an object-store root (s3://, gs://) yet: "
+                        "each key's stdout and stderr would stay on the worker's local disk")
     if task.fetch:
         logger.info("fetch: on an object-store root every input is downloaded before its key runs")
     root = BucketRoot(url)

@@ -79,9 +79,13 @@ class Backend:
     def kind(self, op: str) -> str:
         return KINDS[self.scheme][op]
 
+    @property
+    def request_log(self) -> Any:
+        """Every request the server answered (loopback.RequestLog)."""
+        return self.server.proxy.requests if self.scheme == "s3" else self.server.requests
+
     def requests(self, op: str) -> list[Any]:
-        log = self.server.proxy.requests if self.scheme == "s3" else self.server.requests
-        return log.select(kind=self.kind(op), bucket=self.bucket_name)
+        return self.request_log.select(kind=self.kind(op), bucket=self.bucket_name)
 
     def fail_next(self, op: str, count: int = 1, *, status: int, after_apply: bool = False,
                   key: str | None = None) -> None:

@@ -74,7 +74,6 @@ def flaky(key: str, out: Path) -> None:
 """
 
 
-@pytest.mark.xfail(strict=True, reason="the run's failure summary still reads a folder's records (being fixed)")
 def test_failing_keys_are_recorded_in_the_bucket_and_retried_after_the_fix(run: BucketRun) -> None:
     run.write(FAILING)
     done = run.cli("run", "t:flaky", "--root", run.url, "--max-attempts", "2")
