@@ -282,7 +282,7 @@ def report(load: Workload, sides: list[Any], rows: dict[str, list[Round]], share
             refused.update(r.refused)
         if refused:
             print("    answered not 2xx, a round: " + ", ".join(
-                f"{k} {s} x{c / len(rs):g}" for (k, s), c in refused.most_common()))
+                f"{k} {s} x{c / len(rs):.1f}" for (k, s), c in refused.most_common()))
     return ok
 
 
@@ -324,6 +324,8 @@ def main() -> int:
             for r in range(a.rounds):
                 for side in (sides if r % 2 == 0 else sides[::-1]):
                     rows[side.name].append(one_round(fleet, side, load, r + 1, a.vms))
+                    print(f"  ({load.keys} {load.label} keys, round {r + 1}, {side.name}: "
+                          f"{rows[side.name][-1].wall:.2f} s)", file=sys.stderr, flush=True)
             share_requests = None
             if a.count_requests:
                 folder = prepare_inputs(fleet.share, load.keys)
