@@ -71,39 +71,21 @@ def main() -> None:
     parser.add_argument("--multipart-mb", type=int, default=64, help="S3's multipart threshold")
     args = parser.parse_args()
 
-    import logging
-
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto logs every request at INFO
-
     from tests.objstore.gcs_emulator import GcsEmulator
-    from tests.objstore.s3_fault_proxy import S3FaultProxy
+    from tests.objstore.moto_s3 import moto_s3
 
     with tempfile.TemporaryDirectory(prefix="bench-bucket-") as tmp:
         source = Path(tmp) / "big.bin"
         with open(source, "wb") as f:
             for _ in range(args.size_mb):
                 f.write(os.urandom(1 << 20))
-        moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        moto.start()
-        try:
-            host, port = moto.get_host_and_port()
-            with S3FaultProxy(upstream=f"http://{host}:{port}") as proxy, GcsEmulator() as gcs:
-                import boto3
-
-                s3_env = {"AWS_ENDPOINT_URL": proxy.endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                          "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                          "AWS_EC2_METADATA_DISABLED": "true"}
-                boto3.client("s3", endpoint_url=f"http://{host}:{port}", region_name="us-east-1",
-                             aws_access_key_id="testing", aws_secret_access_key="testing").create_bucket(Bucket="bench")
-                gcs.create_bucket("bench")
-                rows = [("s3", run_child("s3://bench/", s3_env, source, Path(tmp) / "s3.bin", args.multipart_mb << 20)),
-                        ("gs", run_child("gs://bench/", gcs.env, source, Path(tmp) / "gs.bin", 0))]
-                for scheme in ("s3", "gs"):
-                    assert (Path(tmp) / f"{scheme}.bin").read_bytes() == source.read_bytes(), scheme
-        finally:
-            moto.stop()
+        with moto_s3() as s3, GcsEmulator() as gcs:
+            s3.make_bucket("bench")
+            gcs.create_bucket("bench")
+            rows = [("s3", run_child("s3://bench/", dict(s3.env), source, Path(tmp) / "s3.bin", args.multipart_mb << 20)),
+                    ("gs", run_child("gs://bench/", gcs.env, source, Path(tmp) / "gs.bin", 0))]
+            for scheme in ("s3", "gs"):
+                assert (Path(tmp) / f"{scheme}.bin").read_bytes() == source.read_bytes(), scheme
     print(f"file {args.size_mb} MB; S3 multipart above {args.multipart_mb} MB")
     print(f"{'store':6} {'base RSS MB':>12} {'upload +MB':>11} {'download +MB':>13}")
     for scheme, row in rows:

@@ -21,137 +21,18 @@ import argparse
 import json
 import os
 import shlex
-import shutil
 import statistics
 import sys
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cluster import lifecycle  # noqa: E402
-from cluster.config import load  # noqa: E402
-from cluster.session import Cluster  # noqa: E402
-
-OCTET = int(os.environ.get("SPOTFAN_TEST_OCTET", "61"))
-PORT = int(os.environ.get("SPOTFAN_TEST_PORT_BASE", "31000")) + 90
-# The lab's state, the head's share included, on a fresh folder rather than /tmp: on this
-# machine a file create under /tmp costs 1.2 ms of CPU against 0.03-0.04 ms under /var/lib,
-# /srv or /root of the same disk, an artefact of an aged /tmp that no head's disk has.
-STATE = Path(os.environ.get("SPOTFAN_BENCH_STATE", f"/var/lib/spotfan-bench/fleet-{OCTET}"))
-RUN_TIMEOUT_S = 1800  # one contender on one VM
-DEBUG_MOUNT = """
-set -eu
-. "$SPOTFAN_HOME/boot.env"
-eval "$(grep -E '^(FUSE_OPTS|SSH_OPTS)=' "$SPOTFAN_HOME/mount.sh")"
-D="$SPOTFAN_HOME/dbg"; L="$SPOTFAN_HOME/sshfs-debug.log"
-mkdir -p "$D"
-setsid sshfs -f -o "$FUSE_OPTS,sshfs_debug" -o "$SSH_OPTS" -o "ssh_command=ssh -F none" \\
-    "$SPOTFAN_HEAD_USER@$SPOTFAN_HEAD_ADDRESS:$SPOTFAN_SHARE" "$D" </dev/null >/dev/null 2>"$L" &
-P=$!
-i=0; while ! mountpoint -q "$D" && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
-cd "$D"
-{run} >"$SPOTFAN_HOME/dbg-run.out" 2>"$SPOTFAN_HOME/dbg-run.err"
-cd /
-fusermount3 -u "$D" || fusermount3 -u -z "$D"
-kill $P 2>/dev/null || true
-grep -E '^\[[0-9]+\] +[A-Z_]+ *$' "$L" | awk '{print "REQ", $2}' | sort | uniq -c
-grep -ho 'direct SFTP session sent [0-9]*' "$SPOTFAN_HOME/dbg-run.err" | awk '{print $5, "REQ", "DIRECT"}' 
-"""
-
-
-def write_config(vms: int, workers: int) -> Path:
-    STATE.mkdir(parents=True, exist_ok=True)
-    path = STATE / "cluster.toml"
-    path.write_text(f"""
-[cluster]
-name = "fleet{OCTET}"
-provider = "lab"
-workers = {vms}
-workers_per_vm = {workers}
-idle_timeout = 7200
-python = "{sys.executable}"
-python_path = ["{REPO}"]
-mount_point = "mnt"
-[head]
-address = "127.0.0.1"
-port = {PORT}
-share = "share"
-user = "sf{OCTET}-fleet"
-jail = "/srv/spotfan-bench/{OCTET}/fleet"
-[ssh]
-key = "keys/laptop"
-worker_key = "keys/worker"
-known_hosts = "keys/known_hosts"
-command_timeout = {RUN_TIMEOUT_S}
-[lab]
-state_dir = "state"
-address_prefix = "127.{OCTET}.0."
-""")
-    return path
-
-
-class Fleet:
-    """The lab VMs with one open SSH connection each, and the share seen from the head."""
-
-    def __init__(self, cluster: Cluster, vms: int) -> None:
-        self.config = cluster.config
-        self.share = cluster.config.head.share
-        self.remote = cluster.remote
-        self.hosts = sorted(lifecycle.running_hosts(cluster), key=lambda h: h.name)[:vms]
-        self.conns = [self.remote.open(h) for h in self.hosts]
-        self.cpu = LabCpu(cluster.config)
-
-    def close(self) -> None:
-        for c in self.conns:
-            c.close()
-        self.cpu.close()
-
-    def run_all(self, n: int, command: str) -> list[tuple[float, str]]:
-        """`command` on the first n VMs at once: (seconds from the common start, stdout)."""
-        start = threading.Barrier(n + 1)
-        t0: list[float] = []
-
-        def one(i: int) -> tuple[float, str]:
-            start.wait()
-            out = self.remote.run_on(self.conns[i], self.hosts[i], command, timeout=RUN_TIMEOUT_S)
-            return time.perf_counter() - t0[0], out.stdout
-
-        with ThreadPoolExecutor(n) as pool:
-            futs = [pool.submit(one, i) for i in range(n)]
-            t0.append(time.perf_counter())
-            start.wait()
-            return [f.result() for f in futs]
-
-
-def prepare_inputs(share: Path, n: int) -> str:
-    folder = f"in-{n}"
-    if not (share / folder).is_dir() or len(os.listdir(share / folder)) != n:
-        shutil.rmtree(share / folder, ignore_errors=True)
-        (share / folder).mkdir()
-        for i in range(n):
-            (share / folder / f"k{i:06d}.txt").write_bytes(f"{i:010d}".encode())
-    return folder
-
-
-def clean(share: Path) -> None:
-    for name in ("out", ".spotfan/tasks", ".spotfan/tmp"):
-        shutil.rmtree(share / name, ignore_errors=True)
-
-
-def commands(folder: str, workers: int, sleep_ms: float = 0) -> dict[str, str]:
-    env = f"BENCH_IN={folder} BENCH_OUT=out BENCH_SLEEP_MS={sleep_ms:g}"
-    py = shlex.quote(sys.executable)
-    direct = 'SPOTFAN_SFTP_COMMAND="$(cat "$SPOTFAN_HOME/sftp.cmd")"'  # as the agent sets it
-    spotfan = f"{env} {direct} {py} -m tasks run fleet_task:tiny --workers {workers}"
-    return {"spotfan": spotfan, "spotfan --fetch": f"{spotfan} --fetch",
-            "naive": f"{env} {py} fleet_task.py . {workers}"}
+from fleetlab import Fleet, clean, commands, count_requests, lab, prepare_inputs  # noqa: E402
 
 
 def one_round(fleet: Fleet, n_vms: int, name: str, cmd: str, keys: int) -> dict[str, float]:
@@ -181,61 +62,6 @@ def one_round(fleet: Fleet, n_vms: int, name: str, cmd: str, keys: int) -> dict[
     else:
         row["twice"] = sum(o["wrote"] for o in outs) - keys
     return row
-
-
-def count_requests(fleet: Fleet, n_vms: int, cmd: str, keys: int) -> tuple[int, Counter]:
-    clean(fleet.share)
-    script = DEBUG_MOUNT.replace("{run}", cmd.replace(" -m tasks run ", " -m tasks -v run "))
-    total: Counter = Counter()
-    for _, out in fleet.run_all(n_vms, f"sh -c {shlex.quote(script)}"):
-        for line in out.splitlines():
-            parts = line.split()
-            if len(parts) == 3 and parts[1] == "REQ":
-                total[parts[2]] += int(parts[0])
-    assert len(os.listdir(fleet.share / "out")) == keys
-    return sum(total.values()), total
-
-
-class LabCpu:
-    """CPU seconds used by the lab cluster alone (every VM's processes, the head's sshd and
-    all they start), from a cgroup v1 cpuacct group they are moved into: a figure that other
-    load on this machine barely changes, unlike wall time. None where there is no cpuacct."""
-
-    BASE = Path("/sys/fs/cgroup/cpuacct")
-
-    def __init__(self, config) -> None:  # type: ignore[no-untyped-def]
-        self.group = self.BASE / f"spotfan-bench-fleet-{OCTET}"
-        self.ok = (self.BASE / "cgroup.procs").exists()
-        if not self.ok:
-            return
-        self.group.mkdir(exist_ok=True)
-        marker = str(config.settings.state_dir)
-        roots = [p for p in psutil.process_iter(["cmdline"])
-                 if marker in " ".join(p.info["cmdline"] or [])]
-        for p in roots:
-            try:
-                for q in [p, *p.children(recursive=True)]:
-                    (self.group / "cgroup.procs").write_text(str(q.pid))
-            except (psutil.Error, OSError):
-                continue
-
-    def seconds(self) -> float | None:
-        if not self.ok:
-            return None
-        return int((self.group / "cpuacct.usage").read_text()) / 1e9
-
-    def close(self) -> None:
-        if not self.ok:
-            return
-        for pid in (self.group / "cgroup.procs").read_text().split():
-            try:
-                (self.BASE / "cgroup.procs").write_text(pid)
-            except OSError:
-                pass
-        try:
-            self.group.rmdir()
-        except OSError:
-            pass
 
 
 def kind_of(cmdline: str, name: str) -> str:
@@ -328,19 +154,10 @@ def main() -> int:
     sizes = [int(s) for s in a.keys.split(",") if s]
     curve = [int(s) for s in a.curve.split(",") if s]
     most = max([a.vms, *curve])
-    if (STATE / "cluster.toml").exists():
-        with Cluster(load(STATE / "cluster.toml")) as leftover:
-            lifecycle.down(leftover)  # a crashed earlier run's leftovers
-    shutil.rmtree(STATE, ignore_errors=True)
-    config = load(write_config(most, a.workers_per_vm))
     w = a.workers_per_vm
-    cluster = Cluster(config)
-    try:
-        lifecycle.prepare(cluster)
-        lifecycle.up(cluster)
+    with lab("fleet", most, w) as (cluster, fleet):
+        config = cluster.config
         share = config.head.share
-        shutil.copy(REPO / "bench/fleet_task.py", share / "fleet_task.py")
-        fleet = Fleet(cluster, most)
         print(f"lab cluster: {a.vms} VMs x {w} workers, one head (sshd on loopback), SSHFS with "
               "caching off; this machine has", psutil.cpu_count(), "cores for everything")
         for n in sizes:
@@ -419,11 +236,6 @@ def main() -> int:
                 m = statistics.median(walls)
                 print(f"  {n_vms:3d} VMs: {m:6.2f} s  {a.curve_keys / m:6.0f} keys/s  machine CPU "
                       f"{statistics.median(busy):.0%} busy, head sshd+sftp {statistics.median(head):.2f} cores")
-        fleet.close()
-    finally:
-        lifecycle.down(cluster)
-        cluster.close()
-        shutil.rmtree(STATE, ignore_errors=True)
     return 0
 
 

@@ -38,7 +38,7 @@ class Backend:
     """A test server of one store, with a fresh bucket and our adaptor bound to it."""
 
     scheme: str  # "s3" or "gs"
-    server: Any  # conftest.S3Server or gcs_emulator.GcsEmulator
+    server: Any  # moto_s3.S3Server or gcs_emulator.GcsEmulator
     bucket_name: str
     bucket: Bucket  # our adaptor (tasks.store.s3.S3Bucket or tasks.store.gcs.GcsBucket)
 
@@ -59,22 +59,14 @@ class Backend:
         if self.scheme == "gs":
             self.server.put(self.bucket_name, name, data)
         else:
-            from moto.core.models import DEFAULT_ACCOUNT_ID
-            from moto.s3.models import s3_backends
-
-            s3_backends[DEFAULT_ACCOUNT_ID]["aws"].put_object(self.bucket_name, name, data)
+            self.server.seed(self.bucket_name, name, data)
 
     def body(self, name: str) -> bytes | None:
         """An object's bytes as the server holds them (None if missing), without our adaptor."""
         if self.scheme == "gs":
             obj = self.server.get(self.bucket_name, name)
             return None if obj is None else obj.data
-        from moto.core.models import DEFAULT_ACCOUNT_ID
-        from moto.s3.models import s3_backends
-
-        keys = s3_backends[DEFAULT_ACCOUNT_ID]["aws"].buckets[self.bucket_name].keys
-        key = keys.get(name)
-        return None if key is None else key.value
+        return self.server.body(self.bucket_name, name)
 
     def kind(self, op: str) -> str:
         return KINDS[self.scheme][op]

@@ -1,7 +1,7 @@
 """Object-store test servers, each started once per session on 127.0.0.1.
 
 `gcs_server`: our GCS JSON-API emulator (gcs_emulator.GcsEmulator). `s3_server`: moto's
-ThreadedMotoServer behind the S3 fault proxy (s3_fault_proxy.S3FaultProxy). Both give the
+ThreadedMotoServer behind the S3 fault proxy (moto_s3.moto_s3, also used by bench/). Both give the
 environment a child process needs (`.env`, to merge into os.environ) and make buckets; the
 function fixtures give a fresh bucket and a real client per test; `backend` gives each
 bucket test once per store, with our adaptor (tests/objstore/backends.py). Faults armed
@@ -9,11 +9,7 @@ in a test are cleared after it.
 """
 from __future__ import annotations
 
-import logging
-import os
-import uuid
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -23,43 +19,10 @@ pytest.importorskip("boto3", reason="boto3 is not installed (pip install -e '.[t
 pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install -e '.[test]')")
 
 from .gcs_emulator import GcsEmulator  # noqa: E402
-from .s3_fault_proxy import S3FaultProxy  # noqa: E402
+from .moto_s3 import S3Server, moto_s3  # noqa: E402
 
 if TYPE_CHECKING:
     from .backends import Backend
-
-S3_REGION = "us-east-1"
-S3_ACCESS_KEY = "testing"  # moto accepts any key; real ones never reach a test
-
-
-@dataclass(frozen=True)
-class S3Server:
-    """moto on 127.0.0.1 and the fault proxy in front of it; clients use `endpoint`."""
-
-    endpoint: str  # the proxy: every request recorded, faults injected, writes serialized
-    moto_endpoint: str  # moto itself, bypassing the proxy (to show what moto alone does)
-    proxy: S3FaultProxy
-    env: Mapping[str, str]  # what a child process needs for boto3 to reach `endpoint`
-
-    def client(self, *, endpoint: str | None = None, **config: Any) -> Any:
-        """A real boto3 S3 client bound to the proxy (or `endpoint`); `config`: botocore Config options."""
-        import boto3
-        from botocore.config import Config
-
-        return boto3.session.Session().client(
-            "s3", endpoint_url=endpoint or self.endpoint, region_name=S3_REGION,
-            aws_access_key_id=S3_ACCESS_KEY, aws_secret_access_key=S3_ACCESS_KEY, config=Config(**config),
-        )
-
-    def make_bucket(self) -> str:
-        """Create a bucket with a fresh name through moto directly (not in the proxy's log)."""
-        name = f"spotfan-test-{uuid.uuid4().hex[:12]}"
-        self.client(endpoint=self.moto_endpoint).create_bucket(Bucket=name)
-        return name
-
-    def clear_faults(self) -> None:
-        self.proxy.clear_faults()
-
 
 @pytest.fixture(scope="session")
 def gcs_server() -> Iterator[GcsEmulator]:
@@ -71,28 +34,8 @@ def gcs_server() -> Iterator[GcsEmulator]:
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
     """moto S3 behind the fault proxy, both on 127.0.0.1."""
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto logs every request at INFO
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    moto.start()
-    try:
-        host, port = moto.get_host_and_port()
-        moto_endpoint = f"http://{host}:{port}"
-        with S3FaultProxy(upstream=moto_endpoint) as proxy:
-            env = {
-                "AWS_ENDPOINT_URL": proxy.endpoint,
-                "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
-                "AWS_SECRET_ACCESS_KEY": S3_ACCESS_KEY,
-                "AWS_DEFAULT_REGION": S3_REGION,
-                # Nothing but the proxy: no instance metadata service, no user config.
-                "AWS_EC2_METADATA_DISABLED": "true",
-                "AWS_CONFIG_FILE": os.devnull,
-                "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-            }
-            yield S3Server(endpoint=proxy.endpoint, moto_endpoint=moto_endpoint, proxy=proxy, env=env)
-    finally:
-        moto.stop()
+    with moto_s3() as server:
+        yield server
 
 
 @pytest.fixture(autouse=True)

@@ -12,9 +12,11 @@ short and closes the connection; `skew_clock` shifts the `Date` the proxy answer
 (moto's own Date is replaced by the proxy's, so there is one clock).
 
 moto checks `If-None-Match`/`If-Match` and then writes without a lock (moto says it is not
-concurrency-safe), so two racing conditional writes could both pass the check. S3 itself
-decides them atomically, so by default the proxy forwards one mutating request (PUT, POST,
-DELETE) at a time; `serialize_writes=False` shows moto as it is.
+concurrency-safe), so two racing conditional writes could both pass the check; and a listing
+iterates the bucket's keys unlocked, so one that meets a concurrent delete fails with a
+KeyError (HTTP 500 InternalError; seen with 8 runners on one bucket). S3 itself decides
+writes atomically and lists consistently, so by default the proxy forwards one mutating
+request (PUT, POST, DELETE) or listing at a time; `serialize_writes=False` shows moto as it is.
 
     with S3FaultProxy(upstream="http://127.0.0.1:5000") as proxy:
         s3 = boto3.client("s3", endpoint_url=proxy.endpoint, ...)
@@ -40,6 +42,7 @@ _HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "prox
                          "transfer-encoding", "upgrade", "expect", "content-length"})
 _REPLACED = frozenset({"date", "server"})  # the proxy's send_response sets its own
 _WRITES = frozenset({"PUT", "POST", "DELETE"})
+_LISTINGS = frozenset({"ListObjectsV2", "ListObjects", "ListMultipartUploads"})  # iterate a bucket's keys
 _DEFAULT_ERRORS = {
     500: ("InternalError", "We encountered an internal error. Please try again."),
     503: ("SlowDown", "Please reduce your request rate."),
@@ -170,7 +173,7 @@ class S3FaultProxy(LoopbackServer):
         if delay_s:
             time.sleep(delay_s)
         if fault is None or fault.after_apply:
-            if self.serialize_writes and method in _WRITES:
+            if self.serialize_writes and (method in _WRITES or operation in _LISTINGS):
                 with self._write_lock:
                     answer = self._forward(method, raw_path, headers, body)
             else:
