@@ -122,6 +122,7 @@ def run_on_bucket(task: Task, url: str, opts: RunOptions) -> RunReport:
             claims.release_all()
         if pool is not None:
             pool.shutdown(kill=True)
+        log.close()  # its last rows, before the owner object goes
         owner.close()
         local.close()
         restore_sigterm(old_term)
