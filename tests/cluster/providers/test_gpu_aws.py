@@ -37,7 +37,7 @@ class AmdTypes:
         scope = {"Authorization": "AWS4-HMAC-SHA256 Credential=testing/20240101/us-east-1/ec2/aws4_request, "
                                   "SignedHeaders=host, Signature=0",
                  "Content-Type": "application/x-www-form-urlencoded"}
-        with urllib.request.urlopen(urllib.request.Request(upstream + "/", data=form, headers=scope), timeout=30) as r:
+        with urllib.request.urlopen(urllib.request.Request(upstream + "/", data=form, headers=scope), timeout=120) as r:  # moto loads its catalogue: slow under load
             nvidia = r.read().decode()
         assert "<manufacturer>NVIDIA</manufacturer>" in nvidia, nvidia[:500]
         self.xml = (nvidia.replace("g4dn.xlarge", "g4ad.xlarge").replace("<manufacturer>NVIDIA</manufacturer>",
