@@ -36,6 +36,7 @@ class LocalS3:
     """moto behind the fault proxy (one conditional write at a time, as S3 decides them), on 127.0.0.1."""
 
     endpoint: str
+    proxy: S3FaultProxy  # faults armed by a test are cleared after it
     env: dict[str, str]  # what boto3 (the laptop's fab, and through store.env the lab's VMs) needs
 
     def client(self) -> Any:
@@ -57,7 +58,7 @@ def local_s3() -> Iterator[LocalS3]:
     try:
         host, port = moto.get_host_and_port()
         with S3FaultProxy(upstream=f"http://{host}:{port}") as proxy:
-            yield LocalS3(proxy.endpoint, {
+            yield LocalS3(proxy.endpoint, proxy, {
                 "AWS_ENDPOINT_URL": proxy.endpoint, "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_KEY,
                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
                 "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"})
@@ -163,3 +164,33 @@ def test_headless_fleet_on_s3_preempt_two_then_heal(monkeypatch, local_s3, make_
     assert lab_processes(lab.folder) == [], "fab down must leave no VM process behind"
     assert mounts_under(lab.folder) == []
     assert len(outputs()) == KEYS and len(names(s3, bucket, f"{PREFIX}/in/")) == KEYS, "the bucket is the user's"
+
+
+def test_a_fleet_that_cannot_use_the_bucket_is_refused_or_stopped(monkeypatch, local_s3, make_lab):
+    """Fail closed. No such bucket: `fab up` refuses before it creates a VM. A bucket the VMs may
+    not write (their role lacks s3:PutObject): each VM's boot check fails, `fab up` exits 1 naming
+    the permission, and the VM is stopped, not left billing while reporting ok."""
+    for k, v in local_s3.env.items():
+        monkeypatch.setenv(k, v)
+    missing = f"spotfan-missing-{uuid.uuid4().hex[:8]}"
+    lab = make_lab(workers=1, idle_timeout=120, share_url=f"s3://{missing}/p")
+    r = lab.fab("up")
+    assert r.returncode == 1, r
+    assert f"bucket s3://{missing} does not exist" in r.stderr and f"`aws s3 mb s3://{missing}`" in r.stderr
+    assert lab.statuses() == {}, "no VM was created"
+
+    bucket = f"spotfan-denied-{uuid.uuid4().hex[:8]}"
+    local_s3.client().create_bucket(Bucket=bucket)
+    lab = make_lab(workers=1, idle_timeout=120, share_url=f"s3://{bucket}/p")
+    local_s3.proxy.fail_next(1000, status=403, operation="PutObject", key=r"\.spotfan/cluster/probe/")
+    try:
+        r = lab.fab("up")
+    finally:
+        local_s3.proxy.clear_faults()
+    said = r.stdout + r.stderr
+    assert r.returncode == 1, said
+    assert re.search(rf"agent did not report: s3://{bucket}/p: cannot write \.spotfan/cluster/probe/\S+: .*s3:PutObject",
+                     said), said
+    assert "agent: ok" not in said
+    assert "stopped so that it does not bill" in said, said
+    assert lab.statuses() == {lab.config.vm_names()[0]: "TERMINATED"}
