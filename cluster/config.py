@@ -103,7 +103,8 @@ class ClusterConfig:
         """The [head] table; a ConfigError on a headless cluster, which has none."""
         if self.head is None:
             raise ConfigError(f"{self.path}: this cluster has no head: its share is the bucket "
-                              f"{self.run_root} ([share] kind = {self.share.kind!r})")
+                              f"{self.run_root} ([share] kind = {self.share.kind!r}); copy files to and from "
+                              "it with `aws s3 cp` or `gcloud storage cp`")
         return self.head
 
     def vm_names(self, count: int | None = None) -> list[str]:

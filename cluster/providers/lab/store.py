@@ -35,7 +35,7 @@ def store_env(scheme: str, environ: Mapping[str, str]) -> dict[str, str]:
     if not endpoint:
         raise ProvisionError(
             f"a headless lab uses a store on this machine, and {endpoint_var} is not set: start one and "
-            f"set {example} before `fab up` (the lab's VMs have no instance role; docs/lab.md)")
+            f"set {example} before `fab up` (the lab's VMs have no instance role; docs/objstore.md)")
     if not _loopback(endpoint):
         raise ProvisionError(
             f"{endpoint_var}={endpoint!r} is not on loopback: a lab VM gets a store's credentials only "
