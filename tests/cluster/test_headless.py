@@ -1,12 +1,14 @@
 """End to end with no head machine: `[share] kind = "s3"`, 4 lab VMs on a bucket of moto (127.0.0.1),
-a task over the bucket root through `fab run`, 2 VMs preempted mid-run, `fab heal`, every output
-exact in the bucket, and after `fab down` no VM process and no mount left, the bucket kept."""
+inputs sent by `fab push`, a task over the bucket root through `fab run`, 2 VMs preempted mid-run,
+`fab heal`, every output exact in the bucket (and through `fab pull`), and after `fab down` no VM
+process and no mount left, the bucket kept."""
 from __future__ import annotations
 
 import collections
 import json
 import re
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ if str(REPO / "tests") not in sys.path:
     sys.path.insert(0, str(REPO / "tests"))
 from objstore.s3_fault_proxy import S3FaultProxy  # noqa: E402
 
-KEYS = 80
+KEYS = 64
 WORKERS_PER_VM = 2
 PREEMPTED = 2
 PREFIX = "fleet"
@@ -92,13 +94,21 @@ def test_headless_fleet_on_s3_preempt_two_then_heal(monkeypatch, local_s3, make_
     s3 = local_s3.client()
     bucket = f"spotfan-fleet-{uuid.uuid4().hex[:8]}"
     s3.create_bucket(Bucket=bucket)
-    for i in range(KEYS):
-        s3.put_object(Bucket=bucket, Key=f"{PREFIX}/in/{i:04d}.txt", Body=payload(i).encode())
     root = f"s3://{bucket}/{PREFIX}"
     lab = make_lab(workers=4, workers_per_vm=WORKERS_PER_VM, idle_timeout=120, share_url=root)
     assert lab.share is None and lab.config.head is None
+    local = lab.folder / "in"
+    local.mkdir()
+    for i in range(KEYS):
+        (local / f"{i:04d}.txt").write_text(payload(i))
+    pushed = lab.fab_ok("push", str(local))  # `fab push` talks to the bucket: no head to go through
+    assert f"pushed {KEYS} file(s)" in pushed and f"-> in" in pushed, pushed
+    assert sorted(names(s3, bucket, f"{PREFIX}/in/")) == [f"{PREFIX}/in/{i:04d}.txt" for i in range(KEYS)]
+    assert f"pushed 0 file(s)" in lab.fab_ok("push", str(local)), "pushing again copies only what is missing"
 
+    t0 = time.monotonic()
     up = lab.fab_ok("up")
+    print(f"fab up: {time.monotonic() - t0:.1f}s")
     assert up.count("agent: ok (started") == 4, up
     assert up.count(f"store: ok ({root}") == 4, up
     assert "mount:" not in up, "a headless VM mounts nothing"
@@ -117,6 +127,7 @@ def test_headless_fleet_on_s3_preempt_two_then_heal(monkeypatch, local_s3, make_
         return names(s3, bucket, f"{PREFIX}/out/")
 
     lab.wait_for("a quarter of the outputs", lambda: len(outputs()) >= KEYS // 4, timeout=60)
+    print(f"a quarter done: {time.monotonic() - t0:.1f}s")
     killed = lab.fab_ok("preempt", "--count", str(PREEMPTED))
     victims = re.search(r"killed (.+)", killed).group(1).split(", ")
     assert len(victims) == PREEMPTED
@@ -126,11 +137,13 @@ def test_headless_fleet_on_s3_preempt_two_then_heal(monkeypatch, local_s3, make_
     assert not any(lab.provider.processes(v) for v in victims), "preemption kills every process"
 
     healed = lab.fab_ok("heal")
+    print(f"healed: {time.monotonic() - t0:.1f}s")
     for v in victims:
         assert re.search(rf"{v}: started;.*store: ok", healed), healed
 
     done_key = f"{PREFIX}/.spotfan/cluster/runs/{run_id}.done.json"
     lab.wait_for("the run to finish", lambda: bool(names(s3, bucket, done_key)), timeout=RUN_TIMEOUT_S)
+    print(f"run done: {time.monotonic() - t0:.1f}s")
     record = json.loads(body(s3, bucket, done_key))
     assert record["result"] == "done", record
 
@@ -152,12 +165,22 @@ def test_headless_fleet_on_s3_preempt_two_then_heal(monkeypatch, local_s3, make_
     assert 0 <= sum(starts.values()) - KEYS <= in_flight_bound
     assert set(lab.config.vm_names()) <= {r["host"] for r in rows}, "every VM, the healed ones too, did work"
 
+    pulled = lab.folder / "pulled"
+    assert f"pulled {KEYS} file(s)" in lab.fab_ok("pull", "out", "--to", str(pulled))
+    assert {p.name: p.read_text() for p in pulled.iterdir()} == {f"{i:04d}.txt": payload(i) * 5 for i in range(KEYS)}
+    (local / "0000.txt").write_text("changed\n")  # an object there with other bytes is never replaced
+    r = lab.fab("push", str(local))
+    assert r.returncode == 1 and "in/0000.txt is there with" in r.stdout and "not replaced" in r.stdout, r
+    assert body(s3, bucket, f"{PREFIX}/in/0000.txt") == payload(0)
+
     status = lab.fab_ok("status")
     assert re.search(rf"run {run_id}: done: {KEYS}/{KEYS} done, 0 failed", status), status
     logs = lab.fab_ok("logs", victims[0])
     assert f"==> {victims[0]}/agent.log" in logs and f"{run_id}.log" in logs
 
+    print(f"checked: {time.monotonic() - t0:.1f}s")
     down = lab.fab_ok("down")
+    print(f"down: {time.monotonic() - t0:.1f}s")
     assert "deleted 4 VMs" in down, down
     assert f"left everything in {root}: your inputs and outputs (in, out) are never deleted" in down, down
     assert lab.statuses() == {}
