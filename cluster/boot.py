@@ -3,7 +3,10 @@
 On every VM at once: wait for SSH, put the boot files (cluster/vm's boot.sh, mount.sh,
 watchdog.sh, read from the installed package, and boot.env, the worker key, the head's
 known_hosts) on the VM's disk and run boot.sh (start the idle guard, mount the share,
-start the agent). A VM counts as working only once its agent's first heartbeat is on
+start the agent). On a headless cluster there is no head: no worker key, no known_hosts,
+no mount; boot.sh checks that the VM can use the bucket (as its instance role or service
+account; the lab's VMs get the local store's endpoint in store.env instead) and fails
+closed when it cannot. A VM counts as working only once its agent's first heartbeat is on
 the share; one that does not report within AGENT_REPORT_TIMEOUT_S is named with the end
 of its agent log and the likely fix, and stopped (or deleted) so that it does not bill.
 """
@@ -20,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from importlib.resources import files
 
 from cluster.errors import ClusterError, GroupError, HostKeyError, ProvisionError, RecordError, SSHError
-from cluster.providers.base import Accelerated, Instance, LocalHead, SelfStopping, Status
+from cluster.providers.base import Accelerated, Instance, LocalHead, SelfStopping, Status, StoreAccess
 from cluster.records import STALE_S, Heartbeat, heartbeat_file
 from cluster.session import Cluster
 from cluster.ssh import Host
@@ -55,6 +58,8 @@ def hosts(instances: Sequence[Instance]) -> list[Host]:
 def head_known_hosts(cluster: Cluster) -> list[str]:
     """The head's known_hosts lines: from the provider that runs it, else from head.host_keys."""
     config, provider = cluster.config, cluster.provider
+    if config.head is None:
+        return []  # headless: the VMs reach no head
     if isinstance(provider, LocalHead):
         return provider.head_host_keys(config.head.address, config.head.port)
     if config.head.host_keys is None:
@@ -74,7 +79,8 @@ def refresh_known_hosts(cluster: Cluster, names: Sequence[str], *, require: bool
             f"the provider reports no host key for {', '.join(missing)} yet; run `fab heal` in a "
             "minute (spotfan never trusts a host key on first use)"
         )
-    write_known_hosts(cluster.config.ssh.known_hosts, {**lines, "head": head_known_hosts(cluster)})
+    head = {"head": head_known_hosts(cluster)} if not cluster.headless else {}
+    write_known_hosts(cluster.config.ssh.known_hosts, {**lines, **head})
 
 
 def boot(cluster: Cluster, instances: Sequence[Instance], *,
@@ -82,9 +88,12 @@ def boot(cluster: Cluster, instances: Sequence[Instance], *,
     """On every VM at once: wait for SSH, put the boot files on its disk, run boot.sh;
     `on_booted(name)` as each VM's boot script returns (from the fan-out's threads)."""
     config, provider, remote = cluster.config, cluster.provider, cluster.remote
-    head_lines = "".join(f"{ln}\n" for ln in head_known_hosts(cluster)).encode()
     scripts = {n: files("cluster.vm").joinpath(n).read_bytes() for n in BOOT_FILES}
-    worker_key = config.ssh.worker_key.read_bytes()
+    if cluster.headless:  # no head: no key for it, and the bucket's access instead
+        share: dict[str, tuple[bytes, int]] = {"store.env": (store_env(cluster).encode(), 0o600)}
+    else:
+        share = {"worker_key": (config.ssh.worker_key.read_bytes(), 0o600),
+                 "known_hosts": ("".join(f"{ln}\n" for ln in head_known_hosts(cluster)).encode(), 0o644)}
     by_name = {i.name: i for i in instances}
 
     def one(host: Host) -> str:
@@ -94,8 +103,7 @@ def boot(cluster: Cluster, instances: Sequence[Instance], *,
         stop = provider.self_stop_env(vm) if isinstance(provider, SelfStopping) else {}
         payload = boot_files({
             "boot.env": (boot_env(cluster, host.name, stop).encode(), 0o644),
-            "worker_key": (worker_key, 0o600),
-            "known_hosts": (head_lines, 0o644),
+            **share,
             **{n: (data, 0o755) for n, data in scripts.items()},
         })
         with remote.wait_ready(host, timeout=config.ssh.boot_timeout) as conn:
@@ -127,14 +135,17 @@ def boot_files(named: dict[str, tuple[bytes, int]]) -> bytes:
 def boot_env(cluster: Cluster, name: str, stop: Mapping[str, str]) -> str:
     """The VM's settings as shell assignments (sourced by boot.sh, mount.sh and watchdog.sh);
     `stop` is the provider's part for the idle guard (SelfStopping.self_stop_env)."""
-    config = cluster.config
+    config, head = cluster.config, cluster.config.head
+    where = {
+        "SPOTFAN_HEAD_USER": head.user,
+        "SPOTFAN_HEAD_ADDRESS": head.address,
+        "SPOTFAN_HEAD_PORT": str(head.port),
+        "SPOTFAN_SHARE": head.sftp_share,  # as the jailed head user sees it
+        "SPOTFAN_MOUNT": config.mount_point,
+    } if head is not None else {"SPOTFAN_ROOT_URL": config.run_root}  # headless: the bucket, no mount
     values = {
         "SPOTFAN_NAME": name,
-        "SPOTFAN_HEAD_USER": config.head.user,
-        "SPOTFAN_HEAD_ADDRESS": config.head.address,
-        "SPOTFAN_HEAD_PORT": str(config.head.port),
-        "SPOTFAN_SHARE": config.head.sftp_share,  # as the jailed head user sees it
-        "SPOTFAN_MOUNT": config.mount_point,
+        **where,
         "SPOTFAN_PYTHON": config.python,
         "SPOTFAN_PYTHONPATH": pythonpath(extra=config.python_path),
         "SPOTFAN_IDLE_TIMEOUT": f"{config.idle_timeout:g}",
@@ -148,6 +159,19 @@ def boot_env(cluster: Cluster, name: str, stop: Mapping[str, str]) -> str:
     }
     lines = [f"{k}={shlex.quote(v)}" for k, v in values.items()]
     return "# written by `fab up`; edit cluster.toml instead\n" + "\n".join(lines) + "\n"
+
+
+def store_env(cluster: Cluster) -> str:
+    """A headless VM's store.env (sourced and exported by boot.sh): what the provider must hand its
+    VMs to reach the bucket (the lab: the local store's endpoint and test credentials), or nothing
+    where the VMs have an identity of their own (a service account, an instance profile)."""
+    url = cluster.config.share.url
+    assert url is not None
+    provider = cluster.provider
+    values = provider.store_env(url.scheme) if isinstance(provider, StoreAccess) else {}
+    lines = [f"export {k}={shlex.quote(v)}" for k, v in sorted(values.items())]
+    return "# written by `fab up`: how this VM reaches the bucket (docs/objstore.md)\n" + "".join(
+        f"{ln}\n" for ln in lines)
 
 
 # -- the agent's proof ----------------------------------------------------------------------
@@ -164,7 +188,7 @@ def confirm(cluster: Cluster, boots: dict[str, str | BaseException]) -> dict[str
     agents: dict[str, tuple[str, bool]] = {}
     for name, out in boots.items():
         m = AGENT_LINE.search(out) if isinstance(out, str) else None
-        if isinstance(out, str) and "mount: FAILED" in out:
+        if isinstance(out, str) and ("mount: FAILED" in out or "store: FAILED" in out):
             continue  # without the share its agent cannot report: no use waiting
         if m is not None:
             agents[name] = (m.group(3), m.group(1) == "starting")
@@ -210,7 +234,7 @@ def read_heartbeat(cluster: Cluster, vm: str) -> Heartbeat | None:
     """A VM's heartbeat on the share; None if there is none, or it is refused (and logged)."""
     rel = heartbeat_file(vm)
     try:
-        text = cluster.share.read_text(rel)
+        text = cluster.board.read_text(rel)
         return None if text is None else Heartbeat.from_json(text, source=rel, vm=vm)
     except RecordError as e:
         logger.warning("%s", e)
@@ -260,8 +284,9 @@ def _diagnosis(name: str, said: str, log_tail: str, fate: str) -> str:
     failed = [ln for ln in lines if "FAILED" in ln]
     if any(ln.startswith("agent: FAILED") for ln in failed):
         why = next(ln for ln in failed if ln.startswith("agent: FAILED")).removeprefix("agent: FAILED: ")
-    elif any(ln.startswith("mount: FAILED") for ln in failed):
-        why = (next(ln for ln in failed if ln.startswith("mount: FAILED")).removeprefix("mount: FAILED ")
+    elif any(ln.startswith(("mount: FAILED", "store: FAILED")) for ln in failed):
+        line = next(ln for ln in failed if ln.startswith(("mount: FAILED", "store: FAILED")))
+        why = (line.removeprefix("mount: FAILED ").removeprefix("store: FAILED: ")
                + "; without the share its agent cannot report")
     elif AGENT_LINE.search(said):
         why = (f"its agent started but wrote no heartbeat to the share within "

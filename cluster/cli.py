@@ -114,7 +114,7 @@ def run(c, cluster: Cluster, spec, src="", keys="", out="", name="", workers_per
         show.say("==> run: dry run; nothing was requested")
         return
     if ship:
-        n = cluster.share.ship(Path(ship))
+        n = cluster.board.ship(Path(ship))
         show.say(f"==> run: shipped {ship} ({n} file(s)) to the share as {Path(ship).name}")
     req = runs.submit(cluster, spec_args=spec_args, run_args=run_args, workers_per_vm=per_vm or None)
     show.say(f"==> run {req.id} requested; making sure every VM is working")
@@ -265,6 +265,9 @@ def down(c, cluster: Cluster, head=False):
     show.say(f"==> down: cluster {cluster.config.name}")
     names = lifecycle.down(cluster)
     show.say(f"==> down: deleted {len(names)} VMs ({', '.join(names) or 'none'}); none left")
+    left = lifecycle.left_in_bucket(cluster)
+    if left is not None:
+        show.bucket_left(left)
     if not head:
         kept = lifecycle.kept_head(cluster)
         if kept is not None:

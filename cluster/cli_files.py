@@ -1,4 +1,5 @@
-"""The `fab` commands that move data between the laptop and the share: push and pull (see docs/fab.md)."""
+"""The `fab` commands that move data between the laptop and the share: push and pull (see docs/fab.md);
+on a headless cluster, between the laptop and the bucket (cluster.bucket_transfer)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,8 +7,9 @@ from pathlib import Path
 from invoke import task
 from invoke.exceptions import Exit
 
-from cluster import show, show_transfer, transfer
+from cluster import bucket_transfer, show, show_transfer, transfer
 from cluster.command import EXIT_FAILED, command, seconds, whole
+from cluster.bucket_share import BucketShare
 from cluster.errors import UsageError
 from cluster.session import Cluster
 
@@ -63,7 +65,9 @@ def push(c, cluster: Cluster, local, to="", jobs="", checksum=False, bwlimit="",
     show.say(f"==> push: {local} to the share's {to or Path(local).name}")
     with show_transfer.progress("push", quiet=json) as on_progress:
         try:
-            report = transfer.push(cluster.share, Path(local), to, opts=opts, on_progress=on_progress)
+            report = (bucket_transfer.push(cluster.board, Path(local), to, opts=opts, on_progress=on_progress)
+                      if isinstance(cluster.board, BucketShare) else
+                      transfer.push(cluster.share, Path(local), to, opts=opts, on_progress=on_progress))
         except KeyboardInterrupt:  # before the copies started (listing, comparing)
             show.say("==> push: interrupted before copying; nothing is half-written")
             raise Exit(code=EXIT_INTERRUPTED) from None
@@ -80,8 +84,10 @@ def pull(c, cluster: Cluster, src, to="", jobs="", checksum=False, bwlimit="", j
     show.say(f"==> pull: the share's {src} to {to or Path(src).name}")
     with show_transfer.progress("pull", quiet=json) as on_progress:
         try:
-            report = transfer.pull(cluster.share, src, Path(to) if to else None, opts=opts,
-                                   on_progress=on_progress)
+            board, dest = cluster.board, Path(to) if to else None
+            report = (bucket_transfer.pull(board, src, dest, opts=opts, on_progress=on_progress)
+                      if isinstance(board, BucketShare) else
+                      transfer.pull(cluster.share, src, dest, opts=opts, on_progress=on_progress))
         except KeyboardInterrupt:
             show.say("==> pull: interrupted before copying; nothing is half-written")
             raise Exit(code=EXIT_INTERRUPTED) from None

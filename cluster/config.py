@@ -13,12 +13,16 @@ from cluster.errors import ConfigError
 from cluster.jail import JAIL_SHARE
 from cluster.providers import PROVIDERS
 from cluster.providers.base import TableContext
+from tasks.errors import SpecError
+from tasks.store.url import RootURL, parse_root
 
 DEFAULT_CONFIG = "cluster.toml"
 CONFIG_ENV = "SPOTFAN_CONFIG"
 MAX_USER_NAME = 32  # useradd's limit on Linux
 MAX_WORKERS = 250
 IDLE_ACTIONS = ("stop", "delete")  # what an idle worker does to its own VM (the lab always powers off)
+SHARE_KINDS = ("sshfs", "s3", "gcs")  # [share] kind: a head machine's folder over SSHFS, or a bucket
+SCHEME_OF_KIND = {"s3": "s3", "gcs": "gs"}  # the URL scheme each object-store kind takes
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,19 @@ class HeadConfig:
     def sftp_share(self) -> str:
         """The share's path as SFTP clients (the laptop, the VMs' SSHFS) see it on the head."""
         return JAIL_SHARE if self.jail else str(self.share)
+
+
+@dataclass(frozen=True)
+class ShareConfig:
+    """Where the cluster's run root (inputs, outputs, bookkeeping) lives: the [share] table."""
+
+    kind: str  # "sshfs": the head's folder, mounted by every VM; "s3" | "gcs": a bucket, no head, no mount
+    url: RootURL | None  # the bucket root (s3://BUCKET/PREFIX, gs://BUCKET/PREFIX); None for sshfs
+
+    @property
+    def headless(self) -> bool:
+        """No head machine: the VMs and the laptop talk to the bucket directly."""
+        return self.url is not None
 
 
 @dataclass(frozen=True)
@@ -72,9 +89,24 @@ class ClusterConfig:
     mount_point: str  # where each VM mounts the head's share
     gpus_per_worker: int  # on a GPU VM: GPUs per worker process (its CUDA_VISIBLE_DEVICES group)
     nvidia_smi: str  # the driver's tool on the image (a name on PATH or a path): the boot's GPU check, GPU metrics without NVML
-    head: HeadConfig
+    head: HeadConfig | None  # None on a headless cluster (share.kind "s3" or "gcs")
     ssh: SSHConfig
     settings: object  # the provider's own table, parsed by its registry entry (LabSettings, GceSettings, ...)
+    share: ShareConfig = ShareConfig("sshfs", None)
+
+    @property
+    def run_root(self) -> str:
+        """What the VMs' `tasks` commands get as --root: the mount point, or the bucket's URL."""
+        return self.share.url.url if self.share.url is not None else self.mount_point
+
+    def the_head(self) -> HeadConfig:
+        """The [head] table; a ConfigError on a headless cluster, which has none."""
+        if self.head is None:
+            raise ConfigError(f"{self.path}: this cluster has no head: its share is the bucket "
+                              f"{self.run_root} ([share] kind = {self.share.kind!r}); the `tasks` commands take "
+                              f"it as their root (python -m tasks failures SPEC --root {self.run_root}), "
+                              "and `fab push/pull` or `aws s3 cp`/`gcloud storage cp` copy files")
+        return self.head
 
     def vm_names(self, count: int | None = None) -> list[str]:
         """The names of the first `count` (default: `workers`) VMs of this cluster."""
@@ -147,8 +179,12 @@ SSH: dict[str, schema.Field] = {
     "command_timeout": schema.number(120.0, 0.1),
     "kex_algorithms": schema.text(""),
 }
+SHARE: dict[str, schema.Field] = {
+    "kind": schema.text("sshfs", choices=SHARE_KINDS),
+    "url": schema.text(""),  # s3://BUCKET/PREFIX or gs://BUCKET/PREFIX, for kind "s3" | "gcs"
+}
 TABLES: dict[str, dict[str, schema.Field]] = {
-    "cluster": CLUSTER, "head": HEAD, "ssh": SSH,
+    "cluster": CLUSTER, "share": SHARE, "head": HEAD, "ssh": SSH,
     **{spec.table: dict(spec.fields) for spec in PROVIDERS.values()},
 }
 
@@ -162,13 +198,24 @@ def parse(raw: dict[str, Any], *, path: Path) -> ClusterConfig:
     table = raw.get("cluster")
     chosen = PROVIDERS.get(str(table.get("provider", "lab") if isinstance(table, dict) else "lab").lower())
     # A provider's table is read by the provider (its required keys may come from [cluster]).
-    found = schema.problems(raw, TABLES, required={spec.table: False for spec in PROVIDERS.values()})
+    raw_share = raw.get("share")
+    # Any kind but sshfs, or a url, means a bucket: no "[head] is required" beside its own problem.
+    headless = isinstance(raw_share, dict) and (str(raw_share.get("kind", "sshfs")).lower() != "sshfs"
+                                                or "url" in raw_share)
+    # A provider's table is read by the provider (its required keys may come from [cluster]);
+    # [head] is required only for a share on a head.
+    found = schema.problems(raw, TABLES, required={"head": not headless,
+                                                   **{spec.table: False for spec in PROVIDERS.values()}})
     found.sort(key=lambda p: (p.table, p.key) != ("cluster", "provider"))  # stable: file order otherwise
+    if not any(p.table in ("share", "head") for p in found):
+        found += _check_share(raw)
     if found:
         raise schema.error(path, found)
     assert chosen is not None  # an unknown provider is a problem above
     t = {name: schema.values(raw.get(name, {}), fields) for name, fields in TABLES.items()}
     c, h, s = t["cluster"], t["head"], t["ssh"]
+    kind = t["share"]["kind"].lower()
+    share = ShareConfig(kind, parse_root(t["share"]["url"]) if kind in SCHEME_OF_KIND else None)
     base = path.parent
     local = chosen.local_vms
     name = c["name"]
@@ -191,7 +238,7 @@ def parse(raw: dict[str, Any], *, path: Path) -> ClusterConfig:
         python = str(_resolve(base, python))
     mount_point = remote("cluster", "mount_point", c["mount_point"])
     python_path = tuple(str(_resolve(base, p)) if local else p for p in c["python_path"])
-    head = HeadConfig(
+    head = None if share.headless else HeadConfig(
         address=h["address"],
         port=h["port"],
         user=h["user"] if h["user"] is not None else f"spotfan-{name}",
@@ -199,16 +246,17 @@ def parse(raw: dict[str, Any], *, path: Path) -> ClusterConfig:
         host_keys=_resolve(base, h["host_keys"]) if h["host_keys"] else None,
         jail=h["jail"] if h["jail"] is not None else f"/srv/spotfan/{name}",
     )
-    problems += _check_head(head)
+    if head is not None:
+        problems += _check_head(head)
     key = here(s["key"] or f".spotfan-keys/{name}/laptop")
     worker_key = here(s["worker_key"] or f".spotfan-keys/{name}/worker")
     for field, secret in (("key", key), ("worker_key", worker_key)):
-        if _inside(secret, head.share):
+        if head is not None and _inside(secret, head.share):
             problems.append(schema.Problem(
                 "ssh", field, f"= {str(secret)!r} is inside [head] share ({head.share}): private keys "
                 "must never be in the shared directory, which every VM can read; move it out"))
     settings, more = chosen.parse(raw.get(chosen.table, {}), TableContext(
-        path=path, cluster=c, ssh=s, head=head, resolve=here))
+        path=path, cluster=c, ssh=s, head=head, share=share, resolve=here))
     problems += more
     if problems:
         raise schema.error(path, problems)
@@ -241,7 +289,37 @@ def parse(raw: dict[str, Any], *, path: Path) -> ClusterConfig:
             kex_algorithms=s["kex_algorithms"],
         ),
         settings=settings,
+        share=share,
     )
+
+
+def _check_share(raw: dict[str, Any]) -> list[schema.Problem]:
+    """[share]: a bucket root that parse_root accepts, of the kind's store, and no [head] beside it;
+    a share on a head takes no url. Checked before anything is created."""
+    table = raw.get("share") or {}
+    kind = str(table.get("kind", "sshfs")).lower()
+    url = table.get("url", "")
+    if kind not in SCHEME_OF_KIND:
+        if url:
+            return [schema.Problem("share", "url", f"= {url!r}: a url is for kind = \"s3\" or \"gcs\" (a bucket); "
+                                   "kind = \"sshfs\" (the default) shares [head] share: set kind, or remove url")]
+        return []
+    example = f'{SCHEME_OF_KIND[kind]}://BUCKET/PREFIX'
+    if not url:
+        return [schema.Problem("share", "url", f'is required with kind = "{kind}": add `url = "{example}"`')]
+    try:
+        root = parse_root(url)
+    except SpecError as e:
+        why = str(e).removeprefix(f"root {url!r}").removeprefix(":").strip()
+        return [schema.Problem("share", "url", f"= {url!r}: {why}")]
+    if root.scheme != SCHEME_OF_KIND[kind]:
+        other = next(k for k, v in SCHEME_OF_KIND.items() if v == root.scheme)
+        return [schema.Problem("share", "url", f'= {url!r} is a {root.scheme}:// URL, but kind = "{kind}": '
+                               f'write {example}, or set kind = "{other}"')]
+    if "head" in raw:
+        return [schema.Problem("head", None, f'is for a share on a head machine (kind = "sshfs"); with [share] '
+                               f'kind = "{kind}" the VMs use the bucket and there is no head: remove [head]')]
+    return []
 
 
 def _check_head(head: HeadConfig) -> list[schema.Problem]:

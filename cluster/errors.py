@@ -10,6 +10,7 @@
      |    +-- HostKeyError       a host presented a key that is not the known one
      +-- GroupError              a fan-out where some hosts failed; carries every result
      +-- MountError              the SSHFS mount could not be made or is dead
+     +-- StoreError              the bucket of an object-store share cannot be used
      +-- RecordError             a file on the share is malformed or forged: refused (bad input)
      +-- ResultError             what a VM printed for the laptop is malformed or forged: refused
 
@@ -64,6 +65,11 @@ class HostKeyError(SSHError):
 
 class MountError(ClusterError):
     """The SSHFS mount could not be made, or is dead and could not be recovered."""
+
+
+class StoreError(ClusterError):
+    """The bucket of an object-store share (`[share] kind = "s3" | "gcs"`) cannot be used: it does not
+    exist, the credentials may not use it, or its endpoint does not answer (the message says which)."""
 
 
 class RecordError(ClusterError):

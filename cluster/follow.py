@@ -38,7 +38,7 @@ class Follower:
     started: bool = False
 
     def look(self, emit: Callable[[str], None]) -> None:
-        share = self.cluster.share
+        share = self.cluster.board
         vms = [self.vm] if self.vm else [n for n in share.listdir(LOGS_DIR)[:MAX_LOG_NAMES] if plain_name(n)]
         for vm in sorted(vms):
             for name in sorted(n for n in share.listdir(log_dir(vm))[:MAX_LOG_NAMES] if plain_name(n)):
@@ -48,7 +48,7 @@ class Follower:
         self.started = True
 
     def _read(self, vm: str, name: str, emit: Callable[[str], None]) -> None:
-        share = self.cluster.share
+        share = self.cluster.board
         rel = f"{log_dir(vm)}/{name}"
         log = self.logs.get((vm, name))
         if log is None:
@@ -68,7 +68,7 @@ class Follower:
 
 def runs_over(cluster: Cluster) -> bool:
     """Whether every run request on the share has its done record."""
-    return all(cluster.share.read_text(done_file(r.id)) for r in requests(cluster).requests)
+    return all(cluster.board.read_text(done_file(r.id)) for r in requests(cluster).requests)
 
 
 def follow(cluster: Cluster, vm: str | None, *, emit: Callable[[str], None],

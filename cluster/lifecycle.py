@@ -16,16 +16,18 @@ from dataclasses import dataclass
 from cluster import jail
 from cluster.boot import boot, confirm, head_known_hosts, hosts, refresh_known_hosts
 from cluster.config import MAX_WORKERS
-from cluster.errors import ClusterError, GroupError, ProvisionError, RecordError, SSHError
+from cluster.bucket_share import BucketShare
+from cluster.errors import ClusterError, GroupError, ProvisionError, RecordError, SSHError, StoreError
 from cluster.providers.base import HeadDeleted, HeadLocation, HeadVM, LocalHead, Preemptible, Status
 from cluster.records import DESIRED_FILE, DesiredCount
 from cluster.session import Cluster
 from cluster.ssh import Host, Output
 from cluster.ssh_keys import ensure_key_pair
+from tasks.layout import BOOKKEEPING_DIR
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["UpPlan", "VMReport", "down", "down_head", "exec_all", "head_known_hosts", "head_setup", "head_vm_cost",
+__all__ = ["BucketLeft", "UpPlan", "VMReport", "down", "left_in_bucket", "down_head", "exec_all", "head_known_hosts", "head_setup", "head_vm_cost",
            "kept_head", "preempt", "prepare", "running_hosts", "up", "up_head"]
 
 
@@ -37,6 +39,15 @@ class VMReport:
     action: str  # created | started | recreated (could not be started: made anew) | running (already was) | deleted
     boot: str  # what boot.sh printed (mount and agent lines)
     zone: str | None = None  # where the VM runs, for providers with zones
+
+
+@dataclass(frozen=True)
+class BucketLeft:
+    """What `fab down` leaves in a headless cluster's bucket: everything (outputs are the user's)."""
+
+    url: str  # the cluster's root, s3://BUCKET/PREFIX or gs://...
+    records: bool  # the bookkeeping (PREFIX/.spotfan/: run requests, heartbeats, logs, claims) is there
+    names: tuple[str, ...]  # the other names directly under the prefix (files and folders: inputs, outputs)
 
 
 @dataclass(frozen=True)
@@ -57,15 +68,17 @@ class UpPlan:
 
 
 def ensure_keys(cluster: Cluster) -> None:
-    """The cluster's two key pairs (laptop -> VMs and head, VMs -> head), made if missing (0600)."""
+    """The cluster's key pairs (laptop -> VMs and head; VMs -> head, where there is a head), made if missing (0600)."""
     config = cluster.config
     ensure_key_pair(config.ssh.key, comment=f"spotfan-{config.name}-laptop")
-    ensure_key_pair(config.ssh.worker_key, comment=f"spotfan-{config.name}-worker")
+    if not cluster.headless:
+        ensure_key_pair(config.ssh.worker_key, comment=f"spotfan-{config.name}-worker")
 
 
 def head_setup(cluster: Cluster, *, workers: int | None = None) -> str:
     """What a real head's administrator runs to jail this cluster's SFTP user and size its sshd
     for `workers` VMs (default: cluster.toml's) connecting at once (the lab does it itself)."""
+    cluster.config.the_head()  # a headless cluster has no head to set up
     ensure_keys(cluster)
     return jail.setup_steps(cluster.config, workers=workers)
 
@@ -80,7 +93,7 @@ def up_head(cluster: Cluster, *, workers: int | None = None) -> HeadLocation | N
     """With a provider that makes the head VM: create (or find) it first, and point the cluster at it;
     None when the head is an existing host (or the lab's own, started by `prepare`)."""
     provider = cluster.provider
-    if not isinstance(provider, HeadVM):
+    if cluster.headless or not isinstance(provider, HeadVM):
         return None
     # The head's sshd is sized at its creation for this many VMs connecting at once.
     location = provider.up_head(jail_steps=head_setup(cluster, workers=workers), port=cluster.config.head.port)
@@ -92,15 +105,16 @@ def prepare(cluster: Cluster, *, workers: int | None = None) -> None:
     """Keys, and where the provider runs the head itself its sshd (sized for `workers` VMs):
     everything the VMs will need before they exist."""
     ensure_keys(cluster)
-    _start_head(cluster, workers=cluster.config.workers if workers is None else workers)
+    if not cluster.headless:
+        _start_head(cluster, workers=cluster.config.workers if workers is None else workers)
     refresh_known_hosts(cluster, [i.name for i in cluster.provider.list()], require=False)
 
 
 def _start_head(cluster: Cluster, *, workers: int) -> None:
-    provider, config = cluster.provider, cluster.config
+    provider, head = cluster.provider, cluster.config.the_head()
     if isinstance(provider, LocalHead):
-        provider.start_head(share=config.head.share, address=config.head.address, port=config.head.port,
-                            authorized=jail.authorized_keys(config), user=config.head.user, jail=config.head.jail,
+        provider.start_head(share=head.share, address=head.address, port=head.port,
+                            authorized=jail.authorized_keys(cluster.config), user=head.user, jail=head.jail,
                             workers=workers)
 
 
@@ -119,14 +133,14 @@ def up(cluster: Cluster, *, count: int | None = None,
     prepare(cluster, workers=prepared)
     remembered = None
     if count is None:
-        saved = cluster.share.read_text(DESIRED_FILE)
+        saved = cluster.board.read_text(DESIRED_FILE)
         remembered = DesiredCount.from_json(saved, source=DESIRED_FILE).workers if saved else None
         if remembered is not None and remembered > MAX_WORKERS:
             raise RecordError(f"refused {DESIRED_FILE} on the share: {remembered} workers, more than "
                               f"{MAX_WORKERS}; `fab up --count N` writes it again")
         count = config.workers if remembered is None else remembered
-    cluster.share.write_text(DESIRED_FILE, DesiredCount(count).to_json())
-    if jail.fleet_size(count) != jail.fleet_size(prepared):
+    cluster.board.write_text(DESIRED_FILE, DesiredCount(count).to_json())
+    if not cluster.headless and jail.fleet_size(count) != jail.fleet_size(prepared):
         _start_head(cluster, workers=count)  # sized for the remembered count instead
     wanted = config.vm_names(count)
     existing = {i.name: i for i in provider.list()}
@@ -188,21 +202,32 @@ def down(cluster: Cluster) -> list[str]:
     if left:
         raise ProvisionError(f"still present after delete: {', '.join(left)}; run `fab down` again")
     _forget_count(cluster)
-    if isinstance(provider, LocalHead):
+    if isinstance(provider, LocalHead) and not cluster.headless:
         provider.stop_head()
     return names
+
+
+def left_in_bucket(cluster: Cluster) -> BucketLeft | None:
+    """After `fab down` on a headless cluster: what stays in the bucket (one listing of the prefix);
+    None on a cluster with a head."""
+    board = cluster.board
+    if not isinstance(board, BucketShare):
+        return None
+    names = board.listdir("")
+    return BucketLeft(url=board.url.url, records=BOOKKEEPING_DIR in names,
+                      names=tuple(n for n in names if n != BOOKKEEPING_DIR))
 
 
 def down_head(cluster: Cluster) -> HeadDeleted | None:
     """Delete the head VM the provider made (its data stays); None when the head is an existing host."""
     provider = cluster.provider
-    return provider.delete_head() if isinstance(provider, HeadVM) else None
+    return provider.delete_head() if isinstance(provider, HeadVM) and not cluster.headless else None
 
 
 def kept_head(cluster: Cluster) -> str | None:
     """The name of the head VM `fab down` keeps ("" when none is there); None without a head VM."""
     provider = cluster.provider
-    if not isinstance(provider, HeadVM):
+    if cluster.headless or not isinstance(provider, HeadVM):
         return None
     vm = provider.head()
     return vm.name if vm is not None else ""
@@ -211,8 +236,8 @@ def kept_head(cluster: Cluster) -> str | None:
 def _forget_count(cluster: Cluster) -> None:
     """After `fab down`, the next `fab up` follows cluster.toml's `workers` again."""
     try:
-        cluster.share.open(attempts=1).remove(DESIRED_FILE)
-    except (SSHError, OSError) as e:
+        cluster.board.open(attempts=1).remove(DESIRED_FILE)
+    except (SSHError, StoreError, OSError) as e:
         logger.info("could not forget the worker count on the share (%s); `fab up --count N` sets it", e)
 
 

@@ -55,18 +55,32 @@ class Retried:
 
 
 def tasks_command(cluster: Cluster, args: Sequence[str]) -> str:
-    """The shell command that runs `python -m tasks ARGS` on a VM, in the mounted run root."""
+    """The shell command that runs `python -m tasks ARGS` on a VM, in the mounted run root; on a
+    headless cluster in the VM's work folder, reaching the bucket as its agent does (the lab's
+    VMs: with store.env)."""
     config = cluster.config
     argv = [config.python, "-m", "tasks", *args]
+    if cluster.headless:
+        path = pythonpath(extra=config.python_path)
+        return ('H="${SPOTFAN_HOME:-/var/lib/spotfan}" && { [ ! -f "$H/store.env" ] || . "$H/store.env"; } && '
+                f'mkdir -p "$H/work" && cd "$H/work" && PYTHONPATH={shlex.quote(path)} {shlex.join(argv)}')
     path = pythonpath(root=config.mount_point, extra=config.python_path)
     return f"cd {shlex.quote(config.mount_point)} && PYTHONPATH={shlex.quote(path)} {shlex.join(argv)}"
+
+
+def folder_only(cluster: Cluster, command: str) -> None:
+    """Refuse an engine command that reads a folder root only, on a headless cluster (a bucket)."""
+    if cluster.headless:
+        raise ConfigError(
+            f"`fab {command}` needs a share on a head: on an object-store root the engine does "
+            f"`tasks run` and `tasks status` only so far; `fab status` counts the keys of {cluster.config.run_root}")
 
 
 def engine_counts(cluster: Cluster, spec_args: Sequence[str], hosts: Sequence[Host]) -> EngineCounts | None:
     """`python -m tasks status --json` for a task, asked of the first live VM that answers (over a
     connection kept for the next ask); None when none does, or what it printed is refused."""
     config = cluster.config
-    command = tasks_command(cluster, ["status", *spec_args, "--root", config.mount_point, "--json"])
+    command = tasks_command(cluster, ["status", *spec_args, "--root", config.run_root, "--json"])
     for host in hosts:
         try:
             conn = cluster.remote.kept(host)
@@ -157,14 +171,15 @@ def dry_run(cluster: Cluster, *, spec_args: Sequence[str], run_args: Sequence[st
     """What `tasks run --dry-run` says on one running VM of the cluster (what a run would do
     there now): nothing is requested, claimed or written."""
     workers = workers_per_vm or cluster.config.workers_per_vm
-    out = run_engine(cluster, ["run", *spec_args, "--root", cluster.config.mount_point, *run_args,
+    out = run_engine(cluster, ["run", *spec_args, "--root", cluster.config.run_root, *run_args,
                                "--workers", str(workers), "--dry-run"])
     return "".join(ch if ch.isprintable() or ch == "\n" else "?" for ch in out.stdout[:MAX_DRY_RUN_CHARS])
 
 
 def failures(cluster: Cluster, t: Target) -> results.FailureReport:
     """The task's failed keys grouped by error."""
-    out = run_engine(cluster, ["failures", *t.spec_args, "--root", cluster.config.mount_point, "--json"])
+    folder_only(cluster, "failures")
+    out = run_engine(cluster, ["failures", *t.spec_args, "--root", cluster.config.run_root, "--json"])
     return results.failures(out.stdout, host=out.host)
 
 
@@ -176,7 +191,8 @@ def retry(cluster: Cluster, t: Target) -> Retried:
     run's process there has ended), and a run that is over is simply run again, with the
     options it had. Nothing is requested when no key was reset.
     """
-    out = run_engine(cluster, ["failures", *t.spec_args, "--root", cluster.config.mount_point, "--json", "--retry"])
+    folder_only(cluster, "failures --retry")
+    out = run_engine(cluster, ["failures", *t.spec_args, "--root", cluster.config.run_root, "--json", "--retry"])
     report = results.failures(out.stdout, host=out.host)
     keys = list(report.retried or ())
     if not keys:
@@ -196,6 +212,7 @@ def collect(cluster: Cluster, t: Target, to: Path, *, skip_unreadable: bool = Fa
     from tasks.collect import table_format  # pandas: only for the commands that need it
     from tasks.errors import SpecError
 
+    folder_only(cluster, "collect")
     try:
         fmt = table_format(to)
     except SpecError as e:
@@ -228,7 +245,8 @@ def report(cluster: Cluster, t: Target, to: Path) -> tuple[results.Reported, lis
     The task's name comes from the VM's output (and before that from a run request on the
     share): it picks a folder under `to` only if it is one plain folder name, so neither a
     share writer nor a VM can make the laptop write outside `to`."""
-    out = run_engine(cluster, ["report", *t.spec_args, "--root", cluster.config.mount_point])
+    folder_only(cluster, "report")
+    out = run_engine(cluster, ["report", *t.spec_args, "--root", cluster.config.run_root])
     got = results.reported(out.stdout, host=out.host, to=str(to))
     folder = to / got.task
     folder.mkdir(parents=True, exist_ok=True)

@@ -133,7 +133,7 @@ def submit(cluster: Cluster, *, spec_args: Sequence[str], run_args: Sequence[str
         _check("--workers-per-vm", bounds.count_problem(workers_per_vm, 1, MAX_WORKERS_PER_VM))
     req = RunRequest(id=new_run_id(), spec_args=list(spec_args), run_args=list(run_args),
                      workers_per_vm=workers_per_vm, created=time.time(), after=after)
-    share = cluster.share
+    share = cluster.board
     for path in ship:
         n = share.ship(path)
         logger.info("shipped %s (%d files) to the share", path, n)
@@ -144,12 +144,12 @@ def submit(cluster: Cluster, *, spec_args: Sequence[str], run_args: Sequence[str
 def requests(cluster: Cluster) -> Requests:
     """Every run request on the share, oldest first; a forged or broken one is refused, not used."""
     found, refused = [], []
-    for n in cluster.share.listdir(RUNS_DIR):
+    for n in cluster.board.listdir(RUNS_DIR):
         if not is_request(n):
             continue
         rel = f"{RUNS_DIR}/{n}"
         try:
-            text = cluster.share.read_text(rel)
+            text = cluster.board.read_text(rel)
             if text:
                 found.append(RunRequest.from_json(text, source=rel, run_id=n[: -len(".json")]))
         except RecordError as e:
@@ -160,7 +160,7 @@ def requests(cluster: Cluster) -> Requests:
 def finished(cluster: Cluster, run_id: str) -> RunDone | None:
     """The run's done record, validated; None while the run goes on."""
     rel = done_file(run_id)
-    text = cluster.share.read_text(rel)
+    text = cluster.board.read_text(rel)
     return RunDone.from_json(text, source=rel, run_id=run_id) if text else None
 
 
@@ -195,7 +195,7 @@ def logs(cluster: Cluster, vm: str, *, max_bytes: int = LOG_TAIL_BYTES) -> dict[
     why = name_problem(vm)
     if why is not None:
         raise ConfigError(f"VM {vm[:80]!r} {why}: give a VM name as `fab status` lists them")
-    share = cluster.share
+    share = cluster.board
     names = [n for n in share.listdir(log_dir(vm))[:MAX_LOG_NAMES] if plain_name(n)]
     if not names:
         known = [n for n in share.listdir(LOGS_DIR)[:MAX_LOG_NAMES] if plain_name(n)]

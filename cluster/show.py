@@ -20,13 +20,14 @@ from cluster.ssh import RemoteCommandError
 if TYPE_CHECKING:  # the renderings that need them import them: `fab push` loads none of these
     from rich.console import RenderableType
 
-    from cluster.lifecycle import UpPlan, VMReport
+    from cluster.lifecycle import BucketLeft, UpPlan, VMReport
     from cluster.results import FailureReport
     from cluster.status import ClusterStatus, RunStatus
     from cluster.top import VMTop
     from cluster.watch import RunView, View, VMView
 
 EXAMPLE_KEYS = 5  # keys shown per failure group
+MAX_NAMES_SHOWN = 8  # names under a bucket's prefix `fab down` lists
 _JSON_MODE = {"on": False}
 
 
@@ -84,6 +85,20 @@ def plan(p: UpPlan, *, cost: str) -> None:
         f"{names(p.start)}, delete {len(p.delete)}{names(p.delete)}; "
         f"{len(p.keep)} already there")
     say(f"==> up: cost: {cost}")
+
+
+def bucket_left(left: BucketLeft) -> None:
+    """What `fab down` left in a headless cluster's bucket: all of it, the user's data first."""
+    root = left.url.rstrip("/")
+    shown = ", ".join(safe(n) for n in left.names[:MAX_NAMES_SHOWN]) + (
+        f" and {len(left.names) - MAX_NAMES_SHOWN} more" if len(left.names) > MAX_NAMES_SHOWN else "")
+    say(f"==> down: left everything in {root}: " + (f"your inputs and outputs ({shown}) are never deleted"
+                                                      if left.names else "no input or output is there"))
+    if left.records:
+        say(f"==> down: and spotfan's records under {root}/.spotfan/ (claims, done markers, run requests, "
+            "heartbeats, logs); the next run reuses them. To drop the cluster's own: "
+            + (f"`aws s3 rm --recursive {root}/.spotfan/cluster/`" if root.startswith("s3://")
+               else f"`gcloud storage rm --recursive {root}/.spotfan/cluster/`"))
 
 
 def booted(name: str, n: int, of: int) -> None:

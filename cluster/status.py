@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from cluster.boot import hosts
-from cluster.errors import GroupError, RecordError, SSHError
+from cluster.errors import GroupError, RecordError, SSHError, StoreError
 from cluster.providers.base import Charge, Instance, LocalHead, Priced, Status
 from cluster.records import LOCAL_HEARTBEAT, STALE_S, VMS_DIR, EngineCounts, Heartbeat, RunRequest, is_heartbeat, plain_name
 from cluster.remote_tasks import engine_counts
@@ -101,7 +101,7 @@ def cluster_status(cluster: Cluster, *, live: bool = True) -> ClusterStatus:
     now = time.time()
     refused: list[str] = []
     try:
-        share = cluster.share.open(attempts=1 if not instances else 3)
+        share = cluster.board.open(attempts=1 if not instances else 3)
         beats: dict[str, Heartbeat | None] = {}
         for n in share.listdir(VMS_DIR)[:MAX_VM_FILES]:
             vm = n[: -len(".json")]
@@ -110,7 +110,7 @@ def cluster_status(cluster: Cluster, *, live: bool = True) -> ClusterStatus:
         listed = requests(cluster)
         refused += listed.refused
         runs = [_run_status(cluster, req, running, beats, live=live, refused=refused) for req in listed.requests]
-    except SSHError:
+    except (SSHError, StoreError):
         if instances:
             raise
         return ClusterStatus(name=config.name, provider=config.provider, vms=[], runs=[], billing=bill,
@@ -136,7 +136,7 @@ def run_status(cluster: Cluster, run_id: str) -> RunStatus | None:
 def _share_beat(cluster: Cluster, vm: str, name: str, refused: list[str]) -> Heartbeat | None:
     rel = f"{VMS_DIR}/{name}"
     try:
-        text = cluster.share.read_text(rel)
+        text = cluster.board.read_text(rel)
         return None if text is None else Heartbeat.from_json(text, source=rel, vm=vm)
     except RecordError as e:
         refused.append(str(e))

@@ -3,7 +3,7 @@
 A provider creates, lists, starts, stops and deletes the worker VMs of one cluster and
 reports each VM's SSH host keys, so that nothing ever trusts a host key on first use.
 What only some providers can do is a small protocol of its own (`Preemptible`,
-`LocalHead`, `HeadVM`, `Priced`, `SelfStopping`, `Accelerated`), checked with `isinstance`; the
+`LocalHead`, `HeadVM`, `Priced`, `SelfStopping`, `Accelerated`, `StoreAccess`), checked with `isinstance`; the
 registry (cluster.providers) knows each provider by its cluster.toml name. This module
 imports no implementation: implementations import it.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from cluster.config import ClusterConfig, HeadConfig
+    from cluster.config import ClusterConfig, HeadConfig, ShareConfig
     from cluster.schema import Field, Problem
 
 
@@ -128,6 +128,18 @@ class Accelerated(Protocol):
 
 
 @runtime_checkable
+class StoreAccess(Protocol):
+    """A provider that must hand its VMs the object-store share's endpoint and credentials
+    itself (the lab: its VMs have no instance role). A cloud provider gives its VMs an
+    identity instead (a service account, an instance profile) and does not implement this."""
+
+    def store_env(self, scheme: str) -> dict[str, str]:
+        """The environment a VM's agent and `tasks run` need to reach the bucket (`scheme` "s3"
+        or "gs"); ProvisionError when it cannot be given safely."""
+        ...
+
+
+@runtime_checkable
 class Priced(Protocol):
     """A provider that knows what its VMs cost."""
 
@@ -199,7 +211,8 @@ class TableContext:
     path: Path  # the cluster.toml
     cluster: Mapping[str, Any]  # the [cluster] values, defaults filled in
     ssh: Mapping[str, Any]  # the [ssh] values, defaults filled in
-    head: HeadConfig  # the [head] table, read and resolved
+    head: HeadConfig | None  # the [head] table, read and resolved; None on a headless cluster (an object-store share)
+    share: ShareConfig  # the [share] table: where the run root is
     resolve: Callable[[str], Path]  # a path of cluster.toml, resolved against its folder
 
 

@@ -71,6 +71,10 @@ mountpoint -q {mnt} || mount {mnt}
 
 def head_vm_problems(ctx: TableContext, *, table: str) -> list[schema.Problem]:
     """With `[<table>] create = true` the share lives on the head's data disk, in a jail."""
+    if ctx.head is None:
+        return [schema.Problem(table, None, (
+            f'makes a head VM for a share on a head (kind = "sshfs"); with [share] kind = "{ctx.share.kind}" '
+            f"the VMs use the bucket and there is no head: remove [{table}]"))]
     found = []
     share = str(ctx.head.share)
     if not share.startswith(DATA_MOUNT + "/"):

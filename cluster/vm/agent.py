@@ -6,8 +6,10 @@ run requests that `fab run` writes under ROOT/.spotfan/cluster/runs/, keeps one
 times, if it dies while work remains), and writes this VM's heartbeat every
 HEARTBEAT_INTERVAL_S: to SPOTFAN_HOME/heartbeat.json on the VM's own disk always, and to
 ROOT/.spotfan/cluster/vms/NAME.json while the share is alive (so `fab status` can tell a
-dead mount from a dead agent). It does not stop the VM itself: it touches the guard's
-mark (cluster.vm.busy) while a key of this VM runs, and the guard stops an idle VM. A
+dead mount from a dead agent). ROOT is the mounted share or, on a headless cluster, the
+bucket (s3://BUCKET/PREFIX, gs://...): cluster.vm.books keeps the records in either. It
+does not stop the VM itself: it touches the guard's mark (cluster.vm.busy) while a key of
+this VM runs, and the guard stops an idle VM. A
 dead or missing mount is mounted again with jittered, bounded backoff (cluster.vm.mount),
 and a guard that died is started again. SIGTERM (the guard powering off) ends it after
 a last heartbeat. It records this VM's CPU, memory, disk and network while it runs tasks
@@ -38,7 +40,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cluster import records
-from cluster.errors import ClusterError, RecordError
+from cluster.errors import ClusterError, RecordError, StoreError
 from tasks.fs import atomic_write
 from cluster.procs import running
 from cluster.records import HEARTBEAT_INTERVAL_S, Heartbeat, RunDone, RunRequest, VmRun
@@ -46,7 +48,7 @@ from cluster.results import counts
 from cluster.vm import busy as useful_work
 from cluster.vm.env import run_env
 from cluster.vm.gpus import boot_check
-from cluster.vm.mount import MountWatch
+from cluster.vm.books import books_for
 from cluster.vm.rate import ExecutionRate
 from cluster.vm.recorder import METRICS_INTERVAL_S, Recorder
 
@@ -86,7 +88,7 @@ class RunState:
 @dataclass(frozen=True)
 class Settings:
     name: str  # the VM's name
-    root: Path  # the mount point of the share: the run root
+    root: str  # the run root: the share's mount point, or the bucket's URL (a headless cluster)
     home: Path  # SPOTFAN_HOME on the VM's own disk
     python: str
     python_path: str
@@ -105,7 +107,8 @@ class Agent:
     def __init__(self, s: Settings) -> None:
         self.s = s
         self.runs: dict[str, RunState] = {}
-        self.mount = MountWatch(s.home)
+        self.books = books_for(s.root, s.home)  # where the records are, and whether it is usable
+        self.last_step = 0.0
         self.last_mount_check = 0.0
         self.last_heartbeat = 0.0
         self.seq = 0  # heartbeats written: `fab up` sees this agent is alive when it grows
@@ -115,14 +118,10 @@ class Agent:
         self.reports_state: bool | None = None  # does `tasks run` take --state-file? (asked once)
         self.stop_asked = False
         self.hostname = socket.gethostname()
-        self.rate = ExecutionRate(s.root, self.hostname)
+        self.rate = ExecutionRate(self.books.local_root, self.hostname) if self.books.local_root else None
         self.problem = ""  # why this VM cannot work (no GPU driver): then it runs nothing
         self.recorder = Recorder(python=s.python, python_path=s.python_path, home=s.home,
                                  interval=s.metrics_interval, nvidia_smi=s.nvidia_smi)
-
-    def on_share(self, rel: str) -> Path:
-        """A file of cluster.records' layout, on the mounted share."""
-        return self.s.root / rel
 
     def loop(self) -> str:
         """Work until SIGTERM (the guard powering off) or the lifetime bound; return why it ended."""
@@ -139,19 +138,21 @@ class Agent:
                 continue
             if now - self.last_mount_check >= MOUNT_CHECK_INTERVAL_S:
                 self._check_mount(now)
-            if self.mount.ok:
+            if self.books.ok and now - self.last_step >= self.books.step_interval:
+                self.last_step = now
                 self._log_to_share()
                 try:
                     self._step()
-                except OSError as e:  # the share hiccuped: check it again before going on
+                except (OSError, StoreError) as e:  # the share hiccuped: check it again before going on
                     logger.warning("share error: %s", e)
                     self.last_mount_check = 0.0
             busy = self._useful_work()
             if busy:
                 self.idle_since = now
                 useful_work.mark(self.s.home)
-            self.recorder.keep(busy=any(r.proc is not None for r in self.runs.values()), can_start=self.mount.ok,
-                               to=self.on_share(records.metrics_file(self.hostname)))
+            self.recorder.keep(busy=any(r.proc is not None for r in self.runs.values()), can_start=self.books.ok,
+                               to=self.books.local(records.metrics_file(self.hostname), make_parent=False))
+            self.books.sync()
             if now - self.last_guard_check >= GUARD_CHECK_INTERVAL_S:
                 self.last_guard_check = now
                 self._keep_guarded()
@@ -170,7 +171,7 @@ class Agent:
             logger.info("GPU check: the driver shows the %d GPU(s) asked for", self.s.gpus)
 
     def _state(self, busy: bool) -> str:
-        if not self.mount.ok:
+        if not self.books.ok:
             return "mount-dead"
         if busy:
             return "working"
@@ -197,14 +198,11 @@ class Agent:
     # -- runs ---------------------------------------------------------------------------
 
     def _step(self) -> None:
-        runs_dir = self.on_share(records.RUNS_DIR)
         try:
-            names = sorted(os.listdir(runs_dir))
-        except FileNotFoundError:
-            names = []
-        except OSError as e:
-            logger.warning("cannot list %s: %s", runs_dir, e)
-            self.mount.ok = False
+            names = self.books.listdir(records.RUNS_DIR)
+        except (OSError, StoreError) as e:
+            logger.warning("cannot list %s: %s", records.RUNS_DIR, e)
+            self.books.ok = False
             return
         done = {n[: -len(".done.json")] for n in names if n.endswith(".done.json")}
         for n in names:
@@ -246,7 +244,7 @@ class Agent:
         """The run's request, validated; None (logged) if it cannot be read or is refused."""
         rel = records.request_file(rid)
         try:
-            text = records.read_bounded(self.on_share(rel), source=rel)
+            text = self.books.read_text(rel)
             return None if text is None else RunRequest.from_json(text, source=rel, run_id=rid)
         except RecordError as e:
             logger.error("run %s: %s", rid, e)
@@ -254,7 +252,7 @@ class Agent:
             if r is not None:
                 r.state = "gave-up"  # a refused request stays refused: never run, logged once
             return None
-        except OSError as e:
+        except (OSError, StoreError) as e:
             logger.warning("run %s: unreadable request: %s", rid, e)
             return None
 
@@ -271,10 +269,10 @@ class Agent:
         if gpus:
             workers = self.s.gpus // self.s.gpus_per_worker  # one worker process per GPU group
         argv = [self.s.python, "-m", "tasks", "run", *req.spec_args, *req.run_args,
-                "--root", str(self.s.root), "--workers", str(workers), *gpus]
+                "--root", self.books.run_root, "--workers", str(workers), *gpus]
         if self.reports_state is None:
             self.reports_state = useful_work.engine_reports_state(
-                self.s.python, env=self._env(), cwd=self.s.home)
+                self.s.python, env=self._env(), cwd=self.s.home)  # the VM's own disk
             logger.info("tasks run %s --state-file: %s", "takes" if self.reports_state else "does not take",
                         "a run is busy while a key of this VM runs" if self.reports_state
                         else "a live tasks run counts as busy")
@@ -283,28 +281,26 @@ class Agent:
             state.parent.mkdir(parents=True, exist_ok=True)
             state.unlink(missing_ok=True)  # a new runner: nothing its predecessor wrote counts
             argv += ["--state-file", str(state)]
-        log_dir = self.on_share(records.log_dir(self.s.name))
-        log_dir.mkdir(parents=True, exist_ok=True)
-        out = open(log_dir / f"{r.id}.log", "ab")
+        out = open(self.books.local(f"{records.log_dir(self.s.name)}/{r.id}.log"), "ab")
         out.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} {self.s.name}: {shlex.join(argv)}\n".encode())
         out.flush()
-        r.proc = subprocess.Popen(argv, cwd=self.s.root, env=self._env(), stdin=subprocess.DEVNULL,
+        r.proc = subprocess.Popen(argv, cwd=self.books.cwd, env=self._env(), stdin=subprocess.DEVNULL,
                                   stdout=out, stderr=subprocess.STDOUT)
         out.close()
         r.pid, r.state, r.started, r.spawned = r.proc.pid, "running", time.time(), time.monotonic()
         logger.info("run %s: started tasks run (pid %d, %d workers)", r.id, r.pid, workers)
 
     def _env(self) -> dict[str, str]:
-        return run_env(root=str(self.s.root), extra=self.s.python_path, home=self.s.home)
+        return run_env(root=self.books.import_root, extra=self.s.python_path, home=self.s.home)
 
     def _mark_done(self, r: RunState) -> None:
         """Record that the run is over, with the engine's final counts (first agent wins)."""
-        path = self.on_share(records.done_file(r.id))
-        if path.exists():
+        rel = records.done_file(r.id)
+        if self.books.exists(rel):
             return
         done = RunDone(id=r.id, result=r.state, exit_code=r.exit_code, vm=self.s.name, time=time.time(),
                        status=self._engine_counts(r.id))
-        atomic_write(path, done.to_json())
+        self.books.create_text(rel, done.to_json())
 
     def _engine_counts(self, rid: str) -> records.EngineCounts | None:
         req = self._request(rid)
@@ -312,8 +308,8 @@ class Agent:
             return None
         try:
             out = subprocess.run(
-                [self.s.python, "-m", "tasks", "status", *req.spec_args, "--root", str(self.s.root), "--json"],
-                cwd=self.s.root, capture_output=True, text=True, timeout=STATUS_TIMEOUT_S, env=self._env())
+                [self.s.python, "-m", "tasks", "status", *req.spec_args, "--root", self.books.run_root, "--json"],
+                cwd=self.books.cwd, capture_output=True, text=True, timeout=STATUS_TIMEOUT_S, env=self._env())
             return counts(out.stdout, host=self.s.name) if out.returncode == 0 else None
         except (OSError, subprocess.TimeoutExpired, ClusterError) as e:
             logger.warning("run %s: tasks status failed: %s", rid, e)
@@ -324,11 +320,11 @@ class Agent:
     def _check_mount(self, now: float) -> None:
         """`mount.sh check` (cluster.vm.mount): a dead or missing mount is mounted again, with backoff."""
         self.last_mount_check = now
-        what = self.mount.check(now)
+        what = self.books.check(now)
         if what == "back":
             self._log_to_share()  # first, so that the share's agent.log says so too
-            logger.info("share usable again (after %d remount(s))", self.mount.back_after)
-        if not self.mount.ok and self.share_log is not None:  # its file is on the dead mount
+            logger.info("share usable again (after %d remount(s))", self.books.back_after)
+        if not self.books.ok and self.share_log is not None:  # its file is on the dead mount
             logging.getLogger().removeHandler(self.share_log)
             try:
                 self.share_log.close()
@@ -343,9 +339,7 @@ class Agent:
         if self.share_log is not None:
             return
         try:
-            log_dir = self.on_share(records.log_dir(self.s.name))
-            log_dir.mkdir(parents=True, exist_ok=True)
-            self.share_log = logging.FileHandler(log_dir / "agent.log")
+            self.share_log = logging.FileHandler(self.books.local(f"{records.log_dir(self.s.name)}/agent.log"))
         except OSError as e:
             logger.warning("no agent log on the share (%s); logging locally only", e)
             return
@@ -374,19 +368,19 @@ class Agent:
         self.seq += 1
         beat = Heartbeat(
             name=self.s.name, state=state, time=time.time(), agent_id=self.s.agent_id, seq=self.seq,
-            mount=self.mount.state, agent_pid=os.getpid(), idle_for=round(time.monotonic() - self.idle_since, 1),
+            mount=self.books.state, agent_pid=os.getpid(), idle_for=round(time.monotonic() - self.idle_since, 1),
             idle_timeout=self.s.idle_timeout, runs={rid: r.public() for rid, r in self.runs.items()},
             problem=self.problem)
         try:
             atomic_write(self.s.home / records.LOCAL_HEARTBEAT, beat.to_json())
         except OSError as e:
             logger.warning("could not write the local heartbeat: %s", e)
-        if not self.mount.ok:
+        if not self.books.ok:
             return
         try:
-            shared = replace(beat, rate=self.rate.now(), executions=self.rate.total)
-            atomic_write(self.on_share(records.heartbeat_file(self.s.name)), shared.to_json(), make_parents=True)
-        except OSError as e:
+            shared = replace(beat, rate=self.rate.now(), executions=self.rate.total) if self.rate else beat
+            self.books.write_text(records.heartbeat_file(self.s.name), shared.to_json())
+        except (OSError, StoreError) as e:
             logger.warning("could not write heartbeat: %s", e)
 
     def shut_down(self) -> None:
@@ -400,12 +394,13 @@ class Agent:
         self._heartbeat("no-gpu-driver" if self.problem else "stopped-idle" if reason == "idle" else "stopped")
         for h in logging.getLogger().handlers:
             h.flush()
+        self.books.sync(force=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", required=True)
-    p.add_argument("--root", required=True, type=Path)
+    p.add_argument("--root", required=True, help="the share's mount point, or the bucket's URL (headless)")
     p.add_argument("--home", required=True, type=Path)
     p.add_argument("--agent-id", default="", help="boot.sh's name for this agent, in every heartbeat")
     p.add_argument("--python", required=True)

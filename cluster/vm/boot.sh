@@ -2,9 +2,12 @@
 # Boot script of a worker VM (its GCE startup-script; a lab VM's PID 1 runs it too): start
 # the idle guard first, then mount the head's share (retried with jitter), check that the
 # interpreter can import spotfan, and start the worker agent. Safe to run again at any
-# time, so a VM that restarts after a preemption resumes by itself.
+# time, so a VM that restarts after a preemption resumes by itself. On a headless cluster
+# (SPOTFAN_ROOT_URL: the share is a bucket) nothing is mounted: step 2 checks instead that
+# this VM can list, write and delete under the bucket's prefix (cluster.vm.storecheck), as
+# its instance role or service account (the lab: with store.env's local endpoint).
 #
-# One line per step on stdout; exit 0 only when the share is mounted and the agent runs.
+# One line per step on stdout; exit 0 only when the share is usable and the agent runs.
 # It never says "ok" for the agent: `fab up` does, once the agent's first heartbeat is on
 # the share. Whatever fails here, the guard is already running and stops an idle VM.
 set -u
@@ -25,6 +28,7 @@ if [ ! -f "$SPOTFAN_HOME/boot.env" ]; then
     exit 0
 fi
 . "$SPOTFAN_HOME/boot.env"
+if [ -f "$SPOTFAN_HOME/store.env" ]; then . "$SPOTFAN_HOME/store.env"; fi  # headless lab: its store's endpoint
 cd "$SPOTFAN_HOME" || exit 1  # never a cwd on the share, which may be dead
 BOOT_LOCK_WAIT_S=60
 
@@ -59,7 +63,18 @@ fi
 # 2. The share. mount.sh retries a refused or dropped connection with jittered backoff;
 #    if it still fails, the agent goes on retrying (and the guard stops an idle VM).
 mounted=0
-if sh "$SPOTFAN_HOME/mount.sh" mount 9>&-; then mounted=1; fi
+if [ -n "${SPOTFAN_ROOT_URL:-}" ]; then
+    ROOT="$SPOTFAN_ROOT_URL"
+    if said=$(PYTHONPATH="$SPOTFAN_PYTHONPATH" "$SPOTFAN_PYTHON" -m cluster.vm.storecheck --name "$SPOTFAN_NAME" \
+            "$ROOT" 2>&1 9>&-); then mounted=1; fi
+    case "$said" in
+        *"store: "*) printf '%s\n' "$said" | grep '^store: ' ;;
+        *) echo "store: FAILED: $SPOTFAN_PYTHON could not check $ROOT ($(printf '%s' "$said" | tail -n 1))" ;;
+    esac
+else
+    ROOT="$SPOTFAN_MOUNT"
+    if sh "$SPOTFAN_HOME/mount.sh" mount 9>&-; then mounted=1; fi
+fi
 
 # 3. The agent, after checking that the interpreter exists and can import spotfan.
 if pid=$(running "$SPOTFAN_HOME/agent.pid" "-m cluster.vm.agent "); then
@@ -78,7 +93,7 @@ else
     id=$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')
     echo "$id" > "$SPOTFAN_HOME/agent.id"
     PYTHONPATH="$SPOTFAN_PYTHONPATH" setsid "$SPOTFAN_PYTHON" -m cluster.vm.agent \
-        --name "$SPOTFAN_NAME" --root "$SPOTFAN_MOUNT" --home "$SPOTFAN_HOME" --agent-id "$id" \
+        --name "$SPOTFAN_NAME" --root "$ROOT" --home "$SPOTFAN_HOME" --agent-id "$id" \
         --python "$SPOTFAN_PYTHON" --python-path "$SPOTFAN_PYTHONPATH" \
         --idle-timeout "$SPOTFAN_IDLE_TIMEOUT" --workers-per-vm "$SPOTFAN_WORKERS_PER_VM" \
         --gpus "${SPOTFAN_GPUS:-0}" --gpus-per-worker "${SPOTFAN_GPUS_PER_WORKER:-1}" \

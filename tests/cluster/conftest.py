@@ -47,8 +47,9 @@ def make_lab(lab_root: Path) -> Iterator[Callable[..., Lab]]:
 
     def make(*, workers: int = 2, idle_timeout: float = 120, workers_per_vm: int = 1,
              connect_timeout: float = 5, boot_timeout: float = 30, python: str = sys.executable,
-             python_path: tuple[str, ...] | None = None) -> Lab:
-        """`python` and `python_path` (default: this interpreter and this checkout) are the VMs'."""
+             python_path: tuple[str, ...] | None = None, share_url: str = "") -> Lab:
+        """`python` and `python_path` (default: this interpreter and this checkout) are the VMs';
+        `share_url`: a headless cluster on that bucket (s3://BUCKET/PREFIX)."""
         i = next(_index)
         name = f"t{i}"
         folder = lab_root / name
@@ -57,7 +58,7 @@ def make_lab(lab_root: Path) -> Iterator[Callable[..., Lab]]:
         (folder / "cluster.toml").write_text(cluster_toml(
             name=name, index=i, workers=workers, idle_timeout=idle_timeout, workers_per_vm=workers_per_vm,
             connect_timeout=connect_timeout, boot_timeout=boot_timeout, python=python,
-            python_path=(REPO,) if python_path is None else python_path))
+            python_path=(REPO,) if python_path is None else python_path, share_url=share_url))
         lab = Lab(folder, load(folder / "cluster.toml"))
         made.append(lab)
         return lab

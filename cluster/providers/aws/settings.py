@@ -247,9 +247,26 @@ def parse(table: Mapping[str, Any], ctx: TableContext) -> tuple[AwsSettings | No
     except ConfigError as e:
         return None, list(e.problems) or [schema.Problem("aws", None, str(e))]
     problems = head_vm_problems(ctx, table="aws.head") if settings.head is not None else []
+    if ctx.share.headless:
+        problems += _bucket_access_problems(ctx, settings)
     if str(c["idle_action"]).lower() == "delete" and settings.spot and settings.interruption == "stop":
         problems.append(schema.Problem(
             "cluster", "idle_action", '= "delete" with [aws] interruption = "stop": a persistent spot '
             "request launches a new instance when one terminates itself; set interruption = "
             '"terminate", or idle_action = "stop"'))
     return settings, problems
+
+
+def _bucket_access_problems(ctx: TableContext, settings: AwsSettings) -> list[schema.Problem]:
+    """An EC2 fleet on a bucket reaches it through its instance profile, never with copied keys."""
+    if ctx.share.kind != "s3":
+        return [schema.Problem("share", "kind", (
+            f'= "{ctx.share.kind}" with provider = "aws": EC2 instances reach a bucket through their '
+            'instance profile, which only S3 accepts: use kind = "s3" with url = "s3://BUCKET/PREFIX" '
+            "(spotfan never copies storage keys to VMs)"))]
+    if not settings.instance_profile:
+        return [schema.Problem("aws", "instance_profile", (
+            'is required with [share] kind = "s3": the VMs use the bucket through this instance profile; '
+            "its role needs s3:ListBucket on the bucket and s3:GetObject, s3:PutObject, s3:DeleteObject "
+            "on PREFIX/* (docs/objstore.md)"))]
+    return []

@@ -259,6 +259,8 @@ def parse(table: Mapping[str, Any], ctx: TableContext) -> tuple[GceSettings | No
     except ConfigError as e:
         return None, list(e.problems) or [schema.Problem("gce", None, str(e))]
     problems = head_vm_problems(ctx, table="gce.head") if settings.head is not None else []
+    if ctx.share.headless:
+        problems += _bucket_access_problems(ctx, settings)
     if str(c["idle_action"]).lower() == "delete" and not settings.service_account:
         problems.append(schema.Problem(
             "cluster", "idle_action", '= "delete": an idle worker deletes itself through the Compute '
@@ -266,3 +268,19 @@ def parse(table: Mapping[str, Any], ctx: TableContext) -> tuple[GceSettings | No
             'delete instances (roles/compute.instanceAdmin.v1), or use idle_action = "stop"'))
     return settings, problems
 
+
+
+def _bucket_access_problems(ctx: TableContext, settings: GceSettings) -> list[schema.Problem]:
+    """A GCE fleet on a bucket reaches it as its VMs' service account, never with copied keys."""
+    if ctx.share.kind != "gcs":
+        return [schema.Problem("share", "kind", (
+            f'= "{ctx.share.kind}" with provider = "gce": GCE VMs reach a bucket through their service '
+            'account, which only Cloud Storage accepts: use kind = "gcs" with url = "gs://BUCKET/PREFIX" '
+            "(spotfan never copies storage keys to VMs)"))]
+    if not settings.service_account:
+        bucket = ctx.share.url.bucket if ctx.share.url else "BUCKET"
+        return [schema.Problem("gce", "service_account", (
+            f'is required with [share] kind = "gcs": the VMs use the bucket as this service account '
+            f"(with the cloud-platform scope); grant it roles/storage.objectUser on gs://{bucket} "
+            "(docs/objstore.md)"))]
+    return []

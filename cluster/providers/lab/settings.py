@@ -29,7 +29,8 @@ FIELDS: dict[str, schema.Field] = {
 
 
 def parse(table: Mapping[str, Any], ctx: TableContext) -> tuple[LabSettings, list[schema.Problem]]:
-    """The [lab] table, checked: loopback addresses only, no VM disk inside the share, a jailed head."""
+    """The [lab] table, checked: loopback addresses only, no VM disk inside the share, a jailed head
+    (a headless lab, on a bucket, has neither: its VMs get the local store's endpoint instead)."""
     v = schema.values(table, FIELDS)
     problems = []
     prefix = v["address_prefix"]
@@ -38,13 +39,13 @@ def parse(table: Mapping[str, Any], ctx: TableContext) -> tuple[LabSettings, lis
             "lab", "address_prefix", f"= {prefix!r}: lab VMs live on loopback only; use three octets "
             'of 127.0.0.0/8 and a trailing dot, e.g. "127.0.1."'))
     head = ctx.head
-    if not head.jail or head.user == "root":
+    if head is not None and (not head.jail or head.user == "root"):
         field, value = ("jail", head.jail) if not head.jail else ("user", head.user)
         problems.append(schema.Problem("head", field, (
             f"= {value!r}: the lab always jails the head's SFTP user: set jail to a folder such as "
             '"/srv/spotfan/NAME" and user to a user that is not root (default: spotfan-NAME)')))
     state_dir = ctx.resolve(v["state_dir"] or f".lab/{ctx.cluster['name']}")
-    if state_dir == head.share or head.share in state_dir.parents:
+    if head is not None and (state_dir == head.share or head.share in state_dir.parents):
         # The VMs' disks hold their copies of the worker key.
         problems.append(schema.Problem(
             "lab", "state_dir", f"= {str(state_dir)!r} is inside [head] share ({head.share}): private keys "

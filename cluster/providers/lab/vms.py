@@ -25,7 +25,7 @@ from cluster.errors import ProvisionError
 from cluster.fanout import all_ok, fan_out
 from cluster.procs import ProcRecord
 from cluster.providers.base import Instance, Status
-from cluster.providers.lab import host
+from cluster.providers.lab import host, store
 from cluster.providers.lab.head import LabHead
 from cluster.ssh_keys import ensure_key_pair, host_pattern, known_hosts_lines, public_key
 
@@ -136,7 +136,7 @@ class LabProvider:
     def close(self) -> None:
         """Nothing to release: the lab holds no connection."""
 
-    # -- capabilities: SelfStopping, Preemptible, LocalHead -----------------------------
+    # -- capabilities: SelfStopping, Preemptible, LocalHead, StoreAccess ----------------
 
     def self_stop_env(self, instance: Instance) -> dict[str, str]:
         return {"SPOTFAN_STOP_COMMAND": self.self_stop_command}
@@ -146,6 +146,11 @@ class LabProvider:
         for n in names:
             (self._vm_dir(n) / "preempted").touch()
             self._power_off(n)
+
+    def store_env(self, scheme: str) -> dict[str, str]:
+        """A headless lab's stand-in for an instance role: the local store's endpoint and its test
+        credentials, from this machine's environment, for a store on loopback only (cluster.providers.lab.store)."""
+        return store.store_env(scheme, os.environ)
 
     def start_head(self, *, share: Path, address: str, port: int, authorized: Sequence[str],
                    user: str, jail: str, workers: int) -> None:
