@@ -23,7 +23,8 @@ from cluster.bucket_share import AGENT_RETRIES, BucketShare
 from cluster.errors import ClusterError
 from cluster.vm.mount import MountWatch
 from tasks.fs import atomic_write
-from tasks.store.url import is_object_url, parse_root
+from tasks.layout import is_object_url
+from tasks.store.url import parse_root
 
 logger = logging.getLogger("cluster.agent")
 

@@ -13,7 +13,6 @@ import json
 import logging
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
 from typing import Any
@@ -59,13 +58,9 @@ class BucketFailures:
 
 
 class BucketLog:
-    """This process's execution log: its rows go out in parts, `<owner>.<n>.jsonl`, at most
-    every FLUSH_S (each part a request: one per chunk would be a fifth of a request per tiny
-    key), and at the end of the run. A runner killed outright loses at most FLUSH_S of rows
-    (the log is for audits and reports; what is done is the outputs)."""
-
-    FLUSH_S = 5.0
-    FLUSH_ROWS = 5000  # ... or once this many rows wait
+    """This process's execution log: each write (a finished chunk's rows) is the next part,
+    `<owner>.<n>.jsonl`, so a runner killed outright loses no row of what it finished (an
+    object cannot be appended to; a part per chunk is ~0.2 requests per tiny key)."""
 
     def __init__(self, root: BucketRoot, layout: Layout, owner: str) -> None:
         self.root = root
@@ -73,27 +68,16 @@ class BucketLog:
         self.owner = owner
         self.host = socket.gethostname()
         self._parts = itertools.count(1)
-        self._lines: list[str] = []
-        self._since = time.monotonic()
 
     def write(self, rows: Iterable[dict[str, Any]]) -> None:
-        self._lines += [json.dumps({**row, "owner": self.owner, "host": self.host}) for row in rows]
-        if len(self._lines) >= self.FLUSH_ROWS or time.monotonic() - self._since >= self.FLUSH_S:
-            self.flush()
-
-    def flush(self) -> None:
-        lines, self._lines, self._since = self._lines, [], time.monotonic()
+        lines = [json.dumps({**row, "owner": self.owner, "host": self.host}) for row in rows]
         if lines:
             part = f"{self.dir}/{self.owner}.{next(self._parts):06d}.jsonl"
             if self.root.create(part, ("\n".join(lines) + "\n").encode()) is None:
                 raise RuntimeError(f"{self.root.where(part)} exists: two runners share owner {self.owner}")
 
     def close(self) -> None:
-        try:
-            self.flush()
-        except Exception as e:  # the run's outcome stands; only its audit rows are lost
-            logger.warning("could not write the last execution log rows to %s: %s",
-                           self.root.where(self.dir), e)
+        """Nothing is held open."""
 
 
 def read_logs(root: BucketRoot, layout: Layout) -> Iterator[dict[str, Any]]:
