@@ -82,15 +82,9 @@ class BucketLog:
 
 def read_logs(root: BucketRoot, layout: Layout) -> Iterator[dict[str, Any]]:
     """Every execution row of every owner, part by part in name order."""
-    names = sorted(n for n in root.names(layout.log) if n.endswith(".jsonl"))
-    for data in root.map(lambda n: root.read(f"{layout.log}/{n}"), names):
-        for line in (data or b"").decode("utf-8", "replace").splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict):
-                yield row
+    from tasks.store.views import jsonl_objects
+
+    return (row for _, row in jsonl_objects(root, str(layout.log)))
 
 
 class BucketOwner:
