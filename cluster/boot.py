@@ -113,7 +113,8 @@ def boot(cluster: Cluster, instances: Sequence[Instance], *,
                                 check=False)
             said = out.stdout.strip()
             if not out.ok and "FAILED" not in said:
-                said += f"\nboot: FAILED (exit {out.exit_code}): {' | '.join(out.stderr.strip().splitlines()[-3:])}"
+                why = ' | '.join(out.stderr.strip().splitlines()[-3:]) or "it printed nothing"
+                said += f"\nboot: FAILED (exit {out.exit_code}): {why}"
         if on_booted is not None:
             on_booted(host.name)
         return said

@@ -36,6 +36,7 @@ RETRY_BACKOFF_S = 0.5  # doubled after each failed attempt
 READY_POLL_S = 0.05  # while waiting for a booting VM's sshd (a refused connect is cheap)
 MAX_PARALLEL = 32  # connections opened at once
 CHUNK_POLL_S = 0.01  # while feeding a command its stdin and reading what it prints
+EOF_AFTER_EXIT_S = 2.0  # the output still owed after the exit status, unless a background process holds it
 
 T = TypeVar("T")
 
@@ -270,13 +271,21 @@ def _run_with_input(conn: Connection, host: Host, command: str, data: bytes, *, 
         chan.sendall(data)
         chan.shutdown_write()
         out, err = bytearray(), bytearray()
+        exited: float | None = None
         for _ in range(int(timeout / CHUNK_POLL_S) + 1):
             while chan.recv_ready():
                 out += chan.recv(65536)
             while chan.recv_stderr_ready():
                 err += chan.recv_stderr(65536)
+            # sshd may send the exit status before the last of the output: done at the
+            # channel's EOF, or a moment after the exit status if a background process of
+            # the command still holds its stdout open.
             if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
-                break
+                if chan.eof_received:
+                    break
+                exited = exited or time.monotonic()
+                if time.monotonic() - exited > EOF_AFTER_EXIT_S:
+                    break
             if time.monotonic() > deadline:
                 raise CommandTimedOut(None, timeout)  # type: ignore[arg-type]
             time.sleep(CHUNK_POLL_S)

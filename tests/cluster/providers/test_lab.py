@@ -5,6 +5,7 @@ import json
 import signal
 import socket
 import subprocess
+import time
 
 from cluster.records import CLUSTER_DIR
 from labs import lab_processes
@@ -120,3 +121,24 @@ def test_idle_vms_stop_themselves(make_lab):
     assert {v["status"] for v in st["vms"]} == {"TERMINATED"}
     assert all(not v["preempted"] for v in st["vms"]), "a self-stop is not a preemption"
     assert lab.fab_ok("heal").count(": started;") == 2, "heal starts stopped VMs again"
+
+
+def test_what_a_command_fed_stdin_prints_just_before_it_exits_is_all_read(make_lab):
+    # sshd may send a command's exit status before the last of its output (`fab up` once
+    # read a failing boot.sh's lines as nothing at all): every byte must still arrive.
+    from cluster.boot import hosts
+
+    lab = make_lab(workers=1)
+    lab.fab_ok("up")
+    with lab.cluster() as cluster:
+        host = hosts(cluster.provider.list())[0]
+        with cluster.remote.open(host) as conn:
+            for i in range(60):
+                out = cluster.remote.run_on(conn, host, f'cat >/dev/null; echo "line {i}"; echo "err {i}" >&2; exit 3',
+                                            stdin=b"x" * 1000, check=False)
+                assert (out.exit_code, out.stdout, out.stderr) == (3, f"line {i}\n", f"err {i}\n"), i
+            # A background process that keeps the output open delays the answer a moment, not
+            # until it ends (the boot script's daemons redirect theirs, but one may not).
+            t = time.monotonic()
+            out = cluster.remote.run_on(conn, host, "cat >/dev/null; sleep 60 & echo started", stdin=b"x")
+            assert out.stdout == "started\n" and time.monotonic() - t < 30
