@@ -154,7 +154,7 @@ class Pipeline:
             plans: list[tuple[_Open, int]] = []  # each open file and how many requests it sent
             for o, reply in zip(window, opens):
                 if not reply.ok:
-                    self._failed(o.send, f"cannot create {o.send.part} on the head: {_say(reply)}")
+                    self._failed(o.send, f"cannot create {o.send.part} on the head: {say(reply)}")
                     continue
                 n = len(reqs)
                 for at in range(0, len(o.data), BUFFER_BYTES):
@@ -166,14 +166,14 @@ class Pipeline:
                 if reply.ok:
                     self._done(o.send, on_done)
                 else:
-                    self._failed(o.send, f"cannot rename {o.send.part} to {o.send.final} on the head: {_say(reply)}")
+                    self._failed(o.send, f"cannot rename {o.send.part} to {o.send.final} on the head: {say(reply)}")
             at = len(written)
             written, gone = [], []
             for o, n in plans:
                 bad = next((r for r in replies[at:at + n] if not r.ok), None)
                 at += n
                 if bad is not None:  # never renamed into place; its partial copy is removed below
-                    self._failed(o.send, f"the head refused {o.send.part}: {_say(bad)}")
+                    self._failed(o.send, f"the head refused {o.send.part}: {say(bad)}")
                     gone.append(o.send.part)
                 elif o.send.part == o.send.final:
                     self._done(o.send, on_done)
@@ -230,7 +230,7 @@ def _open(o: _Open) -> sftp.Request:
     return sftp.open_write(o.send.part, o.send.mode | 0o600)
 
 
-def _say(reply: sftp.Reply) -> str:
+def say(reply: sftp.Reply) -> str:
     """A refusal as a person reads it: the server's text, and what usually causes it."""
     text = reply.message or f"SFTP status {reply.code}"
     if reply.code == sftp.PERMISSION_DENIED:

@@ -7,8 +7,9 @@ mtime (or, with `checksum`, the same bytes) is skipped, so running the same comm
 after an interrupt copies only what is missing, continuing a big file from its part. Several
 files go at once: where OpenSSH's client is installed, a push's small files through a few
 pipelined SFTP sessions (cluster.sftp_pipeline: many files in flight, each one's fate from the
-head's answers) and its big ones through several `sftp -b` processes (cluster.sftp_batch: 64
-requests in flight; what they copied is checked here); a pull's (and a push's without OpenSSH)
+head's answers), its big ones through several `sftp -b` processes (cluster.sftp_batch: 64
+requests in flight; what they copied is checked here) and its very big ones in ranges over
+several sessions at once (cluster.sftp_ranges: past one session's window per round trip); a pull's (and a push's without OpenSSH)
 through paramiko, one SFTP session per worker thread. Nothing is ever deleted but our own part files once a file
 is in place.
 """
@@ -28,7 +29,7 @@ from typing import Literal
 
 import paramiko
 
-from cluster import leftovers, sftp_batch, sftp_pipeline
+from cluster import leftovers, sftp_batch, sftp_pipeline, sftp_ranges
 from cluster.compare import listed, same
 from cluster.errors import ClusterError, UsageError
 from cluster.sides import Entry, LocalSide, RemoteSide, Side, Tree, part_name, plain
@@ -170,7 +171,11 @@ def _transfer(direction: Literal["push", "pull"], share: Share, local: LocalSide
         pipe = _pipeline(share, found, opts) if src_local else None
         if pipe is not None:
             stack.enter_context(pipe).start()  # ssh logins while paramiko's does and the destination is listed
-        early = _early_batches(share, found, opts, piped=pipe is not None) if src_local else []
+        ranges = _ranges(share, found, opts) if src_local else None
+        if ranges is not None:
+            stack.enter_context(ranges).start()
+        early = _early_batches(share, found, opts, piped=pipe is not None, ranged=ranges is not None) \
+            if src_local else []
         for b in early:  # sftp logins likewise
             stack.callback(b.close)
             b.start()
@@ -213,16 +218,20 @@ def _transfer(direction: Literal["push", "pull"], share: Share, local: LocalSide
         copied = resumed = 0
         interrupted = False
         sends, plans = _piped(local, main, plans, staged=to != final_to) if pipe is not None else ([], plans)
+        bigs, plans = _ranged(local, main, plans) if ranges is not None else ([], plans)
         puts, plans = _batched(local, main, plans, opts, staged=to != final_to) if src_local else ([], plans)
         batches = sftp_batch.split(puts, len(early) or opts.jobs or OPENSSH_JOBS) if puts else []
         for b in early[len(batches):]:
             b.close()  # its files were there already
-        workers = len(batches) + min(opts.jobs or DEFAULT_JOBS, len(plans))
+        workers = len(batches) + bool(bigs) + min(opts.jobs or DEFAULT_JOBS, len(plans))
         pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="transfer")
         futures: dict[Future[bool], str] = {}
         ran: dict[Future[int], sftp_batch.Batch] = {}
         piped: set[Future[None]] = set()
+        in_ranges: Future[sftp_ranges.Outcome] | None = None
         try:
+            if ranges is not None and bigs:
+                in_ranges = pool.submit(ranges.send, bigs, state.add, lambda b: state.add(0, file_done=True))
             if pipe is not None and sends:
                 piped.update(pipe.send(sends, lambda f: state.add(f.size, file_done=True)))
             for i, batch in enumerate(batches):
@@ -234,11 +243,11 @@ def _transfer(direction: Literal["push", "pull"], share: Share, local: LocalSide
                     a, b = (src_side, side) if src_local else (side, dst_side)
                     return _copy(a, b, s, d, e, state, opts)
                 futures[pool.submit(one)] = e.rel or frm.name
-            pending: set[Future] = set(futures) | set(ran) | piped
+            pending: set[Future] = set(futures) | set(ran) | piped | ({in_ranges} if in_ranges else set())
             while pending:
                 finished, pending = wait(pending, timeout=TICK_S, return_when=FIRST_COMPLETED)
                 for fut in finished:
-                    if fut in ran or fut in piped:
+                    if fut in ran or fut in piped or fut is in_ranges:
                         continue  # what a batch copied is checked at the end; a pipeline tells it
                     try:
                         resumed += fut.result()
@@ -254,6 +263,8 @@ def _transfer(direction: Literal["push", "pull"], share: Share, local: LocalSide
                 b.stop()
             if pipe is not None:
                 pipe.stop()
+            if ranges is not None:
+                ranges.stop()
             for fut in futures:
                 fut.cancel()
         finally:
@@ -267,6 +278,13 @@ def _transfer(direction: Literal["push", "pull"], share: Share, local: LocalSide
             copied += len(pipe.done)
             if not interrupted:
                 failed.update(pipe.failed)
+        if in_ranges is not None:  # each file's fate is known from the head's answers
+            got = in_ranges.result()
+            copied += len(got.done)
+            resumed += len(got.resumed & got.done)
+            if not interrupted:
+                failed.update(got.failed)
+            state.kept += [str(PurePosixPath(p).relative_to(main.top)) for p in got.kept]
         if ran:  # a batch's file counts as copied once it is at its final path, whole
             arrived = listed(dst_side, to, single)
             by_rel = {e.rel: e for e in tree.files}
@@ -327,11 +345,24 @@ def _pipeline(share: Share, found: Tree | Entry | None, opts: Options) -> sftp_p
     return sftp_pipeline.Pipeline(share.login(), sessions=n)
 
 
-def _early_batches(share: Share, found: Tree | Entry, opts: Options, *, piped: bool) -> list[sftp_batch.Batch]:
-    """The `sftp -b` processes a push will need (at most one per file the pipelined sessions do
-    not take), not started; none where OpenSSH's client is not used."""
+def _ranges(share: Share, found: Tree | Entry | None, opts: Options) -> sftp_ranges.Ranges | None:
+    """The sessions that write a push's very big files in ranges (cluster.sftp_ranges), not
+    started; None if it has none, or where OpenSSH's clients are not used (or --bwlimit,
+    which only sftp keeps)."""
+    files = found.files if isinstance(found, Tree) else [found] if found is not None else []
+    if not any(e.size >= sftp_ranges.RANGE_MIN_BYTES for e in files) or opts.bwlimit or not _openssh(opts) \
+            or not sftp_pipeline.available():
+        return None
+    return sftp_ranges.Ranges(share.login(), sessions=opts.jobs or sftp_ranges.SESSIONS)
+
+
+def _early_batches(share: Share, found: Tree | Entry, opts: Options, *, piped: bool,
+                   ranged: bool) -> list[sftp_batch.Batch]:
+    """The `sftp -b` processes a push will need (at most one per file neither the pipelined
+    sessions nor the ranges take), not started; none where OpenSSH's client is not used."""
     files = found.files if isinstance(found, Tree) else [found]
-    n = sum(1 for e in files if not piped or e.size >= sftp_pipeline.MAX_BYTES)
+    n = sum(1 for e in files if (not piped or e.size >= sftp_pipeline.MAX_BYTES)
+            and not (ranged and e.size >= sftp_ranges.RANGE_MIN_BYTES))
     if not n or not _openssh(opts):
         return []
     return [sftp_batch.Batch(share.login(), bwlimit=opts.bwlimit) for _ in range(min(n, opts.jobs or OPENSSH_JOBS))]
@@ -350,6 +381,17 @@ def _piped(local: LocalSide, remote: RemoteSide, plans: list[_Plan], *,
         part = final if staged else remote.path(part_name(d, e.size, e.mtime))
         sends.append(sftp_pipeline.Send(e.rel, local.path(s), part, final, e.size, e.mtime, e.mode))
     return sends, rest
+
+
+def _ranged(local: LocalSide, remote: RemoteSide, plans: list[_Plan]) -> tuple[list[sftp_ranges.Big], list[_Plan]]:
+    """The very big files of a push, each in ranges to its part file and renamed into place; and the rest."""
+    bigs, rest = [], []
+    for e, s, d in plans:
+        if e.size >= sftp_ranges.RANGE_MIN_BYTES:
+            bigs.append(sftp_ranges.Big(e.rel, local.path(s), remote.path(d), e.size, e.mtime, e.mode))
+        else:
+            rest.append((e, s, d))
+    return bigs, rest
 
 
 def _batched(local: LocalSide, remote: RemoteSide, plans: list[_Plan], opts: Options, *,

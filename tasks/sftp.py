@@ -6,7 +6,8 @@ requests. The server answers one session's requests in order; sending a batch be
 reading any answer turns N round trips into about one (docs/design.md, "Publishing on a
 network root"). Only what the engine needs is here: open, write, close, rename, remove,
 lstat, mkdir; open to read, fstat and read (tasks.fetch); and for `fab push`
-(cluster.sftp_pipeline): open to overwrite, fsetstat, posix-rename.
+(cluster.sftp_pipeline, cluster.sftp_ranges): open to overwrite or to write in place,
+fsetstat, posix-rename, and a stream of requests too long to hold in memory at once.
 """
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ import struct
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 VERSION = 3
 HANDSHAKE_TIMEOUT_S = 30.0  # the ssh login and the server's VERSION answer
@@ -37,6 +39,9 @@ FXF_READ = 0x01
 FXF_WRITE, FXF_CREAT, FXF_TRUNC, FXF_EXCL = 0x02, 0x08, 0x10, 0x20
 OK, EOF, NO_SUCH_FILE, PERMISSION_DENIED, FAILURE = 0, 1, 2, 3, 4
 ATTR_SIZE, ATTR_UIDGID, ATTR_PERMISSIONS, ATTR_ACMODTIME = 0x01, 0x02, 0x04, 0x08
+
+
+T = TypeVar("T")
 
 
 class SessionLost(OSError):
@@ -120,6 +125,11 @@ def open_write(path: str, mode: int = 0o644) -> Request:
     """Open `path` for writing from its start: created, or emptied if it exists (O_CREAT|O_TRUNC)."""
     return Request(OPEN, _string(os.fsencode(path)) + struct.pack(
         ">III", FXF_WRITE | FXF_CREAT | FXF_TRUNC, ATTR_PERMISSIONS, mode))
+
+
+def open_in_place(path: str, mode: int = 0o644) -> Request:
+    """Open `path` for writing at any offset, keeping what it holds: created if missing (O_CREAT)."""
+    return Request(OPEN, _string(os.fsencode(path)) + struct.pack(">III", FXF_WRITE | FXF_CREAT, ATTR_PERMISSIONS, mode))
 
 
 def fsetstat(handle: bytes, *, mode: int, mtime: int) -> Request:
@@ -239,6 +249,41 @@ class Session:
             replies[rid - first] = _reply(kind, payload[4:])
             deadline = time.monotonic() + REPLY_TIMEOUT_S
         return [replies[i] for i in range(len(requests))]
+
+    def stream(self, requests: Iterable[tuple[Request, T]]) -> Iterator[tuple[T, Reply]]:
+        """Send (request, tag) pairs as they are drawn, at most MAX_INFLIGHT unanswered at once;
+        yield (tag, answer) in the requests' order. The next requests are drawn only after an
+        answer was yielded, so what the caller learns from it can shape them."""
+        pending = iter(requests)
+        tags: dict[int, T] = {}
+        replies: dict[int, Reply] = {}
+        nxt = self._next_id + 1  # the id of the next answer to yield
+        drained = False
+        while True:
+            batch = []
+            while not drained and len(tags) < MAX_INFLIGHT:
+                try:
+                    r, tag = next(pending)
+                except StopIteration:
+                    drained = True
+                    break
+                self._next_id += 1
+                tags[self._next_id] = tag
+                body = struct.pack(">BI", r.kind, self._next_id) + r.body
+                batch.append(struct.pack(">I", len(body)) + body)
+                self.sent += 1
+            if batch:
+                self._send_raw_framed(b"".join(batch))
+            if not tags:
+                return
+            kind, payload = self._packet(time.monotonic() + REPLY_TIMEOUT_S)
+            rid, = struct.unpack_from(">I", payload)
+            if rid not in tags:
+                raise SessionLost(0, f"the server answered request {rid}, which is not in flight")
+            replies[rid] = _reply(kind, payload[4:])
+            while nxt in replies:
+                yield tags.pop(nxt), replies.pop(nxt)
+                nxt += 1
 
     # -- framing -----------------------------------------------------------------------
     def _send_raw(self, body: bytes) -> None:

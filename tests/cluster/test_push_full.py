@@ -9,10 +9,15 @@ from pathlib import Path
 
 import pytest
 
+from cluster import sftp_ranges
+
 SHARE_MB = 24  # the share's own small disk (a tmpfs): the lab's VM and records need a little of it
 FREE_BYTES = 2_500_000  # left free before the push, which brings about 6 MB
 SMALL_FILES, SMALL_BYTES = 24, 100_000  # through the pipelined sessions
 BIG_FILES, BIG_BYTES = 2, 1_600_000  # through sftp -b, each resumable from its part file
+RANGED_SHARE_MB = 100  # room for one file that goes in ranges (cluster.sftp_ranges)
+RANGED_BYTES = sftp_ranges.RANGE_MIN_BYTES + (3 << 20)
+RANGED_FREE_BYTES = 20 << 20
 
 
 def _tree(top: Path) -> dict[str, bytes]:
@@ -46,14 +51,23 @@ def _fill(share: Path, *, leave: int) -> Path:
 
 
 @pytest.fixture
-def full_lab(make_lab, tmp_path):
+def full_lab(make_lab):
+    yield from _lab_on_tmpfs(make_lab, SHARE_MB)
+
+
+@pytest.fixture
+def roomier_full_lab(make_lab):
+    yield from _lab_on_tmpfs(make_lab, RANGED_SHARE_MB)
+
+
+def _lab_on_tmpfs(make_lab, size_mb: int):
     """A one-VM lab whose share is a small tmpfs of its own (mounted before the head starts, so
     the head's bind mount of the share is that disk)."""
     if shutil.which("mount") is None:
         pytest.skip("needs mount(8) for a tmpfs")
     lab = make_lab(workers=1)
     lab.share.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={SHARE_MB}m,mode=0755", "tmpfs", str(lab.share)],
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0755", "tmpfs", str(lab.share)],
                        capture_output=True, text=True)
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs for the share: {r.stderr.strip()}")
@@ -108,3 +122,27 @@ def test_a_push_to_a_full_disk_says_so_leaves_only_whole_files_and_finishes_once
     got.pop("seed.bin", None)
     assert got == want, "files missing, or part files left behind"
     assert not list(lab.share.rglob("*.spotfan-part")), "temporaries left behind"
+
+
+def test_a_push_in_ranges_to_a_full_disk_says_so_keeps_its_part_and_continues_once_space_is_freed(
+        roomier_full_lab, tmp_path):
+    lab = roomier_full_lab
+    big = tmp_path / "huge.bin"
+    body = os.urandom(RANGED_BYTES)
+    big.write_bytes(body)
+    filler = _fill(lab.share, leave=RANGED_FREE_BYTES)
+
+    r = lab.fab("push", str(big), "--to", "inputs/huge.bin", "--json")
+    report = json.loads(r.stdout.splitlines()[-1])
+    said = "\n".join(r.stdout.splitlines()[:-1]) + r.stderr
+    assert r.returncode == 1, said
+    assert "the head's disk is full" in said and report["copied"] == 0, said
+    assert not (lab.share / "inputs" / "huge.bin").exists(), "a partial file at the final path"
+    assert len(report["kept"]) == 1 and report["kept"][0] in said, report  # the part, to continue from
+
+    filler.unlink()
+    again = json.loads(lab.fab_ok("push", str(big), "--to", "inputs/huge.bin", "--json").splitlines()[-1])
+    assert (again["copied"], again["resumed"], again["kept"]) == (1, 1, []), again
+    assert 0 < again["bytes"] < RANGED_BYTES, "what the journal said was there was sent again"
+    assert (lab.share / "inputs" / "huge.bin").read_bytes() == body
+    assert not list(lab.share.rglob("*.spotfan-part")), "the part or its journal was left behind"

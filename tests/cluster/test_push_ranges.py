@@ -1,0 +1,104 @@
+"""`fab push` of a very big file in ranges over several SFTP sessions (cluster.sftp_ranges), to a
+real lab head: whole at its final path or not there, killed midway it continues from its journal,
+and a damaged journal starts it afresh rather than trusting it."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+
+from cluster import sftp_ranges
+from labs import FAB, REPO
+
+BIG = sftp_ranges.RANGE_MIN_BYTES * 5 // 2  # 160 MB: in ranges, and long enough to kill midway
+KILL_AFTER = 24 << 20  # journaled bytes before the push is killed
+KILL_TIMEOUT_S = 120
+COPIERS_GONE_S = 3
+OLD_MTIME = 1_500_000_000
+
+
+def _big(tmp_path: Path) -> Path:
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as f:
+        for _ in range(BIG // (4 << 20)):
+            f.write(os.urandom(4 << 20))
+    big.chmod(0o640)
+    os.utime(big, (OLD_MTIME, OLD_MTIME))
+    return big
+
+
+def _journaled(journal: Path) -> int:
+    """Bytes the journal says the head answered (0 while it cannot be read whole)."""
+    spans = sftp_ranges.bounds(BIG, sftp_ranges.SESSIONS)
+    try:
+        slots = sftp_ranges.parse_journal(journal.read_bytes(), spans)
+    except OSError:
+        return 0
+    return sum(s - a for s, (a, _) in zip(slots, spans)) if slots else 0
+
+
+def _parts(folder: Path) -> list[Path]:
+    return sorted(folder.glob(".big.bin.*.spotfan-part")) if folder.exists() else []
+
+
+def test_a_big_file_goes_in_ranges_whole_and_a_killed_push_continues_from_its_journal(make_lab, tmp_path):
+    lab = make_lab(workers=1)
+    lab.fab_ok("up")
+    big = _big(tmp_path)
+    data = lab.share / "data"
+    final = data / "big.bin"
+    part_name, journal_name = sftp_ranges.names(str(final), BIG, OLD_MTIME, sftp_ranges.SESSIONS)
+    part, journal = Path(part_name), Path(journal_name)
+    env = {**os.environ, "SPOTFAN_CONFIG": str(lab.folder / "cluster.toml")}
+    proc = subprocess.Popen([str(FAB), "push", str(big), "--to", "data/big.bin"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + KILL_TIMEOUT_S
+        while time.monotonic() < deadline:
+            assert not final.exists(), "the final name appeared before the copy was whole"
+            if _journaled(journal) >= KILL_AFTER:
+                break
+            assert proc.poll() is None, f"the push ended before {KILL_AFTER} bytes were journaled: {proc.communicate()}"
+            time.sleep(0.002)
+        else:
+            raise AssertionError("the push never journaled enough to kill it midway")
+        copiers = psutil.Process(proc.pid).children(recursive=True)
+        sessions = [c for c in copiers if c.name() == "ssh"]
+        assert len(sessions) == sftp_ranges.SESSIONS, [c.cmdline() for c in copiers]  # one session per range
+        proc.send_signal(signal.SIGKILL)  # as a laptop that sleeps or loses power
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    gone, alive = psutil.wait_procs(copiers, timeout=COPIERS_GONE_S)
+    assert alive == [], f"sessions went on after the push was killed: {alive}"
+    assert not final.exists() and _parts(data) == sorted([part, journal])
+    kept = _journaled(journal)
+    assert KILL_AFTER <= kept < BIG
+
+    # The same command continues every range from its slot: what the journal claims is there.
+    again = json.loads(lab.fab_ok("push", str(big), "--to", "data/big.bin", "--json").splitlines()[-1])
+    assert (again["copied"], again["resumed"], again["failed"]) == (1, 1, {}), again
+    assert again["bytes"] == BIG - kept, "the resumed push sent again what the journal said was there"
+    assert final.read_bytes() == big.read_bytes()
+    st = final.stat()
+    assert (st.st_mode & 0o777, int(st.st_mtime)) == (0o640, OLD_MTIME)
+    assert _parts(data) == [], "the part or its journal was left behind"
+
+    # Skipped once there; a journal that is not whole is not trusted: the copy starts afresh.
+    skipped = json.loads(lab.fab_ok("push", str(big), "--to", "data/big.bin", "--json").splitlines()[-1])
+    assert (skipped["copied"], skipped["skipped"], skipped["bytes"]) == (0, 1, 0), skipped
+    final.unlink()
+    part.write_bytes(b"\xff" * (1 << 20))  # a part with garbage in it, and a journal cut short
+    journal.write_bytes(sftp_ranges.journal_bytes([a + (8 << 20) for a, _ in sftp_ranges.bounds(BIG, 4)])[:-3])
+    owner = data.stat()
+    for p in (part, journal):  # as the head's user left them
+        os.chown(p, owner.st_uid, owner.st_gid)
+    fresh = json.loads(lab.fab_ok("push", str(big), "--to", "data/big.bin", "--json").splitlines()[-1])
+    assert (fresh["copied"], fresh["resumed"], fresh["bytes"]) == (1, 0, BIG), fresh
+    assert final.read_bytes() == big.read_bytes()
+    assert _parts(data) == []
