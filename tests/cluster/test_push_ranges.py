@@ -42,6 +42,23 @@ def _journaled(journal: Path) -> int:
     return sum(s - a for s, (a, _) in zip(slots, spans)) if slots else 0
 
 
+def _push(big: Path, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([str(FAB), "push", str(big), "--to", "data/big.bin", "--json"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+
+
+def _when_journaled(proc: subprocess.Popen, journal: Path, final: Path, at_least: int) -> None:
+    """Return once the journal says `at_least` bytes are on the head; the final name never appears before."""
+    deadline = time.monotonic() + KILL_TIMEOUT_S
+    while time.monotonic() < deadline:
+        assert not final.exists(), "the final name appeared before the copy was whole"
+        if _journaled(journal) >= at_least:
+            return
+        assert proc.poll() is None, f"the push ended before {at_least} bytes were journaled: {proc.communicate()}"
+        time.sleep(0.002)
+    raise AssertionError(f"the push never journaled {at_least} bytes")
+
+
 def _parts(folder: Path) -> list[Path]:
     return sorted(folder.glob(".big.bin.*.spotfan-part")) if folder.exists() else []
 
@@ -55,30 +72,35 @@ def test_a_big_file_goes_in_ranges_whole_and_a_killed_push_continues_from_its_jo
     part_name, journal_name = sftp_ranges.names(str(final), BIG, OLD_MTIME, sftp_ranges.SESSIONS)
     part, journal = Path(part_name), Path(journal_name)
     env = {**os.environ, "SPOTFAN_CONFIG": str(lab.folder / "cluster.toml")}
-    proc = subprocess.Popen([str(FAB), "push", str(big), "--to", "data/big.bin"], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+
+    # Ctrl-C: what is in flight is answered and journaled, the part kept, and the push says so.
+    proc = _push(big, env)
+    _when_journaled(proc, journal, final, KILL_AFTER)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out + err
+    assert not final.exists() and _parts(data) == sorted([part, journal])
+    report = json.loads(out.splitlines()[-1])
+    assert report["interrupted"] and report["kept"] == ["data/" + part.name], report
+    first = _journaled(journal)
+    assert KILL_AFTER <= first < BIG and report["bytes"] == first, (first, report)
+
+    # Killed outright (a laptop that sleeps or loses power): the journal holds what it held.
+    proc = _push(big, env)
     try:
-        deadline = time.monotonic() + KILL_TIMEOUT_S
-        while time.monotonic() < deadline:
-            assert not final.exists(), "the final name appeared before the copy was whole"
-            if _journaled(journal) >= KILL_AFTER:
-                break
-            assert proc.poll() is None, f"the push ended before {KILL_AFTER} bytes were journaled: {proc.communicate()}"
-            time.sleep(0.002)
-        else:
-            raise AssertionError("the push never journaled enough to kill it midway")
+        _when_journaled(proc, journal, final, first + KILL_AFTER)
         copiers = psutil.Process(proc.pid).children(recursive=True)
         sessions = [c for c in copiers if c.name() == "ssh"]
         assert len(sessions) == sftp_ranges.SESSIONS, [c.cmdline() for c in copiers]  # one session per range
-        proc.send_signal(signal.SIGKILL)  # as a laptop that sleeps or loses power
+        proc.send_signal(signal.SIGKILL)
     finally:
         proc.kill()
-        proc.wait(timeout=30)
+        proc.communicate(timeout=30)
     gone, alive = psutil.wait_procs(copiers, timeout=COPIERS_GONE_S)
     assert alive == [], f"sessions went on after the push was killed: {alive}"
     assert not final.exists() and _parts(data) == sorted([part, journal])
     kept = _journaled(journal)
-    assert KILL_AFTER <= kept < BIG
+    assert first + KILL_AFTER <= kept < BIG
 
     # The same command continues every range from its slot: what the journal claims is there.
     again = json.loads(lab.fab_ok("push", str(big), "--to", "data/big.bin", "--json").splitlines()[-1])
