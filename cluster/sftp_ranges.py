@@ -235,7 +235,14 @@ class Ranges:
             return None
         want = HEADER.size + SLOT.size * len(spans)
         got, _ = s.run([sftp.read(opened.data, 0, want + 1), sftp.close(opened.data)])
-        return parse_journal(got.data, spans) if got.ok and there.ok else None
+        slots = parse_journal(got.data, spans) if got.ok and there.ok else None
+        if slots is None:
+            return None
+        # A part cut shorter than what the journal says it holds (by hand, or a full disk
+        # that lost a write-back) is not trusted either.
+        reach = max((sl for sl, (a, _) in zip(slots, spans) if sl > a), default=0)
+        size = sftp.attrs(there).size
+        return slots if size is not None and size >= reach else None
 
     def _fresh(self, s: sftp.Session, part: str, journal: str, starts: list[int]) -> None:
         """A journal that claims nothing, then an empty part (in that order: see the module)."""

@@ -27,6 +27,7 @@ HANDSHAKE_TIMEOUT_S = 30.0  # the ssh login and the server's VERSION answer
 REPLY_TIMEOUT_S = 60.0  # no answer at all for this long: the session is dead
 MAX_INFLIGHT = 64  # requests sent and not yet answered, at most
 WRITE_BLOCK = 32 * 1024  # bytes per WRITE request (every server takes 32 KiB)
+STREAM_FLUSH_BYTES = 1 << 20  # a stream's requests are sent once this many bytes of them are drawn
 
 # Packet types (draft-ietf-secsh-filexfer-02, the version OpenSSH speaks).
 INIT, VERSION_REPLY, OPEN, CLOSE, READ, WRITE, LSTAT, FSTAT = 1, 2, 3, 4, 5, 6, 7, 8
@@ -260,7 +261,8 @@ class Session:
         nxt = self._next_id + 1  # the id of the next answer to yield
         drained = False
         while True:
-            batch = []
+            batch: list[bytes] = []
+            held = 0
             while not drained and len(tags) < MAX_INFLIGHT:
                 try:
                     r, tag = next(pending)
@@ -271,7 +273,11 @@ class Session:
                 tags[self._next_id] = tag
                 body = struct.pack(">BI", r.kind, self._next_id) + r.body
                 batch.append(struct.pack(">I", len(body)) + body)
+                held += len(body)
                 self.sent += 1
+                if held >= STREAM_FLUSH_BYTES:  # big writes go as they come: one copy in memory at a time
+                    self._send_raw_framed(b"".join(batch))
+                    batch, held = [], 0
             if batch:
                 self._send_raw_framed(b"".join(batch))
             if not tags:

@@ -114,13 +114,15 @@ def test_a_big_file_goes_in_ranges_whole_and_a_killed_push_continues_from_its_jo
     # Skipped once there; a journal that is not whole is not trusted: the copy starts afresh.
     skipped = json.loads(lab.fab_ok("push", str(big), "--to", "data/big.bin", "--json").splitlines()[-1])
     assert (skipped["copied"], skipped["skipped"], skipped["bytes"]) == (0, 1, 0), skipped
-    final.unlink()
-    part.write_bytes(b"\xff" * (1 << 20))  # a part with garbage in it, and a journal cut short
-    journal.write_bytes(sftp_ranges.journal_bytes([a + (8 << 20) for a, _ in sftp_ranges.bounds(BIG, 4)])[:-3])
+    claims = sftp_ranges.journal_bytes([a + (8 << 20) for a, _ in sftp_ranges.bounds(BIG, sftp_ranges.SESSIONS)])
     owner = data.stat()
-    for p in (part, journal):  # as the head's user left them
-        os.chown(p, owner.st_uid, owner.st_gid)
-    fresh = json.loads(lab.fab_ok("push", str(big), "--to", "data/big.bin", "--json").splitlines()[-1])
-    assert (fresh["copied"], fresh["resumed"], fresh["bytes"]) == (1, 0, BIG), fresh
-    assert final.read_bytes() == big.read_bytes()
-    assert _parts(data) == []
+    for damaged in (claims[:-3], claims):  # a journal cut short; a whole one that claims more than the part holds
+        final.unlink()
+        part.write_bytes(b"\xff" * (1 << 20))  # a part with garbage in it, shorter than the journal says
+        journal.write_bytes(damaged)
+        for p in (part, journal):  # as the head's user left them
+            os.chown(p, owner.st_uid, owner.st_gid)
+        fresh = json.loads(lab.fab_ok("push", str(big), "--to", "data/big.bin", "--json").splitlines()[-1])
+        assert (fresh["copied"], fresh["resumed"], fresh["bytes"]) == (1, 0, BIG), fresh
+        assert final.read_bytes() == big.read_bytes()
+        assert _parts(data) == []
