@@ -30,6 +30,7 @@ from typing import Literal
 import paramiko
 
 from cluster import leftovers, sftp_batch, sftp_pipeline, sftp_ranges
+from cluster.pushlock import PushLock
 from cluster.compare import listed, same
 from cluster.errors import ClusterError, UsageError
 from cluster.sides import Entry, LocalSide, RemoteSide, Side, Tree, part_name, plain
@@ -166,6 +167,7 @@ def _transfer(direction: Literal["push", "pull"], share: Share, local: LocalSide
               opts: Options, on_progress: Callable[[Progress], None] | None, *, src_local: bool) -> TransferReport:
     started = time.monotonic()
     with ExitStack() as stack:
+        held = stack.enter_context(ExitStack())  # released last, once every copy has ended
         sessions = _Sessions(share, make, stack)
         found = _walk(local, frm, shown_src) if src_local else None
         pipe = _pipeline(share, found, opts) if src_local else None
@@ -202,6 +204,10 @@ def _transfer(direction: Literal["push", "pull"], share: Share, local: LocalSide
                 dst_side.makedirs(to.parent)
         except OSError as e:
             raise ClusterError(f"cannot create folders under {dest_shown}: {e}") from e
+        if src_local:  # one push at a time to a destination (cluster.pushlock)
+            lock = PushLock.take(main, final_to, dest_shown)
+            held.callback(lock.release)
+            lock.keep(share.session())
         there = listed(dst_side, to, single)
         for e in tree.files:
             s, d = (frm, to) if single else (frm / e.rel, to / e.rel)

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -284,3 +285,54 @@ def test_a_refused_write_fails_the_push_with_a_clear_error(make_lab, tmp_path):
     assert "may not write there" in r.stdout + r.stderr
     assert os.listdir(locked) == []
 
+
+
+def test_a_second_push_to_the_same_place_is_refused_while_the_first_runs_and_a_dead_ones_lock_is_taken_over(
+        make_lab, tmp_path):
+    from cluster.pushlock import STALE_S
+
+    lab = make_lab(workers=1)
+    lab.fab_ok("up")
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(4 << 20))
+    final = lab.share / "data" / "big.bin"
+    lock = lab.share / "data" / ".spotfan-push-lock.big.bin.spotfan-part"
+    env = {**os.environ, "SPOTFAN_CONFIG": str(lab.folder / "cluster.toml")}
+    first = subprocess.Popen([str(FAB), "push", str(big), "--to", "data/big.bin", "--bwlimit", "1000"], cwd=REPO,
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    try:
+        deadline = time.monotonic() + KILL_TIMEOUT_S
+        while not lock.exists():
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.02)
+        # A cron script's next push, while the first still copies: refused, nothing of it written.
+        second = lab.fab("push", str(big), "--to", "data/big.bin")
+        said = second.stdout + second.stderr
+        assert second.returncode == 1, said
+        assert "another `fab push` to the share's data/big.bin is running" in said and "pid " in said, said
+        assert first.poll() is None, "the first push should still be copying"
+        out, err = first.communicate(timeout=KILL_TIMEOUT_S)
+    finally:
+        first.kill()
+        first.wait(timeout=30)
+    assert first.returncode == 0, out + err
+    assert final.read_bytes() == big.read_bytes() and not lock.exists()
+
+    # A dead push's lock: another machine's, not rewritten for STALE_S on the head's clock, is
+    # taken over; one of this machine whose process is gone, at once; a live one of another
+    # machine is not.
+    owner = final.parent.stat()
+    for body, age, taken in (('{"token": "x", "host": "laptop-2", "pid": 1}', STALE_S + 5, True),
+                             ('{"token": "x", "host": "%s", "pid": 999999999}' % socket.gethostname(), 0, True),
+                             ('{"token": "x", "host": "laptop-2", "pid": 1}', 0, False)):
+        final.unlink(missing_ok=True)
+        lock.write_text(body)
+        os.chown(lock, owner.st_uid, owner.st_gid)
+        os.utime(lock, (time.time() - age, time.time() - age))
+        r = lab.fab("push", str(big), "--to", "data/big.bin")
+        assert (r.returncode == 0) == taken, (body, r.stdout + r.stderr)
+        assert final.exists() == taken and lock.exists() != taken, body
+        if taken:
+            assert final.read_bytes() == big.read_bytes()
+        else:
+            assert "laptop-2" in r.stdout + r.stderr

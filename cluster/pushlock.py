@@ -1,0 +1,166 @@
+"""One `fab push` at a time to a destination: a lock file beside it, on the head, with a lease.
+
+Two pushes of the same data to the same place (a cron script whose last push has not ended,
+a second terminal) would share part files: one truncating what the other writes, one renaming
+into place a file the other is still filling. So a push first creates
+`.spotfan-push-lock.NAME.spotfan-part` beside its destination, only if absent (O_EXCL), and rewrites it
+every BEAT_S while it runs (from a thread of its own, on an SFTP channel of its own, so a long
+listing or a busy copy never lets it age): the head sets its mtime, so its age is judged on the head's own
+clock (against a probe file made there), never the laptop's. A second push finds it fresh and
+stops with who holds it; one not rewritten for STALE_S (its push killed, its laptop asleep) is
+taken over: renamed away (of two takers only one rename succeeds), then created afresh. A lock
+of this same machine whose process is gone (a push killed with SIGKILL, the laptop rebooted) is
+taken over at once: the same command run again right after a kill goes on.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import threading
+import time
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+
+import paramiko
+import psutil
+
+from cluster.errors import ClusterError
+from cluster.sides import PART_SUFFIX, RemoteSide
+
+BEAT_S = 5.0  # a running push rewrites its lock this often
+STALE_S = 30.0  # a lock not rewritten for this long is a dead push's
+
+
+def lock_name(dest: PurePosixPath) -> PurePosixPath:
+    return dest.with_name(f".spotfan-push-lock.{dest.name}{PART_SUFFIX}")
+
+
+class PushBusy(ClusterError):
+    """Another push to the same destination is running."""
+
+
+@dataclass
+class PushLock:
+    """Held by this push while it copies; `keep` rewrites it in the background, `release`
+    ends that and removes it (only if still ours)."""
+
+    side: RemoteSide
+    path: PurePosixPath  # below the side's top
+    shown: str  # how messages name the destination
+    token: str
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _beats: threading.Thread | None = None
+
+    @classmethod
+    def take(cls, side: RemoteSide, dest: PurePosixPath, shown: str) -> PushLock:
+        lock = cls(side, lock_name(dest), shown, secrets.token_hex(8))
+        for _ in range(3):  # created; or found stale, moved away, and created (a racer may win each time)
+            if lock._create():
+                return lock
+            held = lock._holder()
+            if held is None:
+                continue  # it went away meanwhile
+            age, who, dead = held
+            if age < STALE_S and not dead:
+                raise PushBusy(
+                    f"another `fab push` to {shown} is running ({who}, last seen {age:.0f} s ago): wait for it "
+                    f"to end; if it is dead (killed, its laptop asleep), the same command takes over once it has "
+                    f"not been seen for {STALE_S:.0f} s")
+            lock._move_stale()
+        raise PushBusy(f"other pushes to {shown} keep taking its lock ({side.describe(lock.path)}): "
+                       "run one push at a time")
+
+    def keep(self, channel: AbstractContextManager[paramiko.SFTPClient]) -> None:
+        """Rewrite the lock every BEAT_S (the head stamps its mtime) over `channel` until `release`."""
+        def beats() -> None:
+            try:
+                with channel as sftp:
+                    while not self._stop.wait(BEAT_S):
+                        with sftp.open(self.side.path(self.path), "w") as f:
+                            f.write(self._body())
+            except (OSError, EOFError, ClusterError, paramiko.SSHException):
+                pass  # a lost connection fails the copies, which say so
+
+        self._beats = threading.Thread(target=beats, name="push-lock", daemon=True)
+        self._beats.start()
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._beats is not None:
+            self._beats.join(timeout=10)
+        try:
+            with self.side.sftp.open(self.side.path(self.path), "r") as f:
+                ours = json.loads(f.read(4096)).get("token") == self.token
+            if ours:
+                self.side.sftp.remove(self.side.path(self.path))
+        except (OSError, EOFError, ValueError, paramiko.SSHException):
+            pass  # gone already, taken over, or the connection is lost: the lease ends it
+
+    def _body(self) -> bytes:
+        return json.dumps({"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
+                           "pid_created": _created(os.getpid()),
+                           "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}).encode()
+
+    def _create(self) -> bool:
+        try:
+            with self.side.sftp.open(self.side.path(self.path), "wx") as f:
+                f.write(self._body())
+        except FileExistsError:
+            return False
+        except OSError as e:
+            if self.side.stat(self.path) is not None:
+                return False  # servers that answer an O_EXCL clash with a plain failure
+            raise ClusterError(f"cannot create {self.side.describe(self.path)} (the push's lock): {e}") from e
+        return True
+
+    def _holder(self) -> tuple[float, str, bool] | None:
+        """The lock's age on the head's clock, who holds it, and whether that is a process of
+        this machine that is gone; None if the lock is gone."""
+        st = self.side.stat(self.path)
+        if st is None:
+            return None
+        probe = self.path.with_name(f".{self.path.name}.{self.token}.probe{PART_SUFFIX}")
+        try:
+            try:
+                with self.side.sftp.open(self.side.path(probe), "wx") as f:
+                    f.write(b"")
+                now = self.side.stat(probe)
+            finally:
+                self.side.remove(probe)
+        except OSError as e:
+            raise ClusterError(f"cannot tell how old {self.side.describe(self.path)} (another push's lock) is: "
+                               f"{e}; if no push to {self.shown} runs, delete it") from e
+        age = max(0.0, float((now.st_mtime if now else 0) - (st.st_mtime or 0)))
+        try:
+            with self.side.sftp.open(self.side.path(self.path), "r") as f:
+                held = json.loads(f.read(4096))
+        except (OSError, ValueError):
+            return age, "its holder unknown", False
+        if not isinstance(held, dict):
+            return age, "its holder unknown", False
+        who = f"from {held.get('host', '?')}, pid {held.get('pid', '?')}, started {held.get('started', '?')}"
+        pid = held.get("pid")
+        if held.get("host") != socket.gethostname() or not isinstance(pid, int):
+            return age, who, False
+        created = _created(pid)
+        return age, who, created is None or created != held.get("pid_created")
+
+    def _move_stale(self) -> None:
+        away = self.path.with_name(f".{self.path.name}.{self.token}.stale{PART_SUFFIX}")
+        try:
+            self.side.sftp.rename(self.side.path(self.path), self.side.path(away))
+        except OSError:
+            return  # another taker moved it first
+        self.side.remove(away)
+
+
+def _created(pid: int) -> float | None:
+    """When process `pid` of this machine started (None if there is none): a pid and this
+    together name one process, never a later one that reused the pid."""
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.Error, ValueError):
+        return None
