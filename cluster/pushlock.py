@@ -9,7 +9,8 @@ listing or a busy copy never lets it age): the head sets its mtime, so its age i
 clock (against a probe file made there), never the laptop's. A second push finds it fresh and
 stops with who holds it; one not rewritten for STALE_S (its push killed, its laptop asleep) is
 taken over: renamed away (of two takers only one rename succeeds), then created afresh. A lock
-of this same machine whose process is gone (a push killed with SIGKILL, the laptop rebooted) is
+of this same machine (host name and hardware address: two laptops may share a host name) whose
+process is gone (a push killed with SIGKILL, the laptop rebooted) is
 taken over at once: the same command run again right after a kill goes on.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import secrets
 import socket
 import threading
 import time
+import uuid
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -100,7 +102,7 @@ class PushLock:
             pass  # gone already, taken over, or the connection is lost: the lease ends it
 
     def _body(self) -> bytes:
-        return json.dumps({"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
+        return json.dumps({"token": self.token, "host": socket.gethostname(), "machine": machine(), "pid": os.getpid(),
                            "pid_created": _created(os.getpid()),
                            "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}).encode()
 
@@ -143,8 +145,9 @@ class PushLock:
             return age, "its holder unknown", False
         who = f"from {held.get('host', '?')}, pid {held.get('pid', '?')}, started {held.get('started', '?')}"
         pid = held.get("pid")
-        if held.get("host") != socket.gethostname() or not isinstance(pid, int):
-            return age, who, False
+        here = machine()
+        if not here or held.get("machine") != here or not isinstance(pid, int):
+            return age, who, False  # another machine's (two laptops may share a host name): its lease decides
         created = _created(pid)
         return age, who, created is None or created != held.get("pid_created")
 
@@ -164,3 +167,12 @@ def _created(pid: int) -> float | None:
         return psutil.Process(pid).create_time()
     except (psutil.Error, ValueError):
         return None
+
+
+def machine() -> str:
+    """This machine, as a lock names it: its host name and a hardware address ("" if it has none
+    to give, then no lock is judged by its pid)."""
+    node = uuid.getnode()
+    if node & (1 << 40):  # a random stand-in (multicast bit set), not this machine's address
+        return ""
+    return f"{socket.gethostname()}/{node:012x}"
