@@ -11,7 +11,8 @@ stops with who holds it; one not rewritten for STALE_S (its push killed, its lap
 taken over: renamed away (of two takers only one rename succeeds), then created afresh. A lock
 of this same machine (host name and hardware address: two laptops may share a host name) whose
 process is gone (a push killed with SIGKILL, the laptop rebooted) is
-taken over at once: the same command run again right after a kill goes on.
+taken over at once: the same command run again right after a kill goes on. A push that finds its lock taken over
+(it was stopped past the lease: a laptop that slept) stops copying at its next rewrite.
 """
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ class PushLock:
     path: PurePosixPath  # below the side's top
     shown: str  # how messages name the destination
     token: str
+    lost: threading.Event = field(default_factory=threading.Event)  # another push took it over: stop copying
     _stop: threading.Event = field(default_factory=threading.Event)
     _beats: threading.Thread | None = None
 
@@ -81,13 +83,32 @@ class PushLock:
             try:
                 with channel as sftp:
                     while not self._stop.wait(BEAT_S):
-                        with sftp.open(self.side.path(self.path), "w") as f:
-                            f.write(self._body())
+                        if not self._rewrite(sftp):
+                            self.lost.set()
+                            return
             except (OSError, EOFError, ClusterError, paramiko.SSHException):
                 pass  # a lost connection fails the copies, which say so
 
         self._beats = threading.Thread(target=beats, name="push-lock", daemon=True)
         self._beats.start()
+
+    def _rewrite(self, sftp: paramiko.SFTPClient) -> bool:
+        """Rewrite the lock in place if it is still ours (never create it again: a push that
+        was stopped past the lease and is taken over must not take it back); whether it was."""
+        try:
+            with sftp.open(self.side.path(self.path), "r+") as f:
+                held = json.loads(f.read(4096))
+                if not isinstance(held, dict) or held.get("token") != self.token:
+                    return False
+                body = self._body()
+                f.seek(0)
+                f.write(body)
+                f.truncate(len(body))
+        except FileNotFoundError:
+            return False
+        except ValueError:
+            return False  # not ours any more (being rewritten by its new holder)
+        return True
 
     def release(self) -> None:
         self._stop.set()

@@ -30,6 +30,7 @@ from typing import Literal
 import paramiko
 
 from cluster import leftovers, sftp_batch, sftp_pipeline, sftp_ranges
+from cluster import pushlock
 from cluster.pushlock import PushLock
 from cluster.compare import listed, same
 from cluster.errors import ClusterError, UsageError
@@ -204,6 +205,8 @@ def _transfer(direction: Literal["push", "pull"], share: Share, local: LocalSide
                 dst_side.makedirs(to.parent)
         except OSError as e:
             raise ClusterError(f"cannot create folders under {dest_shown}: {e}") from e
+        lock: PushLock | None = None
+        lost = ""  # why this push stopped when its lock was taken over
         if src_local:  # one push at a time to a destination (cluster.pushlock)
             lock = PushLock.take(main, final_to, dest_shown)
             held.callback(lock.release)
@@ -262,7 +265,12 @@ def _transfer(direction: Literal["push", "pull"], share: Share, local: LocalSide
                         failed[futures[fut]] = str(err) or type(err).__name__
                 if on_progress is not None:
                     on_progress(state.snapshot(time.monotonic() - started))
-        except KeyboardInterrupt:
+                if lock is not None and lock.lost.is_set():
+                    raise _LockLost
+        except (KeyboardInterrupt, _LockLost) as stopped:
+            if isinstance(stopped, _LockLost):  # stopped as by Ctrl-C; said as one failure below
+                lost = (f"this push was stopped for over {pushlock.STALE_S:.0f} s (its laptop asleep?) and "
+                        f"another push to {dest_shown} took over: run the same command again once that one has ended")
             interrupted = True
             state.stop.set()
             for b in ran.values():
@@ -316,10 +324,17 @@ def _transfer(direction: Literal["push", "pull"], share: Share, local: LocalSide
                                          f"{dest_shown}: {e}; move it there, or push to another --to")
         if to != final_to and (failed or interrupted):
             state.kept.append(str(to))
+        if lost:
+            interrupted = False
+            failed[final_to.name] = lost
         full = leftovers.disk_free(main, to if not single else to.parent, tree, failed) if src_local and failed else None
     return TransferReport(direction, shown_src, dest_shown, len(tree.files), copied, skipped, resumed,
                           state.bytes_done, time.monotonic() - started, tree.skipped, failed, interrupted,
                           sorted(state.kept), full)
+
+
+class _LockLost(Exception):
+    """This push's lock was taken over (cluster.pushlock): its copies stop."""
 
 
 def _sized(st: os.stat_result | paramiko.SFTPAttributes | None) -> tuple[int, int] | None:

@@ -340,3 +340,34 @@ def test_a_second_push_to_the_same_place_is_refused_while_the_first_runs_and_a_d
             assert final.read_bytes() == big.read_bytes()
         else:
             assert "is running (from " in r.stdout + r.stderr
+
+
+def test_a_push_whose_lock_was_taken_over_stops_copying_and_says_why(make_lab, tmp_path):
+    # A push stopped past the lease (a laptop that slept) whose lock another push took over.
+    from cluster.pushlock import BEAT_S
+
+    lab = make_lab(workers=1)
+    lab.fab_ok("up")
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(BIG))
+    final = lab.share / "data" / "big.bin"
+    lock = lab.share / "data" / ".spotfan-push-lock.big.bin.spotfan-part"
+    env = {**os.environ, "SPOTFAN_CONFIG": str(lab.folder / "cluster.toml")}
+    proc = subprocess.Popen([str(FAB), "push", str(big), "--to", "data/big.bin", "--bwlimit", "1000"], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    try:
+        deadline = time.monotonic() + KILL_TIMEOUT_S
+        while not lock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.02)
+        taken = time.monotonic()
+        lock.write_text('{"token": "theirs", "host": "laptop-2", "pid": 1}')  # its new holder's
+        out, err = proc.communicate(timeout=KILL_TIMEOUT_S)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert proc.returncode == 1, out + err
+    assert time.monotonic() - taken < 3 * BEAT_S, "it went on copying long after its lock was taken"
+    assert "another push to the share's data/big.bin took over" in out + err, out + err
+    assert not final.exists(), "a push that lost its lock put its file in place"
+    assert json.loads(lock.read_text())["token"] == "theirs", "the lock was taken back, or removed"
