@@ -7,7 +7,7 @@ from pathlib import Path
 from invoke import task
 from invoke.exceptions import Exit
 
-from cluster import bucket_transfer, show, show_transfer, transfer
+from cluster import bucket_transfer, sftp_pipeline, sftp_ranges, show, show_transfer, transfer
 from cluster.command import EXIT_FAILED, command, seconds, whole
 from cluster.bucket_share import BucketShare
 from cluster.errors import UsageError
@@ -17,8 +17,9 @@ EXIT_INTERRUPTED = 130
 
 HELP = {
     "jobs": f"copies at once: a push's sftp processes for files of 1 MB or more (default {transfer.OPENSSH_JOBS} "
-            f"here) and at most this many pipelined sessions for smaller ones (default "
-            f"{transfer.sftp_pipeline.SESSIONS}), else SFTP sessions (default {transfer.DEFAULT_JOBS})",
+            f"here), at most this many pipelined sessions for smaller ones (default {sftp_pipeline.SESSIONS}) "
+            f"and the sessions of a file of 64 MB or more, one per range (default {sftp_ranges.SESSIONS}); "
+            f"else SFTP sessions (default {transfer.DEFAULT_JOBS})",
     "checksum": "compare files by content (reads both sides), not by size and mtime",
     "bwlimit": "at most this many KB/s per file (default: no limit)",
     "json": "print one JSON summary", "config": "cluster.toml to use",

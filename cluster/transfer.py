@@ -29,10 +29,11 @@ from typing import Literal
 
 import paramiko
 
-from cluster import leftovers, sftp_batch, sftp_pipeline, sftp_ranges
-from cluster import pushlock
-from cluster.pushlock import PushLock
+from cluster import leftovers, pushlock, sftp_batch, sftp_ranges
 from cluster.compare import listed, same
+from cluster.push_plan import (ENGINES, OPENSSH_JOBS, Engine, Options, Plan, batched, early_batches,  # noqa: F401
+                               openssh, piped_sends, pipeline_for, ranged, ranges_for)
+from cluster.pushlock import PushLock
 from cluster.errors import ClusterError, UsageError
 from cluster.sides import Entry, LocalSide, RemoteSide, Side, Tree, part_name, plain
 from cluster.share import Share
@@ -40,7 +41,6 @@ from cluster.share import Share
 logger = logging.getLogger(__name__)
 
 DEFAULT_JOBS = 8  # files in flight through paramiko: small files are round-trip bound, so several at once
-OPENSSH_JOBS = max(4, min(8, os.cpu_count() or 2))  # sftp processes of a push (4 measured best on 2 cores)
 MAX_JOBS = 64
 BLOCK_BYTES = 1 << 20  # read and written at a time
 RESUME_MIN_BYTES = leftovers.RESUME_MIN_BYTES  # a part file at least this big is continued, a smaller one restarted
@@ -85,19 +85,6 @@ class TransferReport:
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "rate_bytes_s": round(self.rate)})
-
-
-_Plan = tuple[Entry, PurePosixPath, PurePosixPath]  # a file to copy: its entry, source and destination paths
-Engine = Literal["auto", "openssh", "paramiko"]
-ENGINES: tuple[Engine, ...] = ("auto", "openssh", "paramiko")
-
-
-@dataclass(frozen=True, kw_only=True)
-class Options:
-    jobs: int = 0  # copies at once (0: OPENSSH_JOBS sftp processes and sftp_pipeline.SESSIONS, or DEFAULT_JOBS)
-    engine: Engine = "auto"  # who sends a push's bytes: OpenSSH's sftp where installed, else paramiko
-    checksum: bool = False  # compare content, not size and mtime
-    bwlimit: float = 0.0  # bytes per second per file at most; 0: no limit
 
 
 def share_path(text: str, *, what: str) -> PurePosixPath:
@@ -171,13 +158,13 @@ def _transfer(direction: Literal["push", "pull"], share: Share, local: LocalSide
         held = stack.enter_context(ExitStack())  # released last, once every copy has ended
         sessions = _Sessions(share, make, stack)
         found = _walk(local, frm, shown_src) if src_local else None
-        pipe = _pipeline(share, found, opts) if src_local else None
+        pipe = pipeline_for(share, found, opts) if src_local else None
         if pipe is not None:
             stack.enter_context(pipe).start()  # ssh logins while paramiko's does and the destination is listed
-        ranges = _ranges(share, found, opts) if src_local else None
+        ranges = ranges_for(share, found, opts) if src_local else None
         if ranges is not None:
             stack.enter_context(ranges).start()
-        early = _early_batches(share, found, opts, piped=pipe is not None, ranged=ranges is not None) \
+        early = early_batches(share, found, opts, piped=pipe is not None, ranged=ranges is not None) \
             if src_local else []
         for b in early:  # sftp logins likewise
             stack.callback(b.close)
@@ -193,10 +180,10 @@ def _transfer(direction: Literal["push", "pull"], share: Share, local: LocalSide
             to = to / frm.name
             dest_shown = dst_side.describe(to)
         final_to = to
-        if not single and _openssh(opts) and src_local and to.parts and not dst_side.is_dir(to) \
+        if not single and openssh(opts) and src_local and to.parts and not dst_side.is_dir(to) \
                 and dst_side.stat(to) is None:
             to = staging_name(to)  # a new folder: filled beside its name, then renamed into place whole
-        plans: list[_Plan] = []
+        plans: list[Plan] = []
         skipped, failed = 0, {}
         try:
             for d in ([] if single else [""] + tree.dirs):
@@ -226,9 +213,9 @@ def _transfer(direction: Literal["push", "pull"], share: Share, local: LocalSide
         state = _State(total_bytes=sum(p[0].size for p in plans), total_files=len(plans))
         copied = resumed = 0
         interrupted = False
-        sends, plans = _piped(local, main, plans, staged=to != final_to) if pipe is not None else ([], plans)
-        bigs, plans = _ranged(local, main, plans) if ranges is not None else ([], plans)
-        puts, plans = _batched(local, main, plans, opts, staged=to != final_to) if src_local else ([], plans)
+        sends, plans = piped_sends(local, main, plans, staged=to != final_to) if pipe is not None else ([], plans)
+        bigs, plans = ranged(local, main, plans) if ranges is not None else ([], plans)
+        puts, plans = batched(local, main, plans, opts, staged=to != final_to) if src_local else ([], plans)
         batches = sftp_batch.split(puts, len(early) or opts.jobs or OPENSSH_JOBS) if puts else []
         for b in early[len(batches):]:
             b.close()  # its files were there already
@@ -345,99 +332,6 @@ def staging_name(folder: PurePosixPath) -> PurePosixPath:
     """Where a push to a new folder fills it: beside it, renamed to it once every file is whole
     (an interrupted push leaves it, and the same command continues it)."""
     return folder.with_name(f".{folder.name}{STAGING_SUFFIX}")
-
-
-def _openssh(opts: Options) -> bool:
-    """Whether a push's bytes go through OpenSSH's sftp client."""
-    if opts.engine == "openssh" and not sftp_batch.available():
-        raise UsageError("--engine openssh needs OpenSSH's sftp client: apt-get install openssh-client, "
-                         "or --engine paramiko")
-    return opts.engine != "paramiko" and sftp_batch.available()
-
-
-def _pipeline(share: Share, found: Tree | Entry | None, opts: Options) -> sftp_pipeline.Pipeline | None:
-    """The pipelined SFTP sessions of a push with small files to send (cluster.sftp_pipeline),
-    not started; None where OpenSSH's clients are not used (or --bwlimit, which only sftp keeps)."""
-    files = found.files if isinstance(found, Tree) else [found] if found is not None else []
-    small = sum(1 for e in files if e.size < sftp_pipeline.MAX_BYTES)
-    if not small or opts.bwlimit or not _openssh(opts) or not sftp_pipeline.available():
-        return None
-    n = min(opts.jobs or sftp_pipeline.SESSIONS, -(-small // sftp_pipeline.WINDOW_FILES))
-    return sftp_pipeline.Pipeline(share.login(), sessions=n)
-
-
-def _ranges(share: Share, found: Tree | Entry | None, opts: Options) -> sftp_ranges.Ranges | None:
-    """The sessions that write a push's very big files in ranges (cluster.sftp_ranges), not
-    started; None if it has none, or where OpenSSH's clients are not used (or --bwlimit,
-    which only sftp keeps)."""
-    files = found.files if isinstance(found, Tree) else [found] if found is not None else []
-    if not any(e.size >= sftp_ranges.RANGE_MIN_BYTES for e in files) or opts.bwlimit or not _openssh(opts) \
-            or not sftp_pipeline.available():
-        return None
-    return sftp_ranges.Ranges(share.login(), sessions=opts.jobs or sftp_ranges.SESSIONS)
-
-
-def _early_batches(share: Share, found: Tree | Entry, opts: Options, *, piped: bool,
-                   ranged: bool) -> list[sftp_batch.Batch]:
-    """The `sftp -b` processes a push will need (at most one per file neither the pipelined
-    sessions nor the ranges take), not started; none where OpenSSH's client is not used."""
-    files = found.files if isinstance(found, Tree) else [found]
-    n = sum(1 for e in files if (not piped or e.size >= sftp_pipeline.MAX_BYTES)
-            and not (ranged and e.size >= sftp_ranges.RANGE_MIN_BYTES))
-    if not n or not _openssh(opts):
-        return []
-    return [sftp_batch.Batch(share.login(), bwlimit=opts.bwlimit) for _ in range(min(n, opts.jobs or OPENSSH_JOBS))]
-
-
-def _piped(local: LocalSide, remote: RemoteSide, plans: list[_Plan], *,
-           staged: bool) -> tuple[list[sftp_pipeline.Send], list[_Plan]]:
-    """The small files of a push, each to its part file and renamed into place (in a `staged`
-    folder straight to its name); and the rest."""
-    sends, rest = [], []
-    for e, s, d in plans:
-        if e.size >= sftp_pipeline.MAX_BYTES:
-            rest.append((e, s, d))
-            continue
-        final = remote.path(d)
-        part = final if staged else remote.path(part_name(d, e.size, e.mtime))
-        sends.append(sftp_pipeline.Send(e.rel, local.path(s), part, final, e.size, e.mtime, e.mode))
-    return sends, rest
-
-
-def _ranged(local: LocalSide, remote: RemoteSide, plans: list[_Plan]) -> tuple[list[sftp_ranges.Big], list[_Plan]]:
-    """The very big files of a push, each in ranges to its part file and renamed into place; and the rest."""
-    bigs, rest = [], []
-    for e, s, d in plans:
-        if e.size >= sftp_ranges.RANGE_MIN_BYTES:
-            bigs.append(sftp_ranges.Big(e.rel, local.path(s), remote.path(d), e.size, e.mtime, e.mode))
-        else:
-            rest.append((e, s, d))
-    return bigs, rest
-
-
-def _batched(local: LocalSide, remote: RemoteSide, plans: list[_Plan], opts: Options, *,
-             staged: bool) -> tuple[list[sftp_batch.Put], list[_Plan]]:
-    """The files of a push that OpenSSH's sftp client copies, each with its part file and resume
-    decided here as for `_copy` (a small file of a `staged` folder goes straight to its name);
-    and the rest."""
-    if not plans or not _openssh(opts):
-        return [], plans
-    puts, rest = [], []
-    for e, s, d in plans:
-        part = part_name(d, e.size, e.mtime)
-        lp, rp, rf = local.path(s), remote.path(part), remote.path(d)
-        if not sftp_batch.fits(str(lp), rp, rf):
-            rest.append((e, s, d))  # a line break in a name: paramiko copies it
-            continue
-        try:
-            have = remote.stat(part) if e.size >= RESUME_MIN_BYTES else None
-        except OSError:
-            have = None
-        offset = (have.st_size or 0) if have is not None else 0
-        resume = RESUME_MIN_BYTES <= offset < e.size
-        direct = staged and e.size < RESUME_MIN_BYTES and lp.name == d.name
-        puts.append(sftp_batch.Put(e.rel, lp, rf if direct else rp, rf, e.size - offset if resume else e.size, resume))
-    return puts, rest
 
 
 def _walk(side: Side, top: PurePosixPath, shown: str) -> Tree | Entry:
