@@ -287,25 +287,32 @@ def test_a_refused_write_fails_the_push_with_a_clear_error(make_lab, tmp_path):
 
 
 
+def _slow_push_holding_its_lock(make_lab, tmp_path, size: int):
+    """A lab, and a push of `size` random bytes to data/big.bin at 1 MB/s once it holds its lock:
+    (lab, the source, the final path, the lock file, the push's process)."""
+    lab = make_lab(workers=1)
+    lab.fab_ok("up")
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(size))
+    lock = lab.share / "data" / ".spotfan-push-lock.big.bin.spotfan-part"
+    env = {**os.environ, "SPOTFAN_CONFIG": str(lab.folder / "cluster.toml")}
+    proc = subprocess.Popen([str(FAB), "push", str(big), "--to", "data/big.bin", "--bwlimit", "1000"], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    deadline = time.monotonic() + KILL_TIMEOUT_S
+    while not lock.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"the push never took its lock: {proc.communicate()}")
+        time.sleep(0.02)
+    return lab, big, lab.share / "data" / "big.bin", lock, proc
+
+
 def test_a_second_push_to_the_same_place_is_refused_while_the_first_runs_and_a_dead_ones_lock_is_taken_over(
         make_lab, tmp_path):
     from cluster.pushlock import STALE_S, machine
 
-
-    lab = make_lab(workers=1)
-    lab.fab_ok("up")
-    big = tmp_path / "big.bin"
-    big.write_bytes(os.urandom(4 << 20))
-    final = lab.share / "data" / "big.bin"
-    lock = lab.share / "data" / ".spotfan-push-lock.big.bin.spotfan-part"
-    env = {**os.environ, "SPOTFAN_CONFIG": str(lab.folder / "cluster.toml")}
-    first = subprocess.Popen([str(FAB), "push", str(big), "--to", "data/big.bin", "--bwlimit", "1000"], cwd=REPO,
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    lab, big, final, lock, first = _slow_push_holding_its_lock(make_lab, tmp_path, 4 << 20)
     try:
-        deadline = time.monotonic() + KILL_TIMEOUT_S
-        while not lock.exists():
-            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
-            time.sleep(0.02)
         # A cron script's next push, while the first still copies: refused, nothing of it written.
         second = lab.fab("push", str(big), "--to", "data/big.bin")
         said = second.stdout + second.stderr
@@ -346,20 +353,8 @@ def test_a_push_whose_lock_was_taken_over_stops_copying_and_says_why(make_lab, t
     # A push stopped past the lease (a laptop that slept) whose lock another push took over.
     from cluster.pushlock import BEAT_S
 
-    lab = make_lab(workers=1)
-    lab.fab_ok("up")
-    big = tmp_path / "big.bin"
-    big.write_bytes(os.urandom(BIG))
-    final = lab.share / "data" / "big.bin"
-    lock = lab.share / "data" / ".spotfan-push-lock.big.bin.spotfan-part"
-    env = {**os.environ, "SPOTFAN_CONFIG": str(lab.folder / "cluster.toml")}
-    proc = subprocess.Popen([str(FAB), "push", str(big), "--to", "data/big.bin", "--bwlimit", "1000"], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    lab, big, final, lock, proc = _slow_push_holding_its_lock(make_lab, tmp_path, BIG)
     try:
-        deadline = time.monotonic() + KILL_TIMEOUT_S
-        while not lock.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.02)
         taken = time.monotonic()
         lock.write_text('{"token": "theirs", "host": "laptop-2", "pid": 1}')  # its new holder's
         out, err = proc.communicate(timeout=KILL_TIMEOUT_S)
