@@ -35,6 +35,7 @@ from cluster.sides import PART_SUFFIX, RemoteSide
 
 BEAT_S = 5.0  # a running push rewrites its lock this often
 STALE_S = 30.0  # a lock not rewritten for this long is a dead push's
+FULL_BELOW_BYTES = 64 * 1024  # a disk with less free than this cannot take a lock file: it is full
 
 
 def lock_name(dest: PurePosixPath) -> PurePosixPath:
@@ -128,16 +129,29 @@ class PushLock:
                            "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}).encode()
 
     def _create(self) -> bool:
+        """Whether this push made the lock now (False: one is there)."""
+        path = self.side.path(self.path)
         try:
-            with self.side.sftp.open(self.side.path(self.path), "wx") as f:
-                f.write(self._body())
+            f = self.side.sftp.open(path, "wx")
         except FileExistsError:
             return False
         except OSError as e:
             if self.side.stat(self.path) is not None:
                 return False  # servers that answer an O_EXCL clash with a plain failure
-            raise ClusterError(f"cannot create {self.side.describe(self.path)} (the push's lock): {e}") from e
+            raise self._cannot(e) from e
+        try:
+            with f:  # (paramiko sends the write at close)
+                f.write(self._body())
+        except OSError as e:  # made, but not written (a full disk): never left to block the next push
+            self.side.remove(self.path)
+            raise self._cannot(e) from e
         return True
+
+    def _cannot(self, e: OSError) -> ClusterError:
+        free = self.side.free_bytes(self.path.parent)
+        full = (f"; the head's disk is full ({free} bytes free): free space on the head, then run the same "
+                "command again") if free is not None and free < FULL_BELOW_BYTES else ""
+        return ClusterError(f"cannot create {self.side.describe(self.path)} (the push's lock): {e}{full}")
 
     def _holder(self) -> tuple[float, str, bool] | None:
         """The lock's age on the head's clock, who holds it, and whether that is a process of

@@ -146,3 +146,18 @@ def test_a_push_in_ranges_to_a_full_disk_says_so_keeps_its_part_and_continues_on
     assert 0 < again["bytes"] < RANGED_BYTES, "what the journal said was there was sent again"
     assert (lab.share / "inputs" / "huge.bin").read_bytes() == body
     assert not list(lab.share.rglob("*.spotfan-part")), "the part or its journal was left behind"
+
+
+def test_a_push_to_a_disk_with_no_room_at_all_says_the_disk_is_full(full_lab, tmp_path):
+    lab = full_lab
+    (tmp_path / "a.txt").write_text("a\n")
+    filler = _fill(lab.share, leave=0)
+    r = lab.fab("push", str(tmp_path / "a.txt"), "--to", "inputs/a.txt")
+    said = r.stdout + r.stderr
+    assert r.returncode == 1, said
+    assert "the head's disk is full" in said and "free space on the head" in said, said
+    assert not (lab.share / "inputs" / "a.txt").exists()
+    assert not list(lab.share.rglob(".spotfan-push-lock.*")), "a lock it could not write was left to block the next"
+    filler.unlink()
+    lab.fab_ok("push", str(tmp_path / "a.txt"), "--to", "inputs/a.txt")  # at once, not after a lease
+    assert (lab.share / "inputs" / "a.txt").read_text() == "a\n"

@@ -126,3 +126,21 @@ def test_a_big_file_goes_in_ranges_whole_and_a_killed_push_continues_from_its_jo
         assert (fresh["copied"], fresh["resumed"], fresh["bytes"]) == (1, 0, BIG), fresh
         assert final.read_bytes() == big.read_bytes()
         assert _parts(data) == []
+
+
+def test_a_new_folder_with_big_files_of_odd_names_appears_whole(make_lab, tmp_path):
+    lab = make_lab(workers=1)
+    lab.fab_ok("up")
+    src = tmp_path / "tree"
+    (src / "sub dir").mkdir(parents=True)
+    want = {"it's \"quoted\"\nand new-lined.bin": os.urandom(sftp_ranges.RANGE_MIN_BYTES + 12345),
+            "sub dir/-dash $(x).bin": os.urandom(sftp_ranges.RANGE_MIN_BYTES),
+            "small.txt": b"small\n"}
+    for rel, body in want.items():
+        (src / rel).write_bytes(body)
+    report = json.loads(lab.fab_ok("push", str(src), "--to", "data/tree", "--json").splitlines()[-1])
+    assert (report["copied"], report["failed"], report["kept"]) == (3, {}, []), report
+    top = lab.share / "data" / "tree"
+    got = {p.relative_to(top).as_posix(): p.read_bytes() for p in top.rglob("*") if p.is_file()}
+    assert got == want, "a file missing or different, or a part or journal left behind"
+    assert sorted(p.name for p in (lab.share / "data").iterdir()) == ["tree"], "a staged folder or lock left behind"
