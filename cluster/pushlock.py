@@ -39,6 +39,9 @@ FULL_BELOW_BYTES = 64 * 1024  # a disk with less free than this cannot take a lo
 
 
 def lock_name(dest: PurePosixPath) -> PurePosixPath:
+    """Beside the destination; for a push into the share's root, in it."""
+    if not dest.name:
+        return dest / f".spotfan-push-lock{PART_SUFFIX}"
     return dest.with_name(f".spotfan-push-lock.{dest.name}{PART_SUFFIX}")
 
 

@@ -366,3 +366,16 @@ def test_a_push_whose_lock_was_taken_over_stops_copying_and_says_why(make_lab, t
     assert "another push to the share's data/big.bin took over" in out + err, out + err
     assert not final.exists(), "a push that lost its lock put its file in place"
     assert json.loads(lock.read_text())["token"] == "theirs", "the lock was taken back, or removed"
+
+
+def test_a_push_into_the_shares_root_holds_its_lock_there(make_lab, tmp_path):
+    lab = make_lab(workers=1)
+    lab.fab_ok("up")
+    src = tmp_path / "inputs"
+    src.mkdir()
+    (src / "a.txt").write_text("a\n")
+    (src / "b.txt").write_text("b\n")
+    report = json.loads(lab.fab_ok("push", str(src), "--to", ".", "--json").splitlines()[-1])
+    assert (report["copied"], report["failed"]) == (2, {}), report
+    assert (lab.share / "a.txt").read_text() == "a\n" and (lab.share / "b.txt").read_text() == "b\n"
+    assert not list(lab.share.glob(".spotfan-push-lock*")), "the lock was left behind"
