@@ -223,8 +223,12 @@ class Ranges:
             self._live.remove(s)
             s.close()
         if not copy.trouble and all(got == b for got, (_, b) in zip(copy.answered, spans)):
-            self._finish(copy, out)
-            return
+            if _unchanged(big):
+                self._finish(copy, out)
+                return
+            copy.stop(f"{big.local} changed while it was copied (its size or mtime is not what was listed): "
+                      "run the same command again")
+            copy.journaled = [a for a, _ in spans]  # what was copied is of another version: not kept
         out.failed[big.key] = copy.trouble or "interrupted"
         self._leave(copy, out)
 
@@ -352,6 +356,15 @@ class Ranges:
                 self._live[0].run([sftp.remove(copy.journal), sftp.remove(copy.part)])
             except sftp.SessionLost as e:
                 logger.info("%s: not removed: %s", copy.part, e)
+
+
+def _unchanged(big: Big) -> bool:
+    """Whether the source is still the version listed (a file that grew would be cut short)."""
+    try:
+        st = big.local.stat()
+    except OSError:
+        return False
+    return st.st_size == big.size and int(st.st_mtime) == big.mtime
 
 
 def _refused(what: str, reply: sftp.Reply) -> _Halt:

@@ -144,3 +144,27 @@ def test_a_new_folder_with_big_files_of_odd_names_appears_whole(make_lab, tmp_pa
     got = {p.relative_to(top).as_posix(): p.read_bytes() for p in top.rglob("*") if p.is_file()}
     assert got == want, "a file missing or different, or a part or journal left behind"
     assert sorted(p.name for p in (lab.share / "data").iterdir()) == ["tree"], "a staged folder or lock left behind"
+
+
+def test_a_big_file_that_grows_while_it_is_pushed_is_not_put_in_place_cut_short(make_lab, tmp_path):
+    lab = make_lab(workers=1)
+    lab.fab_ok("up")
+    big = _big(tmp_path)
+    data = lab.share / "data"
+    final = data / "big.bin"
+    _, journal = sftp_ranges.names(str(final), BIG, OLD_MTIME, sftp_ranges.SESSIONS)
+    env = {**os.environ, "SPOTFAN_CONFIG": str(lab.folder / "cluster.toml")}
+    proc = _push(big, env)
+    try:
+        _when_journaled(proc, Path(journal), final, 8 << 20)
+        with open(big, "ab") as f:  # a log still being written, say
+            f.write(b"more\n")
+        out, err = proc.communicate(timeout=KILL_TIMEOUT_S)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert proc.returncode == 1, out + err
+    assert "changed while it was copied" in out + err, out + err
+    assert not final.exists() and _parts(data) == [], "a copy of another version was put in place or kept"
+    lab.fab_ok("push", str(big), "--to", "data/big.bin")
+    assert final.read_bytes() == big.read_bytes()
