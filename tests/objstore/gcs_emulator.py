@@ -68,7 +68,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from . import gcs_wire as wire
 from .gcs_wire import Reply, StoredObject
-from .loopback import Delay, Fault, FaultPlan, LoopbackServer, Match, Recorded, RequestLog, read_body
+from .loopback import BodyCut, Delay, Fault, FaultPlan, LoopbackServer, Match, Recorded, RequestLog, read_body
 
 LIST_PAGE_MAX = 1000  # GCS answers at most this many entries per list page
 DEFAULT_PROJECT = "spotfan-test"
@@ -647,7 +647,12 @@ def _handler_for(emulator: GcsEmulator) -> type[BaseHTTPRequestHandler]:
         protocol_version = "HTTP/1.0"
 
         def _serve(self) -> None:
-            reply = emulator.handle(self.command, self.path, dict(self.headers), read_body(self))
+            try:
+                sent = read_body(self)
+            except BodyCut:  # an uploader killed mid-body: nothing is stored
+                self.close_connection = True
+                return
+            reply = emulator.handle(self.command, self.path, dict(self.headers), sent)
             self.send_response(reply.status)
             for name, value in reply.headers.items():
                 self.send_header(name, value)

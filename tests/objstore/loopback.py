@@ -208,17 +208,33 @@ class LoopbackServer:
         self.shutdown()
 
 
+class BodyCut(ConnectionError):
+    """The client went away before the whole body came (a real store keeps nothing of it)."""
+
+
 def read_body(handler: BaseHTTPRequestHandler) -> bytes:
-    """The request body, by Content-Length or chunked transfer encoding."""
+    """The request body, by Content-Length or chunked transfer encoding; BodyCut if the client
+    closed the connection before all of it (a killed uploader), never a shorter body."""
     if handler.headers.get("Transfer-Encoding", "").lower() == "chunked":
         chunks = []
         while True:
-            size = int(handler.rfile.readline().split(b";")[0].strip() or b"0", 16)
+            line = handler.rfile.readline()
+            if not line.endswith(b"\n"):
+                raise BodyCut("the connection closed inside a chunked body")
+            size = int(line.split(b";")[0].strip() or b"0", 16)
             if size == 0:
-                while handler.rfile.readline() not in (b"\r\n", b"\n", b""):
-                    pass  # trailers
-                return b"".join(chunks)
-            chunks.append(handler.rfile.read(size))
-            handler.rfile.readline()
+                while True:  # trailers, up to the blank line that ends the body
+                    trailer = handler.rfile.readline()
+                    if trailer in (b"\r\n", b"\n"):
+                        return b"".join(chunks)
+                    if not trailer:
+                        raise BodyCut("the connection closed inside a chunked body's trailers")
+            chunk = handler.rfile.read(size)
+            if len(chunk) != size or not handler.rfile.readline().endswith(b"\n"):
+                raise BodyCut("the connection closed inside a chunk")
+            chunks.append(chunk)
     length = int(handler.headers.get("Content-Length") or 0)
-    return handler.rfile.read(length) if length else b""
+    body = handler.rfile.read(length) if length else b""
+    if len(body) != length:
+        raise BodyCut(f"the connection closed after {len(body)} of {length} body bytes")
+    return body

@@ -34,7 +34,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 from xml.sax.saxutils import escape
 
-from .loopback import Delay, Fault, FaultPlan, LoopbackServer, Match, Recorded, RequestLog, read_body
+from .loopback import BodyCut, Delay, Fault, FaultPlan, LoopbackServer, Match, Recorded, RequestLog, read_body
 
 UPSTREAM_TIMEOUT_S = 60.0  # the longest one forwarded request may take at moto
 DEFAULT_PRINCIPAL = "arn:aws:iam::123456789012:user/spotfan-worker"
@@ -227,7 +227,12 @@ def _handler_for(proxy: S3FaultProxy) -> type[BaseHTTPRequestHandler]:
         protocol_version = "HTTP/1.1"
 
         def _serve(self) -> None:
-            status, headers, body, cut_after = proxy.handle(self.command, self.path, dict(self.headers), read_body(self))
+            try:
+                sent = read_body(self)
+            except BodyCut:  # an uploader killed mid-body: nothing reaches the store
+                self.close_connection = True
+                return
+            status, headers, body, cut_after = proxy.handle(self.command, self.path, dict(self.headers), sent)
             self.send_response(status)
             for name, value in headers:
                 self.send_header(name, value)

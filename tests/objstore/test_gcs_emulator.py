@@ -485,3 +485,21 @@ def test_skew_clock_moves_the_date_header_and_object_times(gcs_server, gcs_clien
     gcs_server.clear_faults()
     date = _raw_get(f"{gcs_server.endpoint}/storage/v1/b/{gcs_bucket}?fields=name")[3]
     assert abs(parsedate_to_datetime(date).timestamp() - time.time()) < 30
+
+
+def test_an_upload_cut_off_mid_body_stores_nothing(gcs_server, gcs_bucket):
+    # As GCS does: an uploader killed mid-body leaves no object, not a short one.
+    import socket
+    from urllib.parse import urlsplit
+
+    where = urlsplit(gcs_server.endpoint)
+    raw = (f"POST /upload/storage/v1/b/{gcs_bucket}/o?uploadType=media&name=out%2Fcut.bin&ifGenerationMatch=0 "
+           f"HTTP/1.1\r\nHost: {where.netloc}\r\nContent-Type: application/octet-stream\r\n"
+           "Content-Length: 1000\r\n\r\n").encode() + b"x" * 10
+    with socket.create_connection((where.hostname, where.port), timeout=10) as s:
+        s.sendall(raw)
+        s.shutdown(socket.SHUT_WR)  # the uploader is gone
+        s.settimeout(10)
+        while s.recv(4096):
+            pass
+    assert gcs_server.get(gcs_bucket, "out/cut.bin") is None
