@@ -119,6 +119,19 @@ exec {sys.executable} "$@"
 # --- the idle guard holds in every state -------------------------------------------------
 
 
+def _who_listens(port: int) -> str:
+    """Which processes listen on `port` now (what answered a VM whose head was killed)."""
+    found = []
+    for c in psutil.net_connections(kind="tcp"):
+        if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port:
+            try:
+                p = psutil.Process(c.pid) if c.pid else None
+                found.append(f"{c.laddr.ip}:{port} pid {c.pid}: {' '.join(p.cmdline()) if p else '?'}")
+            except psutil.Error:
+                found.append(f"{c.laddr.ip}:{port} pid {c.pid}: gone")
+    return "\nlistening on the head's port now: " + ("; ".join(found) or "nothing")
+
+
 def test_a_vm_that_cannot_mount_at_boot_stops_itself_within_idle_timeout(make_lab):
     lab = make_lab(workers=1, idle_timeout=IDLE_S)
     lab.fab_ok("up")
@@ -140,7 +153,7 @@ def test_a_vm_that_cannot_mount_at_boot_stops_itself_within_idle_timeout(make_la
     home = lab.provider.vm_home(vm)
     took = stopped_within(lab, vm, since=t0, limit=IDLE_S + SLACK_S)
     console = (home.parent / "console.log").read_text()
-    assert "mount: FAILED to mount" in console, console[-2000:]
+    assert "mount: FAILED to mount" in console, console[-2000:] + _who_listens(lab.config.head.port)
     guard = (home / "watchdog.log").read_text()
     assert f"no useful work for {IDLE_S}s (idle): powering off" in guard, guard
     assert lab.provider.processes(vm) == []
