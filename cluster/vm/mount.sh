@@ -30,8 +30,12 @@ is_mounted() {  # an sshfs mount sits on the mount point (alive or dead)
         END { exit !found }' /proc/self/mountinfo
 }
 
-is_alive() {  # stat in a child with a timeout: a dead mount fails or hangs
-    timeout "$STAT_TIMEOUT_S" stat -t "$SPOTFAN_MOUNT/." >/dev/null 2>&1
+is_alive() {  # a statfs through the mount, in a child with a timeout: a dead mount fails or hangs
+    # It must be answered by FUSE (sshfs asks the head's statvfs), not by the disk under the
+    # mount point: an sshfs that cannot connect can mount for an instant and unmount again, so
+    # a plain stat may land on the empty folder once the mount is gone.
+    fs=$(timeout "$STAT_TIMEOUT_S" stat -f -c %T "$SPOTFAN_MOUNT/." 2>/dev/null) || return 1
+    case "$fs" in fuse*) return 0 ;; *) return 1 ;; esac
 }
 
 sshfs_pid() {  # the pid we recorded, if that process is still our sshfs
@@ -77,7 +81,8 @@ attempt_mount() {  # one sshfs start; 0 once the mount answers
     echo "$pid" > "$PIDFILE"
     i=0
     while [ "$i" -lt "$MOUNT_WAIT_TRIES" ]; do
-        if is_mounted && is_alive; then return 0; fi
+        # Mounted, answering through FUSE, and still our live sshfs (not one on its way out).
+        if is_mounted && is_alive && kill -0 "$pid" 2>/dev/null && is_mounted; then return 0; fi
         # (not sshfs_pid: until the child has exec'd, its cmdline is still this shell's)
         if ! kill -0 "$pid" 2>/dev/null; then break; fi
         sleep 0.1

@@ -153,7 +153,11 @@ def test_a_vm_that_cannot_mount_at_boot_stops_itself_within_idle_timeout(make_la
     home = lab.provider.vm_home(vm)
     took = stopped_within(lab, vm, since=t0, limit=IDLE_S + SLACK_S)
     console = (home.parent / "console.log").read_text()
-    assert "mount: FAILED to mount" in console, console[-2000:] + _who_listens(lab.config.head.port)
+    if "mount: FAILED to mount" not in console:
+        sshfs = home / "sshfs.log"
+        procs = "; ".join(f"{p.pid}: {cmdline(p)}" for p in lab.provider.processes(vm))
+        raise AssertionError(console[-2000:] + _who_listens(lab.config.head.port) + "\nsshfs.log: "
+                             + (sshfs.read_text()[-1500:] if sshfs.exists() else "none") + "\nVM processes: " + procs)
     guard = (home / "watchdog.log").read_text()
     assert f"no useful work for {IDLE_S}s (idle): powering off" in guard, guard
     assert lab.provider.processes(vm) == []
