@@ -14,12 +14,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from cluster.bucket_share import BucketShare
 from cluster.errors import ClusterError, UsageError
 from cluster.sides import plain
-from cluster.transfer import DEFAULT_JOBS, MAX_JOBS, Options, Progress, TransferReport, share_path
+from cluster.transfer import DEFAULT_JOBS, MAX_JOBS, Options, Progress, TransferReport, pull_paths, push_paths
 from tasks.errors import RootError
 from tasks.layout import BOOKKEEPING_DIR
 from tasks.store.bucket import ObjectInfo, Refused
@@ -31,10 +31,7 @@ def push(share: BucketShare, local: Path, dest: str = "", *, opts: Options = Opt
          on_progress: Callable[[Progress], None] | None = None) -> TransferReport:
     """Copy a local file or folder to the bucket: to DEST, or by default to its own name at the root."""
     _check(opts)
-    local = local.expanduser()
-    if not local.exists():
-        raise UsageError(f"`fab push {local}`: no such file or folder here")
-    to = share_path(dest, what="DEST") if dest else PurePosixPath(local.resolve().name)
+    local, to = push_paths(local, dest)
     files, not_files = _local_files(local)
     share.open()
     have = _objects(share, to.as_posix())
@@ -62,12 +59,7 @@ def pull(share: BucketShare, src: str, local: Path | None = None, *, opts: Optio
          on_progress: Callable[[Progress], None] | None = None) -> TransferReport:
     """Copy an object or a folder of the bucket here: to LOCAL, or by default to its name in the current folder."""
     _check(opts)
-    frm = share_path(src, what="SRC")
-    if not frm.parts:
-        raise UsageError("`fab pull` needs SRC, a path below the bucket's root: type e.g. `fab pull results`")
-    target = (local or Path(frm.name)).expanduser().resolve()
-    if not target.parent.is_dir():
-        raise UsageError(f"cannot pull into {target}: its folder {target.parent} does not exist; create it first")
+    frm, target = pull_paths(src, local, root="the bucket's root")
     share.open()
     objects = _objects(share, frm.as_posix())
     todo: list[_Copy] = []

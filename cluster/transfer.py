@@ -100,10 +100,7 @@ def push(share: Share, local: Path, dest: str = "", *, opts: Options = Options()
          on_progress: Callable[[Progress], None] | None = None) -> TransferReport:
     """Copy a local file or folder to the share: to DEST, or by default to its own name at the root."""
     _check(opts)
-    local = local.expanduser()
-    if not local.exists():
-        raise UsageError(f"`fab push {local}`: no such file or folder here")
-    to = share_path(dest, what="DEST") if dest else PurePosixPath(local.resolve().name)
+    local, to = push_paths(local, dest)
     src = LocalSide(local.parent.resolve())
     return _transfer("push", share, src, PurePosixPath(local.resolve().name), to, str(local),
                      lambda sftp: RemoteSide(sftp, share.root, "the share's "), opts, on_progress, src_local=True)
@@ -113,15 +110,29 @@ def pull(share: Share, src: str, local: Path | None = None, *, opts: Options = O
          on_progress: Callable[[Progress], None] | None = None) -> TransferReport:
     """Copy a file or folder of the share here: to LOCAL, or by default to its name in the current folder."""
     _check(opts)
-    frm = share_path(src, what="SRC")
-    if not frm.parts:
-        raise UsageError("`fab pull` needs SRC, a path below the share's root: type e.g. `fab pull results`")
-    target = (local or Path(frm.name)).expanduser().resolve()
-    if not target.parent.is_dir():
-        raise UsageError(f"cannot pull into {target}: its folder {target.parent} does not exist; create it first")
+    frm, target = pull_paths(src, local, root="the share's root")
     dst = LocalSide(target.parent)
     return _transfer("pull", share, dst, frm, PurePosixPath(target.name), src,
                      lambda sftp: RemoteSide(sftp, share.root, "the share's "), opts, on_progress, src_local=False)
+
+
+def push_paths(local: Path, dest: str) -> tuple[Path, PurePosixPath]:
+    """What `fab push LOCAL [--to DEST]` copies and where to (by default its own name at the root), checked."""
+    local = local.expanduser()
+    if not local.exists():
+        raise UsageError(f"`fab push {local}`: no such file or folder here")
+    return local, share_path(dest, what="DEST") if dest else PurePosixPath(local.resolve().name)
+
+
+def pull_paths(src: str, local: Path | None, *, root: str) -> tuple[PurePosixPath, Path]:
+    """What `fab pull SRC [--to LOCAL]` copies (a path below `root`) and where to, checked."""
+    frm = share_path(src, what="SRC")
+    if not frm.parts:
+        raise UsageError(f"`fab pull` needs SRC, a path below {root}: type e.g. `fab pull results`")
+    target = (local or Path(frm.name)).expanduser().resolve()
+    if not target.parent.is_dir():
+        raise UsageError(f"cannot pull into {target}: its folder {target.parent} does not exist; create it first")
+    return frm, target
 
 
 def _check(opts: Options) -> None:

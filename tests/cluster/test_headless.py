@@ -126,13 +126,7 @@ def test_headless_fleet_on_s3_preempt_two_then_heal(monkeypatch, local_s3, make_
         return names(s3, bucket, f"{PREFIX}/out/")
 
     lab.wait_for("a quarter of the outputs", lambda: len(outputs()) >= KEYS // 4, timeout=60)
-    killed = lab.fab_ok("preempt", "--count", str(PREEMPTED))
-    victims = re.search(r"killed (.+)", killed).group(1).split(", ")
-    assert len(victims) == PREEMPTED
-    st = json.loads(lab.fab_ok("status", "--json"))
-    by_name = {v["name"]: v for v in st["vms"]}
-    assert all(by_name[v]["status"] == "TERMINATED" and by_name[v]["preempted"] for v in victims)
-    assert not any(lab.provider.processes(v) for v in victims), "preemption kills every process"
+    victims = lab.preempt(PREEMPTED)
 
     healed = lab.fab_ok("heal")
     for v in victims:

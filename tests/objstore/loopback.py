@@ -238,3 +238,18 @@ def read_body(handler: BaseHTTPRequestHandler) -> bytes:
     if len(body) != length:
         raise BodyCut(f"the connection closed after {len(body)} of {length} body bytes")
     return body
+
+
+def send_and_hang_up(endpoint: str, request: bytes) -> None:
+    """Send `request` raw to the server at `endpoint` and close our side, as a killed client
+    does mid-request; read what it answers until it closes."""
+    import socket
+    from urllib.parse import urlsplit
+
+    where = urlsplit(endpoint)
+    with socket.create_connection((where.hostname, where.port), timeout=10) as s:
+        s.sendall(request)
+        s.shutdown(socket.SHUT_WR)
+        s.settimeout(10)
+        while s.recv(4096):
+            pass

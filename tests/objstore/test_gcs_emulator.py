@@ -489,17 +489,12 @@ def test_skew_clock_moves_the_date_header_and_object_times(gcs_server, gcs_clien
 
 def test_an_upload_cut_off_mid_body_stores_nothing(gcs_server, gcs_bucket):
     # As GCS does: an uploader killed mid-body leaves no object, not a short one.
-    import socket
     from urllib.parse import urlsplit
 
-    where = urlsplit(gcs_server.endpoint)
+    from .loopback import send_and_hang_up
+
     raw = (f"POST /upload/storage/v1/b/{gcs_bucket}/o?uploadType=media&name=out%2Fcut.bin&ifGenerationMatch=0 "
-           f"HTTP/1.1\r\nHost: {where.netloc}\r\nContent-Type: application/octet-stream\r\n"
+           f"HTTP/1.1\r\nHost: {urlsplit(gcs_server.endpoint).netloc}\r\nContent-Type: application/octet-stream\r\n"
            "Content-Length: 1000\r\n\r\n").encode() + b"x" * 10
-    with socket.create_connection((where.hostname, where.port), timeout=10) as s:
-        s.sendall(raw)
-        s.shutdown(socket.SHUT_WR)  # the uploader is gone
-        s.settimeout(10)
-        while s.recv(4096):
-            pass
+    send_and_hang_up(gcs_server.endpoint, raw)  # the uploader is gone
     assert gcs_server.get(gcs_bucket, "out/cut.bin") is None

@@ -377,21 +377,16 @@ def test_skew_clock_moves_the_date_header_and_only_one_date_is_sent(s3_server, s
 def test_an_upload_cut_off_mid_body_stores_nothing(s3_server, s3_client, s3_bucket, framing):
     # As S3 does: an uploader killed mid-body (a SIGKILLed runner) leaves no object, not an
     # empty or a short one. (The proxy once took a cut body as a whole one.)
-    import socket
     from urllib.parse import urlsplit
 
-    where = urlsplit(s3_server.endpoint)
-    head = f"PUT /{s3_bucket}/out/cut.bin HTTP/1.1\r\nHost: {where.netloc}\r\nIf-None-Match: *\r\n"
+    from .loopback import send_and_hang_up
+
+    head = f"PUT /{s3_bucket}/out/cut.bin HTTP/1.1\r\nHost: {urlsplit(s3_server.endpoint).netloc}\r\nIf-None-Match: *\r\n"
     if framing == "chunked":
         raw = (head + "Transfer-Encoding: chunked\r\n\r\n" + "a\r\n0123456789\r\n").encode()  # no last chunk
     else:
         raw = (head + "Content-Length: 1000\r\n\r\n").encode() + b"x" * 10
-    with socket.create_connection((where.hostname, where.port), timeout=10) as s:
-        s.sendall(raw)
-        s.shutdown(socket.SHUT_WR)  # the uploader is gone
-        s.settimeout(10)
-        while s.recv(4096):
-            pass
+    send_and_hang_up(s3_server.endpoint, raw)  # the uploader is gone
     with pytest.raises(botocore.exceptions.ClientError) as e:
         s3_client.head_object(Bucket=s3_bucket, Key="out/cut.bin")
     assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 404
