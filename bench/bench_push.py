@@ -124,6 +124,7 @@ def make_data(top: Path, *, files: int, file_kb: int, big_mb: int) -> tuple[Path
 
 def timed(argv: list[str], env: dict[str, str], copying: list[float] | None = None) -> float:
     """Wall time of one command; with `copying`, the push's own seconds (from its --json) are added to it."""
+    os.sync()  # the last copy's writes reach the disk now, not during this one's
     t = time.perf_counter()
     r = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=COPY_TIMEOUT_S,
                        stdin=subprocess.DEVNULL)
@@ -162,7 +163,9 @@ def main() -> int:
             lifecycle.down(leftover)  # a crashed earlier run's leftovers
     shutil.rmtree(folder, ignore_errors=True)
     toml = write_config(folder, octet=a.octet, port=a.port)
-    env = {**os.environ, "SPOTFAN_CONFIG": str(toml)}
+    # Python writes its bytecode beside spotfan's modules as on a user's machine, so `fab` does not
+    # compile them at every start (this machine's environment sets PYTHONDONTWRITEBYTECODE).
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}, "SPOTFAN_CONFIG": str(toml)}
     link = ("loopback, straight to the head" if a.rtt_ms is None else
             f"through the delay relay: {a.rtt_ms:g} ms round trip, " + (f"{a.rate:g} MB/s" if a.rate else "no rate cap"))
     print(f"push bench: {a.files} x {a.file_kb} KB and 1 x {a.big_mb} MB, {link}, {os.cpu_count()} cores, "
