@@ -13,6 +13,12 @@ of this same machine (host name and hardware address: two laptops may share a ho
 process is gone (a push killed with SIGKILL, the laptop rebooted) is
 taken over at once: the same command run again right after a kill goes on. A push that finds its lock taken over
 (it was stopped past the lease: a laptop that slept) stops copying at its next rewrite.
+
+Destinations that overlap (`data/` and `data/sub/`) share files too, so a push also stops
+when a live push holds a folder that contains its destination (the lock beside each folder
+above it) or one inside it (the locks its listing of the destination passes). Each push makes
+its own lock before it looks for the others', so of two that start at once at least one sees
+the other: one refuses, or both do, and never do both copy.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -31,7 +38,7 @@ import paramiko
 import psutil
 
 from cluster.errors import ClusterError
-from cluster.sides import PART_SUFFIX, RemoteSide
+from cluster.sides import PART_SUFFIX, PUSH_LOCK_PREFIX, RemoteSide
 
 BEAT_S = 5.0  # a running push rewrites its lock this often
 STALE_S = 30.0  # a lock not rewritten for this long is a dead push's
@@ -41,8 +48,14 @@ FULL_BELOW_BYTES = 64 * 1024  # a disk with less free than this cannot take a lo
 def lock_name(dest: PurePosixPath) -> PurePosixPath:
     """Beside the destination; for a push into the share's root, in it."""
     if not dest.name:
-        return dest / f".spotfan-push-lock{PART_SUFFIX}"
-    return dest.with_name(f".spotfan-push-lock.{dest.name}{PART_SUFFIX}")
+        return dest / f"{PUSH_LOCK_PREFIX}{PART_SUFFIX}"
+    return dest.with_name(f"{PUSH_LOCK_PREFIX}.{dest.name}{PART_SUFFIX}")
+
+
+def locked_dest(lock: PurePosixPath) -> PurePosixPath:
+    """The destination a lock file (named by lock_name) is for."""
+    inner = lock.name[len(PUSH_LOCK_PREFIX):-len(PART_SUFFIX)]
+    return lock.parent / inner[1:] if inner else lock.parent
 
 
 class PushBusy(ClusterError):
@@ -64,9 +77,15 @@ class PushLock:
 
     @classmethod
     def take(cls, side: RemoteSide, dest: PurePosixPath, shown: str) -> PushLock:
+        """This push's lock on `dest`, made once no live push holds it or a folder above it."""
         lock = cls(side, lock_name(dest), shown, secrets.token_hex(8))
         for _ in range(3):  # created; or found stale, moved away, and created (a racer may win each time)
             if lock._create():
+                try:
+                    lock.refuse_overlaps(lock_name(above) for above in dest.parents)
+                except BaseException:
+                    lock.release()
+                    raise
                 return lock
             held = lock._holder()
             if held is None:
@@ -80,6 +99,28 @@ class PushLock:
             lock._move_stale()
         raise PushBusy(f"other pushes to {shown} keep taking its lock ({side.describe(lock.path)}): "
                        "run one push at a time")
+
+    def refuse_overlaps(self, locks: Iterable[PurePosixPath]) -> None:
+        """PushBusy if a live push holds one of these locks (of destinations above or inside this
+        push's); a stale one (its push dead) is passed over: it guards nothing."""
+        for other in locks:
+            if other == self.path:
+                continue
+            held = self._holder(other)
+            if held is None:
+                continue
+            age, who, dead = held
+            if age < STALE_S and not dead:
+                theirs, mine = locked_dest(other), locked_dest(self.path)
+                how = "which holds" if theirs in mine.parents else "inside"
+                raise PushBusy(
+                    f"another `fab push` to {self._where(theirs)} is running ({who}, last seen {age:.0f} s ago), "
+                    f"{how} {self._where(mine)}: pushes to places that overlap would write the same files; wait for it to end "
+                    f"and run the same command again (if it is dead, it is passed over once it has not been seen "
+                    f"for {STALE_S:.0f} s)")
+
+    def _where(self, dest: PurePosixPath) -> str:
+        return self.side.describe(dest) if str(dest) != "." else f"{self.side.describe(dest).strip()} root"
 
     def keep(self, channel: AbstractContextManager[paramiko.SFTPClient]) -> None:
         """Rewrite the lock every BEAT_S (the head stamps its mtime) over `channel` until `release`."""
@@ -156,13 +197,14 @@ class PushLock:
                 "command again") if free is not None and free < FULL_BELOW_BYTES else ""
         return ClusterError(f"cannot create {self.side.describe(self.path)} (the push's lock): {e}{full}")
 
-    def _holder(self) -> tuple[float, str, bool] | None:
-        """The lock's age on the head's clock, who holds it, and whether that is a process of
-        this machine that is gone; None if the lock is gone."""
-        st = self.side.stat(self.path)
+    def _holder(self, path: PurePosixPath | None = None) -> tuple[float, str, bool] | None:
+        """The lock's (or another lock's) age on the head's clock, who holds it, and whether that
+        is a process of this machine that is gone; None if the lock is gone."""
+        path = path or self.path
+        st = self.side.stat(path)
         if st is None:
             return None
-        probe = self.path.with_name(f".{self.path.name}.{self.token}.probe{PART_SUFFIX}")
+        probe = path.with_name(f".{path.name}.{self.token}.probe{PART_SUFFIX}")
         try:
             try:
                 with self.side.sftp.open(self.side.path(probe), "wx") as f:
@@ -171,11 +213,11 @@ class PushLock:
             finally:
                 self.side.remove(probe)
         except OSError as e:
-            raise ClusterError(f"cannot tell how old {self.side.describe(self.path)} (another push's lock) is: "
-                               f"{e}; if no push to {self.shown} runs, delete it") from e
+            raise ClusterError(f"cannot tell how old {self.side.describe(path)} (another push's lock) is: "
+                               f"{e}; if no push to {self.side.describe(locked_dest(path))} runs, delete it") from e
         age = max(0.0, float((now.st_mtime if now else 0) - (st.st_mtime or 0)))
         try:
-            with self.side.sftp.open(self.side.path(self.path), "r") as f:
+            with self.side.sftp.open(self.side.path(path), "r") as f:
                 held = json.loads(f.read(4096))
         except (OSError, ValueError):
             return age, "its holder unknown", False

@@ -17,6 +17,7 @@ import paramiko
 import paramiko.sftp
 
 PART_SUFFIX = ".spotfan-part"  # a file being copied: `.NAME.SIZE-MTIME.spotfan-part` beside NAME
+PUSH_LOCK_PREFIX = ".spotfan-push-lock"  # a push's lock beside its destination (cluster.pushlock)
 IO_TIMEOUT_S = 60.0  # one SFTP request unanswered this long fails the file
 MAX_TREE_FILES = 2_000_000  # files listed in one tree
 
@@ -48,6 +49,11 @@ def part_name(final: PurePosixPath, size: int, mtime: int) -> PurePosixPath:
 
 def is_part(name: str) -> bool:
     return name.startswith(".") and name.endswith(PART_SUFFIX)
+
+
+def is_push_lock(name: str) -> bool:
+    """A push's lock file (cluster.pushlock): `.spotfan-push-lock.NAME.spotfan-part` beside NAME."""
+    return name.startswith(PUSH_LOCK_PREFIX) and name.endswith(PART_SUFFIX)
 
 
 def plain(name: str) -> bool:
@@ -165,6 +171,7 @@ class RemoteSide:
         self.shown = shown  # how messages name the top ("the share's data/")
         sftp.get_channel().settimeout(IO_TIMEOUT_S)
         self._made: set[PurePosixPath] = set()
+        self.locks_seen: list[PurePosixPath] = []  # push locks the last walk passed (cluster.pushlock)
 
     def path(self, rel: PurePosixPath) -> str:
         return str(self.top / rel)
@@ -184,6 +191,7 @@ class RemoteSide:
         files: list[Entry] = []
         dirs: list[str] = []
         skipped: list[str] = []
+        self.locks_seen = []
         todo = [""]
         while todo:
             here = todo.pop()
@@ -194,6 +202,8 @@ class RemoteSide:
                 if not plain(name):
                     skipped.append(repr(rel))
                 elif is_part(name):
+                    if is_push_lock(name):
+                        self.locks_seen.append(top / rel)
                     continue  # a part file, or a folder a push is filling
                 elif stat.S_ISDIR(a.st_mode or 0):
                     dirs.append(rel)

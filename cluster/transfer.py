@@ -210,6 +210,8 @@ def _transfer(direction: Literal["push", "pull"], share: Share, local: LocalSide
             held.callback(lock.release)
             lock.keep(share.session())
         there = listed(dst_side, to, single)
+        if lock is not None:  # and none inside the destination: the listing passed their locks
+            lock.refuse_overlaps(main.locks_seen)
         for e in tree.files:
             s, d = (frm, to) if single else (frm / e.rel, to / e.rel)
             try:

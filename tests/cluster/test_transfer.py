@@ -379,3 +379,49 @@ def test_a_push_into_the_shares_root_holds_its_lock_there(make_lab, tmp_path):
     assert (report["copied"], report["failed"]) == (2, {}), report
     assert (lab.share / "a.txt").read_text() == "a\n" and (lab.share / "b.txt").read_text() == "b\n"
     assert not list(lab.share.glob(".spotfan-push-lock*")), "the lock was left behind"
+
+
+def test_pushes_to_places_that_overlap_are_refused_while_one_runs(make_lab, tmp_path):
+    # `fab push` to data/ while another push fills data/big.bin (and the reverse, by hand-made
+    # locks): they would write the same files, so the later one refuses and writes nothing.
+    from cluster.pushlock import STALE_S
+
+    lab, big, final, lock, first = _slow_push_holding_its_lock(make_lab, tmp_path, 4 << 20)
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "big.bin").write_bytes(b"another version")
+    (folder / "other.txt").write_text("x\n")
+    try:
+        for to in ("data", "."):  # a folder above the running push's destination, and the root
+            r = lab.fab("push", str(folder), "--to", to)
+            said = r.stdout + r.stderr
+            assert r.returncode == 1, said
+            assert "another `fab push` to the share's data/big.bin is running" in said and "inside" in said, said
+        assert first.poll() is None, "the first push should still be copying"
+        out, err = first.communicate(timeout=KILL_TIMEOUT_S)
+    finally:
+        first.kill()
+        first.wait(timeout=30)
+    assert first.returncode == 0, out + err
+    assert final.read_bytes() == big.read_bytes(), "the refused pushes changed the running push's file"
+    assert not (lab.share / "data" / "other.txt").exists() and not (lab.share / "other.txt").exists()
+
+    # A push below a folder another push holds: refused while that lock is fresh, passed over
+    # (and left alone) once it is stale.
+    sub = tmp_path / "f.txt"
+    sub.write_text("f\n")
+    above = lab.share / ".spotfan-push-lock.data.spotfan-part"  # a push to the share's data
+    owner = final.parent.stat()
+    for age, ok in ((0, False), (STALE_S + 5, True)):
+        above.write_text('{"token": "x", "host": "laptop-2", "pid": 1}')
+        os.chown(above, owner.st_uid, owner.st_gid)
+        os.utime(above, (time.time() - age, time.time() - age))
+        r = lab.fab("push", str(sub), "--to", "data/sub/f.txt")
+        said = r.stdout + r.stderr
+        assert (r.returncode == 0) == ok, said
+        assert (lab.share / "data" / "sub" / "f.txt").exists() == ok
+        if not ok:
+            assert "another `fab push` to the share's data is running (from laptop-2, pid 1" in said, said
+            assert "which holds the share's data/sub/f.txt" in said, said
+        assert above.exists(), "another push's lock was removed"
+        assert not (lab.share / "data" / "sub" / ".spotfan-push-lock.f.txt.spotfan-part").exists()
