@@ -130,6 +130,15 @@ def run_with(task: Task, root: Path | str, opts: RunOptions) -> RunReport:
         owner.register()
         method = probe_publish(owner.tmp)
         remote = Direct.wanted(root) if network and not (opts.fsync or task.fsync) else None
+        setup = WorkerSetup(task.ref(), str(root), str(staging),
+                            str(owner.tmp) if network else None, method, opts.fsync, os.getpid(),
+                            gpu_groups=opts.gpu_groups(), direct=remote is not None)
+        pool = Pool(setup, executor=opts.executor, workers=workers,
+                    start_method=opts.start_method, timeout_s=timeout_s)
+        if opts.start_method == "fork":
+            # Forked before this runner starts a thread: forked while the session's thread is in
+            # subprocess.Popen, a worker holds that Popen's pipe open and the runner waits forever.
+            pool.start()
         if remote is not None:  # its ssh handshake overlaps the set-up below and the pool's start
             starting = Direct.begin(root=root, remote=remote, tmp=owner.tmp, fallback=Publisher(
                 root, method=method, share_tmp=owner.tmp, fsync=False))
@@ -145,11 +154,6 @@ def run_with(task: Task, root: Path | str, opts: RunOptions) -> RunReport:
         unit_of = {it.key: plan.unit(it.key) for it in pending}
         claims = Claims(layout.claims, layout.done, lease_s=plan.lease_s, clock=clock,
                         pipelined=network)
-        setup = WorkerSetup(task.ref(), str(root), str(staging),
-                            str(owner.tmp) if network else None, method, opts.fsync, os.getpid(),
-                            gpu_groups=opts.gpu_groups(), direct=starting is not None)
-        pool = Pool(setup, executor=opts.executor, workers=workers,
-                    start_method=opts.start_method, timeout_s=timeout_s)
         pool.start()  # its workers start (import, load the task) while the session starts
         if starting is not None:
             direct, starting = starting.result(), None

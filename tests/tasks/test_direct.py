@@ -8,6 +8,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -264,3 +265,47 @@ def test_a_session_that_sees_another_folder_fails_its_probe(fresh) -> None:
     assert p.returncode == 0, err
     assert "failed its check" in err and "publishing through the mount (slower, as safe)" in err, err
     check_outputs(share / "out", 30)
+
+
+def _pipes(pid: int) -> set[str]:
+    out = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue  # closed meanwhile
+        if link.startswith("pipe:"):
+            out.add(link)
+    return out
+
+
+def test_a_fork_pool_is_forked_before_the_session_and_holds_none_of_its_pipes(fresh) -> None:
+    # `--start-method fork` on a network root: workers forked after the session's ssh started
+    # held its pipes, and one forked while that Popen ran held the pipe Popen waits on, so the
+    # runner waited for ever (seen on a 4-VM lab). The workers are now forked first.
+    import psutil
+
+    share, a, _ = fresh
+    write_tasks(share, 40, 0.25)
+    proc = subprocess.Popen([sys.executable, "-m", "tasks", "-v", "run", "dt:tiny", "--workers", "2",
+                             "--start-method", "fork"], cwd=a, env={**os.environ, COMMAND_ENV: sftp_command(share.parent)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + DEADLINE_S
+        while not (share / "out").is_dir() or not os.listdir(share / "out"):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        kids = psutil.Process(proc.pid).children()
+        ssh = [k for k in kids if k.name() == "ssh"]
+        workers = [k for k in kids if k.name() != "ssh"]
+        assert len(ssh) == 1 and len(workers) == 2, [(k.pid, k.name()) for k in kids]
+        theirs = _pipes(ssh[0].pid)
+        for w in workers:
+            assert not _pipes(w.pid) & theirs, f"worker {w.pid} holds the session's pipes"
+        out, err = proc.communicate(timeout=DEADLINE_S)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, err[-2000:]
+    assert "publishing small outputs over a direct SFTP session" in err
+    check_outputs(share / "out", 40)
