@@ -48,7 +48,7 @@ RELAY = REPO / "bench" / "delay_relay.py"
 
 
 def write_config(folder: Path, *, octet: int, port: int, address: str = "", known_hosts: str = "known_hosts",
-                 name: str = "cluster.toml") -> Path:
+                 name: str = "cluster.toml", kex: str = "") -> Path:
     """The bench cluster's cluster.toml; with `address` (and `port`, `known_hosts`, `name`) a copy
     that reaches the same head elsewhere (through the relay)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -72,6 +72,7 @@ jail = "/srv/spotfan-bench/push{octet}"
 key = "keys/laptop"
 worker_key = "keys/worker"
 known_hosts = "keys/{known_hosts}"
+kex_algorithms = "{kex}"
 boot_timeout = 600
 command_timeout = 600
 [lab]
@@ -82,7 +83,7 @@ address_prefix = "127.{octet}.1."
 
 
 def start_relay(folder: Path, config_path: Path, *, octet: int, port: int, rtt_ms: float,
-                rate: float, turns: bool) -> tuple[subprocess.Popen[str], Path]:
+                rate: float, turns: bool, kex: str) -> tuple[subprocess.Popen[str], Path]:
     """The delay relay in front of the head, and a cluster.toml that reaches the head through it,
     trusting only the host key `fab up` recorded for the head (now under the relay's address)."""
     config = load(config_path)
@@ -95,7 +96,7 @@ def start_relay(folder: Path, config_path: Path, *, octet: int, port: int, rtt_m
     relayed = config.ssh.known_hosts.with_name("known_hosts.relay")
     relayed.write_text("".join(host_pattern(*listen) + " " + ln[len(head_line):] + "\n" for ln in lines))
     toml = write_config(folder, octet=octet, port=listen[1], address=listen[0], known_hosts=relayed.name,
-                        name="cluster-relay.toml")
+                        name="cluster-relay.toml", kex=kex)
     proc = subprocess.Popen([sys.executable, str(RELAY), "--listen", f"{listen[0]}:{listen[1]}",
                              "--to", f"{h.address}:{h.port}", "--rtt-ms", str(rtt_ms), "--rate", str(rate), *(["--count"] if turns else [])],
                             stdout=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
@@ -147,6 +148,8 @@ def main() -> int:
     p.add_argument("--dir", default="", help="where the lab, its share and the data live "
                                                 "(default /var/lib/spotfan-bench/push-OCTET; removed at the end)")
     p.add_argument("--jobs", type=int, default=0, help="fab push --jobs (default: its own)")
+    p.add_argument("--kex", default="", help="KexAlgorithms of both contenders' OpenSSH logins, e.g. curve25519-sha256 "
+                                             "(cluster.toml ssh.kex_algorithms for fab push; default: OpenSSH's own)")
     p.add_argument("--rtt-ms", type=float, default=None,
                    help="reach the head through bench/delay_relay.py with this round trip (default: straight, loopback)")
     p.add_argument("--rate", type=float, default=0.0, help="with --rtt-ms: the relay's MB/s each way (default: no cap)")
@@ -162,12 +165,13 @@ def main() -> int:
         with Cluster(load(folder / "cluster.toml")) as leftover:
             lifecycle.down(leftover)  # a crashed earlier run's leftovers
     shutil.rmtree(folder, ignore_errors=True)
-    toml = write_config(folder, octet=a.octet, port=a.port)
+    toml = write_config(folder, octet=a.octet, port=a.port, kex=a.kex)
     # Python writes its bytecode beside spotfan's modules as on a user's machine, so `fab` does not
     # compile them at every start (this machine's environment sets PYTHONDONTWRITEBYTECODE).
     env = {**{k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}, "SPOTFAN_CONFIG": str(toml)}
     link = ("loopback, straight to the head" if a.rtt_ms is None else
             f"through the delay relay: {a.rtt_ms:g} ms round trip, " + (f"{a.rate:g} MB/s" if a.rate else "no rate cap"))
+    link += f", kex {a.kex or 'OpenSSH default'}"
     print(f"push bench: {a.files} x {a.file_kb} KB and 1 x {a.big_mb} MB, {link}, {os.cpu_count()} cores, "
           f"load average {os.getloadavg()[0]:.1f} at the start")
     relay = None
@@ -177,7 +181,7 @@ def main() -> int:
             raise SystemExit(f"fab up failed:\n{r.stdout}\n{r.stderr}")
         if a.rtt_ms is not None:
             relay, relay_toml = start_relay(folder, toml, octet=a.octet, port=a.port, rtt_ms=a.rtt_ms, rate=a.rate,
-                                           turns=a.turns)
+                                           turns=a.turns, kex=a.kex)
             env["SPOTFAN_CONFIG"] = str(relay_toml)
         config = load(Path(env["SPOTFAN_CONFIG"]))
         h, s = config.head, config.ssh
@@ -186,7 +190,7 @@ def main() -> int:
         bench = share / "bench"
         scp = ["scp", "-q", "-r", "-s", "-P", str(h.port), "-i", str(s.key), "-o", "BatchMode=yes",
                "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={s.known_hosts}",
-               "-o", "IdentitiesOnly=yes", "-F", "/dev/null"]
+               "-o", "IdentitiesOnly=yes", "-F", "/dev/null", *(["-o", f"KexAlgorithms={a.kex}"] if a.kex else [])]
         jobs = ["--jobs", str(a.jobs)] if a.jobs else []
         for label, data, nbytes in (("small files", small, a.files * a.file_kb * 1024),
                                     ("one big file", big, a.big_mb << 20)):

@@ -66,7 +66,7 @@ class SSHConfig:
     connect_timeout: float  # seconds for one TCP connect + SSH handshake
     boot_timeout: float  # seconds a new or restarted VM gets to answer SSH
     command_timeout: float  # seconds any one remote command may take
-    kex_algorithms: str  # KexAlgorithms for the VMs' SSHFS link to the head; "" = OpenSSH default
+    kex_algorithms: str  # KexAlgorithms of spotfan's OpenSSH clients to the head (SSHFS, a runner's session, fab push); "" = OpenSSH default
 
 
 @dataclass(frozen=True)
@@ -141,6 +141,19 @@ def _cluster_name(value: str) -> str | None:
     return None
 
 
+_KEX_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9@._+-]*")
+
+
+def _kex_list(value: str) -> str | None:
+    """OpenSSH's KexAlgorithms syntax (a list, optionally +, - or ^ first); it reaches ssh's
+    command lines and mount.sh's option list, so nothing else may be in it."""
+    names = value[1:] if value[:1] in ("+", "-", "^") else value
+    if value and not all(_KEX_NAME.fullmatch(n) for n in names.split(",")):
+        return ('must be OpenSSH key exchange names separated by commas (`ssh -Q kex` lists this machine\'s), '
+                'e.g. "curve25519-sha256"; or "" for OpenSSH\'s default')
+    return None
+
+
 # Every table and key cluster.toml may have: one line per key (cluster.schema). Each
 # provider's own table ([lab], [gce], ...) comes from its registry entry, checked by the
 # same reader whatever the provider (typos and types; its required keys only when chosen).
@@ -177,7 +190,7 @@ SSH: dict[str, schema.Field] = {
     "connect_timeout": schema.number(10.0, 0.1),
     "boot_timeout": schema.number(120.0, 0.1),
     "command_timeout": schema.number(120.0, 0.1),
-    "kex_algorithms": schema.text(""),
+    "kex_algorithms": schema.text("", check=_kex_list),
 }
 SHARE: dict[str, schema.Field] = {
     "kind": schema.text("sshfs", choices=SHARE_KINDS),

@@ -119,7 +119,7 @@ class Cluster:
         if self._share is None:
             h = self.config.the_head()
             self._share = Share(remote=self.remote, head=Host(name="head", address=h.address, port=h.port),
-                                user=h.user, root=h.sftp_share)
+                                user=h.user, root=h.sftp_share, kex_algorithms=self.config.ssh.kex_algorithms)
         return self._share
 
 

@@ -99,7 +99,7 @@ def script(puts: Sequence[Put]) -> list[tuple[str, Put | None]]:
 
 def options(login: Login) -> list[str]:
     """`-o` options of an OpenSSH client that logs in as `login` only: its key, the cluster's
-    known_hosts, no config file's or agent's say, AES-GCM first."""
+    known_hosts, no config file's or agent's say, AES-GCM first; the cluster's KexAlgorithms if set."""
     opts = {
         "BatchMode": "yes", "StrictHostKeyChecking": "yes", "UserKnownHostsFile": str(login.known_hosts),
         "GlobalKnownHostsFile": "/dev/null", "IdentitiesOnly": "yes", "IdentityAgent": "none",
@@ -107,13 +107,26 @@ def options(login: Login) -> list[str]:
         "UpdateHostKeys": "no", "PasswordAuthentication": "no", "KbdInteractiveAuthentication": "no",
         "ConnectTimeout": str(max(1, round(login.connect_timeout))), "Ciphers": CIPHERS, "Compression": "no",
         "ServerAliveInterval": str(ALIVE_INTERVAL_S), "ServerAliveCountMax": str(ALIVE_COUNT),
+        "LogLevel": "INFO",  # why a login failed ("Unable to negotiate ..."), and nothing on success
     }
+    if login.kex_algorithms:
+        opts["KexAlgorithms"] = login.kex_algorithms
     return [arg for k, v in opts.items() for arg in ("-o", f"{k}={v}")]
+
+
+def kex_hint(login: Login, said: str) -> str:
+    """What to do when OpenSSH found no key exchange method it shares with the head."""
+    if "no matching key exchange method" not in said:
+        return ""
+    if login.kex_algorithms:
+        return (f" (cluster.toml [ssh] kex_algorithms = {login.kex_algorithms!r} names none the head offers: "
+                "name one of its offer, or remove the line for OpenSSH's default)")
+    return " (this machine's OpenSSH and the head's share no key exchange method: set [ssh] kex_algorithms)"
 
 
 def argv(login: Login, batch: Path, *, bwlimit: float) -> list[str]:
     """The sftp command line: this login only, `batch` as its commands (`-`: stdin), `bwlimit` bytes/s (0: none)."""
-    cmd = ["sftp", "-q", "-F", "/dev/null", "-b", str(batch), "-B", str(BUFFER_BYTES), "-R", str(REQUESTS),
+    cmd = ["sftp", "-F", "/dev/null", "-b", str(batch), "-B", str(BUFFER_BYTES), "-R", str(REQUESTS),
            "-P", str(login.port), "-i", str(login.key)]
     if bwlimit:
         cmd += ["-l", str(max(1, round(bwlimit * 8 / 1000)))]  # Kbit/s

@@ -61,7 +61,7 @@ def available() -> bool:
 
 def argv(login: Login) -> list[str]:
     """`ssh` to the head's SFTP subsystem as this login only."""
-    return ["ssh", "-q", "-F", "/dev/null", "-x", "-a", "-T", "-p", str(login.port), "-i", str(login.key),
+    return ["ssh", "-F", "/dev/null", "-x", "-a", "-T", "-p", str(login.port), "-i", str(login.key),
             *options(login), "-s", "--", f"{login.user}@{login.address}", "sftp"]
 
 
@@ -120,11 +120,10 @@ class Pipeline:
 
     def settle(self) -> None:
         """Once every session has ended: the files none took fail with the last session's
-        error (or stay unsent after `stop`)."""
+        error (after `stop`, an interrupted push, the caller says they were not sent)."""
         with self._lock:
-            if not self._stop.is_set():
-                while self._todo:
-                    self.failed[self._todo.popleft().key] = self._why or "no SFTP session took it"
+            while self._todo:
+                self.failed[self._todo.popleft().key] = self._why or "no SFTP session took it"
 
     def _run_session(self, started: Future[sftp.Session], on_done: Callable[[Send], None]) -> None:
         """One session: windows of files until none is left. One that could not start leaves

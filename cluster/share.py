@@ -40,13 +40,15 @@ class Login:
     key: Path  # the laptop's private key
     known_hosts: Path  # the cluster's known_hosts: the only host keys trusted
     connect_timeout: float
+    kex_algorithms: str = ""  # OpenSSH's KexAlgorithms (cluster.toml ssh.kex_algorithms); "" = its default
 
 
 class Share:
     """Files under the head's shared directory. Connects on first use; use it with `with`."""
 
-    def __init__(self, *, remote: Remote, head: Host, user: str, root: str) -> None:
+    def __init__(self, *, remote: Remote, head: Host, user: str, root: str, kex_algorithms: str = "") -> None:
         self._remote = remote
+        self._kex = kex_algorithms
         self._head = head
         self._user = user
         self.root = PurePosixPath(root)
@@ -91,7 +93,8 @@ class Share:
 
     def login(self) -> Login:
         r = self._remote
-        return Login(self._user, self._head.address, self._head.port, r.key, r.known_hosts, r.connect_timeout)
+        return Login(self._user, self._head.address, self._head.port, r.key, r.known_hosts, r.connect_timeout,
+                     self._kex)
 
     @property
     def is_open(self) -> bool:

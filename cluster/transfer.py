@@ -328,6 +328,8 @@ def _transfer(direction: Literal["push", "pull"], share: Share, local: LocalSide
             interrupted = False
             failed[final_to.name] = lost
         full = leftovers.disk_free(main, to if not single else to.parent, tree, failed) if src_local and failed else None
+        if src_local and openssh(opts):  # a login OpenSSH could not negotiate: say which setting decides it
+            failed = {k: v + sftp_batch.kex_hint(share.login(), v) for k, v in failed.items()}
     return TransferReport(direction, shown_src, dest_shown, len(tree.files), copied, skipped, resumed,
                           state.bytes_done, time.monotonic() - started, tree.skipped, failed, interrupted,
                           sorted(state.kept), full)

@@ -25,6 +25,7 @@ from typing import TypeVar
 VERSION = 3
 HANDSHAKE_TIMEOUT_S = 30.0  # the ssh login and the server's VERSION answer
 REPLY_TIMEOUT_S = 60.0  # no answer at all for this long: the session is dead
+EXIT_WAIT_S = 2.0  # a session whose output ended gets this long to exit, so what it said can be read
 MAX_INFLIGHT = 64  # requests sent and not yet answered, at most
 WRITE_BLOCK = 32 * 1024  # bytes per WRITE request (every server takes 32 KiB)
 STREAM_FLUSH_BYTES = 1 << 20  # a stream's requests are sent once this many bytes of them are drawn
@@ -47,6 +48,9 @@ T = TypeVar("T")
 
 class SessionLost(OSError):
     """The session ended or stopped answering: nothing more can be sent on it."""
+
+    def __str__(self) -> str:  # "the session ended (...)", not "[Errno 0] the session ended (...)"
+        return self.strerror if self.errno == 0 and self.strerror else super().__str__()
 
 
 @dataclass(frozen=True)
@@ -315,7 +319,10 @@ class Session:
                 raise SessionLost(0, f"no answer from the server in {REPLY_TIMEOUT_S:g} s")
             chunk = os.read(self._out.fileno(), 1 << 16)
             if not chunk:
-                self.proc.poll()
+                try:
+                    self.proc.wait(timeout=EXIT_WAIT_S)  # so its last words are there to read
+                except subprocess.TimeoutExpired:
+                    pass
                 raise SessionLost(0, f"the session ended ({self.why_lost() or 'no reason given'})")
             self._buf += chunk
         out = bytes(self._buf[:n])

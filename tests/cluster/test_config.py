@@ -54,6 +54,8 @@ def test_defaults_and_relative_paths(tmp_path):
     (MINIMAL.replace('[head]', 'idle_timeout = 0\n[head]'), r"\[cluster\] idle_timeout = 0: must be a number of at least 1"),
     (MINIMAL.replace('[head]', 'zones = "us-east1-b"\n[head]'), r"\[cluster\] zones = 'us-east1-b': must be a list of strings"),
     (MINIMAL.replace('[head]', 'idle_action = "halt"\n[head]'), r"\[cluster\] idle_action = 'halt': must be one of 'stop', 'delete'"),
+    (MINIMAL + "[ssh]\nkex_algorithms = 'curve25519-sha256 -oProxyCommand=x'\n",
+     r"\[ssh\] kex_algorithms = 'curve25519-sha256 -oProxyCommand=x': must be OpenSSH key exchange names separated by commas"),
 ])
 def test_errors_name_the_table_the_key_and_the_fix(tmp_path, text, message):
     path = write(tmp_path, text)

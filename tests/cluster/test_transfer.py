@@ -425,3 +425,31 @@ def test_pushes_to_places_that_overlap_are_refused_while_one_runs(make_lab, tmp_
             assert "which holds the share's data/sub/f.txt" in said, said
         assert above.exists(), "another push's lock was removed"
         assert not (lab.share / "data" / "sub" / ".spotfan-push-lock.f.txt.spotfan-part").exists()
+
+
+def test_a_push_logs_in_with_the_clusters_kex_algorithms(make_lab, tmp_path):
+    # [ssh] kex_algorithms reaches fab push's OpenSSH logins: one the head does not offer
+    # fails the push (saying so, nothing at the final path), one it offers copies.
+    lab = make_lab(workers=1)
+    lab.fab_ok("up")
+    src = tmp_path / "inputs"
+    src.mkdir()
+    for i in range(3):
+        (src / f"{i}.txt").write_text(f"{i}\n")
+    (src / "big.bin").write_bytes(os.urandom(2 << 20))  # an `sftp -b` file as well as pipelined ones
+    toml = lab.folder / "cluster.toml"
+    default = toml.read_text()
+    assert "kex_algorithms" not in default
+    toml.write_text(default.replace("[ssh]\n", '[ssh]\nkex_algorithms = "diffie-hellman-group14-sha1"\n', 1))
+    r = lab.fab("push", str(src), "--to", "inputs", "--engine", "openssh", "--json")
+    said = r.stdout + r.stderr
+    assert r.returncode == 1, said
+    failed = json.loads(r.stdout.splitlines()[-1])["failed"]
+    assert sorted(failed) == ["0.txt", "1.txt", "2.txt", "big.bin"], said  # none reported copied or left out
+    assert all("no matching key exchange method" in why and "kex_algorithms" in why for why in failed.values()), said
+    assert not (lab.share / "inputs").exists(), "a push that could not log in left files at the final path"
+    toml.write_text(default.replace("[ssh]\n", '[ssh]\nkex_algorithms = "curve25519-sha256"\n', 1))
+    report = json.loads(lab.fab_ok("push", str(src), "--to", "inputs", "--engine", "openssh", "--json")
+                        .splitlines()[-1])
+    assert (report["copied"], report["failed"]) == (4, {}), report
+    assert files_under(lab.share / "inputs") == files_under(src)
