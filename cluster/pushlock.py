@@ -149,8 +149,8 @@ class PushLock:
                 f.seek(0)
                 f.write(body)
                 f.truncate(len(body))
-        except FileNotFoundError:
-            return False
+        except (FileNotFoundError, PermissionError):
+            return False  # gone, or replaced by a file this user may not write: not ours any more
         except ValueError:
             return False  # not ours any more (being rewritten by its new holder)
         return True

@@ -356,7 +356,13 @@ def test_a_push_whose_lock_was_taken_over_stops_copying_and_says_why(make_lab, t
     lab, big, final, lock, proc = _slow_push_holding_its_lock(make_lab, tmp_path, BIG)
     try:
         taken = time.monotonic()
-        lock.write_text('{"token": "theirs", "host": "laptop-2", "pid": 1}')  # its new holder's
+        # Its new holder's, put in place as a takeover does (the old one moved away, a new file
+        # made): a write into the same file would race the holder's own rewrite of it.
+        theirs = lock.with_name("theirs.tmp")
+        theirs.write_text('{"token": "theirs", "host": "laptop-2", "pid": 1}')
+        owner = lock.stat()
+        os.chown(theirs, owner.st_uid, owner.st_gid)
+        os.replace(theirs, lock)
         out, err = proc.communicate(timeout=KILL_TIMEOUT_S)
     finally:
         proc.kill()
