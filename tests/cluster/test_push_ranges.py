@@ -89,6 +89,8 @@ def test_a_big_file_goes_in_ranges_whole_and_a_killed_push_continues_from_its_jo
     proc = _push(big, env)
     try:
         _when_journaled(proc, journal, final, first + KILL_AFTER)
+        proc.send_signal(signal.SIGSTOP)  # it feeds its sessions no more while they are listed (a fast
+        # machine would otherwise finish the file first); SIGKILL ends it stopped, as a lost laptop
         copiers = psutil.Process(proc.pid).children(recursive=True)
         sessions = [c for c in copiers if c.name() == "ssh"]
         assert len(sessions) == sftp_ranges.SESSIONS, [c.cmdline() for c in copiers]  # one session per range
