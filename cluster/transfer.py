@@ -316,6 +316,10 @@ def _transfer(direction: Literal["push", "pull"], share: Share, local: LocalSide
                 if (p := b.current) is not None and not b.ok(p):  # where it stopped: a partial copy
                     leftovers.left(main, PurePosixPath(p.part).relative_to(main.top), kept=state.kept,
                           resumable=by_rel[p.key].size >= RESUME_MIN_BYTES and p.part != p.final)
+        unaccounted = len(tree.files) - copied - skipped - len(failed)
+        if unaccounted > 0 and not interrupted:  # a backstop: never "ok", nor a folder put in place, with files missing
+            failed[f"({unaccounted} more file(s))"] = ("no copier reported them copied or failed: run the same "
+                                                       "command again (it copies only what is missing)")
         if to != final_to and not interrupted and not failed:
             try:
                 main.sftp.posix_rename(main.path(to), main.path(final_to))
