@@ -149,8 +149,13 @@ def main() -> int:
     p.add_argument("--fetch", action="store_true",
                    help="also spotfan with `tasks run --fetch` (inputs fetched in batches over the "
                         "runner's session), in the same rounds")
+    p.add_argument("--fetch-c25519", action="store_true",
+                   help="also spotfan --fetch with the runner's session logging in with curve25519-sha256 "
+                        "(as cluster.toml ssh.kex_algorithms sets it) instead of OpenSSH's default post-quantum "
+                        "key exchange, in the same rounds")
     a = p.parse_args()
-    names = ["spotfan", *(["spotfan --fetch"] if a.fetch else []), "naive"]
+    names = ["spotfan", *(["spotfan --fetch"] if a.fetch else []),
+             *(["spotfan --fetch c25519"] if a.fetch_c25519 else []), "naive"]
     sizes = [int(s) for s in a.keys.split(",") if s]
     curve = [int(s) for s in a.curve.split(",") if s]
     most = max([a.vms, *curve])
@@ -199,9 +204,13 @@ def main() -> int:
                     print(f"  SFTP requests per key, {name}: {total / n:.1f}  ({top})")
         if a.slow_keys:
             folder = prepare_inputs(share, a.slow_keys)
+            slow_cmds = commands(folder, w, a.slow_ms)
+            slow_rows: dict[str, list[dict[str, float]]] = {name: [] for name in names[:-1]}
+            for r in range(a.rounds):  # contenders alternated round by round, as above
+                for name in (names[:-1] if r % 2 == 0 else names[-2::-1]):
+                    slow_rows[name].append(one_round(fleet, a.vms, name, slow_cmds[name], a.slow_keys))
             for name in names[:-1]:
-                cmd = commands(folder, w, a.slow_ms)[name]
-                rows_s = [one_round(fleet, a.vms, name, cmd, a.slow_keys) for _ in range(a.rounds)]
+                rows_s = slow_rows[name]
                 ideal = a.slow_keys * a.slow_ms / 1000 / (a.vms * w)
                 wall = statistics.median(x["wall"] for x in rows_s)
                 tail = statistics.median(x["tail"] for x in rows_s)

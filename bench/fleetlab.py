@@ -175,7 +175,11 @@ def commands(folder: str, workers: int, sleep_ms: float = 0) -> dict[str, str]:
     py = shlex.quote(sys.executable)
     direct = 'SPOTFAN_SFTP_COMMAND="$(cat "$SPOTFAN_HOME/sftp.cmd")"'  # as the agent sets it
     spotfan = f"{env} {direct} {py} -m tasks run fleet_task:tiny --workers {workers}"
+    # The runner's session logging in as with cluster.toml `ssh.kex_algorithms = "curve25519-sha256"`
+    # (ssh takes the first value given for an option; mount.sh gives none by default).
+    c25519 = direct.replace('"$(cat ', '"$(sed "s/^ssh /ssh -o KexAlgorithms=curve25519-sha256 /" ')
     return {"spotfan": spotfan, "spotfan --fetch": f"{spotfan} --fetch",
+            "spotfan --fetch c25519": f"{env} {c25519} {py} -m tasks run fleet_task:tiny --workers {workers} --fetch",
             "naive": f"{env} {py} fleet_task.py . {workers}"}
 
 
