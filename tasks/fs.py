@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from tasks.errors import EnvironmentFault
+from tasks.mounts import is_network  # noqa: F401  (where the runner and collect look for it)
 
 # errno values that say the environment failed, not the key: the run stops, no key is charged
 ENV_ERRNOS = {errno.ENOSPC: "no space left on the device",
@@ -54,24 +55,6 @@ def fault(code: int, where: str | os.PathLike[str]) -> EnvironmentFault:
            errno.ESTALE: "remount it (on a cluster: fab heal)"}.get(code, "check the disk")
     return EnvironmentFault(f"{what} under {where}: {fix} and run the same command again; "
                             "no key was charged an attempt")
-
-
-def is_network(path: Path) -> bool:
-    """True if `path` lives on a network or FUSE filesystem (each operation a round trip)."""
-    try:
-        target = os.path.realpath(path)
-        best, fstype = "", ""
-        with open("/proc/mounts", encoding="utf-8") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) < 3:
-                    continue
-                mnt = parts[1].replace("\\040", " ")
-                if (target == mnt or target.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
-                    best, fstype = mnt, parts[2]
-        return fstype.startswith(("fuse", "nfs", "cifs", "smb"))
-    except OSError:
-        return False
 
 
 def renameat2_noreplace(src: str, dst: str, *, src_dir_fd: int = AT_FDCWD,

@@ -65,3 +65,27 @@ def test_two_machines_share_the_work_over_sshfs(two_machines, task: str, n: int,
     # holds on a busy one too and still fails the old design (over half the keys).
     assert peers <= n // 20, f"{peers} of {n} keys claimed but found done by a peer (bound 5%)"
     assert list((share / f".spotfan/tasks/{task}/claims").iterdir()) == []
+
+
+def test_a_module_in_the_shared_root_named_like_the_standard_library_is_not_imported(
+        two_machines) -> None:
+    """`python -m tasks` puts its current folder first in sys.path, and the forkserver's and
+    resource tracker's `python -c` put "" there: on a share each import looked in the root
+    first (a round trip each, ~200 at every start) and took a `secrets.py` found there."""
+    share, a, _ = two_machines
+    for name in ("out", ".spotfan"):
+        shutil.rmtree(share / name, ignore_errors=True)
+    (share / "sf_tasks.py").write_text(TASKS)
+    (share / "secrets.py").write_text("raise SystemExit('the share root was searched before the standard library')\n")
+    (share / "psutil.py").write_text("raise SystemExit('the share root was searched before site-packages')\n")
+    try:
+        p = subprocess.run([sys.executable, "-m", "tasks", "run", "sf_tasks:per_key", "--workers", "2"],
+                           cwd=a, capture_output=True, text=True, timeout=240,
+                           env={**os.environ, COMMAND_ENV: ""})
+    finally:
+        (share / "secrets.py").unlink()
+        (share / "psutil.py").unlink()
+    assert p.returncode == 0, p.stderr
+    assert "searched" not in p.stderr
+    assert json.loads(p.stdout.strip().splitlines()[-1])["succeeded"] == 300
+    assert len(os.listdir(share / "out")) == 300
