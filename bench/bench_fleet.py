@@ -141,7 +141,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--count-requests", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--cpu-split", action="store_true",
-                   help="one more round of each contender: CPU by process kind")
+                   help="one more round of each contender: CPU by process kind (and, with --slow-keys, of "
+                        "each runner's start: a run of two keys per worker)")
     p.add_argument("--slow-keys", type=int, default=2000)
     p.add_argument("--slow-ms", type=float, default=50)
     p.add_argument("--curve", default="1,2,4,8,16", help="VM counts for the curve ('' for none)")
@@ -229,6 +230,13 @@ def main() -> int:
                 print(f"  first key started {startup:.2f} s after the launch; from the first key's "
                       f"start to the last key's end {steady:.2f} s = {steady / own_ideal:.2f}x the "
                       f"keys' own time / workers, {steady / ideal:.2f}x the ideal")
+            if a.cpu_split and fleet.cpu.ok:
+                per_runner = 2 * w  # two keys per worker: the start, and little else
+                print(f"\nstart-up CPU by process kind: each VM's runner with --limit {per_runner}")
+                for name in names[:-1]:
+                    split = cpu_split(fleet, a.vms, f"{slow_cmds[name]} --limit {per_runner}")
+                    print(f"  {name}: {sum(split.values()):.2f} s: " + ", ".join(
+                        f"{k} {v:.2f}" for k, v in split.most_common() if v >= 0.01))
         if curve:
             folder = prepare_inputs(share, a.curve_keys)
             cmd = commands(folder, w)["spotfan"]
