@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -307,6 +308,18 @@ def _slow_push_holding_its_lock(make_lab, tmp_path, size: int):
     return lab, big, lab.share / "data" / "big.bin", lock, proc
 
 
+@contextmanager
+def _stopped(proc: subprocess.Popen):
+    """The push held still (SIGSTOP) with its lock, so that on a slow machine it cannot end
+    while the pushes that must find it running are tried; it goes on afterwards. Its lock stays
+    live: a lock of a process that is alive counts as held until STALE_S, on the head's clock."""
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+
+
 def test_a_second_push_to_the_same_place_is_refused_while_the_first_runs_and_a_dead_ones_lock_is_taken_over(
         make_lab, tmp_path):
     from cluster.pushlock import STALE_S, machine
@@ -314,7 +327,8 @@ def test_a_second_push_to_the_same_place_is_refused_while_the_first_runs_and_a_d
     lab, big, final, lock, first = _slow_push_holding_its_lock(make_lab, tmp_path, 4 << 20)
     try:
         # A cron script's next push, while the first still copies: refused, nothing of it written.
-        second = lab.fab("push", str(big), "--to", "data/big.bin")
+        with _stopped(first):
+            second = lab.fab("push", str(big), "--to", "data/big.bin")
         said = second.stdout + second.stderr
         assert second.returncode == 1, said
         assert "another `fab push` to the share's data/big.bin is running" in said and "pid " in said, said
@@ -398,11 +412,12 @@ def test_pushes_to_places_that_overlap_are_refused_while_one_runs(make_lab, tmp_
     (folder / "big.bin").write_bytes(b"another version")
     (folder / "other.txt").write_text("x\n")
     try:
-        for to in ("data", "."):  # a folder above the running push's destination, and the root
-            r = lab.fab("push", str(folder), "--to", to)
-            said = r.stdout + r.stderr
-            assert r.returncode == 1, said
-            assert "another `fab push` to the share's data/big.bin is running" in said and "inside" in said, said
+        with _stopped(first):
+            for to in ("data", "."):  # a folder above the running push's destination, and the root
+                r = lab.fab("push", str(folder), "--to", to)
+                said = r.stdout + r.stderr
+                assert r.returncode == 1, said
+                assert "another `fab push` to the share's data/big.bin is running" in said and "inside" in said, said
         assert first.poll() is None, "the first push should still be copying"
         out, err = first.communicate(timeout=KILL_TIMEOUT_S)
     finally:
