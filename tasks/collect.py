@@ -33,9 +33,9 @@ from typing import TYPE_CHECKING, Any, Literal, Union
 import numpy as np
 import pandas as pd
 
-from tasks.fs import is_network as network_filesystem
 from tasks.errors import CollectError, RootError, SpecError, Unreadable
 from tasks.items import Item
+from tasks.mounts import is_network as network_filesystem
 from tasks.progress import ProgressFn, Snapshot
 from tasks.scan import DoneKeys, scan_done
 from tasks.spec import Task

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Literal
 
 from tasks.errors import EnvironmentFault
-from tasks.mounts import is_network  # noqa: F401  (where the runner and collect look for it)
 
 # errno values that say the environment failed, not the key: the run stops, no key is charged
 ENV_ERRNOS = {errno.ENOSPC: "no space left on the device",

@@ -132,10 +132,10 @@ class Pool:
 
 
 def start_forkserver(executor: str, start_method: str) -> None:
-    """Start the forkserver now, without waiting for it: its interpreter and its imports
-    (~0.2 s of CPU) then overlap the runner's own set-up (imports, the plan, the owners'
-    sweep: round trips on a share), where the pool's first worker would otherwise wait for
-    them. The pool started later forks its workers from this server."""
+    """Start the forkserver now, before the runner starts its threads (the SFTP session's,
+    the heartbeat), without waiting for it; the pool started later forks its workers from it.
+    Its start overlaps the runner's own set-up, though on the lab that was not measurable
+    (bench/bench_start.py)."""
     if executor != "process" or start_method != "forkserver":
         return
     _check_socket_room()

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Literal
 
 from tasks import plan as plans
 from tasks.claims import Claims, listing, parse_claim_name
-from tasks.fs import ENV_ERRNOS, FsClock, fault, is_network, probe_publish
+from tasks.fs import ENV_ERRNOS, FsClock, fault, probe_publish
+from tasks.mounts import is_network
 from tasks.layout import Layout, is_object_url, new_owner_id
 from tasks.bounds import START_METHODS
 from tasks.plan import DEFAULT_LEASE_S
@@ -92,12 +93,9 @@ def run_with(task: Task, root: Path | str, opts: RunOptions) -> RunReport:
         return finish_early(report, opts, started, done=len(done))
     # With work to do, and only then, the dispatch loop, the pool, the SSH session and what
     # they import (~0.15 s): a re-run that finds every key done (each VM's restart) never
-    # uses them. The forkserver starts first, so that its own start overlaps all of that.
+    # uses them. The forkserver starts first, while no other thread runs (see start_forkserver).
     from tasks.pool import Pool, start_forkserver
 
-    network = is_network(root)
-    if network:
-        _search_root_last(root)  # before the forkserver takes sys.path for its imports
     start_forkserver(opts.executor, opts.start_method)
     from tasks.direct import Direct
     from tasks.dispatch import Dispatch, UnitView
@@ -116,6 +114,9 @@ def run_with(task: Task, root: Path | str, opts: RunOptions) -> RunReport:
     clock = FsClock()
     owner = Owner(layout, OwnerRecord(owner_id, stamp.host, stamp.pid, stamp.started, task.name,
                                       workers, time.time()), clock)
+    network = is_network(root)
+    if network:
+        _search_root_last(root)
     local = Staging(owner_id) if network else None  # the tasks' own writes go to local disk
     staging = local.path if local is not None else owner.tmp
     state = StateFile(opts.state_file, task=task.name, total=len(items)) if opts.state_file else None
