@@ -300,12 +300,19 @@ def _slow_push_holding_its_lock(make_lab, tmp_path, size: int):
     proc = subprocess.Popen([str(FAB), "push", str(big), "--to", "data/big.bin", "--bwlimit", "1000"], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
     deadline = time.monotonic() + KILL_TIMEOUT_S
-    while not lock.exists():
+    while not _written(lock):  # (made empty, then written: a push stopped between the two names no holder)
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             raise AssertionError(f"the push never took its lock: {proc.communicate()}")
         time.sleep(0.02)
     return lab, big, lab.share / "data" / "big.bin", lock, proc
+
+
+def _written(lock: Path) -> bool:
+    try:
+        return "token" in json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return False
 
 
 @contextmanager
