@@ -359,7 +359,7 @@ def report(c, cluster: Cluster, spec="", src="", keys="", out="", name="", to="r
 
     t = remote_tasks.target(cluster, spec, src=src, keys=keys, out=out, name=name)
     got, paths = remote_tasks.report(cluster, t, Path(to))
-    show.say(f"==> report of {got.task}: {got.tasks} tasks, {got.failures} failed executions, {got.hosts} host(s)")
+    show.say(f"==> report of {got.task}: {got.tasks} tasks logged, {got.failures} failed executions, {got.hosts} host(s)")
     for p in paths:
         show.say(f"    {p}")
 

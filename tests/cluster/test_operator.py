@@ -70,7 +70,7 @@ def test_watch_a_run_to_its_end_then_report_and_collect_it(make_lab, tmp_path):
     # Report: drawn on a VM, downloaded here, with a row and CPU figures per VM.
     out = lab.fab_ok("report", "--to", str(tmp_path / "reports"))
     png, page = tmp_path / "reports" / "steady" / "report.png", tmp_path / "reports" / "steady" / "report.html"
-    assert "==> report of steady: 40 tasks, 0 failed executions, 2 host(s)" in out
+    assert "==> report of steady: 40 tasks logged, 0 failed executions, 2 host(s)" in out
     assert f"    {png}" in out and f"    {page}" in out
     assert png.read_bytes()[:8] == PNG_MAGIC
     html = page.read_text()
