@@ -7,8 +7,9 @@ start the agent). On a headless cluster there is no head: no worker key, no know
 no mount; boot.sh checks that the VM can use the bucket (as its instance role or service
 account; the lab's VMs get the local store's endpoint in store.env instead) and fails
 closed when it cannot. A VM counts as working only once its agent's first heartbeat is on
-the share; one that does not report within AGENT_REPORT_TIMEOUT_S is named with the end
-of its agent log and the likely fix, and stopped (or deleted) so that it does not bill.
+the share; one that does not report within AGENT_REPORT_TIMEOUT_S, or whose agent is seen
+gone before it did (looked for over SSH every AGENT_ALIVE_EVERY_S), is named with the end of
+its agent log and the likely fix, and stopped (or deleted) so that it does not bill.
 """
 from __future__ import annotations
 
@@ -36,8 +37,14 @@ BOOT_FILES = ("boot.sh", "mount.sh", "watchdog.sh")  # package data of cluster.v
 BOOT_COMMAND_TIMEOUT_S = 120.0
 AGENT_REPORT_TIMEOUT_S = 60.0  # `fab up`/`heal`: how long a booted VM's agent has to report
 REPORT_POLL_S = 0.5
+AGENT_ALIVE_EVERY_S = 5.0  # while waiting for a first heartbeat, this often: is the agent still there?
+AGENT_ALIVE_TIMEOUT_S = 15.0
 AGENT_LOG_TIMEOUT_S = 30.0
 LOG_LINES = 12  # of a VM's agent log, shown when its agent did not report
+# Prints "agent-gone PID" when the process boot.sh started (agent.pid) is not an agent any more.
+AGENT_GONE = ('H="${SPOTFAN_HOME:-/var/lib/spotfan}"; pid=$(cat "$H/agent.pid" 2>/dev/null); '
+              'if [ -n "$pid" ] && tr "\\0" " " < "/proc/$pid/cmdline" 2>/dev/null | grep -q -- "-m cluster.vm.agent "; '
+              'then echo "agent-alive $pid"; else echo "agent-gone $pid"; fi')
 # Runs on the VM with the boot files on stdin. SPOTFAN_HOME is the VM's own disk area
 # (the lab sets it per VM; a cloud VM uses the default).
 UNPACK_AND_BOOT = (
@@ -187,16 +194,26 @@ def confirm(cluster: Cluster, boots: dict[str, str | BaseException]) -> dict[str
     reports anyway (its own boot got there) keeps its error and is left running: it works.
     """
     agents: dict[str, tuple[str, bool]] = {}
+    pids: dict[str, str] = {}
     for name, out in boots.items():
         m = AGENT_LINE.search(out) if isinstance(out, str) else None
         if isinstance(out, str) and ("mount: FAILED" in out or "store: FAILED" in out):
             continue  # without the share its agent cannot report: no use waiting
         if m is not None:
             agents[name] = (m.group(3), m.group(1) == "starting")
+            pids[name] = m.group(2)
         elif isinstance(out, BaseException):
             agents[name] = ("", False)  # its own boot may have started an agent: any live one counts
     waiting = {n: a for n, a in agents.items() if a[0]}
-    proved = wait_first(lambda vm: read_heartbeat(cluster, vm), waiting)
+    seen_gone: set[str] = set()
+
+    def gone(vms: list[str]) -> set[str]:
+        found = _agents_gone(cluster, {vm: pids[vm] for vm in vms})
+        seen_gone.update(found)
+        return found
+
+    proved = wait_first(lambda vm: read_heartbeat(cluster, vm), waiting, gone=gone)
+    exited = seen_gone - set(proved)
     now = time.time()
     for name in (n for n, a in agents.items() if not a[0]):
         beat = read_heartbeat(cluster, name)
@@ -227,7 +244,8 @@ def confirm(cluster: Cluster, boots: dict[str, str | BaseException]) -> dict[str
             if isinstance(out, HostKeyError):  # keep what it is (exit 3): maybe not our VM at all
                 results[name] = HostKeyError(f"{out}; the VM was {fate}")
             else:
-                results[name] = AgentDidNotReport(_diagnosis(name, said, tails.get(name, ""), fate))
+                results[name] = AgentDidNotReport(_diagnosis(name, said, tails.get(name, ""), fate,
+                                                             exited=name in exited))
     return results
 
 
@@ -243,33 +261,65 @@ def read_heartbeat(cluster: Cluster, vm: str) -> Heartbeat | None:
 
 
 def wait_first(read: Callable[[str], Heartbeat | None], agents: Mapping[str, tuple[str, bool]], *,
-               timeout: float = AGENT_REPORT_TIMEOUT_S) -> dict[str, Heartbeat]:
+               timeout: float = AGENT_REPORT_TIMEOUT_S,
+               gone: Callable[[list[str]], set[str]] | None = None) -> dict[str, Heartbeat]:
     """Wait until each VM's agent has reported; return the heartbeats that proved it.
 
     `read(vm)` gives the VM's heartbeat on the share (or None); `agents` maps each VM to
     (the id of its agent, whether that agent was started just now). The first heartbeat
     of a new agent proves it alive; an agent that was already running must write one
     more (its seq grows), so an old heartbeat of a hung agent proves nothing. Returns as
-    soon as every VM has reported, else at the deadline with those that did.
+    soon as every VM has reported, else at the deadline with those that did. `gone(vms)`,
+    asked every AGENT_ALIVE_EVERY_S about the VMs still waited for, names those whose agent
+    is seen gone: after one more look at their heartbeat (an agent may report, then exit),
+    they are waited for no more.
     """
     first_seq: dict[str, int] = {}
     proved: dict[str, Heartbeat] = {}
-    deadline = time.monotonic() + timeout
+    dead: set[str] = set()
+    start = time.monotonic()
+    deadline, next_look = start + timeout, start + AGENT_ALIVE_EVERY_S
+
+    def look(vm: str) -> None:
+        agent_id, new = agents[vm]
+        beat = read(vm)
+        if beat is None or beat.agent_id != agent_id:
+            return
+        if new or (vm in first_seq and beat.seq > first_seq[vm]):
+            proved[vm] = beat
+        else:
+            first_seq.setdefault(vm, beat.seq)
+
     for _ in range(int(timeout / REPORT_POLL_S) + 2):
-        for vm, (agent_id, new) in agents.items():
-            if vm in proved:
-                continue
-            beat = read(vm)
-            if beat is None or beat.agent_id != agent_id:
-                continue
-            if new or (vm in first_seq and beat.seq > first_seq[vm]):
-                proved[vm] = beat
-            else:
-                first_seq.setdefault(vm, beat.seq)
-        if len(proved) == len(agents) or time.monotonic() >= deadline:
+        for vm in agents:
+            if vm not in proved and vm not in dead:
+                look(vm)
+        if len(proved) + len(dead) == len(agents) or time.monotonic() >= deadline:
             break
+        if gone is not None and time.monotonic() >= next_look:
+            for vm in gone(sorted(set(agents) - set(proved) - dead)):
+                look(vm)
+                if vm not in proved:
+                    dead.add(vm)
+            next_look = time.monotonic() + AGENT_ALIVE_EVERY_S
+            if len(proved) + len(dead) == len(agents):
+                break
         time.sleep(REPORT_POLL_S)
     return proved
+
+
+def _agents_gone(cluster: Cluster, pids: Mapping[str, str]) -> set[str]:
+    """Of these VMs, those where the agent boot.sh started (its pid) is seen gone over SSH. A
+    VM that cannot be asked, or whose agent.pid names another process (a later boot's), is not
+    named: it is waited for to the deadline."""
+    running = [i for i in cluster.provider.list() if i.name in pids and i.status is Status.RUNNING]
+    try:
+        outs = cluster.remote.run(hosts(running), AGENT_GONE, timeout=AGENT_ALIVE_TIMEOUT_S)
+    except GroupError as e:
+        outs = e.succeeded
+    except SSHError:
+        return set()
+    return {n for n, o in outs.items() if o.stdout.split() == ["agent-gone", pids[n]]}
 
 
 def _agent_ok(boot_lines: str) -> str:
@@ -280,7 +330,7 @@ def _agent_ok(boot_lines: str) -> str:
     return AGENT_LINE.sub(ok, boot_lines)
 
 
-def _diagnosis(name: str, said: str, log_tail: str, fate: str) -> str:
+def _diagnosis(name: str, said: str, log_tail: str, fate: str, *, exited: bool = False) -> str:
     lines = [ln for ln in said.splitlines() if ln.strip()]
     failed = [ln for ln in lines if "FAILED" in ln]
     if any(ln.startswith("agent: FAILED") for ln in failed):
@@ -289,6 +339,8 @@ def _diagnosis(name: str, said: str, log_tail: str, fate: str) -> str:
         line = next(ln for ln in failed if ln.startswith(("mount: FAILED", "store: FAILED")))
         why = (line.removeprefix("mount: FAILED ").removeprefix("store: FAILED: ")
                + "; without the share its agent cannot report")
+    elif exited and (m := AGENT_LINE.search(said)):
+        why = f"its agent (pid {m.group(2)}) exited before it wrote a heartbeat to the share: see the end of its log below"
     elif AGENT_LINE.search(said):
         why = (f"its agent started but wrote no heartbeat to the share within "
                f"{AGENT_REPORT_TIMEOUT_S:g}s: see the end of its log below")

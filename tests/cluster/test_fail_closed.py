@@ -90,15 +90,22 @@ def test_a_mount_that_cannot_be_made_fails_fab_up_and_stops_the_vm(make_lab):
     assert lab.statuses() == {vm: "TERMINATED"}
 
 
-def test_an_agent_that_dies_at_start_is_shown_with_its_log(make_lab):
-    # An interpreter that exists and imports spotfan, but whose agent dies before its
-    # first heartbeat: a wrapper that runs the real interpreter with a broken PYTHONPATH
-    # for the agent only (the boot's import check passes).
-    lab = make_lab(workers=1)
+def test_an_agent_that_dies_or_hangs_at_start_is_shown_with_its_log(make_lab):
+    # Interpreters that exist and import spotfan, but whose agents never write a first
+    # heartbeat: a wrapper that runs the real interpreter for everything but the agent (the
+    # boot's import check passes). On the first VM the agent dies at once: seen gone over
+    # SSH, it is named as such without waiting out the deadline. On the second it hangs (a
+    # process that still looks like the agent): named when the deadline passes.
+    lab = make_lab(workers=2)
     wrapper = lab.folder / "python-wrapper"
     wrapper.write_text(f"""#!/bin/sh
 case "$*" in
-    *"-m cluster.vm.agent"*) echo "wrapper: the agent's interpreter crashed on purpose" >&2; exit 3 ;;
+    *"-m cluster.vm.agent"*)
+        case "$(hostname)" in
+            *w001) echo "wrapper: the agent's interpreter crashed on purpose" >&2; exit 3 ;;
+            *) echo "wrapper: the agent hangs on purpose" >&2
+               exec {sys.executable} -c 'import time; time.sleep(3600)' "$@" ;;
+        esac ;;
 esac
 exec {sys.executable} "$@"
 """)
@@ -106,13 +113,17 @@ exec {sys.executable} "$@"
     lab = reconfigure(lab, python=f'"{wrapper}"')
     t = time.monotonic()
     r = lab.fab("up", timeout=240)
-    vm = lab.config.vm_names()[0]
+    dead, hung = lab.config.vm_names()
+    assert dead.endswith("w001"), lab.config.vm_names()
     assert r.returncode == 1, r.stdout + r.stderr
-    assert (f"{vm}: FAILED: agent did not report: its agent started but wrote no heartbeat to the share "
+    assert re.search(rf"^{dead}: FAILED: agent did not report: its agent \(pid \d+\) exited before it wrote a "
+                     r"heartbeat to the share: see the end of its log below; the VM was stopped", r.stdout, re.M), r.stdout
+    assert (f"{hung}: FAILED: agent did not report: its agent started but wrote no heartbeat to the share "
             "within 60s") in r.stdout, r.stdout
-    assert f"last lines of {vm}'s agent.log:" in r.stdout
+    assert f"last lines of {dead}'s agent.log:" in r.stdout and f"last lines of {hung}'s agent.log:" in r.stdout
     assert "| wrapper: the agent's interpreter crashed on purpose" in r.stdout, "read over SSH from the VM's disk"
-    assert lab.statuses() == {vm: "TERMINATED"}
+    assert "| wrapper: the agent hangs on purpose" in r.stdout
+    assert lab.statuses() == {dead: "TERMINATED", hung: "TERMINATED"}
     print(f"fab up gave up after {time.monotonic() - t:.0f}s")
 
 
