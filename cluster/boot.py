@@ -39,6 +39,7 @@ AGENT_REPORT_TIMEOUT_S = 60.0  # `fab up`/`heal`: how long a booted VM's agent h
 REPORT_POLL_S = 0.5
 AGENT_ALIVE_EVERY_S = 5.0  # while waiting for a first heartbeat, this often: is the agent still there?
 AGENT_ALIVE_TIMEOUT_S = 15.0
+WAITING_SAY_EVERY_S = 15.0  # while agents have not reported, `fab up` says so this often
 AGENT_LOG_TIMEOUT_S = 30.0
 LOG_LINES = 12  # of a VM's agent log, shown when its agent did not report
 # Prints "agent-gone PID" when the process boot.sh started (agent.pid) is not an agent any more.
@@ -185,13 +186,15 @@ def store_env(cluster: Cluster) -> str:
 # -- the agent's proof ----------------------------------------------------------------------
 
 
-def confirm(cluster: Cluster, boots: dict[str, str | BaseException]) -> dict[str, str | BaseException]:
+def confirm(cluster: Cluster, boots: dict[str, str | BaseException], *,
+            on_waiting: Callable[[list[str], float, float], None] | None = None) -> dict[str, str | BaseException]:
     """Each booted VM whose agent's heartbeat reaches the share: its boot lines, "agent: ok".
 
     A VM whose agent did not report (boot failed, no mount, no interpreter, a crash) gets
     an AgentDidNotReport naming what it said, the end of its agent log and the fix, and is
     stopped (or deleted, per idle_action); a VM whose boot over SSH failed but whose agent
     reports anyway (its own boot got there) keeps its error and is left running: it works.
+    `on_waiting(vms, waited_s, timeout_s)` every WAITING_SAY_EVERY_S while some have not.
     """
     agents: dict[str, tuple[str, bool]] = {}
     pids: dict[str, str] = {}
@@ -212,7 +215,7 @@ def confirm(cluster: Cluster, boots: dict[str, str | BaseException]) -> dict[str
         seen_gone.update(found)
         return found
 
-    proved = wait_first(lambda vm: read_heartbeat(cluster, vm), waiting, gone=gone)
+    proved = wait_first(lambda vm: read_heartbeat(cluster, vm), waiting, gone=gone, on_waiting=on_waiting)
     exited = seen_gone - set(proved)
     now = time.time()
     for name in (n for n, a in agents.items() if not a[0]):
@@ -262,7 +265,8 @@ def read_heartbeat(cluster: Cluster, vm: str) -> Heartbeat | None:
 
 def wait_first(read: Callable[[str], Heartbeat | None], agents: Mapping[str, tuple[str, bool]], *,
                timeout: float = AGENT_REPORT_TIMEOUT_S,
-               gone: Callable[[list[str]], set[str]] | None = None) -> dict[str, Heartbeat]:
+               gone: Callable[[list[str]], set[str]] | None = None,
+               on_waiting: Callable[[list[str], float, float], None] | None = None) -> dict[str, Heartbeat]:
     """Wait until each VM's agent has reported; return the heartbeats that proved it.
 
     `read(vm)` gives the VM's heartbeat on the share (or None); `agents` maps each VM to
@@ -272,13 +276,14 @@ def wait_first(read: Callable[[str], Heartbeat | None], agents: Mapping[str, tup
     soon as every VM has reported, else at the deadline with those that did. `gone(vms)`,
     asked every AGENT_ALIVE_EVERY_S about the VMs still waited for, names those whose agent
     is seen gone: after one more look at their heartbeat (an agent may report, then exit),
-    they are waited for no more.
+    they are waited for no more. `on_waiting(vms, waited_s, timeout_s)` hears of the VMs still
+    waited for every WAITING_SAY_EVERY_S.
     """
     first_seq: dict[str, int] = {}
     proved: dict[str, Heartbeat] = {}
     dead: set[str] = set()
     start = time.monotonic()
-    deadline, next_look = start + timeout, start + AGENT_ALIVE_EVERY_S
+    deadline, next_look, next_say = start + timeout, start + AGENT_ALIVE_EVERY_S, start + WAITING_SAY_EVERY_S
 
     def look(vm: str) -> None:
         agent_id, new = agents[vm]
@@ -304,6 +309,9 @@ def wait_first(read: Callable[[str], Heartbeat | None], agents: Mapping[str, tup
             next_look = time.monotonic() + AGENT_ALIVE_EVERY_S
             if len(proved) + len(dead) == len(agents):
                 break
+        if on_waiting is not None and time.monotonic() >= next_say:
+            on_waiting(sorted(set(agents) - set(proved) - dead), time.monotonic() - start, timeout)
+            next_say = time.monotonic() + WAITING_SAY_EVERY_S
         time.sleep(REPORT_POLL_S)
     return proved
 

@@ -62,7 +62,7 @@ def up(c, cluster: Cluster, count=None, json=False):
         assert head is not None
         show.say(f"==> up: head VM {head.name} running in {head.zone} at {head.address} (host keys from the provider, not a first connection)")
     reports = lifecycle.up(cluster, count=n, on_plan=lambda p: show.plan(p, cost=_cost(cluster, p.workers)),
-                           on_booted=show.booted)
+                           on_booted=show.booted, on_waiting=show.waiting_for("up"))
     show.reports(reports, as_json=json)
     show.say(f"==> up: {sum(r.action != 'deleted' for r in reports)} VMs working ({time.monotonic() - t:.1f}s)")
 
@@ -118,7 +118,7 @@ def run(c, cluster: Cluster, spec, src="", keys="", out="", name="", workers_per
         show.say(f"==> run: shipped {ship} ({n} file(s)) to the share as {Path(ship).name}")
     req = runs.submit(cluster, spec_args=spec_args, run_args=run_args, workers_per_vm=per_vm or None)
     show.say(f"==> run {req.id} requested; making sure every VM is working")
-    show.reports(lifecycle.up(cluster))
+    show.reports(lifecycle.up(cluster, on_waiting=show.waiting_for("run")))
     if not wait:
         show.say(f"==> run {req.id} started; `fab status` follows it")
         return
@@ -238,7 +238,7 @@ def heal(c, cluster: Cluster, json=False):
     from cluster import lifecycle
 
     show.say(f"==> heal: cluster {cluster.config.name}")
-    reports = lifecycle.up(cluster)
+    reports = lifecycle.up(cluster, on_waiting=show.waiting_for("heal"))
     show.reports(reports, as_json=json)
     fixed = [r.name for r in reports if r.action != "running" or "remounted" in r.boot or "started" in r.boot]
     show.say(f"==> heal: {len(fixed)} VMs needed help ({', '.join(fixed) or 'none'})")
@@ -314,9 +314,9 @@ def failures(c, cluster: Cluster, spec="", src="", keys="", out="", name="", ret
         return
     if not lifecycle.running_hosts(cluster):
         show.note("==> failures: no VM is running; bringing the cluster up to retry")
-        lifecycle.up(cluster)
+        lifecycle.up(cluster, on_waiting=show.waiting_for("failures"))
     retried = remote_tasks.retry(cluster, t)
-    reports = lifecycle.up(cluster) if retried.run is not None else []  # VMs may have stopped themselves
+    reports = lifecycle.up(cluster, on_waiting=show.waiting_for("failures")) if retried.run is not None else []  # VMs may have stopped themselves
     show.failures(retried.report, as_json=json,
                   extra={"run": retried.run.id if retried.run else None, "follows": retried.follows})
     if json:

@@ -120,11 +120,14 @@ def _start_head(cluster: Cluster, *, workers: int) -> None:
 
 def up(cluster: Cluster, *, count: int | None = None,
        on_plan: Callable[[UpPlan], None] | None = None,
-       on_booted: Callable[[str, int, int], None] | None = None) -> list[VMReport]:
+       on_booted: Callable[[str, int, int], None] | None = None,
+       on_waiting: Callable[[list[str], float, float], None] | None = None) -> list[VMReport]:
     """Make the cluster have `count` (default: last asked, else config) working VMs.
 
     `on_plan` sees what will be created, started and deleted before anything is;
-    `on_booted(name, booted, of)` each VM whose boot script returned, as it does. Raises
+    `on_booted(name, booted, of)` each VM whose boot script returned, as it does;
+    `on_waiting(vms, waited_s, timeout_s)` the VMs whose agents have not reported yet, every
+    15 s while there are some. Raises
     GroupError (its results: a VMReport per working VM, the error of each other one) if
     any VM does not end up working; those are left stopped or deleted, never billing.
     """
@@ -183,7 +186,7 @@ def up(cluster: Cluster, *, count: int | None = None,
         boots: dict[str, str | BaseException] = dict(boot(cluster, instances, on_booted=one_booted))
     except GroupError as e:
         boots = dict(e.results)
-    results = confirm(cluster, boots)
+    results = confirm(cluster, boots, on_waiting=on_waiting)
     results = {n: VMReport(name=n, action=actions.get(n, "running"), boot=r, zone=zones.get(n))
                if isinstance(r, str) else r for n, r in results.items()}
     failed = {n: r for n, r in results.items() if isinstance(r, BaseException)}

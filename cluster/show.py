@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
@@ -105,6 +105,18 @@ def booted(name: str, n: int, of: int) -> None:
     """One VM's boot script returned (fab up says so as each does: a cloud VM takes a minute)."""
     say(f"==> up: booted {n}/{of} VMs ({name})"
         + ("; waiting for each agent's first heartbeat on the share" if n == of else ""))
+
+
+def waiting_for(command: str) -> Callable[[list[str], float, float], None]:
+    """What `fab COMMAND` says of agents that have not written a first heartbeat yet, while it
+    waits for them (lifecycle.up's on_waiting)."""
+    def still_waiting(names: list[str], waited: float, timeout: float) -> None:
+        shown = ", ".join(names[:MAX_NAMES_SHOWN]) + (
+            f" and {len(names) - MAX_NAMES_SHOWN} more" if len(names) > MAX_NAMES_SHOWN else "")
+        say(f"==> {command}: still waiting for {len(names)} agent(s) to report ({shown}): {waited:.0f} s of {timeout:.0f} s; "
+            "one that does not is named with its log and stopped")
+
+    return still_waiting
 
 
 def group_error(e: GroupError) -> None:

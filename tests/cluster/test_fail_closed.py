@@ -123,6 +123,8 @@ exec {sys.executable} "$@"
     assert f"last lines of {dead}'s agent.log:" in r.stdout and f"last lines of {hung}'s agent.log:" in r.stdout
     assert "| wrapper: the agent's interpreter crashed on purpose" in r.stdout, "read over SSH from the VM's disk"
     assert "| wrapper: the agent hangs on purpose" in r.stdout
+    assert re.search(rf"^==> up: still waiting for 1 agent\(s\) to report \({hung}\): \d+ s of 60 s", r.stdout, re.M), \
+        "no word while it waited"
     assert lab.statuses() == {dead: "TERMINATED", hung: "TERMINATED"}
     print(f"fab up gave up after {time.monotonic() - t:.0f}s")
 
