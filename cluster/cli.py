@@ -14,7 +14,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from invoke import Collection, task
 from invoke.exceptions import Exit
@@ -29,6 +29,9 @@ from cluster.providers.base import LocalHead, Priced
 from cluster.session import Cluster
 from cluster.share import ship_files
 from cluster.vm.sample import DEFAULT_SECONDS as TOP_SECONDS
+
+if TYPE_CHECKING:
+    from cluster.remote_tasks import Target
 
 __all__ = ["collect", "down", "exec_", "failures", "head_setup", "heal", "logs", "main", "preempt", "pull",
            "push", "report", "run", "status", "top", "up"]
@@ -358,6 +361,7 @@ def report(c, cluster: Cluster, spec="", src="", keys="", out="", name="", to="r
     from cluster import remote_tasks
 
     t = remote_tasks.target(cluster, spec, src=src, keys=keys, out=out, name=name)
+    show.say(f"==> report: drawing the report of {_what(t)} on a running VM, then downloading it into {to}/")
     got, paths = remote_tasks.report(cluster, t, Path(to))
     show.say(f"==> report of {got.task}: {got.tasks} tasks logged, {got.failures} failed executions, {got.hosts} host(s)")
     for p in paths:
@@ -376,12 +380,21 @@ def collect(c, cluster: Cluster, spec="", to="", src="", keys="", out="", name="
     if not to:
         raise UsageError("give --to FILE: type e.g. `fab collect --to results.parquet` (or .pkl)")
     t = remote_tasks.target(cluster, spec, src=src, keys=keys, out=out, name=name)
+    show.say(f"==> collect: reading every output of {_what(t)} into one table on a running VM (for many outputs "
+             f"this takes a while), then downloading it to {to}")
     got, path = remote_tasks.collect(cluster, t, Path(to), skip_unreadable=skip_unreadable, reader=reader)
     show.say(f"==> collect {got.task}: {got.rows} rows x {got.columns} columns from {got.outputs} outputs; "
              f"{got.missing} key(s) missing (not done)"
              + (f", {got.unreadable} unreadable skipped" if got.unreadable else "")
              + f" ({got.seconds:.1f}s on the VM)")
     show.say(f"    {path}")
+
+
+def _what(t: Target) -> str:
+    """The task a command is about, as its messages name it (a long --cmd cut short; from a run
+    request on the share, so nothing but printable characters)."""
+    shown = "".join(ch if ch.isprintable() else "?" for ch in shlex.join(t.spec_args))
+    return shown if len(shown) <= 100 else shown[:97] + "..."
 
 
 def main() -> None:

@@ -70,6 +70,7 @@ def test_watch_a_run_to_its_end_then_report_and_collect_it(make_lab, tmp_path):
     # Report: drawn on a VM, downloaded here, with a row and CPU figures per VM.
     out = lab.fab_ok("report", "--to", str(tmp_path / "reports"))
     png, page = tmp_path / "reports" / "steady" / "report.png", tmp_path / "reports" / "steady" / "report.html"
+    assert out.startswith("==> report: drawing the report of ") and " on a running VM, then downloading it into " in out
     assert "==> report of steady: 40 tasks logged, 0 failed executions, 2 host(s)" in out
     assert f"    {png}" in out and f"    {page}" in out
     assert png.read_bytes()[:8] == PNG_MAGIC
@@ -84,6 +85,7 @@ def test_watch_a_run_to_its_end_then_report_and_collect_it(make_lab, tmp_path):
     # Collect: written on a VM into the share, downloaded here, removed from the share.
     table = tmp_path / "steady.parquet"
     out = lab.fab_ok("collect", "--spec", run_id, "--to", str(table))
+    assert out.startswith("==> collect: reading every output of ") and f"then downloading it to {table}" in out
     assert "==> collect steady: 40 rows x 4 columns from 40 outputs; 0 key(s) missing" in out
     assert f"    {table}" in out
     frame = pd.read_parquet(table)
