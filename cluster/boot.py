@@ -208,15 +208,9 @@ def confirm(cluster: Cluster, boots: dict[str, str | BaseException], *,
         elif isinstance(out, BaseException):
             agents[name] = ("", False)  # its own boot may have started an agent: any live one counts
     waiting = {n: a for n, a in agents.items() if a[0]}
-    seen_gone: set[str] = set()
-
-    def gone(vms: list[str]) -> set[str]:
-        found = _agents_gone(cluster, {vm: pids[vm] for vm in vms})
-        seen_gone.update(found)
-        return found
-
-    proved = wait_first(lambda vm: read_heartbeat(cluster, vm), waiting, gone=gone, on_waiting=on_waiting)
-    exited = seen_gone - set(proved)
+    proved, exited = wait_first(lambda vm: read_heartbeat(cluster, vm), waiting,
+                                gone=lambda vms: _agents_gone(cluster, {vm: pids[vm] for vm in vms}),
+                                on_waiting=on_waiting)
     now = time.time()
     for name in (n for n, a in agents.items() if not a[0]):
         beat = read_heartbeat(cluster, name)
@@ -266,14 +260,16 @@ def read_heartbeat(cluster: Cluster, vm: str) -> Heartbeat | None:
 def wait_first(read: Callable[[str], Heartbeat | None], agents: Mapping[str, tuple[str, bool]], *,
                timeout: float = AGENT_REPORT_TIMEOUT_S,
                gone: Callable[[list[str]], set[str]] | None = None,
-               on_waiting: Callable[[list[str], float, float], None] | None = None) -> dict[str, Heartbeat]:
-    """Wait until each VM's agent has reported; return the heartbeats that proved it.
+               on_waiting: Callable[[list[str], float, float], None] | None = None,
+               ) -> tuple[dict[str, Heartbeat], set[str]]:
+    """Wait until each VM's agent has reported: (the heartbeats that proved it, the VMs whose
+    agent was seen gone before it did).
 
     `read(vm)` gives the VM's heartbeat on the share (or None); `agents` maps each VM to
     (the id of its agent, whether that agent was started just now). The first heartbeat
     of a new agent proves it alive; an agent that was already running must write one
     more (its seq grows), so an old heartbeat of a hung agent proves nothing. Returns as
-    soon as every VM has reported, else at the deadline with those that did. `gone(vms)`,
+    soon as every VM has reported or been seen gone, else at the deadline. `gone(vms)`,
     asked every AGENT_ALIVE_EVERY_S about the VMs still waited for, names those whose agent
     is seen gone: after one more look at their heartbeat (an agent may report, then exit),
     they are waited for no more. `on_waiting(vms, waited_s, timeout_s)` hears of the VMs still
@@ -313,21 +309,15 @@ def wait_first(read: Callable[[str], Heartbeat | None], agents: Mapping[str, tup
             on_waiting(sorted(set(agents) - set(proved) - dead), time.monotonic() - start, timeout)
             next_say = time.monotonic() + WAITING_SAY_EVERY_S
         time.sleep(REPORT_POLL_S)
-    return proved
+    return proved, dead
 
 
 def _agents_gone(cluster: Cluster, pids: Mapping[str, str]) -> set[str]:
     """Of these VMs, those where the agent boot.sh started (its pid) is seen gone over SSH. A
     VM that cannot be asked, or whose agent.pid names another process (a later boot's), is not
     named: it is waited for to the deadline."""
-    running = [i for i in cluster.provider.list() if i.name in pids and i.status is Status.RUNNING]
-    try:
-        outs = cluster.remote.run(hosts(running), AGENT_GONE, timeout=AGENT_ALIVE_TIMEOUT_S)
-    except GroupError as e:
-        outs = e.succeeded
-    except SSHError:
-        return set()
-    return {n for n, o in outs.items() if o.stdout.split() == ["agent-gone", pids[n]]}
+    outs = _ask_running(cluster, list(pids), AGENT_GONE, timeout=AGENT_ALIVE_TIMEOUT_S)
+    return {n for n, out in outs.items() if out.split() == ["agent-gone", pids[n]]}
 
 
 def _agent_ok(boot_lines: str) -> str:
@@ -364,10 +354,16 @@ def _diagnosis(name: str, said: str, log_tail: str, fate: str, *, exited: bool =
 def _agent_logs(cluster: Cluster, names: list[str]) -> dict[str, str]:
     """The end of each VM's agent log, read over SSH from its own disk (it may never have
     reached the share); "" where it cannot be read."""
-    running = [i for i in cluster.provider.list() if i.name in set(names) and i.status is Status.RUNNING]
     command = f'tail -n {LOG_LINES} "${{SPOTFAN_HOME:-/var/lib/spotfan}}/agent.log" 2>/dev/null; true'
+    return _ask_running(cluster, names, command, timeout=AGENT_LOG_TIMEOUT_S)
+
+
+def _ask_running(cluster: Cluster, names: Sequence[str], command: str, *, timeout: float) -> dict[str, str]:
+    """`command`'s stdout on each of these VMs that is running and answers SSH (the others
+    are left out: what is asked of them is a diagnosis, never a reason to fail)."""
+    running = [i for i in cluster.provider.list() if i.name in set(names) and i.status is Status.RUNNING]
     try:
-        outs = cluster.remote.run(hosts(running), command, timeout=AGENT_LOG_TIMEOUT_S)
+        outs = cluster.remote.run(hosts(running), command, timeout=timeout)
     except GroupError as e:
         outs = e.succeeded
     except SSHError:
