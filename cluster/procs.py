@@ -16,7 +16,7 @@ from typing import Any
 
 import psutil
 
-from tasks.procs import find_process, start_time
+from tasks.procs import boot_id, find_process, start_time
 
 
 @dataclass(frozen=True)
@@ -24,18 +24,19 @@ class ProcRecord:
     """A process we started, recorded so that only that very process is ever signalled."""
 
     pid: int  # host pid
-    started: float  # psutil create_time(): a recycled pid has another one
+    started: float  # its start, seconds since boot (tasks.procs): a recycled pid has another one
+    boot: str = ""  # the boot it ran in ("": not recorded)
 
     def process(self) -> psutil.Process | None:
         """The live process, or None if it exited (or its pid now belongs to someone else)."""
         try:
-            return find_process(self.pid, self.started)
+            return find_process(self.pid, self.started, self.boot)
         except psutil.Error:
             return None
 
     @classmethod
     def of(cls, pid: int) -> ProcRecord:
-        return cls(pid=pid, started=start_time(pid))
+        return cls(pid=pid, started=start_time(pid), boot=boot_id())
 
 
 def running(pid_file: Path, command: str) -> int | None:

@@ -39,6 +39,7 @@ import psutil
 
 from cluster.errors import ClusterError
 from cluster.sides import PART_SUFFIX, PUSH_LOCK_PREFIX, RemoteSide
+from tasks.procs import boot_id, find_process, start_time
 
 BEAT_S = 5.0  # a running push rewrites its lock this often
 STALE_S = 30.0  # a lock not rewritten for this long is a dead push's
@@ -169,7 +170,7 @@ class PushLock:
 
     def _body(self) -> bytes:
         return json.dumps({"token": self.token, "host": socket.gethostname(), "machine": machine(), "pid": os.getpid(),
-                           "pid_created": _created(os.getpid()),
+                           "pid_created": _created(os.getpid()), "boot": boot_id(),
                            "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}).encode()
 
     def _create(self) -> bool:
@@ -228,8 +229,13 @@ class PushLock:
         here = machine()
         if not here or held.get("machine") != here or not isinstance(pid, int):
             return age, who, False  # another machine's (two laptops may share a host name): its lease decides
-        created = _created(pid)
-        return age, who, created is None or created != held.get("pid_created")
+        created, boot = held.get("pid_created"), held.get("boot")
+        try:
+            gone = (find_process(pid, float(created), boot if isinstance(boot, str) else None) is None
+                    if isinstance(created, (int, float)) else not psutil.pid_exists(pid))
+        except psutil.Error:
+            gone = False  # not ours to look at: it may well be alive
+        return age, who, gone
 
     def _move_stale(self) -> None:
         away = self.path.with_name(f".{self.path.name}.{self.token}.stale{PART_SUFFIX}")
@@ -241,10 +247,11 @@ class PushLock:
 
 
 def _created(pid: int) -> float | None:
-    """When process `pid` of this machine started (None if there is none): a pid and this
-    together name one process, never a later one that reused the pid."""
+    """When process `pid` of this machine started (seconds since boot, tasks.procs; None if
+    there is none): a pid, this and the boot together name one process, never a later one
+    that reused the pid."""
     try:
-        return psutil.Process(pid).create_time()
+        return start_time(pid)
     except (psutil.Error, ValueError):
         return None
 

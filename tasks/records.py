@@ -21,7 +21,7 @@ import psutil
 
 from tasks.fs import atomic_write
 from tasks.layout import key_id
-from tasks.procs import find_process, start_time
+from tasks.procs import boot_id, find_process, start_time
 
 
 
@@ -31,21 +31,22 @@ class Stamp:
 
     host: str  # socket.gethostname() of the holder (a lab VM has its own)
     pid: int  # the holder's process id, in its own PID namespace
-    started: float  # the holder's process start time, so a reused pid is not mistaken
+    started: float  # the holder's start, seconds since boot (tasks.procs), so a reused pid is not mistaken
+    boot: str = ""  # the boot it ran in ("": not recorded)
 
     @classmethod
     def mine(cls) -> "Stamp":
-        return cls(socket.gethostname(), os.getpid(), start_time(os.getpid()))
+        return cls(socket.gethostname(), os.getpid(), start_time(os.getpid()), boot_id())
 
     def to_json(self) -> str:
-        return json.dumps({"host": self.host, "pid": self.pid, "started": self.started})
+        return json.dumps({"host": self.host, "pid": self.pid, "started": self.started, "boot": self.boot})
 
     @classmethod
     def from_json(cls, text: str) -> "Stamp | None":
         try:
             d = json.loads(text)
-            return cls(str(d["host"]), int(d["pid"]), float(d["started"]))
-        except (ValueError, KeyError, TypeError):
+            return cls(str(d["host"]), int(d["pid"]), float(d["started"]), str(d.get("boot", "")))
+        except (ValueError, KeyError, TypeError, AttributeError):
             return None  # empty (holder died between create and write) or foreign
 
     def gone(self) -> bool:
@@ -54,7 +55,7 @@ class Stamp:
         if self.host != socket.gethostname():
             return False
         try:
-            return find_process(self.pid, self.started) is None
+            return find_process(self.pid, self.started, self.boot) is None
         except psutil.Error:
             return False  # not ours to look at: it may well be alive
 
@@ -67,10 +68,11 @@ class OwnerRecord:
     owner: str  # host-pid-random
     host: str  # machine it runs on
     pid: int  # its process id there
-    pid_started: float  # the process's start time (with host and pid: is it gone?)
+    pid_started: float  # the process's start, seconds since boot (with host and pid: is it gone?)
     task: str  # the task it runs
     workers: int  # its pool size
     started: float  # seconds since the epoch, by its own clock
+    pid_boot: str = ""  # the boot it runs in ("": not recorded)
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()  # starts with "{": the heartbeat byte
@@ -80,13 +82,13 @@ class OwnerRecord:
         try:
             d = json.loads(text)
             return cls(str(d["owner"]), str(d["host"]), int(d["pid"]), float(d["pid_started"]),
-                       str(d["task"]), int(d["workers"]), float(d["started"]))
-        except (ValueError, KeyError, TypeError):
+                       str(d["task"]), int(d["workers"]), float(d["started"]), str(d.get("pid_boot", "")))
+        except (ValueError, KeyError, TypeError, AttributeError):
             return None
 
     @property
     def stamp(self) -> Stamp:
-        return Stamp(self.host, self.pid, self.pid_started)
+        return Stamp(self.host, self.pid, self.pid_started, self.pid_boot)
 
 
 @dataclass(frozen=True)

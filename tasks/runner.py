@@ -113,7 +113,7 @@ def run_with(task: Task, root: Path | str, opts: RunOptions) -> RunReport:
     stamp = Stamp.mine()
     clock = FsClock()
     owner = Owner(layout, OwnerRecord(owner_id, stamp.host, stamp.pid, stamp.started, task.name,
-                                      workers, time.time()), clock)
+                                      workers, time.time(), stamp.boot), clock)
     network = is_network(root)
     if network:
         _search_root_last(root)

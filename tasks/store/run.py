@@ -80,7 +80,7 @@ def run_on_bucket(task: Task, url: str, opts: RunOptions) -> RunReport:
     owner_id = new_owner_id()
     stamp = Stamp.mine()
     owner = BucketOwner(root, layout, OwnerRecord(owner_id, stamp.host, stamp.pid, stamp.started,
-                                                  task.name, workers, time.time()))
+                                                  task.name, workers, time.time(), stamp.boot))
     local = Staging(owner_id)  # the task's input and output, on local disk
     state = StateFile(opts.state_file, task=task.name, total=len(items)) if opts.state_file else None
     old_term = raise_on_sigterm()

@@ -144,7 +144,8 @@ def read_json(path: Path) -> dict[str, str] | None:
 def read_proc(path: Path) -> ProcRecord | None:
     raw = read_json(path)
     try:
-        return ProcRecord(pid=int(raw["pid"]), started=float(raw["started"])) if raw else None
+        return ProcRecord(pid=int(raw["pid"]), started=float(raw["started"]),
+                          boot=str(raw.get("boot", ""))) if raw else None
     except (KeyError, TypeError, ValueError):
         return None
 
