@@ -239,8 +239,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The root itself could not be used (a dead mount, a full disk, no permission):
         # nothing is wrong with the keys, so this is not "failed" (1); try again later.
         heal = "" if is_object_url(args.root) else " (on a cluster, `fab heal` remounts dead mounts)"
-        print(f"error: the run root could not be used: {e}. Nothing is lost: fix it{heal} and "
-              "run the same command again", file=sys.stderr)
+        said = str(e)  # an environment fault already says how to recover
+        advice = "" if "run the same command again" in said else (
+            f". Nothing is lost: fix it{heal} and run the same command again")
+        print(f"error: the run root could not be used: {said}{advice}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     except TaskError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -328,10 +328,26 @@ class Direct:
         return [r if r is not None else PublishError("not published") for r in result]
 
     def _taken_or_refused(self, r: sftp.Reply, s: Staged) -> Published | Exception:
-        there = self.session.run([sftp.lstat(f"{self.remote}/{s.out}")])[0]
+        folder = s.out.rsplit("/", 1)[0] if "/" in s.out else "."
+        there, tmp_fs, out_fs = self.session.run([
+            sftp.lstat(f"{self.remote}/{s.out}"), sftp.statvfs(self.remote_tmp),
+            sftp.statvfs(f"{self.remote}/{folder}")])
         if there.ok:
             return "theirs"  # a peer published it first: its copy stays
-        return self._refused(r, self.root / s.out, s.out)
+        # OpenSSH's server answers FAILURE, without errno, for every other refusal of a
+        # rename; the filesystems on both sides say which environment fault it was.
+        where = self.root / folder
+        tmp_stats, out_stats = sftp.fs_stats(tmp_fs), sftp.fs_stats(out_fs)
+        if out_stats is not None and out_stats.read_only:
+            return fault(errno.EROFS, where)
+        if tmp_stats is not None and out_stats is not None and tmp_stats.fsid != out_stats.fsid:
+            return EnvironmentFault(
+                f"cannot move outputs into {where}: on the share's server it is another filesystem "
+                f"than the run root {self.root} (where temporaries are written); keep outputs on the "
+                "run root's filesystem and run the same command again; no key was charged an attempt")
+        if out_stats is not None and out_stats.free_bytes < FULL_BELOW_BYTES:
+            return fault(errno.ENOSPC, where)
+        return self._refused(r, where, s.out)
 
     def _refused(self, r: sftp.Reply, where: Path, name: str) -> Exception:
         """Why the server refused a request: the environment's fault, or the key's."""

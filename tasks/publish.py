@@ -220,7 +220,7 @@ class Publisher:
                 if e.errno in (errno.ENOTEMPTY, errno.EISDIR):
                     return "theirs"
                 if e.errno != errno.ENOENT:
-                    _raise_folder_fault(e, self.root / parent)
+                    _raise_folder_fault(e, self.root / parent, tmp=self.share_tmp)
                 if self.share_tmp is not None and not self.share_tmp.is_dir():
                     raise lost_temp(self.share_tmp) from e
                 with self._lock:
@@ -255,9 +255,10 @@ def _rename_absent(tmp: Path, final: Path, fence: Fence) -> None:
     os.rename(tmp, final)
 
 
-def _raise_folder_fault(e: OSError, folder: Path) -> None:
+def _raise_folder_fault(e: OSError, folder: Path, *, tmp: Path | None = None) -> None:
     """Raise why an output folder refuses outputs: the folder's fault, not the key's (the
-    run stops with exit 3), or `e` itself for anything else."""
+    run stops with exit 3), or `e` itself for anything else. `tmp`: where the temporaries
+    are (a link from another filesystem is refused; over SSHFS with EPERM, not EXDEV)."""
     try:
         read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
     except OSError:
@@ -266,7 +267,7 @@ def _raise_folder_fault(e: OSError, folder: Path) -> None:
         raise fault(errno.EROFS, folder) from e
     if e.errno in ENV_ERRNOS:
         raise fault(e.errno, folder) from e
-    if e.errno == errno.EXDEV:
+    if e.errno == errno.EXDEV or (e.errno == errno.EPERM and tmp is not None and _apart(folder, tmp)):
         raise EnvironmentFault(f"cannot move outputs into {folder}: it is on another filesystem "
                                 "than the run root; keep outputs on the run root's mount and run "
                                "the same command again; no key was charged an attempt") from e
@@ -275,6 +276,17 @@ def _raise_folder_fault(e: OSError, folder: Path) -> None:
                                "writable and run the same command again; no key was charged "
                                "an attempt") from e
     raise e
+
+
+def _apart(a: Path, b: Path) -> bool:
+    """True if `a` and `b` are surely on different filesystems. statvfs is what SSHFS passes
+    on from the server for each path (its st_dev is the mount's for every file): two readings
+    of one filesystem give the same size and inode count."""
+    try:
+        x, y = os.statvfs(a), os.statvfs(b)
+    except OSError:
+        return False
+    return (x.f_blocks, x.f_files, x.f_frsize) != (y.f_blocks, y.f_files, y.f_frsize)
 
 
 def lost_temp(folder: Path) -> EnvironmentFault:

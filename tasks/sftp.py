@@ -149,6 +149,29 @@ def posix_rename(old: str, new: str) -> Request:
                    + _string(os.fsencode(new)))
 
 
+def statvfs(path: str) -> Request:
+    """OpenSSH's statvfs@openssh.com: the filesystem under `path` (read with `fs_stats`)."""
+    return Request(EXTENDED, _string(b"statvfs@openssh.com") + _string(os.fsencode(path)))
+
+
+@dataclass(frozen=True)
+class FsStats:
+    """The fields of a statvfs@openssh.com answer that say which filesystem, and how full."""
+
+    free_bytes: int  # f_bavail x f_frsize: what this user may still write
+    fsid: int  # f_fsid: the filesystem's id on the server
+    read_only: bool  # ST_RDONLY in f_flag
+
+
+def fs_stats(reply: Reply) -> FsStats | None:
+    """A statvfs answer's fields, or None for a refusal (or a server without the extension)."""
+    if not reply.ok or len(reply.data) < 88:
+        return None
+    (_bsize, frsize, _blocks, _bfree, bavail, _files, _ffree, _favail, fsid, flag,
+     _namemax) = struct.unpack_from(">11Q", reply.data)
+    return FsStats(free_bytes=bavail * frsize, fsid=fsid, read_only=bool(flag & 1))
+
+
 def write(handle: bytes, offset: int, data: bytes) -> Request:
     return Request(WRITE, _string(handle) + struct.pack(">Q", offset) + _string(data))
 

@@ -218,6 +218,38 @@ def test_a_full_share_stops_the_run_charges_nothing_and_the_rerun_finishes(fresh
         subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
+SMALL = BIG.replace("50_000", "10")  # outputs the runner publishes over its session
+
+
+def test_outputs_on_another_filesystem_stop_the_run_with_the_fix_and_charge_nothing(fresh) -> None:
+    """The output folder is another filesystem on the share's server (a disk mounted under the
+    run root): OpenSSH answers the rename with a bare FAILURE; the runner names the cause, exits
+    3, charges no key; both over its session and through the mount alone. Once the outputs are
+    on the run root's filesystem the same command finishes."""
+    share, a, _ = fresh
+    (share / "t.py").write_text(SMALL)
+    (share / "out").mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(share / "out")], check=True)
+    cmd = [sys.executable, "-m", "tasks", "-v", "run", "t:big", "--workers", "2"]
+    try:
+        for env, said in [({COMMAND_ENV: sftp_command(share.parent)}, "on the share's server it is another "
+                           f"filesystem than the run root {a}"),
+                          ({}, f"cannot move outputs into {a / 'out'}: it is on another filesystem")]:
+            p = subprocess.run(cmd, cwd=a, env={**os.environ, **env}, capture_output=True, text=True,
+                               timeout=DEADLINE_S)
+            assert p.returncode == 3, p.stderr[-3000:]
+            assert said in p.stderr and "no key was charged an attempt" in p.stderr, p.stderr[-3000:]
+            assert "key(s) failed" not in p.stderr
+            assert list((share / ".spotfan/tasks/big/failed").iterdir()) == []
+            assert os.listdir(share / "out") == [], "an output (or a temporary) reached the other disk"
+    finally:
+        subprocess.run(["umount", "-l", str(share / "out")], check=False)
+    again = subprocess.run(cmd, cwd=a, env={**os.environ, COMMAND_ENV: sftp_command(share.parent)},
+                           capture_output=True, text=True, timeout=DEADLINE_S)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert sorted(os.listdir(share / "out")) == [f"k{i:02d}.bin" for i in range(20)]
+
+
 HOSTILE = ["a b", "ü-ñ-日本", "it's", 'q"uote', "new\nline", "-dash", "$(touch x)", "back\\slash",
            "tab\tkey", "%s%n"]
 
