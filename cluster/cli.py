@@ -23,8 +23,9 @@ from invoke.program import Program
 from cluster import follow as following, runs, show, watch as watching
 from cluster.cli_files import pull, push  # noqa: F401  (in `spotfan`'s commands)
 from cluster.command import EXIT_FAILED, EXIT_USAGE, command as _command, group_exit_code as _group_exit_code
+from cluster.command import group_line as _group_line
 from cluster.command import seconds as _seconds, whole as _whole
-from cluster.errors import GroupError, UsageError
+from cluster.errors import ClusterError, GroupError, UsageError
 from cluster.providers.base import LocalHead, Priced
 from cluster.session import Cluster
 from cluster.share import ship_files
@@ -125,8 +126,15 @@ def run(c, cluster: Cluster, spec, src="", keys="", out="", name="", workers_per
     if not wait:
         show.say(f"==> run {req.id} started; `fab status` follows it")
         return
-    done = runs.wait(cluster, req.id, timeout=waiting,
-                     on_tick=lambda: show.run_progress(cluster_status.run_status(cluster, req.id)))
+    def progress() -> None:
+        s = cluster_status.run_status(cluster, req.id)
+        show.run_progress(s)
+        if s is not None and s.stuck:  # no agent will start it again: waiting on would only burn time
+            raise ClusterError(f"run {req.id} is stuck: {'; '.join(show.trouble_lines(s))}. Fix "
+                               "what the error says, then `fab run` the same task again: finished keys "
+                               "are skipped")
+
+    done = runs.wait(cluster, req.id, timeout=waiting, on_tick=progress)
     st = done.status
     show.say(f"==> run {req.id}: {done.result} ({st.done if st else None}/{st.total if st else None} done, "
              f"{st.failed if st else None} failed)")
@@ -230,7 +238,7 @@ def exec_(c, cluster: Cluster, command, json=False):
         results = lifecycle.exec_all(cluster, command)
     except GroupError as e:
         show.outputs(e.results, as_json=json)
-        raise Exit(f"error: {str(e).splitlines()[0]}", code=_group_exit_code(e)) from e
+        raise Exit(_group_line(e), code=_group_exit_code(e)) from e
     show.outputs(results, as_json=json)
 
 
@@ -350,7 +358,7 @@ def top(c, cluster: Cluster, seconds="", json=False):
         results, failed = e.results, e
     show.top(results, as_json=json)
     if failed is not None:
-        raise Exit(f"error: {str(failed).splitlines()[0]}", code=_group_exit_code(failed))
+        raise Exit(_group_line(failed), code=_group_exit_code(failed))
 
 
 @task(help={**SPEC_HELP, "to": "folder on this machine for report.png and "

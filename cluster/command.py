@@ -17,6 +17,7 @@ from cluster.errors import ClusterError, ConfigError, GroupError, HostKeyError, 
 from cluster.session import Cluster
 
 EXIT_FAILED, EXIT_USAGE, EXIT_HOST_KEY = 1, 2, 3
+GROUP_NAMES_SHOWN = 5  # a failed fan-out's error line names this many hosts, then counts the rest
 
 
 def whole(value: Any, *, flag: str, example: str, minimum: int = 0) -> int:
@@ -82,7 +83,7 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
                 return fn(c, cluster, *args, **kwargs)
         except GroupError as e:
             show.group_error(e)
-            raise Exit(f"error: {str(e).splitlines()[0]}", code=group_exit_code(e)) from e
+            raise Exit(group_line(e), code=group_exit_code(e)) from e
         except HostKeyError as e:
             raise Exit(f"error: {e}", code=EXIT_HOST_KEY) from e
         except (ConfigError, RecordError) as e:
@@ -96,6 +97,15 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
     params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=""))
     wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
     return wrapper
+
+
+def group_line(e: GroupError) -> str:
+    """The one error line of a failed fan-out: what failed, which hosts, where each one's error is."""
+    head = str(e).splitlines()[0].rstrip(" :") if str(e) else "a fan-out failed"
+    names = sorted(e.failed)
+    shown = ", ".join(names[:GROUP_NAMES_SHOWN]) + (f" and {len(names) - GROUP_NAMES_SHOWN} more"
+                                                   if len(names) > GROUP_NAMES_SHOWN else "")
+    return f"error: {head} ({shown}); each one's error is printed above" if names else f"error: {head}"
 
 
 def group_exit_code(e: GroupError) -> int:

@@ -207,6 +207,7 @@ class VmRun:
     started: float | None = None  # epoch seconds of its last start
     phase: str | None = None  # what its runner's state file last said (RUNNER_PHASES)
     useful: bool = False  # a key of this VM runs for it
+    error: str = ""  # the last `error: ...` line of its `tasks run` that exited with work left
 
     @classmethod
     def from_mapping(cls, raw: object, *, source: str) -> VmRun:
@@ -215,7 +216,8 @@ class VmRun:
                    restarts=f.whole("restarts", 0, MAX_COUNT, optional=True) or 0,
                    exit_code=f.whole("exit_code", -255, 255, optional=True),
                    started=f.number("started", 0, MAX_EPOCH_S, optional=True),
-                   phase=f.choice("phase", RUNNER_PHASES, optional=True), useful=f.flag("useful"))
+                   phase=f.choice("phase", RUNNER_PHASES, optional=True), useful=f.flag("useful"),
+                   error=f.text("error", max_len=MAX_PROBLEM, optional=True) or "")
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # the renderings that need them import them: `fab push` loads
 
     from cluster.lifecycle import BucketLeft, UpPlan, VMReport
     from cluster.results import FailureReport
+    from cluster.records import VmRun
     from cluster.status import ClusterStatus, RunStatus
     from cluster.top import VMTop
     from cluster.watch import RunView, View, VMView
@@ -175,7 +176,13 @@ def status(st: ClusterStatus, *, every: bool = False) -> None:
                    else "counts unknown (no VM running; `fab heal`)")
         counts = (unknown if r.total is None else
                   f"{r.done}/{r.total} done, {r.failed} failed, {r.running} running, {r.pending} pending")
-        say(f"  run {r.id}: {r.result or 'running'}: {counts}  [{safe(r.spec)}]  {_run_times(r)}")
+        state = r.result or ("stuck (every VM gave up on it)" if r.stuck else "running")
+        say(f"  run {r.id}: {state}: {counts}  [{safe(r.spec)}]  {_run_times(r)}")
+        for line in trouble_lines(r):
+            say(f"    {safe(line)}")
+        if r.stuck:
+            say("    fix what the error says, then `fab run` the same task again: finished keys are "
+                "skipped (`fab logs VM` shows each attempt)")
     if older:
         say(f"  ({older} older ended run(s) not shown: `fab status --all` lists every run)")
     for message in st.refused:
@@ -183,10 +190,38 @@ def status(st: ClusterStatus, *, every: bool = False) -> None:
     bill(st)
 
 
+def trouble_lines(r: RunStatus) -> list[str]:
+    """The VMs whose `tasks run` keeps exiting with work left, one line per distinct error
+    (forty VMs with one full disk make one line): which VMs, restarting or given up, and why."""
+    groups: dict[tuple[int | None, str], list[tuple[str, VmRun]]] = {}  # (exit code, error) -> VMs
+    for vm, part in r.troubles.items():
+        groups.setdefault((part.exit_code, part.error), []).append((vm, part))
+    lines = []
+    for (code, error), members in groups.items():
+        gave_up = [vm for vm, p in members if p.state == "gave-up"]
+        restarting = [(vm, p.restarts) for vm, p in members if p.state != "gave-up"]
+        how = []
+        if gave_up:
+            how.append(f"{_names(gave_up)} gave up")
+        if restarting:
+            counts = sorted({n for _, n in restarting})
+            how.append(f"{_names([vm for vm, _ in restarting])} restarting "
+                       f"({'-'.join(map(str, (counts[0], counts[-1]))) if len(counts) > 1 else counts[0]} so far)")
+        lines.append(f"{'; '.join(how)}: `tasks run` exited {code}" + (f": {error}" if error else
+                                                                         " (`fab logs VM` shows why)"))
+    return lines
+
+
+def _names(vms: list[str], shown: int = 5) -> str:
+    return ", ".join(vms[:shown]) + (f" and {len(vms) - shown} more" if len(vms) > shown else "")
+
+
 def run_progress(s: RunStatus | None) -> None:
     """One line of `fab run --wait`'s progress."""
     if s is not None:
         say(f"    {s.id}: {s.done}/{s.total} done, {s.failed} failed, {s.running} running, {s.pending} pending")
+        for line in trouble_lines(s):
+            say(f"      {safe(line)}")
 
 
 def _run_times(r: RunStatus) -> str:
@@ -326,7 +361,7 @@ def plain_lines(view: View) -> list[str]:
     lines = []
     for rv in view.runs:
         s = rv.status
-        lines.append(f"{stamp} run {s.id}: {s.result or 'running'}: {counts(rv)}, "
+        lines.append(f"{stamp} run {s.id}: {s.result or ('stuck' if s.stuck else 'running')}: {counts(rv)}, "
                      f"rate {fmt_rate(rv.rate)}, ETA {fmt_eta(rv.eta)}")
     if not view.runs:
         lines.append(f"{stamp} no runs on cluster {view.cluster}")
@@ -353,7 +388,7 @@ def rich_view(view: View) -> RenderableType:
         f"{len(view.vms)} VMs up, {time.strftime('%H:%M:%S', time.localtime(view.time))}")]
     for rv in view.runs:
         s = rv.status
-        result = s.result or "running"
+        result = s.result or ("stuck" if s.stuck else "running")
         t = Table(title=Text(f"run {s.id}  [{safe(s.spec)}]", style="bold"), title_justify="left")
         for col in ("progress", "done", "failed", "running", "pending", "rate", "ETA", "state"):
             t.add_column(col, justify="left" if col in ("progress", "state") else "right")
@@ -366,6 +401,8 @@ def rich_view(view: View) -> RenderableType:
                       str(s.running), str(s.pending), fmt_rate(rv.rate), fmt_eta(rv.eta),
                       Text(result, style={"done": "green", "running": "bold"}.get(result, "red")))
         parts.append(t)
+        for line in trouble_lines(s):
+            parts.append(Text(safe(line), style="red"))
     if not view.runs:
         parts.append(Text("no runs yet: `fab run SPEC` starts one", style="dim"))
     if view.earlier:

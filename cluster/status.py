@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass, field
 from cluster.boot import hosts
 from cluster.errors import GroupError, RecordError, SSHError, StoreError
 from cluster.providers.base import Charge, Instance, LocalHead, Priced, Status
-from cluster.records import LOCAL_HEARTBEAT, STALE_S, VMS_DIR, EngineCounts, Heartbeat, RunRequest, is_heartbeat, plain_name
+from cluster.records import (LOCAL_HEARTBEAT, STALE_S, VMS_DIR, EngineCounts, Heartbeat, RunRequest, VmRun,
+                             is_heartbeat, plain_name)
 from cluster.remote_tasks import engine_counts
 from cluster.runs import finished, requests
 from cluster.session import Cluster
@@ -45,6 +46,8 @@ class RunStatus:
     failed: int | None = None
     running: int | None = None
     pending: int | None = None
+    troubles: dict[str, VmRun] = field(default_factory=dict)  # VMs whose `tasks run` exited with work left
+    stuck: bool = False  # not over, and every VM that took part gave up on it
 
 
 @dataclass(frozen=True)
@@ -199,13 +202,17 @@ def _run_status(cluster: Cluster, req: RunRequest, running: Sequence[Host], beat
         counts = done.status
     else:
         counts = engine_counts(cluster, req.spec_args, running) if live else None
-    starts = [b.runs[req.id].started for b in beats.values()
-              if b is not None and req.id in b.runs and b.runs[req.id].started is not None]
+    parts = {vm: b.runs[req.id] for vm, b in beats.items() if b is not None and req.id in b.runs}
+    starts = [p.started for p in parts.values() if p.started is not None]
+    troubles = {vm: p for vm, p in sorted(parts.items())
+                if done is None and p.state in ("waiting", "gave-up") and p.restarts}
     return RunStatus(
         id=req.id, spec=shlex.join(req.spec_args), result=done.result if done else None,
         requested=req.created, started=min(starts) if starts else None,  # type: ignore[type-var]
         ended=done.time if done else None,
         **(asdict(counts) if counts else {}),
+        troubles=troubles,
+        stuck=done is None and bool(parts) and all(p.state == "gave-up" for p in parts.values()),
     )
 
 

@@ -97,7 +97,7 @@ class Tracker:
     def view(self, st: ClusterStatus, now: float) -> View:
         from cluster.status import HEARTBEAT_STALE_S
 
-        going = {r.id for r in st.runs if r.result is None}
+        going = {r.id for r in st.runs if r.result is None and not r.stuck}  # a stuck run waits for a human
         if self.shown is None:
             self.shown = set(going) or ({st.runs[-1].id} if st.runs else set())
         self.shown |= going

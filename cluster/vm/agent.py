@@ -60,6 +60,7 @@ GUARD_CHECK_INTERVAL_S = 30.0  # how often the agent makes sure the idle guard s
 STATUS_TIMEOUT_S = 120.0
 MAX_RESTARTS = 5  # per run and boot: a run that keeps dying needs a human
 RESTART_BACKOFF_S = 2.0
+ERROR_TAIL_BYTES = 16 * 1024  # read this much of a run's log for its runner's last error line
 MAX_LIFETIME_S = 7 * 24 * 3600.0  # the loop's outer bound; the idle guard ends the VM far sooner
 FINAL_EXITS = dict(enumerate(records.RESULTS))  # `tasks run` exit codes that end a run: done, failed, spec-error
 
@@ -78,11 +79,12 @@ class RunState:
     spawned: float = 0.0  # monotonic time of the last start of its `tasks run`
     phase: str | None = None  # what its runner's state file last said (starting, working, waiting, ...)
     useful: bool = False  # a key of this VM runs for it (see cluster.vm.busy)
+    error: str = ""  # the last error line of a `tasks run` that exited with work left
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def public(self) -> VmRun:
         return VmRun(state=self.state, pid=self.pid, restarts=self.restarts, exit_code=self.exit_code,
-                     started=self.started, phase=self.phase, useful=self.useful)
+                     started=self.started, phase=self.phase, useful=self.useful, error=self.error)
 
 
 @dataclass(frozen=True)
@@ -224,8 +226,9 @@ class Agent:
                 return
             r.restarts += 1
             r.next_start = time.monotonic() + RESTART_BACKOFF_S * r.restarts
-            logger.warning("run %s: tasks run died (exit %s) with work left; restart %d/%d",
-                           r.id, code, r.restarts, MAX_RESTARTS)
+            r.error = self._last_error(r)
+            logger.warning("run %s: tasks run died (exit %s) with work left; restart %d/%d%s",
+                           r.id, code, r.restarts, MAX_RESTARTS, f": {r.error}" if r.error else "")
         if r.state in FINAL_EXITS.values() or r.state == "gave-up":
             return
         if finished_elsewhere:
@@ -289,6 +292,17 @@ class Agent:
         out.close()
         r.pid, r.state, r.started, r.spawned = r.proc.pid, "running", time.time(), time.monotonic()
         logger.info("run %s: started tasks run (pid %d, %d workers)", r.id, r.pid, workers)
+
+    def _last_error(self, r: RunState) -> str:
+        """The last `error: ...` line its `tasks run` wrote to the run's log, or ""."""
+        try:
+            with open(self.books.local(f"{records.log_dir(self.s.name)}/{r.id}.log"), "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - ERROR_TAIL_BYTES))
+                tail = f.read().decode(errors="replace")
+        except OSError:
+            return ""
+        errors = [line for line in tail.splitlines() if line.startswith("error: ")]
+        return errors[-1][:records.MAX_PROBLEM] if errors else ""
 
     def _env(self) -> dict[str, str]:
         return run_env(root=self.books.import_root, extra=self.s.python_path, home=self.s.home)

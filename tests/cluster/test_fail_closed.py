@@ -69,7 +69,8 @@ def test_a_missing_interpreter_fails_fab_up_names_the_fix_and_stops_the_vms(make
         assert (f"{vm}: FAILED: agent did not report: cluster.python = {missing} does not exist on this VM: "
                 "set cluster.python in cluster.toml") in r.stdout, r.stdout
         assert "the VM was stopped so that it does not bill" in r.stdout
-    assert "error: 2 of 2 VMs are not working" in r.stderr
+    names = ", ".join(sorted(lab.config.vm_names()))
+    assert f"error: 2 of 2 VMs are not working ({names}); each one's error is printed above" in r.stderr, r.stderr
     assert lab.statuses() == dict.fromkeys(lab.config.vm_names(), "TERMINATED")
     heal = lab.fab("heal")
     assert heal.returncode == 1 and "does not exist on this VM" in heal.stdout, "heal says the same"
@@ -459,3 +460,43 @@ def test_the_lab_head_is_sized_for_the_fleet_and_a_resize_keeps_the_mounts(make_
     assert "mount: ok" in out, "the VMs' mounts outlive the reload"
     (lab.share / "after-reload.txt").write_text("still served\n")
     assert "still served" in lab.fab_ok("exec", f"cat {lab.config.mount_point}/after-reload.txt")
+
+
+# --- a run no VM can make progress on is shown stuck, with its runners' error -----------
+
+RO_TASKS = '''
+from pathlib import Path
+from tasks import filetask
+
+@filetask(keys=[f"k{i}" for i in range(4)], out="ro/{key}.txt")
+def ro(key: str, out: Path) -> None:
+    out.write_text(key)
+'''
+
+
+def test_a_run_every_vm_gave_up_on_is_shown_stuck_with_its_error_and_ends_the_wait(make_lab, tmp_path) -> None:
+    # The outputs' folder refuses writes (an environment fault: exit 3, no key charged). Each
+    # agent restarts its runner 5 times, then gives up; nothing will start the run again, so
+    # `fab run --wait` must not wait out its timeout, and `fab status` must not say "running".
+    lab = make_lab(workers=2)
+    lab.fab_ok("up")
+    assert lab.share is not None
+    (lab.share / "ro").mkdir(mode=0o555)  # root's: the jailed user cannot write in it
+    tasks = tmp_path / "ro_tasks.py"
+    tasks.write_text(RO_TASKS)
+    t0 = time.monotonic()
+    r = lab.fab("run", "ro_tasks:ro", "--ship", str(tasks), "--wait", "--wait-timeout", "600", timeout=300)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert time.monotonic() - t0 < 200, "the wait went on after every VM gave up"
+    vms = ", ".join(sorted(lab.config.vm_names()))
+    assert re.search(rf"error: run r[-0-9a-f]+ is stuck: {vms} gave up: `tasks run` exited 3: error: the run "
+                     r"root could not be used: .*refuses writes under .*ro.*no key was charged an attempt", r.stderr), \
+        r.stdout + r.stderr
+    assert re.search(rf"^ +{vms} restarting \([0-9-]+ so far\): `tasks run` exited 3: error: ", r.stdout, re.M), r.stdout
+    st = lab.fab_ok("status")
+    assert re.search(r"run r[-0-9a-f]+: stuck \(every VM gave up on it\): 0/4 done, 0 failed", st), st
+    assert f"    {vms} gave up: `tasks run` exited 3: error: " in st
+    assert "fix what the error says, then `fab run` the same task again" in st
+    failed = lab.share / ".spotfan/tasks/ro/failed"
+    assert not failed.exists() or not any(failed.iterdir()), "a key was charged for the folder's fault"
+    assert os.listdir(lab.share / "ro") == []

@@ -189,4 +189,4 @@ def test_top_names_a_cpu_bound_run_and_one_failing_vm_hides_no_other(make_lab):
     assert "\nverdict: " in r.stdout
     assert f"==> {mute}: FAILED: {mute} (" in r.stdout
     assert re.search(rf"==> top: {vms[0]} [a-z-]+, {mute} FAILED", r.stdout), r.stdout
-    assert "error: cluster.vm.top failed on 1 of 2 VMs" in r.stderr
+    assert f"error: cluster.vm.top failed on 1 of 2 VMs ({mute}); each one's error is printed above" in r.stderr
