@@ -48,7 +48,7 @@ from cluster.results import counts
 from cluster.vm import busy as useful_work
 from cluster.vm.env import run_env
 from cluster.vm.gpus import boot_check
-from cluster.vm.books import books_for
+from cluster.vm.books import books_for, last_error
 from cluster.vm.rate import ExecutionRate
 from cluster.vm.recorder import METRICS_INTERVAL_S, Recorder
 
@@ -60,7 +60,6 @@ GUARD_CHECK_INTERVAL_S = 30.0  # how often the agent makes sure the idle guard s
 STATUS_TIMEOUT_S = 120.0
 MAX_RESTARTS = 5  # per run and boot: a run that keeps dying needs a human
 RESTART_BACKOFF_S = 2.0
-ERROR_TAIL_BYTES = 16 * 1024  # read this much of a run's log for its runner's last error line
 MAX_LIFETIME_S = 7 * 24 * 3600.0  # the loop's outer bound; the idle guard ends the VM far sooner
 FINAL_EXITS = dict(enumerate(records.RESULTS))  # `tasks run` exit codes that end a run: done, failed, spec-error
 
@@ -226,7 +225,7 @@ class Agent:
                 return
             r.restarts += 1
             r.next_start = time.monotonic() + RESTART_BACKOFF_S * r.restarts
-            r.error = self._last_error(r)
+            r.error = last_error(self.books.local(f"{records.log_dir(self.s.name)}/{r.id}.log"))
             logger.warning("run %s: tasks run died (exit %s) with work left; restart %d/%d%s",
                            r.id, code, r.restarts, MAX_RESTARTS, f": {r.error}" if r.error else "")
         if r.state in FINAL_EXITS.values() or r.state == "gave-up":
@@ -292,17 +291,6 @@ class Agent:
         out.close()
         r.pid, r.state, r.started, r.spawned = r.proc.pid, "running", time.time(), time.monotonic()
         logger.info("run %s: started tasks run (pid %d, %d workers)", r.id, r.pid, workers)
-
-    def _last_error(self, r: RunState) -> str:
-        """The last `error: ...` line its `tasks run` wrote to the run's log, or ""."""
-        try:
-            with open(self.books.local(f"{records.log_dir(self.s.name)}/{r.id}.log"), "rb") as f:
-                f.seek(max(0, os.fstat(f.fileno()).st_size - ERROR_TAIL_BYTES))
-                tail = f.read().decode(errors="replace")
-        except OSError:
-            return ""
-        errors = [line for line in tail.splitlines() if line.startswith("error: ")]
-        return errors[-1][:records.MAX_PROBLEM] if errors else ""
 
     def _env(self) -> dict[str, str]:
         return run_env(root=self.books.import_root, extra=self.s.python_path, home=self.s.home)

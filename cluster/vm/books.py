@@ -31,6 +31,7 @@ logger = logging.getLogger("cluster.agent")
 LOG_SYNC_S = 5.0  # a log on the VM's disk is uploaded this often while it grows
 MAX_LOG_UPLOAD_BYTES = 4 << 20  # of a log, the last this many bytes are uploaded
 BUCKET_POLL_S = 2.0  # runs/ is listed this often on a bucket (a LIST costs; a mount's listdir does not)
+ERROR_TAIL_BYTES = 16 * 1024  # of a run's log, the end read for its runner's last error line
 
 
 class MountBooks:
@@ -188,3 +189,15 @@ class BucketBooks:
 def books_for(root: str, home: Path) -> MountBooks | BucketBooks:
     """The books of the agent's --root: a bucket URL, else the share's mount point."""
     return BucketBooks(root, home) if is_object_url(root) else MountBooks(Path(root), home)
+
+
+def last_error(log: Path) -> str:
+    """The last `error: ...` line a `tasks run` wrote to its run's log `log` (bounded), or ""."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - ERROR_TAIL_BYTES))
+            tail = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    errors = [line for line in tail.splitlines() if line.startswith("error: ")]
+    return errors[-1][:records.MAX_PROBLEM] if errors else ""
