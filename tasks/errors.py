@@ -20,7 +20,9 @@ decides how errors look and which exit code they carry (2 for SpecError, 3 for R
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import difflib
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -102,3 +104,13 @@ class CollectError(TaskError):
 
 class ReportError(TaskError):
     """A run report cannot be drawn, e.g. because nothing was logged yet."""
+
+
+def misspelled_option(e: BaseException, options: Mapping[str, Sequence[str]]) -> str:
+    """For `@filetask(outt=...)`: the options the decorator takes (`options`, by its name), and the closest."""
+    m = re.fullmatch(r"(\w+)\(\) got an unexpected keyword argument '(\w+)'", str(e))
+    if not isinstance(e, TypeError) or m is None or m.group(1) not in options:
+        return ""
+    takes = options[m.group(1)]
+    close = difflib.get_close_matches(m.group(2), takes, n=1)
+    return (f"; did you mean {close[0]}=?" if close else "") + f" @{m.group(1)} takes {', '.join(takes)}"

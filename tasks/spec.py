@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal, Union
 
 from tasks.bounds import MAX_TIMEOUT_S
 from tasks import cmdout
-from tasks.errors import SpecError, UnsafePath
+from tasks.errors import SpecError, UnsafePath, misspelled_option
 from tasks.items import Item
 from tasks.keys import (KEY_FIELDS, SRC_FIELDS, Limits, check_name, check_nesting,
                         check_template, check_unique, gc_paused, key_items, normal, path_problem,
@@ -280,7 +280,10 @@ def import_module(module: str, *, what: str) -> Any:
         raise SpecError(f"{what} {module!r} imports {e.name!r}, which is not installed here: "
                         "install the package that provides it (on a cluster, on the VMs)") from e
     except Exception as e:  # any import-time failure of user code: show where it happened
-        raise SpecError(f"{what} {module!r} failed while importing: {_where(e)}") from e
+        from tasks.memo import memo
+
+        takes = {f.__name__: [p for p in inspect.signature(f).parameters if p != "fn"] for f in (filetask, memo)}
+        raise SpecError(f"{what} {module!r} failed while importing: {_where(e)}{misspelled_option(e, takes)}") from e
 
 
 def _where(e: BaseException) -> str:

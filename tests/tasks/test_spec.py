@@ -154,3 +154,24 @@ def _noop(src: Path, out: Path) -> None:
 
 def _by_key(key: str, out: Path) -> None:
     out.write_text(key)
+
+
+@pytest.mark.parametrize("decorator, wrong, meant", [("filetask", "outt", "out"), ("memo", "roots", "root")])
+def test_a_misspelled_option_names_the_one_meant(tmp_path: Path, write_module, decorator, wrong, meant) -> None:
+    write_module("typo", f"""
+        from pathlib import Path
+        from tasks import filetask, memo
+
+        @filetask(keys=["a"], {'outt' if decorator == 'filetask' else 'out'}="o/{{key}}.txt")
+        def t(key: str, out: Path) -> None:
+            out.write_text(key)
+
+        {f'@memo({wrong}=".")' if decorator == 'memo' else ''}
+        def shared() -> int:
+            return 1
+    """)
+    r = run_cli(["run", "typo:t"], cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert f"TypeError: {decorator}() got an unexpected keyword argument '{wrong}'" in r.stderr
+    assert f"did you mean {meant}=? @{decorator} takes " in r.stderr, r.stderr
+    assert not (tmp_path / "o").exists()
