@@ -653,13 +653,16 @@ def _handler_for(emulator: GcsEmulator) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
                 return
             reply = emulator.handle(self.command, self.path, dict(self.headers), sent)
-            self.send_response(reply.status)
-            for name, value in reply.headers.items():
-                self.send_header(name, value)
-            self.send_header("Content-Length", str(len(reply.body)))
-            self.end_headers()
-            if reply.status not in (204, 304):
-                self.wfile.write(reply.body if reply.cut_after is None else reply.body[:reply.cut_after])
+            try:
+                self.send_response(reply.status)
+                for name, value in reply.headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(reply.body)))
+                self.end_headers()
+                if reply.status not in (204, 304):
+                    self.wfile.write(reply.body if reply.cut_after is None else reply.body[:reply.cut_after])
+            except (BrokenPipeError, ConnectionResetError):  # the client went away (a test killed it): its loss
+                self.close_connection = True
 
         def date_time_string(self, timestamp: float | None = None) -> str:
             return super().date_time_string((time.time() if timestamp is None else timestamp) + emulator.clock_offset_s)
