@@ -11,8 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from cluster.errors import RecordError
-from cluster.records import LOGS_DIR, VMS_DIR, Heartbeat, done_file, is_heartbeat, log_dir, plain_name
+from cluster.records import LOGS_DIR, VMS_DIR, done_file, is_heartbeat, log_dir, plain_name
 from cluster.runs import MAX_LOG_NAMES, requests
 from cluster.session import Cluster
 
@@ -78,15 +77,13 @@ def runners_going(cluster: Cluster) -> bool:
     """Whether a live agent's heartbeat still shows one of its `tasks run` going. A run is
     over once the first VM records it done; the others' runners end a moment later, and
     their last lines (each one's summary) come then."""
+    from cluster.status import share_beat
+
     now = time.time()
     for n in cluster.board.listdir(VMS_DIR)[:MAX_LOG_NAMES]:
         if not is_heartbeat(n) or not plain_name(n[: -len(".json")]):
             continue
-        try:
-            text = cluster.board.read_text(f"{VMS_DIR}/{n}")
-            beat = Heartbeat.from_json(text, source=n, vm=n[: -len(".json")]) if text else None
-        except RecordError:
-            continue
+        beat = share_beat(cluster, n[: -len(".json")], n, [])  # a refused one: `fab status` names it
         if beat is not None and beat.age(now) <= BEAT_FRESH_S and any(
                 p.state in ("starting", "running") for p in beat.runs.values()):
             return True

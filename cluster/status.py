@@ -109,7 +109,7 @@ def cluster_status(cluster: Cluster, *, live: bool = True) -> ClusterStatus:
         for n in share.listdir(VMS_DIR)[:MAX_VM_FILES]:
             vm = n[: -len(".json")]
             if is_heartbeat(n) and plain_name(vm):
-                beats[vm] = _share_beat(cluster, vm, n, refused)
+                beats[vm] = share_beat(cluster, vm, n, refused)
         listed = requests(cluster)
         refused += listed.refused
         runs = [_run_status(cluster, req, running, beats, live=live, refused=refused) for req in listed.requests]
@@ -136,7 +136,8 @@ def run_status(cluster: Cluster, run_id: str) -> RunStatus | None:
     return next((r for r in cluster_status(cluster).runs if r.id == run_id), None)
 
 
-def _share_beat(cluster: Cluster, vm: str, name: str, refused: list[str]) -> Heartbeat | None:
+def share_beat(cluster: Cluster, vm: str, name: str, refused: list[str]) -> Heartbeat | None:
+    """VM `vm`'s heartbeat file `name` on the share, validated; None if absent (a refused one is added to `refused`)."""
     rel = f"{VMS_DIR}/{name}"
     try:
         text = cluster.board.read_text(rel)
