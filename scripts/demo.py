@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parent.parent
 EXIT_INTERRUPTED = 130
 CHILD_STOP_S = 20  # a step told to stop gets this long before SIGKILL
 DOWN_TIMEOUT_S = 300  # `fab down` of the demo's lab
-THIRD_TIMEOUT_S = 300  # the run gets this long to get a third of the way in
+START_TIMEOUT_S = 300  # the run gets this long to get a tenth of the way in
+PREEMPT_AT = 10  # preempt once 1/PREEMPT_AT of the keys are done: early, so the healed VM has work left
 POLL_S = 1.0  # `fab status --json` while waiting for that
 SAY_EVERY_S = 5.0  # a progress line at most this often while waiting
 WATCH_TIMEOUT_S = 600
@@ -88,7 +89,7 @@ class Demo:
         self.run([sys.executable, "-m", "examples.images", "prepare", "--root", str(share), "--n", str(self.images)])
         say(f"==> demo: fab run {SPEC} (shipping examples/ to the share; 2 worker processes per VM)")
         self.fab("run", SPEC, "--ship", "examples", "--workers-per-vm", "2", "--lease", "30")
-        self.wait_for_a_third()
+        self.wait_for_a_tenth()
         self.fab("preempt", "--count", "1")
         self.fab("status")
         say("==> demo: fab heal: start the preempted VM again; its boot script remounts and resumes")
@@ -117,21 +118,25 @@ class Demo:
         runs = json.loads(self.fab("status", "--json", capture=True))["runs"]
         return runs[-1] if runs else {}
 
-    def wait_for_a_third(self) -> None:
-        """Until about a third of the keys are done (bounded), saying how far it got; then it is time to preempt."""
-        deadline = time.monotonic() + THIRD_TIMEOUT_S
+    def wait_for_a_tenth(self) -> None:
+        """Until a tenth of the keys are done (bounded), saying how far it got; then it is time to preempt.
+
+        Early on purpose: each look is a `fab status` (a second or two), and on a quick
+        machine the run is over in seconds; preempting later leaves the healed VM nothing to do.
+        """
+        deadline = time.monotonic() + START_TIMEOUT_S
         said = 0.0
         while time.monotonic() < deadline:
             run = self.last_run()
             done, total = int(run.get("done") or 0), int(run.get("total") or 0)
-            if total and done >= total // 3:
+            if total and done >= max(1, total // PREEMPT_AT):
                 say(f"==> demo: {done}/{total} done: time for a preemption")
                 return
             if time.monotonic() - said >= SAY_EVERY_S:
                 said = time.monotonic()
-                say(f"==> demo: waiting for a third of the keys to be done: {done}/{total or '?'}")
+                say(f"==> demo: waiting for a tenth of the keys to be done: {done}/{total or '?'}")
             time.sleep(POLL_S)
-        raise SystemExit(f"error: the run did not get a third of the way in {THIRD_TIMEOUT_S}s; see `fab logs all`")
+        raise SystemExit(f"error: the run did not get a tenth of the way in {START_TIMEOUT_S}s; see `fab logs all`")
 
     def down(self) -> str:
         """`fab down`; its last line, or raises with what it printed."""
