@@ -88,7 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=DEFAULT_N, help=f"images (default {DEFAULT_N})")
     args = parser.parse_args(argv)
     written = prepare(args.root, n=args.n)
-    print(f"wrote {written} images ({args.n} in all) under {args.root}/images; next:\n"
+    held = sum(1 for _ in (Path(args.root) / "images").glob("*.npy"))  # earlier ones are kept
+    print(f"wrote {written} images under {args.root}/images, which holds {held}; next:\n"
           f"  python -m tasks run examples.images:features --root {args.root}\n"
           f"  python -m tasks collect examples.images:features --root {args.root} "
           "--to features.parquet")

@@ -121,7 +121,7 @@ class Demo:
     def wait_for_a_tenth(self) -> None:
         """Until a tenth of the keys are done (bounded), saying how far it got; then it is time to preempt.
 
-        Early on purpose: each look is a `fab status` (a second or two), and on a quick
+        Early on purpose: each look is a `fab status` (seconds on a busy lab), and on a quick
         machine the run is over in seconds; preempting later leaves the healed VM nothing to do.
         """
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -162,7 +162,12 @@ def main() -> int:
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     config = Path(os.environ.get("SPOTFAN_CONFIG") or REPO / "cluster.toml").resolve()
-    demo = Demo(config=config, images=int(os.environ.get("DEMO_IMAGES") or 6000))
+    raw = os.environ.get("DEMO_IMAGES") or "6000"
+    if not raw.isdigit() or int(raw) < 1:
+        say(f"error: DEMO_IMAGES={raw!r} is not a number of images: give a whole number, at least 1 "
+            "(e.g. DEMO_IMAGES=300 ./scripts/demo.sh)")
+        return 2
+    demo = Demo(config=config, images=int(raw))
     interrupted = False
     try:
         demo.steps()
