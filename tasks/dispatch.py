@@ -46,7 +46,7 @@ POLL_S = 1.0  # the loop looks at the pool, timeouts, progress at least this oft
 # How often to look again at units that live peers hold: soon at first (the peers' last
 # chunks are usually nearly done: every runner of a fleet ends within a fraction of a
 # second of the last key), then less often (a long wait costs the head little).
-TAIL_POLL_MIN_S = 0.1
+TAIL_POLL_MIN_S = 0.02
 TAIL_POLL_MAX_S = 2.0
 TAIL_POLL_GROWTH = 1.5
 TAKEOVER_EVERY_S = 2.0  # ... but try to take the peers' units over (expired claims) only this often
@@ -146,8 +146,9 @@ class Dispatch:
                     return
                 batch = [self.isolate.popleft()]
             else:
-                left = len(self.ready) + self.open_keys
-                n = self.sizer.size(left)
+                held = sum(len(self.open[u]) for u in self.view.held if u in self.open)
+                n = self.sizer.size(len(self.ready), self.open_keys - held,
+                                    self.view.owners * self.opts.workers)
                 if self.opts.limit is not None:
                     n = min(n, self.opts.limit - self.dispatched)
                 if len(self.ready) < n:

@@ -15,21 +15,27 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from tasks.claims import Folder, parse_claim_name
+from tasks.claims import Folder, listing, parse_claim_name
 
 VIEW_REFRESH_S = 0.05  # list done/ and claims/ again before claiming, at most this often,
 VIEW_REFRESH_PER_NAME_S = 1e-4  # ... plus this per name listed (a listing of 100 names is
 #                                 one round trip over SSHFS: big listings are looked at less)
+OWNERS_REFRESH_S = 1.0  # count the live runners (owners/) at most this often
 
 
 class UnitView:
     """Which units peers finished since this run listed the outputs, and which are held,
-    from two listings (`done/`, `claims/`), refreshed at most every VIEW_REFRESH_S."""
+    from two listings (`done/`, `claims/`), refreshed at most every VIEW_REFRESH_S; and how
+    many runners the root has (`owners/`, every OWNERS_REFRESH_S), for sizing the last chunks."""
 
     def __init__(self, done: Folder, claims: Folder, markers_before: set[str], *,
-                 lister: Callable[[list[Path]], list[set[str]]] | None = None) -> None:
+                 lister: Callable[[list[Path]], list[set[str]]] | None = None,
+                 owners: Path | None = None) -> None:
         self.done = done
         self.claims = claims
+        self.owners_dir = owners
+        self.owners = 1  # live runners on the root (all tasks), this one included
+        self.owners_at = -math.inf
         self.lister = lister  # lists folders in order over the runner's session (tasks.direct)
         self.markers_before = markers_before  # markers older than our output listing: ignored
         self.finished: set[str] = set()
@@ -43,10 +49,17 @@ class UnitView:
             return
         # claims/ before done/: a peer marks a unit done before it drops the claim, so a
         # unit missing from both listings was not finished before the first one.
+        now = time.monotonic()
+        count_owners = self.owners_dir is not None and now - self.owners_at >= OWNERS_REFRESH_S
+        extra = [self.owners_dir] if count_owners and self.owners_dir is not None else []
         if self.lister is not None:
-            claims, names = self.lister([self.claims.path, self.done.path])
+            claims, names, *owners = self.lister([self.claims.path, self.done.path, *extra])
         else:
             claims, names = self.claims.names(), self.done.names()
+            owners = [listing(p) for p in extra]
+        if owners:
+            self.owners = max(1, sum(1 for n in owners[0] if n.endswith(".json")))
+            self.owners_at = now
         self.held = {p[0] for p in map(parse_claim_name, claims) if p}
         finished = names - self.markers_before
         self.new |= finished - self.finished

@@ -174,3 +174,36 @@ def test_a_claim_the_full_disk_cannot_hold_is_not_left_behind(tmp_path: Path) ->
         claims.close()
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_chunks_shrink_with_the_fleets_free_keys_not_this_runners_share() -> None:
+    """Guided chunk sizes: ~0.5 s of work while much is left, then a share of what nobody
+    holds over every worker of the root, so the last chunks are short on every VM."""
+    from tasks.chunks import ChunkSizer
+
+    sizer = ChunkSizer(workers=2, fixed=None)
+    assert sizer.size(0, 2000, 8) == 1  # no time measured yet: one key, to measure
+    sizer.observe([0.05])
+    assert sizer.size(0, 2000, 8) == 10  # 0.5 s of 50 ms keys
+    assert sizer.size(0, 160, 2) == 10  # alone: its own 2 workers share what is left
+    assert sizer.size(0, 160, 8) == 5  # 160 keys over 8 workers x 4 chunks each
+    assert sizer.size(0, 10, 8) == 2  # never under 0.1 s of work
+    assert sizer.size(40, 0, 8) == 5  # keys it holds are only its own workers' to share
+    assert sizer.size(0, 20, 1) == 3  # a small run alone: as before, never above its own share
+    assert ChunkSizer(workers=2, fixed=7).size(0, 10, 8) == 7  # --chunk-size wins
+
+
+def test_the_unit_view_counts_the_roots_runners(tmp_path: Path) -> None:
+    from tasks.claims import Folder
+    from tasks.units import UnitView
+
+    owners = tmp_path / "owners"
+    owners.mkdir()
+    for name in ("a.json", "b.json", "c.json.tmp"):
+        (owners / name).write_text("{}")
+    (tmp_path / "claims").mkdir()
+    (tmp_path / "done").mkdir()
+    view = UnitView(Folder(tmp_path / "done"), Folder(tmp_path / "claims"), set(), owners=owners)
+    assert view.owners == 1  # before its first look: itself
+    view.refresh(force=True)
+    assert view.owners == 2
