@@ -113,23 +113,25 @@ class Direct:
                         "mount", COMMAND_ENV, root)
         return remote
 
-    @classmethod
-    def begin(cls, *, root: Path, remote: str, tmp: Path, fallback: Publisher) -> "Future[Direct]":
-        """`start` in a thread (an ssh handshake and a probe: a few hundred milliseconds that
-        the runner's other set-up and its workers' start overlap)."""
+    @staticmethod
+    def connect() -> "Future[sftp.Session]":
+        """The session's ssh handshake in a thread (a few hundred milliseconds that the
+        runner's other set-up and its workers' start overlap); `start` takes it."""
         pool = ThreadPoolExecutor(1, thread_name_prefix="spotfan-sftp-start")
         try:
-            return pool.submit(cls.start, root=root, remote=remote, tmp=tmp, fallback=fallback)
+            return pool.submit(lambda: sftp.Session(shlex.split(os.environ.get(COMMAND_ENV, "").strip())))
         finally:
             pool.shutdown(wait=False)
 
     @classmethod
-    def start(cls, *, root: Path, remote: str, tmp: Path, fallback: Publisher) -> Direct:
-        """The session named by SPOTFAN_SFTP_COMMAND once its probe passes; else one that
-        publishes the staged outputs through the mount (said why)."""
-        command = os.environ.get(COMMAND_ENV, "").strip()
+    def start(cls, *, root: Path, remote: str, tmp: Path, fallback: Publisher,
+              connecting: "Future[sftp.Session] | None" = None) -> Direct:
+        """The session named by SPOTFAN_SFTP_COMMAND (the one `connecting` brings, else one
+        started now) once its probe passes; else one that publishes the staged outputs
+        through the mount (said why)."""
         try:
-            session = sftp.Session(shlex.split(command))
+            session = connecting.result() if connecting is not None else sftp.Session(
+                shlex.split(os.environ.get(COMMAND_ENV, "").strip()))
         except (sftp.SessionLost, ValueError) as e:
             logger.warning("cannot start the SFTP session of %s (%s): publishing through the "
                            "mount (slower, as safe)", COMMAND_ENV, e)

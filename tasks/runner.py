@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from tasks.direct import Direct
     from tasks.dispatch import Dispatch
     from tasks.pool import Pool
+    from tasks.sftp import Session as SftpSession
 
 logger = logging.getLogger(__name__)
 
@@ -124,15 +125,18 @@ def run_with(task: Task, root: Path | str, opts: RunOptions) -> RunReport:
     dispatch: Dispatch | None = None
     claims: Claims | None = None
     direct: Direct | None = None
-    starting: Future[Direct] | None = None
+    starting: Future[SftpSession] | None = None
     pool: Pool | None = None
     log = ExecLog(layout.log / f"{owner_id}.jsonl", owner_id)
     try:
         if state is not None:
             state.__enter__()  # left in the finally below, after everything else
+        remote = Direct.wanted(root) if network and not (opts.fsync or task.fsync) else None
+        if remote is not None and opts.start_method != "fork":
+            # Its ssh handshake, the slowest step of the start, overlaps all the set-up below.
+            starting = Direct.connect()
         owner.register()
         method = probe_publish(owner.tmp)
-        remote = Direct.wanted(root) if network and not (opts.fsync or task.fsync) else None
         setup = WorkerSetup(task.ref(), str(root), str(staging),
                             str(owner.tmp) if network else None, method, opts.fsync, os.getpid(),
                             gpu_groups=opts.gpu_groups(), direct=remote is not None)
@@ -142,9 +146,8 @@ def run_with(task: Task, root: Path | str, opts: RunOptions) -> RunReport:
             # Forked before this runner starts a thread: forked while the session's thread is in
             # subprocess.Popen, a worker holds that Popen's pipe open and the runner waits forever.
             pool.start()
-        if remote is not None:  # its ssh handshake overlaps the set-up below and the pool's start
-            starting = Direct.begin(root=root, remote=remote, tmp=owner.tmp, fallback=Publisher(
-                root, method=method, share_tmp=owner.tmp, fsync=False))
+            if remote is not None:  # (its ssh handshake still overlaps the set-up below)
+                starting = Direct.connect()
         plan = plans.load_or_create(
             layout.plan, total=len(items), lease_s=opts.lease_s,
             runner_alive=lambda: any(o.record.owner != owner_id for o in live_owners(
@@ -158,8 +161,11 @@ def run_with(task: Task, root: Path | str, opts: RunOptions) -> RunReport:
         claims = Claims(layout.claims, layout.done, lease_s=plan.lease_s, clock=clock,
                         pipelined=network)
         pool.start()  # its workers start (import, load the task) while the session starts
-        if starting is not None:
-            direct, starting = starting.result(), None
+        if remote is not None:  # the session checked, once the owner's folder exists
+            direct = Direct.start(root=root, remote=remote, tmp=owner.tmp, connecting=starting,
+                                  fallback=Publisher(root, method=method, share_tmp=owner.tmp,
+                                                     fsync=False))
+            starting = None
         if task.fetch:
             logger.info("fetch: %s", "small inputs are fetched in batches over the direct SFTP "
                         "session" if direct and not direct.lost else "no direct SFTP session here, "
@@ -167,7 +173,8 @@ def run_with(task: Task, root: Path | str, opts: RunOptions) -> RunReport:
         dispatch = Dispatch(
             root=root, pending=pending, unit_of=unit_of, done=done_now, attempts=attempts,
             report=report, claims=claims, view=UnitView(claims.done, claims.folder, markers_before,
-                                                       lister=direct.listings if direct else None),
+                                                       lister=direct.listings if direct else None,
+                                                       owners=layout.owners),
             pool=pool, store=store, log=log, owner=owner_id, started=started,
             rng=random.Random(opts.seed), direct=direct,
             opts=DispatchOptions(workers=workers, max_attempts=opts.max_attempts,
