@@ -107,6 +107,34 @@ def test_dead_mount_is_remounted_by_heal(make_lab):
     assert out.count("hello from the head") == 2
 
 
+SESSION = 'sh -c "$(sed "s/^ssh /ssh -v /" "$SPOTFAN_HOME/sftp.cmd")" </dev/null 2>&1; echo "rc=$?"'
+
+
+def test_runners_session_rides_on_the_mounts_connection_and_connects_alone_without_it(make_lab):
+    """sftp.cmd (the runner's own SFTP session) is a second channel on the mount's ssh
+    connection; with that ssh killed (its socket left behind) it still connects by itself,
+    and a remount brings the shared connection back."""
+    lab = make_lab(workers=1)
+    lab.fab_ok("up")
+    vm = lab.config.vm_names()[0]
+    out = lab.fab_ok("exec", SESSION)
+    assert "mux_client_request_session" in out and "rc=0" in out, out
+    assert "Authenticated to" not in out, "the session made a connection of its own"
+
+    master = next(p for p in lab.provider.processes(vm)
+                  if p.name() == "ssh" and "ControlMaster=yes" in " ".join(p.cmdline()))
+    master.send_signal(signal.SIGKILL)  # no clean-up: its control socket stays
+    master.wait(5)
+    out = lab.fab("exec", f'test -S "$SPOTFAN_HOME/mux.sock" && echo stale; {SESSION}').stdout
+    assert "stale" in out and "Authenticated to" in out and "rc=0" in out, out
+
+    # sshfs's `reconnect` starts a new ssh, which finds the socket taken and goes on without
+    # multiplexing; a remount (as the agent and `fab heal` make of a dead mount) brings it back.
+    lab.fab_ok("exec", 'sh "$SPOTFAN_HOME/mount.sh" remount')
+    out = lab.fab_ok("exec", SESSION)
+    assert "mux_client_request_session" in out and "rc=0" in out, out
+
+
 def test_idle_vms_stop_themselves(make_lab):
     # The idle clock runs from boot, so `fab up` must see the agents first even on a busy machine
     lab = make_lab(workers=2, idle_timeout=10)
