@@ -26,7 +26,7 @@ class ChunkSizer:
         self.per_task = mean if self.per_task is None else (
             EMA_ALPHA * mean + (1 - EMA_ALPHA) * self.per_task)
 
-    def size(self, mine: int, free: int = 0, fleet_workers: int = 0) -> int:
+    def size(self, mine: int, free: int, fleet_workers: int) -> int:
         """Keys for the next chunk, with `mine` keys claimed and waiting here and `free` keys
         nobody holds, which this runner's `workers` share with `fleet_workers` in all.
 

@@ -83,6 +83,11 @@ def remote_root(root: Path, mountinfo: str = "/proc/self/mountinfo") -> str | No
     return base if rel == "." else f"{base.rstrip('/')}/{rel}"
 
 
+def _open_session() -> sftp.Session:
+    """The SFTP session SPOTFAN_SFTP_COMMAND starts (its handshake done)."""
+    return sftp.Session(shlex.split(os.environ.get(COMMAND_ENV, "").strip()))
+
+
 def _unescape(field: str) -> str:
     """A mountinfo field with its octal escapes (\\040 for a space, ...) decoded."""
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
@@ -119,7 +124,7 @@ class Direct:
         runner's other set-up and its workers' start overlap); `start` takes it."""
         pool = ThreadPoolExecutor(1, thread_name_prefix="spotfan-sftp-start")
         try:
-            return pool.submit(lambda: sftp.Session(shlex.split(os.environ.get(COMMAND_ENV, "").strip())))
+            return pool.submit(_open_session)
         finally:
             pool.shutdown(wait=False)
 
@@ -130,8 +135,7 @@ class Direct:
         started now) once its probe passes; else one that publishes the staged outputs
         through the mount (said why)."""
         try:
-            session = connecting.result() if connecting is not None else sftp.Session(
-                shlex.split(os.environ.get(COMMAND_ENV, "").strip()))
+            session = connecting.result() if connecting is not None else _open_session()
         except (sftp.SessionLost, ValueError) as e:
             logger.warning("cannot start the SFTP session of %s (%s): publishing through the "
                            "mount (slower, as safe)", COMMAND_ENV, e)

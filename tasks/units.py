@@ -50,8 +50,8 @@ class UnitView:
         # claims/ before done/: a peer marks a unit done before it drops the claim, so a
         # unit missing from both listings was not finished before the first one.
         now = time.monotonic()
-        count_owners = self.owners_dir is not None and now - self.owners_at >= OWNERS_REFRESH_S
-        extra = [self.owners_dir] if count_owners and self.owners_dir is not None else []
+        extra = ([self.owners_dir] if self.owners_dir is not None
+                 and now - self.owners_at >= OWNERS_REFRESH_S else [])
         if self.lister is not None:
             claims, names, *owners = self.lister([self.claims.path, self.done.path, *extra])
         else:

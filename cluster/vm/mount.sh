@@ -30,7 +30,7 @@ if [ -n "${SPOTFAN_KEX:-}" ]; then SSH_OPTS="$SSH_OPTS,KexAlgorithms=$SPOTFAN_KE
 # default post-quantum kex). Only where the socket's path is short enough for a Unix socket and
 # has no character that ssh or sshfs would read as syntax; else the session connects by itself.
 MUX="$SPOTFAN_HOME/mux.sock"
-case "$MUX" in *[%,\ ]*) MUX="" ;; esac
+case "$MUX" in *[%,\\\ ]*) MUX="" ;; esac
 if [ "${#MUX}" -gt 100 ]; then MUX=""; fi
 
 is_mounted() {  # an sshfs mount sits on the mount point (alive or dead)
